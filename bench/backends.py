@@ -22,27 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import memory, seeding, wire
-from bench.errors import BenchError
-from datasets.base import ClientData, FederatedDataset
-from methods.base import ClientTensors, State, Task
+from fedeq_bench.bench import memory, wire
+
+from fedeq_bench.core import seeding
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.datasets.base import ClientData, FederatedDataset
+from fedeq_bench.core.types import ClientTensors, MethodSpec, State
 
 
 CHUNKS_PER_WORKER = 2
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """Enough to rebuild the method anywhere: its name, resolved config and task."""
-
-    name: str
-    cfg: Any
-    task: Task
-
-    def build(self):
-        from methods import METHODS
-
-        return METHODS.get(self.name)(self.cfg, self.task)
 
 
 @dataclass

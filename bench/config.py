@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from bench.errors import BenchError, choices
+from fedeq_bench.core.errors import BenchError, choices
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,8 @@ class Config:
 
 
 def default_config() -> Config:
-    from datasets.base import DATASETS
-    from methods import METHODS
+    from fedeq_bench.datasets.base import DATASETS
+    from fedeq_bench.methods import METHODS
 
     return Config(
         run=RunConfig(),
@@ -174,10 +174,6 @@ def coerce(value: Any, tp, key: str) -> Any:
 
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
-
-
-def section_keys(cfg) -> list[str]:
-    return [f.name for f in fields(cfg)]
 
 
 def apply(config: Config, overrides: dict[str, Any]) -> Config:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from bench import cli
-from bench.errors import BenchError
+from fedeq_bench.bench import cli
+from fedeq_bench.core.errors import BenchError
 
 # CLI flag -> run key (bench/config.py RunConfig), spelled as in bench/run.py.
 FLAGS = {
@@ -41,8 +41,8 @@ def build_parser() -> cli.Parser:
 
 def resolve(argv: list[str] | None = None):
     """(Config, seed, args) from argv, validated as bench.run validates it (raises BenchError)."""
-    from bench import config as C
-    from bench.run import validate
+    from fedeq_bench.bench import config as C
+    from fedeq_bench.bench.run import validate
 
     args = build_parser().parse_args(argv)
     cfg = C.from_cli(args.config, {k: getattr(args, k) for k in FLAGS}, args.set)
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.sigterm_as_interrupt()
     try:
         cfg, seed, args = resolve(argv)
-        from bench.run import load_dataset
-        from datasets.describe import describe, plot_label_distribution
+        from fedeq_bench.bench.run import load_dataset
+        from fedeq_bench.datasets.describe import describe, plot_label_distribution
 
         ds = load_dataset(cfg, seed)
         print(describe(ds))

@@ -16,12 +16,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bench import seeding, wire
-from bench.backends import MethodSpec
-from bench.config import Config, resolve_method
-from bench.errors import BenchError
-from datasets.base import FederatedDataset
-from methods.base import METHODS, Task
+from fedeq_bench.bench import wire
+
+from fedeq_bench.core import seeding
+from fedeq_bench.bench.config import Config, resolve_method
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.datasets.base import FederatedDataset
+from fedeq_bench.core.types import MethodSpec, Task
+from fedeq_bench.methods.base import METHODS
 
 # Metric names of DESIGN.md, logged every round (acc/* every evaluated round).
 ROUND_METRICS = ("loss/train", "bytes/up", "bytes/down", "bytes/cumulative", "mem/peak_train_bytes",
@@ -91,7 +93,7 @@ def model_for(config: Config, method: str, dataset: FederatedDataset) -> str:
 
 def build_initial_model(name: str, dataset: FederatedDataset, seed: int) -> torch.nn.Module:
     """The initial network, identical for every method that uses this model at this seed."""
-    from methods.nets import build_model
+    from fedeq_bench.methods.nets import build_model
 
     # Module constructors draw from torch's global generator; fork it so nothing else is disturbed.
     with torch.random.fork_rng(devices=[]):
@@ -138,10 +140,10 @@ def run_method(
     model_name = model_for(config, method, dataset)
     device = backend.set_dataset(dataset.fingerprint, dataset)
     task = Task(model_name, dataset.input_shape, dataset.num_classes, device)
-    spec = MethodSpec(method, mcfg, task)
+    spec = MethodSpec(METHODS.get(method), mcfg, task)
     # The driver's copy (init, broadcast, aggregate: the server side) works on CPU tensors, whatever
     # device the actors train on: a cluster's head node need not have a GPU.
-    algo = MethodSpec(method, mcfg, dataclasses.replace(task, device="cpu")).build()
+    algo = MethodSpec(METHODS.get(method), mcfg, dataclasses.replace(task, device="cpu")).build()
 
     model = build_initial_model(model_name, dataset, seed)
     shared, personal = algo.param_split(model)

@@ -28,8 +28,8 @@ import time
 import numpy as np
 import torch
 
-from bench import config as C
-from bench.seeding import generator, numpy_rng
+from fedeq_bench.bench import config as C
+from fedeq_bench.core.seeding import generator, numpy_rng
 
 CLIENTS, N_TRAIN, N_TEST, SHAPE, CLASSES = 20, 480, 120, (1, 28, 28), 10
 
@@ -50,7 +50,7 @@ def write_fmnist_like(path: str, seed: int = 0) -> str:
 
 def plain_loop(npz_path: str, rounds: int, lr: float, batch: int, seed: int = 0) -> list[float]:
     """FedAvg by hand in one process; returns seconds per round."""
-    from methods.nets import build_model
+    from fedeq_bench.methods.nets import build_model
 
     f = np.load(npz_path)
     data = [(torch.from_numpy(f[f"train_x_{k}"]), torch.from_numpy(f[f"train_y_{k}"])) for k in range(CLIENTS)]
@@ -81,9 +81,9 @@ def plain_loop(npz_path: str, rounds: int, lr: float, batch: int, seed: int = 0)
 def harness(npz_path: str, rounds: int, lr: float, batch: int, backend: str, workers: int,
             cpus: float = 1.0) -> list[float]:
     """The harness's round loop (engine + backend), wall seconds per round."""
-    from bench.backends import make_backend
-    from bench.engine import run_method
-    from bench.run import load_dataset
+    from fedeq_bench.bench.backends import make_backend
+    from fedeq_bench.bench.engine import run_method
+    from fedeq_bench.bench.run import load_dataset
 
     cfg = C.apply(C.default_config(), {
         "methods": "fedavg", "dataset": f"npz:{npz_path}", "model": "mlp", "rounds": rounds, "fraction": 1.0,

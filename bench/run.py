@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from bench import cli
-from bench.errors import BenchError
+from fedeq_bench.bench import cli
+from fedeq_bench.core.errors import BenchError
 
 # CLI flag -> run key. Flags default to None so only what the user typed overrides a preset.
 FLAGS = {
@@ -51,7 +51,7 @@ def build_parser() -> cli.Parser:
 
 def resolve_config(argv: list[str] | None = None):
     """Parse argv into a validated Config (no side effects; raises BenchError on bad input)."""
-    from bench import config as C
+    from fedeq_bench.bench import config as C
 
     args = build_parser().parse_args(argv)
     cfg = validate(C.from_cli(args.config, {k: getattr(args, k) for k in FLAGS}, args.set))
@@ -62,10 +62,10 @@ def validate(cfg):
     """Check names and ranges; expand `all`. Returns the config with concrete methods."""
     import dataclasses
 
-    from bench.errors import unknown
-    from datasets.base import DATASETS, split_dataset_name
-    from methods import METHODS
-    from methods.nets import MODELS
+    from fedeq_bench.core.errors import unknown
+    from fedeq_bench.datasets.base import DATASETS, split_dataset_name
+    from fedeq_bench.methods import METHODS
+    from fedeq_bench.methods.nets import MODELS
 
     run = cfg.run
     methods = run.methods
@@ -110,7 +110,7 @@ def validate(cfg):
 
 
 def load_dataset(cfg, seed: int):
-    from datasets.base import DataArgs, get_dataset, split_dataset_name
+    from fedeq_bench.datasets.base import DataArgs, get_dataset, split_dataset_name
 
     run = cfg.run
     name, _ = split_dataset_name(run.dataset)
@@ -121,8 +121,8 @@ def load_dataset(cfg, seed: int):
 
 def check_models(cfg, dataset) -> None:
     """Build each method's model once on the driver so a mismatch fails before anything is recorded."""
-    from bench.engine import model_for
-    from methods.nets import build_model
+    from fedeq_bench.bench.engine import model_for
+    from fedeq_bench.methods.nets import build_model
 
     for m in cfg.run.methods:
         build_model(model_for(cfg, m, dataset), dataset.input_shape, dataset.num_classes)
@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = resolve_config(argv)
         run = cfg.run
-        from bench import config as C
-        from bench.backends import make_backend
-        from bench.tracking import Tracker, git_commit
+        from fedeq_bench.bench import config as C
+        from fedeq_bench.bench.backends import make_backend
+        from fedeq_bench.bench.tracking import Tracker, git_commit
 
         datasets = {}
         for seed in run.seeds:  # load (and check) all data before anything is recorded
@@ -230,8 +230,8 @@ def _end(tracker, run_id, status):
 
 def run_one(cfg, tracker, parent, backend, method, seed, dataset, quiet):
     """One child run: method x seed, logged round by round."""
-    from bench import config as C
-    from bench.engine import model_for, run_method
+    from fedeq_bench.bench import config as C
+    from fedeq_bench.bench.engine import model_for, run_method
 
     model = model_for(cfg, method, dataset)
     params = C.flatten(cfg, [method], None)

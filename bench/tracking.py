@@ -11,7 +11,7 @@ import os
 import subprocess
 import time
 
-from bench.errors import BenchError
+from fedeq_bench.core.errors import BenchError
 
 PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
 

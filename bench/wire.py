@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from bench.errors import BenchError
+from fedeq_bench.core.errors import BenchError
 
 MAGIC = b"FQW1"
 HEADER_BYTES = 8
@@ -43,11 +43,6 @@ _DTYPES: dict[torch.dtype, int] = {
     torch.bool: 10,
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
-
-
-def entry_bytes(name: str, t: torch.Tensor) -> int:
-    """Encoded size of one tensor entry: the arithmetic of the layout above."""
-    return 2 + len(name.encode()) + 1 + 1 + 4 * t.dim() + 8 + t.numel() * t.element_size()
 
 
 def encode(msg: dict[str, torch.Tensor]) -> bytes:

@@ -14,9 +14,9 @@ from typing import Callable
 
 import numpy as np
 
-from bench.errors import BenchError
-from bench.registry import Registry
-from bench.seeding import numpy_rng
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.registry import Registry
+from fedeq_bench.core.seeding import numpy_rng
 
 
 @dataclass(frozen=True)

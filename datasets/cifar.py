@@ -40,10 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.errors import BenchError
-from datasets import cache
-from datasets.base import DataArgs, FederatedDataset, register_dataset
-from datasets.partition import centralised_spec, federate
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.datasets import cache
+from fedeq_bench.datasets.base import DataArgs, FederatedDataset, register_dataset
+from fedeq_bench.datasets.partition import centralised_spec, federate
 
 DEFAULT_CLIENTS = 100
 DEFAULT_PARTITION = "shards:5"

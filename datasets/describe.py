@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.base import FederatedDataset
+from fedeq_bench.datasets.base import FederatedDataset
 
 
 def label_counts(ds: FederatedDataset, split: str = "train") -> np.ndarray:
@@ -63,7 +63,7 @@ def plot_label_distribution(ds: FederatedDataset, path: str | Path) -> Path:
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
-    from datasets.cache import atomic_write
+    from fedeq_bench.datasets.cache import atomic_write
 
     counts = label_counts(ds, "all")
     n_clients, n_classes = counts.shape

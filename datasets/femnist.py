@@ -40,10 +40,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.errors import BenchError
-from datasets.base import DataArgs, FederatedDataset, build_federated, register_dataset
-from datasets.leaf import find_source, leaf_layout, merge, rank_users, read_leaf_files, read_split
-from datasets.partition import require_natural
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.datasets.base import DataArgs, FederatedDataset, build_federated, register_dataset
+from fedeq_bench.datasets.leaf import find_source, leaf_layout, merge, rank_users, read_leaf_files, read_split
+from fedeq_bench.datasets.partition import require_natural
 
 NUM_CLASSES = 62
 """Digits, upper- and lower-case letters (LEAF's relabel_class)."""

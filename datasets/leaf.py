@@ -9,9 +9,9 @@ from typing import Callable
 
 import numpy as np
 
-from bench.errors import BenchError
-from datasets.base import DataArgs
-from datasets.cache import DATA_ENV, data_dirs
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.datasets.base import DataArgs
+from fedeq_bench.datasets.cache import DATA_ENV, data_dirs
 
 Convert = Callable[[list, list, str], tuple[np.ndarray, np.ndarray]]
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.errors import BenchError
-from datasets.base import DataArgs, FederatedDataset, build_federated, register_dataset
-from datasets.partition import require_natural
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.datasets.base import DataArgs, FederatedDataset, build_federated, register_dataset
+from fedeq_bench.datasets.partition import require_natural
 
 _SPLITS = ("train_x", "train_y", "test_x", "test_y")
 # Canonical client indices only ("0", "17", not "007"), so a key names exactly one client.

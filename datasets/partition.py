@@ -49,8 +49,8 @@ from typing import Callable
 
 import numpy as np
 
-from bench.errors import BenchError
-from bench.seeding import numpy_rng
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.seeding import numpy_rng
 
 PARTITIONS = ("dirichlet:ALPHA", "natural", "shards:K")
 """Valid spec forms, for error messages."""
@@ -271,7 +271,7 @@ def cached_partition(labels_train, labels_test, n_clients: int, spec: str, seed:
     Returns (parts, digest): digest is the first 16 hex digits of the sha256 over every index array
     (datasets/cache.py `parts_digest`), the partition's fingerprint.
     """
-    from datasets import cache
+    from fedeq_bench.datasets import cache
 
     spec = canonical(spec)
     key = cache.partition_key(labels_train, labels_test, n_clients, spec, seed, VERSION)
@@ -299,7 +299,7 @@ def federate(
     `to_float` maps a stored batch (e.g. uint8 images) to float32 features; it is applied per client,
     so the whole pool is never held as float32 twice.
     """
-    from datasets.base import build_federated
+    from fedeq_bench.datasets.base import build_federated
 
     spec = centralised_spec(name, args.partition, default_partition)
     n_clients = default_clients if args.clients is None else args.clients

@@ -42,10 +42,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.errors import BenchError
-from bench.seeding import numpy_rng
-from datasets.base import DataArgs, FederatedDataset, build_federated, register_dataset
-from datasets.partition import require_natural
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.seeding import numpy_rng
+from fedeq_bench.datasets.base import DataArgs, FederatedDataset, build_federated, register_dataset
+from fedeq_bench.datasets.partition import require_natural
 
 DIMENSION = 60
 """Feature dimension d of FedProx's Synthetic data."""

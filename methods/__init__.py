@@ -1,17 +1,24 @@
-"""Federated methods, one file each, registered by name (`@register_method`).
+"""Federated methods, one file each, registered by name at the definition (`@register_method`).
 
-Importing this package imports every method module in it, so a new method is one new file.
+A new method is one new file plus one line below; helper modules (base, train, partial, nets, deq)
+need no entry.
 """
-import importlib
-import pkgutil
+from fedeq_bench.methods.base import METHODS, Method, MethodConfig, register_method  # noqa: F401
 
-from methods.base import METHODS, Method, MethodConfig, register_method  # noqa: F401
-
-_NOT_METHODS = {"base", "train", "partial"}  # helpers; nets/ and deq/ are packages
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-    if not _info.ispkg and _info.name not in _NOT_METHODS:
-        importlib.import_module(f"methods.{_info.name}")
-
-
-def method_names() -> list[str]:
-    return METHODS.names()
+# Importing a method's module registers it.
+from fedeq_bench.methods import (  # noqa: E402,F401  isort: skip
+    apfl,
+    ditto,
+    fedavg,
+    fedavg_ft,
+    fedbabu,
+    fedeq,
+    fedper,
+    fedprox,
+    fedrep,
+    fedrod,
+    knnper,
+    lg_fedavg,
+    local,
+    pfedme,
+)

@@ -49,9 +49,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from methods.base import Method, MethodConfig, register_method
-from methods.fedavg import FedAvg
-from methods.train import eval_metrics, load, minibatches, snapshot, with_num_samples
+from fedeq_bench.methods.base import Method, MethodConfig, register_method
+from fedeq_bench.methods.fedavg import FedAvg
+from fedeq_bench.methods.train import eval_metrics, load, minibatches, snapshot, with_num_samples
 
 V = "v."
 """State key prefix of the local model v_i."""
@@ -85,7 +85,7 @@ class APFL(FedAvg):
     @property
     def mix_net(self):
         if self._mix is None:
-            from methods.nets import build_model
+            from fedeq_bench.methods.nets import build_model
 
             self._mix = build_model(self.task.model, self.task.input_shape, self.task.num_classes).to(self.task.device)
         return self._mix

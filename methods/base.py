@@ -21,11 +21,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from bench.registry import Registry
-
-Message = dict[str, torch.Tensor]
-State = dict[str, torch.Tensor]
-Metrics = dict[str, float]
+from fedeq_bench.core.registry import Registry
+from fedeq_bench.core.types import ClientTensors, Message, Metrics, State, Task  # noqa: F401 - re-exported
 
 NUM_SAMPLES = "num_samples"
 """Message key of the sender's training-set size (n_i), sent as an int64 scalar."""
@@ -45,32 +42,6 @@ class MethodConfig:
     """Mini-batch size; None: the run's --batch-size."""
 
 
-@dataclass(frozen=True)
-class Task:
-    """What a method needs to know about the problem, resolved by the engine."""
-
-    model: str
-    input_shape: tuple[int, ...]
-    num_classes: int
-    device: str = "cpu"
-
-
-@dataclass
-class ClientTensors:
-    """One client's splits as tensors on the training device."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-
-    @property
-    def num_train(self) -> int:
-        return int(self.train_y.shape[0])
-
-
 class Method:
     name: ClassVar[str] = ""
     Config: ClassVar[type] = MethodConfig
@@ -86,7 +57,7 @@ class Method:
     def net(self) -> nn.Module:
         """Scratch network on the task's device (built once per process, overwritten per call)."""
         if self._net is None:
-            from methods.nets import build_model
+            from fedeq_bench.methods.nets import build_model
 
             self._net = build_model(self.task.model, self.task.input_shape, self.task.num_classes).to(self.task.device)
         return self._net

@@ -38,9 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.base import MethodConfig, register_method
-from methods.fedavg import FedAvg
-from methods.train import eval_metrics, load, sgd_epochs, snapshot, with_num_samples
+from fedeq_bench.methods.base import MethodConfig, register_method
+from fedeq_bench.methods.fedavg import FedAvg
+from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot, with_num_samples
 
 V = "v."
 """State key prefix of the personal model v_i."""

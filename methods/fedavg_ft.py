@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.base import MethodConfig, register_method
-from methods.fedavg import FedAvg
-from methods.train import eval_metrics, load, sgd_epochs, snapshot, weighted_average
+from fedeq_bench.methods.base import MethodConfig, register_method
+from fedeq_bench.methods.fedavg import FedAvg
+from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot, weighted_average
 
 OWN = "own."
 """State key prefix of the client's persistent fine-tuned copy u_i (fine-tuning rounds only)."""

@@ -41,9 +41,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from methods.base import MethodConfig, register_method
-from methods.partial import PartialSharing
-from methods.train import eval_metrics, sgd_epochs
+from fedeq_bench.methods.base import MethodConfig, register_method
+from fedeq_bench.methods.partial import PartialSharing
+from fedeq_bench.methods.train import eval_metrics, sgd_epochs
 
 FT_SEED = "ft_seed"
 """State key of the seed of evaluation fine-tuning's batch order."""

@@ -38,9 +38,9 @@ from typing import Literal
 
 import torch
 
-from methods.base import Method, MethodConfig, register_method
-from methods.nets import split_names
-from methods.train import eval_metrics, load, sgd_epochs, snapshot, with_num_samples
+from fedeq_bench.methods.base import Method, MethodConfig, register_method
+from fedeq_bench.methods.nets import split_names
+from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot, with_num_samples
 
 THETA, HEAD, DUAL = "theta.", "head.", "dual."
 RESUME = "resume"
@@ -89,7 +89,7 @@ class FeDEQ(Method):
         first = self._net is None
         net = super().net
         if first:
-            from methods.deq import DEQ
+            from fedeq_bench.methods.deq import DEQ
 
             for m in net.modules():
                 if isinstance(m, DEQ):
@@ -123,7 +123,7 @@ class FeDEQ(Method):
         return down
 
     def aggregate(self, server, replies, rnd):
-        from methods.train import weighted_average
+        from fedeq_bench.methods.train import weighted_average
 
         body, _, _ = self._names()
         new = dict(server)

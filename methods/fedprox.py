@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from methods.base import MethodConfig, register_method
-from methods.fedavg import FedAvg
-from methods.train import load, sgd_epochs, snapshot, with_num_samples
+from fedeq_bench.methods.base import MethodConfig, register_method
+from fedeq_bench.methods.fedavg import FedAvg
+from fedeq_bench.methods.train import load, sgd_epochs, snapshot, with_num_samples
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from methods.base import MethodConfig, register_method
-from methods.partial import PartialSharing
-from methods.train import sgd_epochs
+from fedeq_bench.methods.base import MethodConfig, register_method
+from fedeq_bench.methods.partial import PartialSharing
+from fedeq_bench.methods.train import sgd_epochs
 
 
 @dataclass(frozen=True)

@@ -44,10 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import MethodConfig, register_method
-from methods.fedavg import FedAvg
-from methods.nets import features_and_logits, final_linear
-from methods.train import eval_metrics, load, minibatches, snapshot, with_num_samples
+from fedeq_bench.methods.base import MethodConfig, register_method
+from fedeq_bench.methods.fedavg import FedAvg
+from fedeq_bench.methods.nets import features_and_logits, final_linear
+from fedeq_bench.methods.train import eval_metrics, load, minibatches, snapshot, with_num_samples
 
 PHEAD = "phead."
 """State key prefix of the personal head h_i: `phead.weight`, `phead.bias`."""

@@ -45,10 +45,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from methods.base import MethodConfig, register_method
-from methods.fedavg import FedAvg
-from methods.nets import features_and_logits, final_linear  # noqa: F401  (re-exported for tests)
-from methods.train import EVAL_CHUNK, load, metrics_from_counts
+from fedeq_bench.methods.base import MethodConfig, register_method
+from fedeq_bench.methods.fedavg import FedAvg
+from fedeq_bench.methods.nets import features_and_logits, final_linear  # noqa: F401  (re-exported for tests)
+from fedeq_bench.methods.train import EVAL_CHUNK, load, metrics_from_counts
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ Choices, and where they come from:
 """
 from __future__ import annotations
 
-from methods.base import register_method
-from methods.partial import PartialSharing
+from fedeq_bench.methods.base import register_method
+from fedeq_bench.methods.partial import PartialSharing
 
 
 @register_method("lg_fedavg")

@@ -15,8 +15,8 @@ shared schedule samples it, so it does the same amount of local work as in every
 """
 from __future__ import annotations
 
-from methods.base import Method, register_method
-from methods.train import eval_metrics, load, sgd_epochs, snapshot
+from fedeq_bench.methods.base import Method, register_method
+from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot
 
 OWN = "own."
 """State key prefix of the client's own model."""

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from methods.base import Method
-from methods.nets import split_names
-from methods.train import eval_metrics, load, sgd_epochs, snapshot, weighted_average, with_num_samples
+from fedeq_bench.methods.base import Method
+from fedeq_bench.methods.nets import split_names
+from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot, weighted_average, with_num_samples
 
 
 class PartialSharing(Method):

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from methods.base import Method, MethodConfig, register_method
-from methods.train import eval_metrics, load, minibatches, snapshot, weighted_average, with_num_samples
+from fedeq_bench.methods.base import Method, MethodConfig, register_method
+from fedeq_bench.methods.train import eval_metrics, load, minibatches, snapshot, weighted_average, with_num_samples
 
 THETA = "theta."
 """State key prefix of the personalized model theta_i."""

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import NUM_SAMPLES, ClientTensors, Message, Metrics, State
+from fedeq_bench.methods.base import NUM_SAMPLES, ClientTensors, Message, Metrics, State
 
 EVAL_CHUNK = 1024
 

@@ -13,8 +13,8 @@ Public interface (used by methods/nets and methods/fedeq.py):
 Solvers are torchdeq 0.1.0's behind one signature (methods/deq/solvers.py says why and where we
 add to them); the DEQ layer and its backward modes are in methods/deq/layer.py.
 """
-from methods.deq.layer import BACKWARDS, DEQ
-from methods.deq.solvers import (
+from fedeq_bench.methods.deq.layer import BACKWARDS, DEQ
+from fedeq_bench.methods.deq.solvers import (
     METRIC_KEYS,
     SOLVERS,
     STATS_KEYS,

@@ -46,8 +46,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from bench.errors import BenchError, unknown
-from methods.deq.solvers import DIVERGE_ABOVE, SOLVERS, DEQDivergence, _check_kw, solve
+from fedeq_bench.core.errors import BenchError, unknown
+from fedeq_bench.methods.deq.solvers import DIVERGE_ABOVE, SOLVERS, DEQDivergence, _check_kw, solve
 
 BACKWARDS = ("implicit", "jfb", "phantom")
 

@@ -88,8 +88,8 @@ import torch
 from torch import Tensor
 from torchdeq.solver import anderson_solver, broyden_solver, fixed_point_iter
 
-from bench.errors import BenchError
-from bench.registry import Registry
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.registry import Registry
 
 STATS_KEYS = ("nstep", "residual", "residual_first", "converged")
 METRIC_KEYS = ("deq/nstep_mean", "deq/residual_max", "deq/unconverged_frac")

@@ -8,8 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from bench.errors import BenchError
-from bench.registry import Registry
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 register_model = MODELS.register
@@ -85,4 +85,4 @@ def cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
 
 # The FeDEQ paper's models, registered on import (kept last: they import from this module).
-from methods.nets import deq_mlp, deq_resnet, resnet, transformer  # noqa: E402,F401
+from fedeq_bench.methods.nets import deq_mlp, deq_resnet, resnet, transformer  # noqa: E402,F401

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from bench.errors import BenchError
+from fedeq_bench.core.errors import BenchError
 
 # Haiku's VarianceScaling("truncated_normal") divides the target stddev by the stddev of a unit
 # normal truncated to [-2, 2], so the truncated draw has the variance asked for.
@@ -76,7 +76,7 @@ def image_shape(model: str, input_shape: tuple[int, ...]) -> tuple[int, int, int
 def deq_class(model: str):
     """`methods.deq.DEQ`, looked up at build time (so a DEQ model fails helpfully if it is missing)."""
     try:
-        from methods.deq import DEQ
+        from fedeq_bench.methods.deq import DEQ
     except ImportError as e:
         raise BenchError(f"model {model!r} needs methods.deq.DEQ, which is not available: {e}") from None
     return DEQ

@@ -24,8 +24,8 @@ import math
 
 from torch import nn
 
-from methods.nets import BodyHead, register_model
-from methods.nets.common import deq_class, haiku_linear
+from fedeq_bench.methods.nets import BodyHead, register_model
+from fedeq_bench.methods.nets.common import deq_class, haiku_linear
 
 HIDDEN = 128
 W_STD = 0.01

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from methods.nets import BodyHead, register_model
-from methods.nets.common import deq_class, fc_embedding, haiku_conv, haiku_linear, image_shape
+from fedeq_bench.methods.nets import BodyHead, register_model
+from fedeq_bench.methods.nets.common import deq_class, fc_embedding, haiku_conv, haiku_linear, image_shape
 
 CONV_STD = 0.01
 GROUPS = 8

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from methods.nets import BodyHead, register_model
-from methods.nets.common import fc_embedding, haiku_conv, haiku_linear, image_shape
+from fedeq_bench.methods.nets import BodyHead, register_model
+from fedeq_bench.methods.nets.common import fc_embedding, haiku_conv, haiku_linear, image_shape
 
 
 class BasicBlock(nn.Module):

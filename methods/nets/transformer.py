@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.errors import BenchError
-from methods.nets import BodyHead, register_model
-from methods.nets.common import deq_class, haiku_linear, trunc_normal_, variance_scaling_
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.methods.nets import BodyHead, register_model
+from fedeq_bench.methods.nets.common import deq_class, haiku_linear, trunc_normal_, variance_scaling_
 
 D_MODEL, HEADS, MLP_WIDTH, DROPOUT = 64, 4, 256, 0.1
 DEQ_LAYERS = 4

@@ -1,10 +1,10 @@
 """Serial and Ray backends give bit-identical metrics and ledgers (client-id order, same threads)."""
 import pytest
 
-from bench import engine
-from bench.backends import RayBackend, SerialBackend
-from bench.run import load_dataset
-from methods import METHODS
+from fedeq_bench.bench import engine
+from fedeq_bench.bench.backends import RayBackend, SerialBackend
+from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.methods import METHODS
 from tests.helpers import tiny_config, write_tiny_npz
 
 # Wall-clock and process-size metrics are measurements of the machine, not of the computation.

@@ -8,8 +8,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bench.engine import EVAL_METRICS, ROUND_METRICS
-from methods import METHODS
+from fedeq_bench.bench.engine import EVAL_METRICS, ROUND_METRICS
+from fedeq_bench.methods import METHODS
 from tests.helpers import write_tiny_npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -86,10 +86,10 @@ def test_failure_mid_run_marks_runs_failed_and_keeps_rounds(tmp_path):
     # A plugin module, imported via sitecustomize, registers a method that raises in round 2.
     (tmp_path / "plug").mkdir()
     (tmp_path / "plug" / "sitecustomize.py").write_text(
-        "import methods\n"
-        "from bench.errors import BenchError\n"
-        "from methods.base import register_method\n"
-        "from methods.fedavg import FedAvg\n"
+        "import fedeq_bench.methods\n"
+        "from fedeq_bench.core.errors import BenchError\n"
+        "from fedeq_bench.methods.base import register_method\n"
+        "from fedeq_bench.methods.fedavg import FedAvg\n"
         "@register_method('flaky')\n"
         "class Flaky(FedAvg):\n"
         "    def aggregate(self, server, replies, rnd):\n"

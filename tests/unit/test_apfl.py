@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from bench import seeding
-from methods.apfl import ALPHA, APFL, V, APFLConfig
-from methods.base import ClientTensors, MethodConfig, Task
-from methods.fedavg import FedAvg
-from methods.nets import build_model
-from methods.train import eval_metrics
+from fedeq_bench.core import seeding
+from fedeq_bench.methods.apfl import ALPHA, APFL, V, APFLConfig
+from fedeq_bench.methods.base import ClientTensors, MethodConfig, Task
+from fedeq_bench.methods.fedavg import FedAvg
+from fedeq_bench.methods.nets import build_model
+from fedeq_bench.methods.train import eval_metrics
 
 KEYS = ["body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias", "head.weight", "head.bias"]
 

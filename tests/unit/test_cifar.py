@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.errors import BenchError
-from datasets import DataArgs, get_dataset
-from datasets import cifar as CI
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.datasets import DataArgs, get_dataset
+from fedeq_bench.datasets import cifar as CI
 
 
 @pytest.fixture(autouse=True)

@@ -1,13 +1,13 @@
 """bench/config.py: strict keys and types, presets, precedence, per-method inheritance."""
 import pytest
 
-from bench import config as C
-from bench.errors import BenchError
+from fedeq_bench.bench import config as C
+from fedeq_bench.core.errors import BenchError
 
 
 def test_defaults_cover_every_registered_method_and_dataset():
-    from datasets.base import DATASETS
-    from methods import METHODS
+    from fedeq_bench.datasets.base import DATASETS
+    from fedeq_bench.methods import METHODS
 
     cfg = C.default_config()
     assert set(cfg.methods) == set(METHODS.names())

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-import datasets.partition as P
-from bench.errors import BenchError
-from datasets import DataArgs, cache
+import fedeq_bench.datasets.partition as P
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.datasets import DataArgs, cache
 
 
 @pytest.fixture(autouse=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.errors import BenchError
-from datasets import DataArgs, get_dataset
-from datasets.base import build_federated, split_dataset_name
-from datasets.synthetic import SyntheticConfig
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.datasets import DataArgs, get_dataset
+from fedeq_bench.datasets.base import build_federated, split_dataset_name
+from fedeq_bench.datasets.synthetic import SyntheticConfig
 
 
 def client(n_train: int, n_test: int = 4, d: int = 3, start: int = 0):

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from bench.errors import BenchError
-from bench.memory import MemoryMeter
-from methods.deq import DEQ, STATS_KEYS, DEQDivergence, solve
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.bench.memory import MemoryMeter
+from fedeq_bench.methods.deq import DEQ, STATS_KEYS, DEQDivergence, solve
 
 F64 = torch.float64
 
@@ -344,7 +344,7 @@ def test_frozen_deq_skips_the_backward_solve():
     import torch
     from torch import nn
 
-    from methods.deq import DEQ
+    from fedeq_bench.methods.deq import DEQ
 
     class F(nn.Module):
         def __init__(self):

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from bench.errors import BenchError
-from methods.deq import METRIC_KEYS, SOLVERS, STATS_KEYS, DEQDivergence, residual, solve, summarize
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.methods.deq import METRIC_KEYS, SOLVERS, STATS_KEYS, DEQDivergence, residual, solve, summarize
 
 ALL = ["anderson", "broyden", "fixed_point"]
 DOTTIE = 0.7390851332151607

@@ -4,14 +4,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import engine, seeding
-from bench.backends import SerialBackend
-from bench.run import load_dataset
-from methods.base import ClientTensors, MethodConfig, Task
-from methods.ditto import V, Ditto, DittoConfig
-from methods.fedavg import FedAvg
-from methods.local import OWN, Local
-from methods.nets import build_model
+from fedeq_bench.bench import engine
+
+from fedeq_bench.core import seeding
+from fedeq_bench.bench.backends import SerialBackend
+from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.methods.base import ClientTensors, MethodConfig, Task
+from fedeq_bench.methods.ditto import V, Ditto, DittoConfig
+from fedeq_bench.methods.fedavg import FedAvg
+from fedeq_bench.methods.local import OWN, Local
+from fedeq_bench.methods.nets import build_model
 from tests.helpers import tiny_config, write_tiny_npz
 
 MLP_NAMES = {"body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias", "head.weight", "head.bias"}

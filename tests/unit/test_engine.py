@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from bench import engine, wire
-from bench.backends import SerialBackend
-from bench.run import load_dataset
+from fedeq_bench.bench import engine, wire
+from fedeq_bench.bench.backends import SerialBackend
+from fedeq_bench.bench.run import load_dataset
 from tests.helpers import tiny_config, write_tiny_npz
 
 # The tiny task: 4 features, 3 classes, model mlp = body (Linear(4,200), Linear(200,200)) + head Linear(200,3).

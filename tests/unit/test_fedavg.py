@@ -2,11 +2,11 @@
 import torch
 import torch.nn.functional as F
 
-from bench import seeding
-from methods.base import ClientTensors, Task
-from methods.fedavg import FedAvg
-from methods.base import MethodConfig
-from methods.train import weighted_average, with_num_samples
+from fedeq_bench.core import seeding
+from fedeq_bench.methods.base import ClientTensors, Task
+from fedeq_bench.methods.fedavg import FedAvg
+from fedeq_bench.methods.base import MethodConfig
+from fedeq_bench.methods.train import weighted_average, with_num_samples
 
 
 def make(lr=0.1, batch=8, epochs=1):
@@ -23,7 +23,7 @@ def data(n=8, seed=0):
 
 def test_one_client_one_step_equals_one_sgd_step():
     algo = make(lr=0.1, batch=8)
-    from methods.nets import build_model
+    from fedeq_bench.methods.nets import build_model
 
     torch.manual_seed(0)
     ref = build_model("mlp", (4,), 3)
@@ -63,7 +63,7 @@ def test_aggregation_order_does_not_matter_and_ints_take_the_max():
 
 def test_evaluate_uses_the_global_model_and_personalize_keeps_nothing():
     algo = make()
-    from methods.nets import build_model
+    from fedeq_bench.methods.nets import build_model
 
     torch.manual_seed(1)
     server = algo.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "init"))

@@ -2,13 +2,15 @@
 import pytest
 import torch
 
-from bench import engine, memory, seeding
-from bench.backends import SerialBackend
-from bench.errors import BenchError
-from bench.run import load_dataset
-from methods.base import ClientTensors, Task
-from methods.fedeq import DUAL, HEAD, RESUME, THETA, FeDEQ, FeDEQConfig
-from methods.nets import build_model
+from fedeq_bench.bench import engine, memory
+
+from fedeq_bench.core import seeding
+from fedeq_bench.bench.backends import SerialBackend
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.methods.base import ClientTensors, Task
+from fedeq_bench.methods.fedeq import DUAL, HEAD, RESUME, THETA, FeDEQ, FeDEQConfig
+from fedeq_bench.methods.nets import build_model
 from tests.helpers import tiny_config, write_tiny_npz
 
 

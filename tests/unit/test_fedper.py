@@ -3,12 +3,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import engine, seeding
-from bench.backends import SerialBackend
-from bench.run import load_dataset
-from methods.base import ClientTensors, Task
-from methods.fedper import FedPer, FedPerConfig
-from methods.nets import build_model
+from fedeq_bench.bench import engine
+
+from fedeq_bench.core import seeding
+from fedeq_bench.bench.backends import SerialBackend
+from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.methods.base import ClientTensors, Task
+from fedeq_bench.methods.fedper import FedPer, FedPerConfig
+from fedeq_bench.methods.nets import build_model
 from tests.helpers import tiny_config, write_tiny_npz
 
 BODY_KEYS = {"body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias"}

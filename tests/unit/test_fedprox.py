@@ -4,11 +4,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import engine, seeding
-from bench.backends import SerialBackend
-from bench.run import load_dataset
-from methods.base import ClientTensors, Task
-from methods.fedprox import FedProx, FedProxConfig
+from fedeq_bench.bench import engine
+
+from fedeq_bench.core import seeding
+from fedeq_bench.bench.backends import SerialBackend
+from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.methods.base import ClientTensors, Task
+from fedeq_bench.methods.fedprox import FedProx, FedProxConfig
 from tests.helpers import tiny_config, write_tiny_npz
 
 # Wall-clock and process-size metrics are measurements of the machine, not of the computation.

@@ -1,10 +1,10 @@
 """FedRep: head epochs with the body frozen, then body epochs with the head frozen; head stays home."""
 import torch
 
-from bench import seeding
-from methods.base import ClientTensors, Task
-from methods.fedrep import FedRep, FedRepConfig
-from methods.nets import build_model
+from fedeq_bench.core import seeding
+from fedeq_bench.methods.base import ClientTensors, Task
+from fedeq_bench.methods.fedrep import FedRep, FedRepConfig
+from fedeq_bench.methods.nets import build_model
 
 
 def setup(head_epochs=2, epochs=1):

@@ -6,13 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import engine, seeding
-from bench.backends import SerialBackend
-from bench.run import load_dataset
-from methods.base import ClientTensors, MethodConfig, Task
-from methods.fedavg import FedAvg
-from methods.fedrod import PHEAD, FedRoD, FedRoDConfig, balanced_softmax_loss, log_class_prior
-from methods.nets import build_model
+from fedeq_bench.bench import engine
+
+from fedeq_bench.core import seeding
+from fedeq_bench.bench.backends import SerialBackend
+from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.methods.base import ClientTensors, MethodConfig, Task
+from fedeq_bench.methods.fedavg import FedAvg
+from fedeq_bench.methods.fedrod import PHEAD, FedRoD, FedRoDConfig, balanced_softmax_loss, log_class_prior
+from fedeq_bench.methods.nets import build_model
 from tests.helpers import tiny_config, write_tiny_npz
 
 KEYS = ["body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias", "head.weight", "head.bias"]

@@ -9,13 +9,13 @@ import os
 import numpy as np
 import pytest
 
-from bench import config as C
-from bench import engine
-from bench.backends import SerialBackend
-from bench.errors import BenchError
-from bench.run import load_dataset
-from datasets import DataArgs, dataset_names, get_dataset
-from datasets.femnist import FemnistConfig
+from fedeq_bench.bench import config as C
+from fedeq_bench.bench import engine
+from fedeq_bench.bench.backends import SerialBackend
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.datasets import DataArgs, dataset_names, get_dataset
+from fedeq_bench.datasets.femnist import FemnistConfig
 
 # Generated writers: (train, test) samples. Totals: w_b 25, w_a 15, w_d 15, w_c 10, so the ranking
 # (largest first, ties by name) is w_b, w_a, w_d, w_c.

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.errors import BenchError
-from datasets import DataArgs, get_dataset
-from datasets import fmnist as F
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.datasets import DataArgs, get_dataset
+from fedeq_bench.datasets import fmnist as F
 
 DEBIAN = Path(F.DEBIAN_DIR)
 HAVE_DEBIAN = all((DEBIAN / f"{n}.gz").is_file() for n in F.FILES)

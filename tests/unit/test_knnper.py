@@ -5,12 +5,12 @@ import math
 import torch
 from torch import nn
 
-from bench import seeding
-from methods.base import ClientTensors, Task
-from methods.fedavg import FedAvg
-from methods.base import MethodConfig
-from methods.knnper import KNNPer, KNNPerConfig, features_and_logits, knn_probs
-from methods.nets import BodyHead, build_model
+from fedeq_bench.core import seeding
+from fedeq_bench.methods.base import ClientTensors, Task
+from fedeq_bench.methods.fedavg import FedAvg
+from fedeq_bench.methods.base import MethodConfig
+from fedeq_bench.methods.knnper import KNNPer, KNNPerConfig, features_and_logits, knn_probs
+from fedeq_bench.methods.nets import BodyHead, build_model
 
 # A hand-made 2-D datastore: four keys and their labels.
 KEYS = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])

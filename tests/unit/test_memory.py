@@ -16,8 +16,8 @@ import torch.nn.modules.module as nn_module
 import torch.optim.optimizer as optim_module
 from torch import nn
 
-from bench import memory
-from bench.memory import MemoryMeter, peak_rss_bytes
+from fedeq_bench.bench import memory
+from fedeq_bench.bench.memory import MemoryMeter, peak_rss_bytes
 
 X_BYTES = 32 * 100 * 4  # 12800: a (32, 100) float32 activation
 LINEAR_100_50 = (100 * 50 + 50) * 4  # 20200: weight + bias of nn.Linear(100, 50)

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import methods.deq
-from methods.nets import build_model, split_names
+import fedeq_bench.methods.deq
+from fedeq_bench.methods.nets import build_model, split_names
 
-REAL_DEQ = getattr(methods.deq, "DEQ", None)
+REAL_DEQ = getattr(fedeq_bench.methods.deq, "DEQ", None)
 
 
 @pytest.fixture(autouse=True, scope="module")

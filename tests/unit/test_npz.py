@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from bench.errors import BenchError
-from datasets import DataArgs, dataset_names, get_dataset
-from datasets.npz import NpzConfig
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.datasets import DataArgs, dataset_names, get_dataset
+from fedeq_bench.datasets.npz import NpzConfig
 
 
 def make_clients(sizes=((20, 5), (13, 4), (31, 7)), feat=(5,), seed=0) -> dict[str, np.ndarray]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.errors import BenchError
-from bench.seeding import numpy_rng
-from datasets.partition import (
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.seeding import numpy_rng
+from fedeq_bench.datasets.partition import (
     _largest_remainder,
     _test_like_train,
     canonical,
@@ -78,9 +78,9 @@ def test_require_natural_for_datasets_with_their_own_clients():
 
 
 def test_synthetic_and_npz_reject_a_partitioner(tmp_path):
-    from datasets import DataArgs, get_dataset
-    from datasets.npz import NpzConfig
-    from datasets.synthetic import SyntheticConfig
+    from fedeq_bench.datasets import DataArgs, get_dataset
+    from fedeq_bench.datasets.npz import NpzConfig
+    from fedeq_bench.datasets.synthetic import SyntheticConfig
     from tests.helpers import write_tiny_npz
 
     with pytest.raises(BenchError, match=r"dataset 'synthetic' has its own client split.*'dirichlet:0.5'"):

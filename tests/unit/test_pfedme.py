@@ -4,11 +4,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import seeding
-from methods.base import ClientTensors, Task
-from methods.nets import build_model
-from methods.pfedme import THETA, PFedMe, PFedMeConfig
-from methods.train import with_num_samples
+from fedeq_bench.core import seeding
+from fedeq_bench.methods.base import ClientTensors, Task
+from fedeq_bench.methods.nets import build_model
+from fedeq_bench.methods.pfedme import THETA, PFedMe, PFedMeConfig
+from fedeq_bench.methods.train import with_num_samples
 
 MLP_NAMES = {"body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias", "head.weight", "head.bias"}
 

@@ -1,7 +1,7 @@
 """bench/seeding.py: streams are pure functions of (seed, stream, ids) and independent of each other."""
 import torch
 
-from bench import seeding
+from fedeq_bench.core import seeding
 
 
 def test_same_arguments_same_draws():

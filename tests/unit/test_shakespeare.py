@@ -9,13 +9,13 @@ import os
 import numpy as np
 import pytest
 
-from bench import config as C
-from bench import engine
-from bench.backends import SerialBackend
-from bench.errors import BenchError
-from bench.run import load_dataset
-from datasets import DataArgs, dataset_names, get_dataset
-from datasets.shakespeare import (
+from fedeq_bench.bench import config as C
+from fedeq_bench.bench import engine
+from fedeq_bench.bench.backends import SerialBackend
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.datasets import DataArgs, dataset_names, get_dataset
+from fedeq_bench.datasets.shakespeare import (
     LEAF_LETTERS,
     PAD,
     UNK,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
-from bench.errors import BenchError
-from datasets import DataArgs, dataset_names, get_dataset
-from datasets.synthetic import SyntheticConfig, split_sizes
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.datasets import DataArgs, dataset_names, get_dataset
+from fedeq_bench.datasets.synthetic import SyntheticConfig, split_sizes
 
 
 def load(cfg: SyntheticConfig = SyntheticConfig(), **kw):

@@ -4,8 +4,8 @@ import struct
 import pytest
 import torch
 
-from bench import wire
-from bench.errors import BenchError
+from fedeq_bench.bench import wire
+from fedeq_bench.core.errors import BenchError
 
 
 def test_round_trip_is_bit_equal_for_every_dtype():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
-from bench.errors import unknown
+from fedeq_bench.core.errors import unknown
 
 T = TypeVar("T")
 

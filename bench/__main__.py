@@ -1,0 +1,33 @@
+"""`fedeq-bench COMMAND ...` (the console script) and `python -m bench COMMAND ...`.
+
+    fedeq-bench run --methods fedeq,fedrep     # = python -m bench.run --methods fedeq,fedrep
+    fedeq-bench data describe --dataset fmnist
+    fedeq-bench perf
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "run": "compare methods on a task, recorded in MLflow",
+    "data": "look at a federated dataset (describe)",
+    "perf": "the harness's round time next to a plain PyTorch loop",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip().splitlines()[0])
+        print("\ncommands:\n" + "\n".join(f"  {k:<6} {v}" for k, v in COMMANDS.items()))
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        sys.stderr.write(f"error: unknown command {cmd!r}; choose from {', '.join(sorted(COMMANDS))}\n")
+        return 2
+    return importlib.import_module(f"fedeq_bench.bench.{cmd}").main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

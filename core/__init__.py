@@ -1,0 +1,8 @@
+"""The lowest layer: the vocabulary `methods/`, `datasets/` and `bench/` share.
+
+It imports nothing of the project (tests/unit/test_layers.py enforces the layers):
+    errors.py    BenchError, one-line messages with the valid choices
+    registry.py  name -> object registries that fail helpfully
+    seeding.py   named random streams derived from (seed, stream, *ids)
+    types.py     Message, State, Metrics, ClientTensors, Task, MethodSpec
+"""

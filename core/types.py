@@ -1,0 +1,62 @@
+"""The vocabulary methods, datasets and the harness share: messages, state, client tensors, the task,
+and the spec that rebuilds a method on a worker."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Message = dict[str, torch.Tensor]
+"""What crosses the (simulated) network: a flat name -> tensor dict, encoded by bench/wire.py."""
+State = dict[str, torch.Tensor]
+"""A server's or one client's explicit state (a client's never leaves the engine's client store)."""
+Metrics = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a method needs to know about the problem, resolved by the engine."""
+
+    model: str
+    """Registered model name (methods/nets)."""
+    input_shape: tuple[int, ...]
+    num_classes: int
+    device: str = "cpu"
+
+
+@dataclass
+class ClientTensors:
+    """One client's splits as tensors on the training device."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_y.shape[0])
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Enough to rebuild a method anywhere: its class, resolved config and task.
+
+    The class pickles by reference (module and name), so a Ray worker that unpickles a spec imports
+    the method's module itself; nothing here needs to know which methods exist. Frozen and
+    hashable: a worker caches the method it builds per spec.
+    """
+
+    method: type
+    cfg: Any
+    task: Task
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    def build(self):
+        return self.method(self.cfg, self.task)
