@@ -107,24 +107,26 @@ class Worker:
         payload = np.frombuffer(wire.encode(up), dtype=np.uint8)
         return TrainResult(cid, payload, new_state, metrics, peak, memory.peak_rss_bytes())
 
-    def evaluate(self, spec: MethodSpec, cid: int, down: bytes, state: State) -> EvalResult:
+    def evaluate(self, spec: MethodSpec, cid: int, down: bytes, state: State, seed: int, rnd: int) -> EvalResult:
         method = self._method(spec)
+        data = self._client(cid, spec.task.device)
         try:
-            return EvalResult(cid, method.evaluate(wire.decode(down), state, self._client(cid, spec.task.device)))
+            return EvalResult(cid, method.evaluate(wire.decode(down), state, data,
+                                                   seeding.generator(seed, "eval", rnd, cid)))
         except BenchError as e:
             return EvalResult(cid, {}, error=str(e))
 
-    def evaluate_unseen(self, spec: MethodSpec, cid: int, down: bytes, state: State, seed: int) -> EvalResult:
+    def evaluate_unseen(self, spec: MethodSpec, cid: int, down: bytes, state: State, seed: int,
+                        rnd: int) -> EvalResult:
         """A held-out client: personalize to the current model, then evaluate (nothing is kept)."""
         method = self._method(spec)
         data = self._client(cid, spec.task.device)
         msg = wire.decode(down)
         try:
-            state = method.personalize(msg, state, data, seeding.generator(seed, "unseen", cid))
-            return EvalResult(cid, method.evaluate(msg, state, data))
+            state = method.personalize(msg, state, data, seeding.generator(seed, "personalize", rnd, cid))
+            return EvalResult(cid, method.evaluate(msg, state, data, seeding.generator(seed, "eval", rnd, cid)))
         except BenchError as e:
             return EvalResult(cid, {}, error=str(e))
-
 
     def run_chunk(self, kind: str, spec: MethodSpec, chunk: list, *extra) -> list:
         """Ray entry point: several clients in one call, in the given (client-id) order.
@@ -200,11 +202,12 @@ class SerialBackend:
         return self._call(lambda cid, down, state: self.worker.train(spec, cid, down, state, seed, rnd, measure),
                           tasks)
 
-    def evaluate(self, spec, tasks):
-        return self._call(lambda cid, down, state: self.worker.evaluate(spec, cid, down, state), tasks)
+    def evaluate(self, spec, tasks, seed, rnd):
+        return self._call(lambda cid, down, state: self.worker.evaluate(spec, cid, down, state, seed, rnd), tasks)
 
-    def evaluate_unseen(self, spec, tasks, seed):
-        return self._call(lambda cid, down, state: self.worker.evaluate_unseen(spec, cid, down, state, seed), tasks)
+    def evaluate_unseen(self, spec, tasks, seed, rnd):
+        return self._call(lambda cid, down, state: self.worker.evaluate_unseen(spec, cid, down, state, seed, rnd),
+                          tasks)
 
     def close(self):
         pass
@@ -299,11 +302,11 @@ class RayBackend:
     def train(self, spec, tasks, seed, rnd, measure=frozenset()):
         return self._map("train", spec, tasks, seed, rnd, measure)
 
-    def evaluate(self, spec, tasks):
-        return self._map("evaluate", spec, tasks)
+    def evaluate(self, spec, tasks, seed, rnd):
+        return self._map("evaluate", spec, tasks, seed, rnd)
 
-    def evaluate_unseen(self, spec, tasks, seed):
-        return self._map("evaluate_unseen", spec, tasks, seed)
+    def evaluate_unseen(self, spec, tasks, seed, rnd):
+        return self._map("evaluate_unseen", spec, tasks, seed, rnd)
 
     def close(self):
         for a in self.actors:

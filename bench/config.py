@@ -262,12 +262,21 @@ def from_cli(config_file: str | None, flags: dict[str, Any], sets: list[str]) ->
     return apply(cfg, parse_set(sets))
 
 
-def resolve_method(config: Config, name: str):
-    """The method's config with every `None` inherited from the run (lr, epochs, batch size)."""
+def resolve_method(config: Config, name: str, default_models: dict[str, str]):
+    """The method's config with every None resolved: the one place "None means the run's value" lives.
+
+    `lr`, `local_epochs`, `batch_size`: the run's. `model`: `METHOD.model`, else the run's `--model`,
+    else the dataset's pairing for the method's kind (`default_models["deq"]` for FeDEQ,
+    `default_models["explicit"]` for the rest).
+    """
+    from fedeq_bench.methods import METHODS
+
     cfg = config.methods[name]
     run = config.run
     inherit = {}
     for k in ("lr", "local_epochs", "batch_size"):
         if getattr(cfg, k, None) is None:
             inherit[k] = getattr(run, k)
+    if getattr(cfg, "model", None) is None:
+        inherit["model"] = run.model or default_models[METHODS.get(name).model_kind]
     return dataclasses.replace(cfg, **inherit)

@@ -80,24 +80,13 @@ def make_schedule(seed: int, train_ids: list[int], rounds: int, fraction: float)
             for r in range(1, rounds + 1)]
 
 
-def model_for(config: Config, method: str, dataset: FederatedDataset) -> str:
-    """Model pairing: --set METHOD.model, else --model, else the dataset's model for the method's kind."""
-    mcfg = config.methods[method]
-    if getattr(mcfg, "model", None):
-        return mcfg.model
-    if config.run.model:
-        return config.run.model
-    kind = METHODS.get(method).model_kind
-    return dataset.default_models[kind]
-
-
 def build_initial_model(name: str, dataset: FederatedDataset, seed: int) -> torch.nn.Module:
     """The initial network, identical for every method that uses this model at this seed."""
     from fedeq_bench.methods.nets import build_model
 
     # Module constructors draw from torch's global generator; fork it so nothing else is disturbed.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seeding.derive(seed, "init"))
+        torch.manual_seed(seeding.derive(seed, "model_init"))
         return build_model(name, dataset.input_shape, dataset.num_classes)
 
 
@@ -136,8 +125,8 @@ def run_method(
 ) -> MethodResult:
     """Train and evaluate one method at one seed; `on_round(rnd, metrics)` after every round."""
     run = config.run
-    mcfg = resolve_method(config, method)
-    model_name = model_for(config, method, dataset)
+    mcfg = resolve_method(config, method, dataset.default_models)
+    model_name = mcfg.model
     device = backend.set_dataset(dataset.fingerprint, dataset)
     task = Task(model_name, dataset.input_shape, dataset.num_classes, device)
     spec = MethodSpec(METHODS.get(method), mcfg, task)
@@ -151,7 +140,7 @@ def run_method(
     result = MethodResult(method, seed, model_name,
                           params_shared=sum(sd[k].numel() for k in shared),
                           params_personal=sum(sd[k].numel() for k in personal))
-    server = algo.init_server(model, seeding.generator(seed, "init"))
+    server = algo.init_server(model, seeding.generator(seed, "server_init"))
     train_ids = dataset.train_ids
     store = {cid: algo.init_client(cid, server, seeding.generator(seed, "client_init", cid)) for cid in train_ids}
     schedule = make_schedule(seed, train_ids, run.rounds, run.fraction)
@@ -217,7 +206,7 @@ def evaluate(algo, spec, server, store, dataset, backend, seed, rnd, method) -> 
     cache = EncodeCache()
     tasks = [(cid, cache.encode(algo.broadcast(server, cid, rnd)), store[cid]) for cid in dataset.train_ids]
     evals = []
-    for res in backend.evaluate(spec, tasks):
+    for res in backend.evaluate(spec, tasks, seed, rnd):
         if res.error:
             raise BenchError(f"{method}: evaluation after round {rnd}, client {res.cid}: {res.error}")
         evals.append(res.metrics)
@@ -228,7 +217,7 @@ def evaluate(algo, spec, server, store, dataset, backend, seed, rnd, method) -> 
             state = algo.init_client(cid, server, seeding.generator(seed, "client_init", cid))
             tasks.append((cid, cache.encode(algo.broadcast(server, cid, rnd)), state))
         unseen = []
-        for res in backend.evaluate_unseen(spec, tasks, seed):
+        for res in backend.evaluate_unseen(spec, tasks, seed, rnd):
             if res.error:
                 raise BenchError(f"{method}: unseen client {res.cid} after round {rnd}: {res.error}")
             unseen.append(res.metrics)

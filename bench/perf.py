@@ -36,7 +36,7 @@ CLIENTS, N_TRAIN, N_TEST, SHAPE, CLASSES = 20, 480, 120, (1, 28, 28), 10
 
 def write_fmnist_like(path: str, seed: int = 0) -> str:
     """Random 28x28 'images' whose label is a linear function of the pixels (learnable, like FMNIST)."""
-    rng = numpy_rng(seed, "perf-data")
+    rng = numpy_rng(seed, "perf")
     w = rng.normal(size=(int(np.prod(SHAPE)), CLASSES)).astype(np.float32)
     arrays = {}
     for k in range(CLIENTS):

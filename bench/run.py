@@ -121,11 +121,11 @@ def load_dataset(cfg, seed: int):
 
 def check_models(cfg, dataset) -> None:
     """Build each method's model once on the driver so a mismatch fails before anything is recorded."""
-    from fedeq_bench.bench.engine import model_for
+    from fedeq_bench.bench.config import resolve_method
     from fedeq_bench.methods.nets import build_model
 
     for m in cfg.run.methods:
-        build_model(model_for(cfg, m, dataset), dataset.input_shape, dataset.num_classes)
+        build_model(resolve_method(cfg, m, dataset.default_models).model, dataset.input_shape, dataset.num_classes)
 
 
 def summarize(results) -> list[dict]:
@@ -231,9 +231,9 @@ def _end(tracker, run_id, status):
 def run_one(cfg, tracker, parent, backend, method, seed, dataset, quiet):
     """One child run: method x seed, logged round by round."""
     from fedeq_bench.bench import config as C
-    from fedeq_bench.bench.engine import model_for, run_method
+    from fedeq_bench.bench.engine import run_method
 
-    model = model_for(cfg, method, dataset)
+    model = C.resolve_method(cfg, method, dataset.default_models).model
     params = C.flatten(cfg, [method], None)
     params = {k: v for k, v in params.items() if k.startswith(f"{method}.")}
     params.update({

@@ -12,12 +12,29 @@ import hashlib
 import numpy as np
 import torch
 
-# Streams used by the harness (a method may derive sub-streams from the generator it is given).
-STREAMS = ("data", "split", "schedule", "init", "client_init", "local", "eval", "unseen")
+# Every stream, with the ids it is drawn at and its one call site. Deriving a stream not declared
+# here raises, and tests/unit/test_seeding.py checks that no two call sites draw the same
+# (stream, ids). A method derives nothing itself: it draws from the generator it is handed.
+STREAMS = {
+    "data": "(): generating a synthetic dataset or partitioning a real one (datasets/)",
+    "split": "(cid): carving a client's validation split (datasets/base.py)",
+    "holdout": "(): choosing the clients held out of training (datasets/base.py)",
+    "model_init": "(): the initial network's weights (bench/engine.py)",
+    "server_init": "(): Method.init_server (bench/engine.py)",
+    "client_init": "(cid): Method.init_client, training and held-out clients (bench/engine.py)",
+    "schedule": "(rnd): the round's cohort (bench/engine.py)",
+    "local": "(rnd, cid): Method.local_update (bench/backends.py)",
+    "eval": "(rnd, cid): Method.evaluate, e.g. fine-tuning before testing (bench/backends.py)",
+    "personalize": "(rnd, cid): Method.personalize of a held-out client (bench/backends.py)",
+    "perf": "(): the generated workload of bench/perf.py and tests/perf",
+}
 
 
 def derive(seed: int, stream: str, *ids: int) -> int:
     """A 63-bit integer seed for `stream` at `ids`, a pure function of its arguments."""
+    if stream not in STREAMS:
+        raise ValueError(f"undeclared random stream {stream!r}; declare it in core/seeding.py STREAMS "
+                         f"(declared: {', '.join(STREAMS)})")
     key = ":".join([str(int(seed)), stream, *(str(int(i)) for i in ids)]).encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
 

@@ -176,7 +176,7 @@ class APFL(FedAvg):
 
     personalize = Method.personalize  # not FedAvg's: a held-out client trains v and alpha
 
-    def evaluate(self, down, state, data):
+    def evaluate(self, down, state, data, rng):
         mix_net = self.mix_net
         names, param_names = self._names()
         buffers = [k for k in names if k not in set(param_names)]

@@ -5,7 +5,7 @@
     broadcast(server, cid, rnd) -> Message                 # downlink
     local_update(down, state, data, rng) -> (Message, ClientState, Metrics)
     aggregate(server, [(cid, Message)], rnd) -> (ServerState, Metrics)
-    evaluate(down, state, data) -> Metrics                 # personalized metrics of one client
+    evaluate(down, state, data, rng) -> Metrics            # personalized metrics of one client (rng: fine-tuning)
 and, for clients held out of training, `personalize(down, state, data, rng) -> ClientState`
 (default: one local update whose upload is dropped).
 
@@ -82,7 +82,7 @@ class Method:
     def aggregate(self, server: State, replies: list[tuple[int, Message]], rnd: int):
         raise NotImplementedError
 
-    def evaluate(self, down: Message, state: State, data: ClientTensors) -> Metrics:
+    def evaluate(self, down: Message, state: State, data: ClientTensors, rng: torch.Generator) -> Metrics:
         raise NotImplementedError
 
     def personalize(self, down: Message, state: State, data: ClientTensors, rng: torch.Generator) -> State:

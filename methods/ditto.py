@@ -112,7 +112,7 @@ class Ditto(FedAvg):
         loss = (l_w * s_w + l_v * s_v) / steps if steps else float("nan")
         return up, {V + k: t for k, t in v_new.items()}, {"loss": loss, "steps": steps}
 
-    def evaluate(self, down, state, data):
+    def evaluate(self, down, state, data, rng):
         has_v = bool(down) and (V + next(iter(down))) in state
         load(self.net, {k: state[V + k] for k in down} if has_v else down)
         return eval_metrics(self.net, data)

@@ -34,7 +34,7 @@ class FedAvg(Method):
     def aggregate(self, server, replies, rnd):
         return weighted_average(replies, server.keys()), {}
 
-    def evaluate(self, down, state, data):
+    def evaluate(self, down, state, data, rng):
         load(self.net, down)
         return eval_metrics(self.net, data)
 

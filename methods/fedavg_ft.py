@@ -110,7 +110,7 @@ class FedAvgFT(FedAvg):
         new_state.update({OWN + k: t for k, t in snapshot(net, names).items()})
         return {}, new_state, {"loss": loss, "steps": steps}
 
-    def evaluate(self, down, state, data):
+    def evaluate(self, down, state, data, rng):
         net, names = self.net, self._names()
         if (OWN + names[0]) in state:
             load(net, {k: state[OWN + k] for k in names})

@@ -92,7 +92,7 @@ class FedBABU(PartialSharing):
                                  self.cfg.local_epochs, self.cfg.batch_size, self.cfg.lr, rng)
         return self.upload(data), state, {"loss": loss, "steps": steps}
 
-    def evaluate(self, down, state, data):
+    def evaluate(self, down, state, data, rng):
         net = self.net
         self.load_client(down, state)
         # Fine-tune a throwaway copy: the scratch net is overwritten by the next call, and neither

@@ -200,7 +200,7 @@ class FeDEQ(Method):
         load(self.net, {k: state[THETA + k] for k in body} if own else {k: down[k] for k in body})
         load(self.net, {k: state[HEAD + k] for k in head})
 
-    def evaluate(self, down, state, data):
+    def evaluate(self, down, state, data, rng):
         self._load_for_eval(down, state)
         metrics = eval_metrics(self.net, data)
         self._solves = []  # evaluation solves are not training statistics

@@ -145,7 +145,7 @@ class FedRoD(FedAvg):
         up = with_num_samples(snapshot(net, down.keys()), data.num_train)
         return up, new_state, {"loss": loss, "steps": steps}
 
-    def evaluate(self, down, state, data):
+    def evaluate(self, down, state, data, rng):
         net = self.net
         load(net, down)
         dev = next(net.parameters()).device

@@ -111,7 +111,7 @@ class KNNPer(FedAvg):
             loss += float(F.nll_loss(log_p, y[s : s + EVAL_CHUNK], reduction="sum"))
         return correct, loss
 
-    def evaluate(self, down, state, data):
+    def evaluate(self, down, state, data, rng):
         net = self.net
         load(net, down)
         net.eval()

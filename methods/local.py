@@ -50,6 +50,6 @@ class Local(Method):
     def aggregate(self, server, replies, rnd):
         return server, {}
 
-    def evaluate(self, down, state, data):
+    def evaluate(self, down, state, data, rng):
         load(self.net, {k: state[OWN + k] for k in self._names()})
         return eval_metrics(self.net, data)

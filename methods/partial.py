@@ -74,6 +74,6 @@ class PartialSharing(Method):
                                  self.cfg.local_epochs, self.cfg.batch_size, self.cfg.lr, rng)
         return self.upload(data), self.personal_state(), {"loss": loss, "steps": steps}
 
-    def evaluate(self, down, state, data):
+    def evaluate(self, down, state, data, rng):
         self.load_client(down, state)
         return eval_metrics(self.net, data)

@@ -140,7 +140,7 @@ class PFedMe(Method):
         loss = total / steps if steps else float("nan")
         return up, {THETA + k: t for k, t in theta.items()}, {"loss": loss, "steps": steps}
 
-    def evaluate(self, down, state, data):
+    def evaluate(self, down, state, data, rng):
         has_theta = bool(down) and (THETA + next(iter(down))) in state
         load(self.net, {k: state[THETA + k] for k in down} if has_theta else down)
         return eval_metrics(self.net, data)

@@ -27,7 +27,7 @@ def setup(n=8, seed=0, **kw):
     algo = make(**kw)
     torch.manual_seed(seed)
     ref = build_model("mlp", (4,), 3)
-    server = algo.init_server(ref, seeding.generator(0, "init"))
+    server = algo.init_server(ref, seeding.generator(0, "server_init"))
     g = torch.Generator().manual_seed(seed + 10)
     x, y = torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
     return algo, server, ref, ClientTensors(x, y, x[:2], y[:2], x[:4], y[:4])

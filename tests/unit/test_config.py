@@ -63,10 +63,22 @@ def test_toml_preset_is_typed_and_strict(tmp_path):
 
 def test_method_values_inherit_from_run_unless_set():
     cfg = C.apply(C.default_config(), {"lr": "0.2", "local_epochs": "3", "fedavg.lr": "0.01"})
-    fedavg = C.resolve_method(cfg, "fedavg")
-    fedrep = C.resolve_method(cfg, "fedrep")
+    pairing = {"explicit": "mlp", "deq": "deq_mlp"}
+    fedavg = C.resolve_method(cfg, "fedavg", pairing)
+    fedrep = C.resolve_method(cfg, "fedrep", pairing)
     assert (fedavg.lr, fedavg.local_epochs) == (0.01, 3)
     assert (fedrep.lr, fedrep.local_epochs, fedrep.batch_size) == (0.2, 3, 32)
+
+
+def test_model_resolves_method_then_run_then_dataset_pairing():
+    pairing = {"explicit": "mlp", "deq": "deq_mlp"}
+    cfg = C.default_config()
+    assert C.resolve_method(cfg, "fedavg", pairing).model == "mlp"  # the pairing's explicit model
+    assert C.resolve_method(cfg, "fedeq", pairing).model == "deq_mlp"  # FeDEQ trains the DEQ one
+    cfg = C.apply(cfg, {"model": "cnn"})
+    assert C.resolve_method(cfg, "fedavg", pairing).model == "cnn"  # --model beats the pairing
+    cfg = C.apply(cfg, {"fedavg.model": "resnet20"})
+    assert C.resolve_method(cfg, "fedavg", pairing).model == "resnet20"  # METHOD.model beats --model
 
 
 def test_flatten_gives_strings_for_mlflow():

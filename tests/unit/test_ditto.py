@@ -29,7 +29,7 @@ def make(cls=Ditto, cfg_cls=DittoConfig, **kw):
     cfg = cfg_cls(**{"model": "mlp", "lr": 0.1, "local_epochs": 1, "batch_size": 4, **kw})
     algo = cls(cfg, Task("mlp", (4,), 3))
     torch.manual_seed(0)
-    server = algo.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "init"))
+    server = algo.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "server_init"))
     return algo, server
 
 
@@ -115,14 +115,14 @@ def test_held_out_client_starts_v_from_final_w_and_takes_the_personal_step():
     algo, server = make(lam=0.5)
     d = data()
     down = algo.broadcast(server, 0, 3)
-    state = algo.personalize(down, {}, d, seeding.generator(0, "unseen", 0))
+    state = algo.personalize(down, {}, d, seeding.generator(0, "personalize", 1, 0))
     # Same as a first local update's v_i: v <- w, then personal_epochs against w (same stream).
-    _, ref, _ = algo.local_update(down, {}, d, seeding.generator(0, "unseen", 0))
+    _, ref, _ = algo.local_update(down, {}, d, seeding.generator(0, "personalize", 1, 0))
     assert set(state) == set(ref) and all(torch.equal(state[k], ref[k]) for k in ref)
     assert not torch.equal(state[V + "head.weight"], server["head.weight"])
     # personal_epochs = 0: v is the final w itself.
     algo0, _ = make(personal_epochs=0)
-    state0 = algo0.personalize(down, {}, d, seeding.generator(0, "unseen", 0))
+    state0 = algo0.personalize(down, {}, d, seeding.generator(0, "personalize", 1, 0))
     assert all(torch.equal(state0[V + k], server[k]) for k in server)
 
 

@@ -27,7 +27,7 @@ def test_one_client_one_step_equals_one_sgd_step():
 
     torch.manual_seed(0)
     ref = build_model("mlp", (4,), 3)
-    server = algo.init_server(ref, seeding.generator(0, "init"))
+    server = algo.init_server(ref, seeding.generator(0, "server_init"))
     d = data(n=8)  # n == batch: exactly one step per epoch; the shuffle does not change a full batch's mean
     up, _, metrics = algo.local_update(algo.broadcast(server, 0, 1), {}, d, seeding.generator(0, "local", 1, 0))
     assert metrics["steps"] == 1
@@ -66,7 +66,7 @@ def test_evaluate_uses_the_global_model_and_personalize_keeps_nothing():
     from fedeq_bench.methods.nets import build_model
 
     torch.manual_seed(1)
-    server = algo.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "init"))
+    server = algo.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "server_init"))
     d = data()
     m = algo.evaluate(algo.broadcast(server, 0, 1), {}, d)
     algo.net.load_state_dict(server)

@@ -24,7 +24,7 @@ def setup(**kw):
                     Task("mlp", (4,), 3))
     fedavg = FedAvg(MethodConfig(model="mlp", lr=0.1, local_epochs=1, batch_size=8), Task("mlp", (4,), 3))
     torch.manual_seed(0)
-    server = algo.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "init"))
+    server = algo.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "server_init"))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
     return algo, fedavg, server, ClientTensors(x, y, x[:2], y[:2], x[:6], y[:6])

@@ -23,7 +23,7 @@ def setup(lr=0.1, batch=4, epochs=1, n=12, **kw):
     algo = FedBABU(FedBABUConfig(model="mlp", lr=lr, local_epochs=epochs, batch_size=batch, **kw), Task("mlp", (4,), 3))
     torch.manual_seed(0)
     ref = build_model("mlp", (4,), 3)
-    server = algo.init_server(ref, seeding.generator(0, "init"))
+    server = algo.init_server(ref, seeding.generator(0, "server_init"))
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
     return algo, server, ref, ClientTensors(x, y, x[:2], y[:2], x[:4], y[:4])
@@ -125,8 +125,8 @@ def test_a_zero_initial_head_is_redrawn_so_the_body_can_learn():
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.body.parameters()))
     assert all(not g.any() for g in grads)
-    server = algo.init_server(model, seeding.generator(0, "init"))
-    again = algo.init_server(model, seeding.generator(0, "init"))
+    server = algo.init_server(model, seeding.generator(0, "server_init"))
+    again = algo.init_server(model, seeding.generator(0, "server_init"))
     assert server["head.weight"].any() and torch.equal(server["head.weight"], again["head.weight"])
     # nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) = U(-1/sqrt(200), 1/sqrt(200)).
     assert float(server["head.weight"].abs().max()) <= 1 / 200 ** 0.5
@@ -135,5 +135,5 @@ def test_a_zero_initial_head_is_redrawn_so_the_body_can_learn():
     # A nonzero initial head is kept as it is (the same initial model as every other method).
     torch.manual_seed(0)
     model = build_model("mlp", (4,), 3)
-    server = algo.init_server(model, seeding.generator(0, "init"))
+    server = algo.init_server(model, seeding.generator(0, "server_init"))
     assert all(torch.equal(server[k], v) for k, v in model.state_dict().items())

@@ -19,7 +19,7 @@ def setup(**kw):
                          "shared_epochs": 1, **kw})
     algo = FeDEQ(cfg, Task("deq_mlp", (4,), 3))
     torch.manual_seed(0)
-    server = algo.init_server(build_model("deq_mlp", (4,), 3), seeding.generator(0, "init"))
+    server = algo.init_server(build_model("deq_mlp", (4,), 3), seeding.generator(0, "server_init"))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(24, 4, generator=g), torch.randint(0, 3, (24,), generator=g)
     return algo, server, ClientTensors(x, y, x[:4], y[:4], x[:8], y[:8])

@@ -21,7 +21,7 @@ def setup(lr=0.1, batch=4, epochs=1, n=12, **kw):
     algo = FedPer(FedPerConfig(model="mlp", lr=lr, local_epochs=epochs, batch_size=batch, **kw), Task("mlp", (4,), 3))
     torch.manual_seed(0)
     ref = build_model("mlp", (4,), 3)
-    server = algo.init_server(ref, seeding.generator(0, "init"))
+    server = algo.init_server(ref, seeding.generator(0, "server_init"))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
     return algo, server, ref, ClientTensors(x, y, x[:2], y[:2], x[:4], y[:4])
@@ -78,7 +78,7 @@ def test_held_out_client_trains_its_head_on_the_frozen_body():
     algo, server, _, d = setup(unseen_head_epochs=2)
     state = algo.init_client(9, server, None)
     down = algo.broadcast(server, 9, 3)
-    new_state = algo.personalize(down, state, d, seeding.generator(0, "unseen", 9))
+    new_state = algo.personalize(down, state, d, seeding.generator(0, "personalize", 1, 9))
     assert set(new_state) == HEAD_KEYS
     assert not torch.equal(new_state["head.weight"], state["head.weight"])
     trained = algo.net.state_dict()
@@ -86,7 +86,7 @@ def test_held_out_client_trains_its_head_on_the_frozen_body():
     # 0 epochs: the head is handed back as it came.
     algo0, server0, _, d0 = setup(unseen_head_epochs=0)
     st = algo0.init_client(9, server0, None)
-    out = algo0.personalize(algo0.broadcast(server0, 9, 3), st, d0, seeding.generator(0, "unseen", 9))
+    out = algo0.personalize(algo0.broadcast(server0, 9, 3), st, d0, seeding.generator(0, "personalize", 1, 9))
     assert all(torch.equal(out[k], st[k]) for k in HEAD_KEYS)
 
 

@@ -11,7 +11,7 @@ def setup(head_epochs=2, epochs=1):
     algo = FedRep(FedRepConfig(model="mlp", lr=0.1, local_epochs=epochs, batch_size=4, head_epochs=head_epochs),
                   Task("mlp", (4,), 3))
     torch.manual_seed(0)
-    server = algo.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "init"))
+    server = algo.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "server_init"))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
     return algo, server, ClientTensors(x, y, x[:2], y[:2], x[:4], y[:4])

@@ -97,7 +97,7 @@ def test_mix_zero_equals_the_global_model_exactly():
     knn = KNNPer(KNNPerConfig(**cfg, mix=0.0), Task("mlp", (4,), 3))
     fedavg = FedAvg(MethodConfig(**cfg), Task("mlp", (4,), 3))
     torch.manual_seed(0)
-    server = fedavg.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "init"))
+    server = fedavg.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "server_init"))
     d = data(40, 1)
     # A trained global model (one FedAvg round), so the comparison is not at a random init only.
     up, _, _ = fedavg.local_update(fedavg.broadcast(server, 0, 1), {}, d, seeding.generator(0, "local", 1, 0))
@@ -116,7 +116,7 @@ def test_training_is_fedavgs_and_embeddings_are_the_body_output():
     knn = KNNPer(KNNPerConfig(**cfg), Task("mlp", (4,), 3))
     fedavg = FedAvg(MethodConfig(**cfg), Task("mlp", (4,), 3))
     torch.manual_seed(0)
-    server = knn.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "init"))
+    server = knn.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "server_init"))
     d = data(24, 2)
     a, sa, _ = knn.local_update(knn.broadcast(server, 0, 1), {}, d, seeding.generator(0, "local", 1, 0))
     b, _, _ = fedavg.local_update(fedavg.broadcast(server, 0, 1), {}, d, seeding.generator(0, "local", 1, 0))

@@ -21,7 +21,7 @@ def setup(lr=0.1, batch=4, epochs=1, n=12):
     algo = LGFedAvg(MethodConfig(model="mlp", lr=lr, local_epochs=epochs, batch_size=batch), Task("mlp", (4,), 3))
     torch.manual_seed(0)
     ref = build_model("mlp", (4,), 3)
-    server = algo.init_server(ref, seeding.generator(0, "init"))
+    server = algo.init_server(ref, seeding.generator(0, "server_init"))
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
     return algo, server, ref, ClientTensors(x, y, x[:2], y[:2], x[:4], y[:4])

@@ -36,7 +36,7 @@ def test_local_sends_zero_bytes(tiny):
 def setup():
     algo = Local(MethodConfig(model="mlp", lr=0.1, local_epochs=1, batch_size=8), Task("mlp", (4,), 3))
     torch.manual_seed(0)
-    server = algo.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "init"))
+    server = algo.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "server_init"))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
     return algo, server, ClientTensors(x, y, x[:2], y[:2], x[:3], y[:3])

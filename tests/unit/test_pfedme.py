@@ -86,7 +86,7 @@ def mlp_setup(**kw):
     cfg = PFedMeConfig(**{"model": "mlp", "lr": 0.05, "local_epochs": 1, "batch_size": 4, **kw})
     algo = PFedMe(cfg, Task("mlp", (4,), 3))
     torch.manual_seed(0)
-    server = algo.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "init"))
+    server = algo.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "server_init"))
     return algo, server
 
 
@@ -114,5 +114,5 @@ def test_evaluation_uses_theta_and_a_client_without_theta_uses_w():
     expected = int((algo.net(d.test_x).argmax(1) == d.test_y).sum()) / 4
     assert algo.evaluate(down, {}, d)["test_acc"] == expected
     # A held-out client: one local update from the final w, keeping its theta.
-    state = algo.personalize(down, {}, d, seeding.generator(0, "unseen", 0))
+    state = algo.personalize(down, {}, d, seeding.generator(0, "personalize", 1, 0))
     assert set(state) == {THETA + k for k in MLP_NAMES}

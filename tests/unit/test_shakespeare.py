@@ -443,7 +443,7 @@ def test_one_fedavg_round_with_transformer8(play):
         "shakespeare.train_frac": 0.5, "shakespeare.min_samples": 100, "shakespeare.max_samples_per_client": 100,
     })
     ds = load_dataset(cfg, 0)
-    assert engine.model_for(C.apply(cfg, {"model": "none"}), "fedavg", ds) == "transformer8"  # the pairing
+    assert C.resolve_method(C.apply(cfg, {"model": "none"}), "fedavg", ds.default_models).model == "transformer8"  # the pairing
     res = engine.run_method(cfg, "fedavg", 0, ds, SerialBackend())
     (h,) = res.history
     assert res.model == "transformer8"
