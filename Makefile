@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 METHODS ?= fedeq,fedrep
 ARGS ?=
 
-.PHONY: setup run test perf clean
+.PHONY: setup run test perf bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -26,5 +26,11 @@ test: setup
 perf: setup
 	$(BIN)/python -m bench.perf $(ARGS)
 
+# pytest-benchmark over the hot paths (tests/perf); saves each run under .benchmarks/ and compares
+# with the last saved one (README: "Benchmarks"). Not part of `make test`.
+bench: setup
+	$(BIN)/python -m pytest tests/perf --benchmark-only --benchmark-autosave --benchmark-compare \
+		--benchmark-columns=min,median,mean,stddev,rounds --benchmark-sort=name $(ARGS)
+
 clean:
-	rm -rf $(VENV) mlflow.db mlruns .pytest_cache
+	rm -rf $(VENV) mlflow.db mlruns .pytest_cache .benchmarks build *.egg-info
