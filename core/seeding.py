@@ -15,11 +15,13 @@ import torch
 # Every stream, with the ids it is drawn at and its one call site. Deriving a stream not declared
 # here raises, and tests/unit/test_seeding.py checks that no two call sites draw the same
 # (stream, ids). A method derives nothing itself: it draws from the generator it is handed.
+# `init` and `unseen` keep their old names (and so their numbers: the same initial network and the
+# same held-out clients as before) now that init_server and personalization have streams of their own.
 STREAMS = {
     "data": "(): generating a synthetic dataset or partitioning a real one (datasets/)",
     "split": "(cid): carving a client's validation split (datasets/base.py)",
-    "holdout": "(): choosing the clients held out of training (datasets/base.py)",
-    "model_init": "(): the initial network's weights (bench/engine.py)",
+    "unseen": "(): choosing the clients held out of training (datasets/base.py)",
+    "init": "(): the initial network's weights (bench/engine.py)",
     "server_init": "(): Method.init_server (bench/engine.py)",
     "client_init": "(cid): Method.init_client, training and held-out clients (bench/engine.py)",
     "schedule": "(rnd): the round's cohort (bench/engine.py)",

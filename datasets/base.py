@@ -154,7 +154,7 @@ def build_federated(
     n_unseen = int(round(args.frac_unseen * n))
     if n_unseen >= n:
         raise BenchError(f"frac_unseen={args.frac_unseen} leaves no training client among {n}")
-    unseen = tuple(sorted(int(c) for c in numpy_rng(args.seed, "holdout").permutation(n)[:n_unseen]))
+    unseen = tuple(sorted(int(c) for c in numpy_rng(args.seed, "unseen").permutation(n)[:n_unseen]))
     input_shape = tuple(int(d) for d in clients[0].train_x.shape[1:])
     ds = FederatedDataset(
         name=name,
