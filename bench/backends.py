@@ -1,55 +1,84 @@
 """Where client work runs: `SerialBackend` (in this process) or `RayBackend` (Ray actors as edge nodes).
 
-Both hand every task to the same `Worker` code, with the same torch thread count, and return results
-in the order the tasks were given (client-id order), so Serial and Ray runs are bit-identical.
+One protocol: `backend.run(kind, spec, jobs, seed, rnd, measure)` runs one `Kind` of client work
+(a local update, an evaluation, a held-out client's personalization and evaluation) for every `Job`
+and returns one `Result` per job, in job order (the engine hands jobs in client-id order). Both
+backends hand every job to the same `Worker.run`, with the same torch thread count, so Serial and
+Ray runs are bit-identical.
 
-A task carries everything a client needs: the encoded downlink (bytes, decoded on the worker, so a
-method sees only what was sent), the client's state (owned by the engine's client store, never kept
-on a worker: one actor serves many clients), and (seed, round, client id) for its random stream.
-The dataset is put in Ray's object store once per seed; each downlink payload is put once per round
-and shared by every client that receives it.
+A job carries everything a client needs: the encoded downlink (bytes, decoded on the worker, so a
+method sees only what was sent) and the client's state (owned by the engine's client store, never
+kept on a worker: one actor serves many clients); (seed, round, client id) name its random stream.
+The dataset is put in Ray's object store once per dataset; each distinct downlink payload is put
+once per call and shared by every client that receives it.
 """
 from __future__ import annotations
 
-import logging
-import math
-import os
+import dataclasses
+import enum
 import warnings
+from collections import OrderedDict
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
-from fedeq_bench.bench import memory, wire
-
+from fedeq_bench.bench import cluster, memory, wire
 from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.datasets.base import ClientData, FederatedDataset
 from fedeq_bench.core.types import ClientTensors, MethodSpec, State
-
+from fedeq_bench.datasets.base import ClientData, FederatedDataset
 
 CHUNKS_PER_WORKER = 2
+"""Ray calls per actor and `run`: fewer calls cost less overhead, more let the pool balance."""
+
+METHOD_CACHE_SIZE = 4
+"""Built methods a worker keeps (least recently used dropped first). Each holds a scratch network on
+the worker's device (ResNet-34: ~85 MB), and a sweep builds a new spec per trial, so an unbounded
+cache grows by a network per trial on every actor. A run needs one spec at a time; a few more keep
+`--methods a,b --seeds 0,1` (which alternates specs) from rebuilding, and a miss costs only a build."""
 
 
-@dataclass
-class TrainResult:
+class Kind(enum.Enum):
+    """What a job asks of a client."""
+
+    TRAIN = "train"
+    """`local_update` from the `local` stream; returns the encoded uplink and the new state."""
+    EVALUATE = "evaluate"
+    """`evaluate` from the `eval` stream; the client's state is not changed."""
+    EVALUATE_UNSEEN = "evaluate_unseen"
+    """A held-out client: `personalize` (its own stream) then `evaluate`; nothing is kept."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One client's share of a call: its id, its encoded downlink and its state."""
+
     cid: int
-    up: np.ndarray
-    """The encoded uplink (uint8); len(up) is its exact size in bytes."""
+    payload: Any
+    """The encoded downlink (bytes). On its way to a Ray actor, a reference to the one object-store
+    copy of it that every job with the same payload shares."""
     state: State
-    metrics: dict[str, float]
-    peak_train_bytes: int
-    peak_rss_bytes: int
-    error: str | None = None
 
 
 @dataclass
-class EvalResult:
+class Result:
+    """One job's outcome. Evaluations fill only `metrics` (or `error`)."""
+
     cid: int
-    metrics: dict[str, float]
+    metrics: dict[str, float] = field(default_factory=dict)
+    up: np.ndarray | None = None
+    """TRAIN: the encoded uplink (uint8); len(up) is its exact size in bytes."""
+    state: State | None = None
+    """TRAIN: the client's new state, for the engine's client store."""
+    peak_train_bytes: int = 0
+    """TRAIN, when the client was in `measure`: the local update's peak training memory."""
+    peak_rss_bytes: int = 0
     error: str | None = None
+    """A BenchError's message (bad input or a diverging solver); the engine names method, round and
+    client. Any other exception is a bug and propagates with its traceback."""
 
 
 class Worker:
@@ -61,7 +90,7 @@ class Worker:
         self.dataset: FederatedDataset | None = None
         self.dataset_key: str | None = None
         self._tensors: dict[int, ClientTensors] = {}
-        self._methods: dict[MethodSpec, Any] = {}
+        self._methods: OrderedDict[MethodSpec, Any] = OrderedDict()
 
     # Ray actors call this once; Serial sets threads around each call instead (see SerialBackend).
     def pin_threads(self) -> None:
@@ -84,78 +113,57 @@ class Worker:
             t = self._tensors[cid] = _to_tensors(self.dataset.clients[cid], device)
         return t
 
-    def _method(self, spec: MethodSpec):
+    def method(self, spec: MethodSpec):
+        """The method built from `spec`, from a cache of the METHOD_CACHE_SIZE most recently used."""
         m = self._methods.get(spec)
         if m is None:
             m = self._methods[spec] = spec.build()
+            if len(self._methods) > METHOD_CACHE_SIZE:
+                self._methods.popitem(last=False)
+        else:
+            self._methods.move_to_end(spec)
         return m
 
-    def train(self, spec: MethodSpec, cid: int, down: bytes, state: State, seed: int, rnd: int,
-              measure: frozenset = frozenset()) -> TrainResult:
-        """One local update; its peak training memory is metered when `cid in measure` (else 0)."""
-        method = self._method(spec)
-        data = self._client(cid, spec.task.device)
-        rng = seeding.generator(seed, "local", rnd, cid)
-        meter = memory.MemoryMeter(spec.task.device, modules=[method.net]) if cid in measure else nullcontext()
+    def run(self, kind: Kind, spec: MethodSpec, job: Job, seed: int, rnd: int,
+            measure: frozenset = frozenset()) -> Result:
+        """One client's `kind` of work; a local update's peak memory is metered when `cid in measure`."""
+        cid = job.cid
         try:
-            with meter:
-                up, new_state, metrics = method.local_update(wire.decode(down), state, data, rng)
+            method = self.method(spec)
+            data = self._client(cid, spec.task.device)
+            down = wire.decode(job.payload)
+            if kind is Kind.TRAIN:
+                metered = cid in measure
+                meter = memory.MemoryMeter(spec.task.device, modules=[method.net]) if metered else nullcontext()
+                with meter:
+                    up, state, metrics = method.local_update(down, job.state, data,
+                                                             seeding.generator(seed, "local", rnd, cid))
+                # A numpy buffer, not bytes: Ray moves it out-of-band (no pickling copy into the object store).
+                return Result(cid, metrics, np.frombuffer(wire.encode(up), dtype=np.uint8), state,
+                              meter.peak_bytes if metered else 0, memory.peak_rss_bytes())
+            state = job.state
+            if kind is Kind.EVALUATE_UNSEEN:
+                state = method.personalize(down, state, data, seeding.generator(seed, "personalize", rnd, cid))
+            return Result(cid, method.evaluate(down, state, data, seeding.generator(seed, "eval", rnd, cid)))
         except BenchError as e:
-            return TrainResult(cid, b"", state, {}, 0, 0, error=str(e))
-        peak = meter.peak_bytes if cid in measure else 0
-        # A numpy buffer, not bytes: Ray moves it out-of-band (no pickling copy into the object store).
-        payload = np.frombuffer(wire.encode(up), dtype=np.uint8)
-        return TrainResult(cid, payload, new_state, metrics, peak, memory.peak_rss_bytes())
+            return Result(cid, error=str(e))
+        except Exception as e:
+            # A bug: keep its type and traceback (Ray's too), and say whose work it was.
+            e.add_note(f"in {spec.name}: round {rnd}, client {cid} ({kind.value})")
+            raise
 
-    def evaluate(self, spec: MethodSpec, cid: int, down: bytes, state: State, seed: int, rnd: int) -> EvalResult:
-        method = self._method(spec)
-        data = self._client(cid, spec.task.device)
-        try:
-            return EvalResult(cid, method.evaluate(wire.decode(down), state, data,
-                                                   seeding.generator(seed, "eval", rnd, cid)))
-        except BenchError as e:
-            return EvalResult(cid, {}, error=str(e))
-
-    def evaluate_unseen(self, spec: MethodSpec, cid: int, down: bytes, state: State, seed: int,
-                        rnd: int) -> EvalResult:
-        """A held-out client: personalize to the current model, then evaluate (nothing is kept)."""
-        method = self._method(spec)
-        data = self._client(cid, spec.task.device)
-        msg = wire.decode(down)
-        try:
-            state = method.personalize(msg, state, data, seeding.generator(seed, "personalize", rnd, cid))
-            return EvalResult(cid, method.evaluate(msg, state, data, seeding.generator(seed, "eval", rnd, cid)))
-        except BenchError as e:
-            return EvalResult(cid, {}, error=str(e))
-
-    def run_chunk(self, kind: str, spec: MethodSpec, chunk: list, *extra) -> list:
+    def run_chunk(self, kind: Kind, spec: MethodSpec, jobs: list[Job], seed: int, rnd: int,
+                  measure: frozenset) -> list[Result]:
         """Ray entry point: several clients in one call, in the given (client-id) order.
 
-        `chunk` holds (cid, payload ref, state); each distinct payload is fetched once per chunk.
+        Each job's payload is an object reference; each distinct one is fetched once per chunk.
         """
         import ray
 
-        refs = list(dict.fromkeys(ref for _, ref, _ in chunk))
+        refs = list(dict.fromkeys(job.payload for job in jobs))
         payloads = dict(zip(refs, ray.get(refs)))
-        fn = getattr(self, kind)
-        return [fn(spec, cid, payloads[ref], state, *extra) for cid, ref, state in chunk]
-
-
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast on a `host:port` nobody listens on (Ray itself retries for minutes)."""
-    import socket
-
-    if address in ("auto", "local") or "://" in address or ":" not in address:
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            return
-    except (OSError, ValueError) as e:
-        raise BenchError(
-            f"cannot reach a Ray cluster at {address!r} ({e}); start one with `ray up ray_cluster.yaml` "
-            "(then --address auto on its head node) or omit --address to start a local Ray"
-        ) from None
+        return [self.run(kind, spec, dataclasses.replace(job, payload=payloads[job.payload]), seed, rnd, measure)
+                for job in jobs]
 
 
 def _ray_gpu_ids():
@@ -179,7 +187,7 @@ def _to_tensors(c: ClientData, device: str) -> ClientTensors:
 
 
 class SerialBackend:
-    """Everything in this process, in task order. The reference the Ray backend must match."""
+    """Everything in this process, in job order. The reference the Ray backend must match."""
 
     name = "serial"
 
@@ -190,24 +198,14 @@ class SerialBackend:
     def set_dataset(self, key: str, dataset: FederatedDataset) -> str:
         return self.worker.set_dataset(key, dataset)
 
-    def _call(self, fn, tasks):
+    def run(self, kind: Kind, spec: MethodSpec, jobs: list[Job], seed: int, rnd: int,
+            measure: frozenset = frozenset()) -> list[Result]:
         prev = torch.get_num_threads()
         torch.set_num_threads(self.worker.threads)  # same thread count as an actor: same kernels, same bits
         try:
-            return [fn(*t) for t in tasks]
+            return [self.worker.run(kind, spec, job, seed, rnd, measure) for job in jobs]
         finally:
             torch.set_num_threads(prev)
-
-    def train(self, spec, tasks, seed, rnd, measure=frozenset()):
-        return self._call(lambda cid, down, state: self.worker.train(spec, cid, down, state, seed, rnd, measure),
-                          tasks)
-
-    def evaluate(self, spec, tasks, seed, rnd):
-        return self._call(lambda cid, down, state: self.worker.evaluate(spec, cid, down, state, seed, rnd), tasks)
-
-    def evaluate_unseen(self, spec, tasks, seed, rnd):
-        return self._call(lambda cid, down, state: self.worker.evaluate_unseen(spec, cid, down, state, seed, rnd),
-                          tasks)
 
     def close(self):
         pass
@@ -224,46 +222,20 @@ class RayBackend:
 
     def __init__(self, workers: int | None = None, address: str | None = None, cpus_per_client: float = 1.0,
                  gpus_per_client: float = 0.0, device: str | None = None):
+        cluster.check_request(cpus_per_client, gpus_per_client)  # before starting Ray, which cannot help
         import ray
         from ray.util import ActorPool
 
         self._ray = ray
-        if cpus_per_client <= 0 and gpus_per_client <= 0:
-            raise BenchError("cpus_per_client and gpus_per_client are both 0; give each actor some CPU or GPU")
-        started_here = False
-        # Ray warns on every start that token authentication is on (it stays on); keep stderr for problems.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        if not ray.is_initialized():
-            kw: dict[str, Any] = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
-            if address:
-                _check_reachable(address)
-                kw["address"] = address
-            else:
-                kw["num_cpus"] = os.cpu_count()
-            try:
-                ray.init(**kw, runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
-            except ConnectionError as e:
-                raise BenchError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
-            started_here = True
-        self._started_here = started_here
-        res = ray.cluster_resources()
-        limits = []
-        if cpus_per_client > 0:
-            limits.append(int(res.get("CPU", 0) // cpus_per_client))
-        if gpus_per_client > 0:
-            limits.append(int(res.get("GPU", 0) // gpus_per_client))
-        capacity = min(limits)
-        if capacity < 1:
-            raise BenchError(
-                f"the Ray cluster has CPU={res.get('CPU', 0)}, GPU={res.get('GPU', 0)}: not enough for one actor "
-                f"at --cpus-per-client {cpus_per_client} --gpus-per-client {gpus_per_client}"
-            )
-        n = workers or capacity
-        if workers and workers > capacity:
-            raise BenchError(f"--workers {workers} exceeds what the cluster fits ({capacity} at this per-client size)")
-        threads = max(1, math.floor(cpus_per_client))
+        self._started_here = cluster.connect(address)
+        try:
+            capacity = cluster.actor_capacity(cluster.node_resources(), cpus_per_client, gpus_per_client)
+            n = cluster.pool_size(workers, capacity)
+        except BenchError:
+            self._shutdown()
+            raise
         actor_cls = ray.remote(Worker).options(num_cpus=cpus_per_client, num_gpus=gpus_per_client)
-        self.actors = [actor_cls.remote(threads, device) for _ in range(n)]
+        self.actors = [actor_cls.remote(cluster.threads_per_actor(cpus_per_client), device) for _ in range(n)]
         ray.get([a.pin_threads.remote() for a in self.actors])
         self.pool = ActorPool(self.actors)
         self.workers = n
@@ -277,48 +249,43 @@ class RayBackend:
             self._device = devices[0]
         return self._device
 
-    def _map(self, kind: str, spec: MethodSpec, tasks, *extra):
-        """Run `Worker.<kind>` for every task on the pool; results in task order.
+    def run(self, kind: Kind, spec: MethodSpec, jobs: list[Job], seed: int, rnd: int,
+            measure: frozenset = frozenset()) -> Iterable[Result]:
+        """`Worker.run` for every job on the pool; results in job order.
 
-        Clients go to actors in contiguous chunks, CHUNKS_PER_WORKER per actor and round: one Ray
+        Clients go to actors in contiguous chunks, CHUNKS_PER_WORKER per actor and call: one Ray
         call per chunk instead of one per client (a call costs ~1 ms, a 1 MB object ~2 ms on this
         machine; see bench/perf.py), while the pool still balances unequal chunks.
         """
         ray = self._ray
         refs: dict[bytes, Any] = {}
-        items = []
-        for cid, down, state in tasks:
-            ref = refs.get(down)
-            if ref is None:  # one object per distinct payload per round, shared by every client
-                ref = refs[down] = ray.put(np.frombuffer(down, dtype=np.uint8))  # zero-copy on read
-            items.append((cid, ref, state))
-        n = min(len(items), self.workers * CHUNKS_PER_WORKER)
-        bounds = [round(i * len(items) / n) for i in range(n + 1)] if n else [0]
-        chunks = [items[a:b] for a, b in zip(bounds, bounds[1:])]
-        out = self.pool.map(lambda actor, chunk: actor.run_chunk.remote(kind, spec, chunk, *extra), chunks)
-        # A generator: the engine decodes one chunk's results while actors still train the next.
+        sent = []
+        for job in jobs:
+            ref = refs.get(job.payload)
+            if ref is None:  # one object per distinct payload per call, shared by every client
+                ref = refs[job.payload] = ray.put(np.frombuffer(job.payload, dtype=np.uint8))  # zero-copy on read
+            sent.append(dataclasses.replace(job, payload=ref))
+        n = min(len(sent), self.workers * CHUNKS_PER_WORKER)
+        bounds = [round(i * len(sent) / n) for i in range(n + 1)] if n else [0]
+        chunks = [sent[a:b] for a, b in zip(bounds, bounds[1:])]
+        out = self.pool.map(lambda actor, chunk: actor.run_chunk.remote(kind, spec, chunk, seed, rnd, measure),
+                            chunks)
+        # A generator: the engine decodes one chunk's results while actors still work on the next.
         return (r for part in out for r in part)
-
-    def train(self, spec, tasks, seed, rnd, measure=frozenset()):
-        return self._map("train", spec, tasks, seed, rnd, measure)
-
-    def evaluate(self, spec, tasks, seed, rnd):
-        return self._map("evaluate", spec, tasks, seed, rnd)
-
-    def evaluate_unseen(self, spec, tasks, seed, rnd):
-        return self._map("evaluate_unseen", spec, tasks, seed, rnd)
 
     def close(self):
         for a in self.actors:
             self._ray.kill(a)
+        self._shutdown()
+
+    def _shutdown(self):
         if self._started_here:
             self._ray.shutdown()
 
 
 def make_backend(run) -> SerialBackend | RayBackend:
     """The backend for a RunConfig."""
-    threads = max(1, math.floor(run.cpus_per_client))
     if run.backend == "serial":
         device = run.device or ("cuda" if run.gpus_per_client > 0 and torch.cuda.is_available() else "cpu")
-        return SerialBackend(threads, device)
+        return SerialBackend(cluster.threads_per_actor(run.cpus_per_client), device)
     return RayBackend(run.workers, run.address, run.cpus_per_client, run.gpus_per_client, run.device)

@@ -3,26 +3,33 @@
 Nothing here depends on which method runs: the engine calls the six functions of methods/base.py,
 encodes every message with bench/wire.py (counting its exact bytes in the ledger), keeps every
 client's state in its own client store (keyed by client id), and reduces per-client results in
-client-id order.
+client-id order. A failure anywhere in a round names the method, the round and the client (or the
+server) in one line: see `failure`.
+
+Random streams drawn here (core/seeding.py): `init` (the model) and `server_init` once per run,
+`client_init` per client id (training clients once, at the start; held-out clients at every
+evaluation, from the server of that round: the same draw each time, one call site), `schedule` per
+round. The clients' own streams (`local`, `eval`, `personalize`) are drawn by bench/backends.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from fedeq_bench.bench import wire
-
-from fedeq_bench.core import seeding
+from fedeq_bench.bench.backends import Job, Kind, Result
 from fedeq_bench.bench.config import Config, resolve_method
+from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.datasets.base import FederatedDataset
 from fedeq_bench.core.types import MethodSpec, Task
+from fedeq_bench.datasets.base import FederatedDataset
 from fedeq_bench.methods.base import METHODS
 
 # Metric names of DESIGN.md, logged every round (acc/* every evaluated round).
@@ -72,6 +79,46 @@ class EncodeCache:
         return hit[0]
 
 
+def failure(method: str, rnd: int, msg: str, where: str = "server") -> BenchError:
+    """The one shape of a failed step: `fedeq: round 3, client 7: solver diverged (residual nan)`.
+
+    `where` is `server` (broadcast, aggregate) or a client (see `client_label`).
+    """
+    return BenchError(f"{method}: round {rnd}, {where}: {msg}")
+
+
+def client_label(cid: int, kind: Kind = Kind.TRAIN) -> str:
+    """`client 7` for a local update; evaluation and held-out clients say so."""
+    return {Kind.TRAIN: f"client {cid}",
+            Kind.EVALUATE: f"client {cid} (evaluation)",
+            Kind.EVALUATE_UNSEEN: f"held-out client {cid} (personalization and evaluation)"}[kind]
+
+
+@contextmanager
+def blame(method: str, rnd: int, where: str = "server") -> Iterator[None]:
+    """Name method, round and place in an error raised inside the block (the server side's steps).
+
+    A BenchError becomes `failure(...)` (the CLIs print it as one line). Any other exception is a
+    bug: it keeps its type and traceback and gains a note saying where it happened.
+    """
+    try:
+        yield
+    except BenchError as e:
+        raise failure(method, rnd, str(e), where) from e
+    except Exception as e:
+        e.add_note(f"in {method}: round {rnd}, {where}")
+        raise
+
+
+def client_results(backend, kind: Kind, spec: MethodSpec, jobs: list[Job], seed: int, rnd: int,
+                   measure: frozenset = frozenset()) -> Iterator[Result]:
+    """`backend.run`'s results in job order; a client's failure is raised as `failure(...)` naming it."""
+    for res in backend.run(kind, spec, jobs, seed, rnd, measure):
+        if res.error is not None:
+            raise failure(spec.name, rnd, res.error, client_label(res.cid, kind))
+        yield res
+
+
 def make_schedule(seed: int, train_ids: list[int], rounds: int, fraction: float) -> list[list[int]]:
     """The cohort of every round, drawn up front from (seed, round): identical for every method."""
     m = max(1, int(round(fraction * len(train_ids))))
@@ -86,7 +133,7 @@ def build_initial_model(name: str, dataset: FederatedDataset, seed: int) -> torc
 
     # Module constructors draw from torch's global generator; fork it so nothing else is disturbed.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seeding.derive(seed, "model_init"))
+        torch.manual_seed(seeding.derive(seed, "init"))
         return build_model(name, dataset.input_shape, dataset.num_classes)
 
 
@@ -153,17 +200,16 @@ def run_method(
     for rnd in range(1, run.rounds + 1):
         t0 = time.perf_counter()
         cohort = schedule[rnd - 1]
-        tasks, down_bytes, cache = [], 0, EncodeCache()
-        for cid in cohort:
-            msg = algo.broadcast(server, cid, rnd)
-            payload = cache.encode(msg)
-            down_bytes += result.ledger.record(rnd, cid, "down", payload, msg.keys())
-            tasks.append((cid, payload, store[cid]))
+        jobs, down_bytes, cache = [], 0, EncodeCache()
+        with blame(method, rnd):
+            for cid in cohort:
+                msg = algo.broadcast(server, cid, rnd)
+                payload = cache.encode(msg)
+                down_bytes += result.ledger.record(rnd, cid, "down", payload, msg.keys())
+                jobs.append(Job(cid, payload, store[cid]))
         replies, up_bytes, client_metrics, peak_rss = [], 0, [], 0
         measure = frozenset(c for c in cohort if run.memory_every_round or c not in peak_of)
-        for res in backend.train(spec, tasks, seed, rnd, measure):
-            if res.error:
-                raise BenchError(f"{method}: round {rnd}, client {res.cid}: {res.error}")
+        for res in client_results(backend, Kind.TRAIN, spec, jobs, seed, rnd, measure):
             msg = wire.decode(res.up)
             up_bytes += result.ledger.record(rnd, res.cid, "up", res.up, msg.keys())
             store[res.cid] = res.state
@@ -174,7 +220,8 @@ def run_method(
             peak_rss = max(peak_rss, res.peak_rss_bytes)
         # Aggregate in client-id order so Serial and Ray runs are bit-identical.
         replies.sort(key=lambda r: r[0])
-        server, agg_metrics = algo.aggregate(server, replies, rnd)
+        with blame(method, rnd):
+            server, agg_metrics = algo.aggregate(server, replies, rnd)
         cumulative += up_bytes + down_bytes
         peak_train = max(peak_of[c] for c in cohort)
         losses = [m["loss"] for m in client_metrics if "loss" in m]
@@ -189,7 +236,7 @@ def run_method(
         metrics.update(reduce_client_metrics(client_metrics))
         metrics.update({k: float(v) for k, v in agg_metrics.items()})
         if rnd % run.eval_every == 0 or rnd == run.rounds:
-            metrics.update(evaluate(algo, spec, server, store, dataset, backend, seed, rnd, method))
+            metrics.update(evaluate(algo, spec, server, store, dataset, backend, seed, rnd))
         metrics["time/round_s"] = time.perf_counter() - t0
         result.history.append(metrics)
         if on_round is not None:
@@ -198,28 +245,23 @@ def run_method(
     return result
 
 
-def evaluate(algo, spec, server, store, dataset, backend, seed, rnd, method) -> dict[str, float]:
+def evaluate(algo, spec: MethodSpec, server, store, dataset: FederatedDataset, backend, seed: int,
+             rnd: int) -> dict[str, float]:
     """Personalized accuracy of every training client (and held-out clients, personalized first).
 
     Evaluation downlinks are a measurement, not training traffic: they are not in the ledger.
     """
     cache = EncodeCache()
-    tasks = [(cid, cache.encode(algo.broadcast(server, cid, rnd)), store[cid]) for cid in dataset.train_ids]
-    evals = []
-    for res in backend.evaluate(spec, tasks, seed, rnd):
-        if res.error:
-            raise BenchError(f"{method}: evaluation after round {rnd}, client {res.cid}: {res.error}")
-        evals.append(res.metrics)
-    out = accuracy_metrics(evals)
+    with blame(spec.name, rnd):
+        jobs = [Job(cid, cache.encode(algo.broadcast(server, cid, rnd)), store[cid]) for cid in dataset.train_ids]
+    out = accuracy_metrics([res.metrics for res in client_results(backend, Kind.EVALUATE, spec, jobs, seed, rnd)])
     if dataset.unseen:
-        tasks = []
-        for cid in dataset.unseen:
-            state = algo.init_client(cid, server, seeding.generator(seed, "client_init", cid))
-            tasks.append((cid, cache.encode(algo.broadcast(server, cid, rnd)), state))
-        unseen = []
-        for res in backend.evaluate_unseen(spec, tasks, seed, rnd):
-            if res.error:
-                raise BenchError(f"{method}: unseen client {res.cid} after round {rnd}: {res.error}")
-            unseen.append(res.metrics)
+        with blame(spec.name, rnd):
+            # A held-out client starts from the current server at every evaluation: init_client draws
+            # ("client_init", cid) again each time, the same numbers from the same call site.
+            jobs = [Job(cid, cache.encode(algo.broadcast(server, cid, rnd)),
+                        algo.init_client(cid, server, seeding.generator(seed, "client_init", cid)))
+                    for cid in dataset.unseen]
+        unseen = [res.metrics for res in client_results(backend, Kind.EVALUATE_UNSEEN, spec, jobs, seed, rnd)]
         out["acc/unseen"] = accuracy_metrics(unseen)["acc/mean"]
     return out

@@ -1,9 +1,13 @@
 """Serial and Ray backends give bit-identical metrics and ledgers (client-id order, same threads)."""
 import pytest
+import torch
 
-from fedeq_bench.bench import engine
-from fedeq_bench.bench.backends import RayBackend, SerialBackend
-from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.bench import engine, wire
+from fedeq_bench.bench.backends import Job, Kind, RayBackend, SerialBackend
+from fedeq_bench.bench.config import resolve_method
+from fedeq_bench.bench.experiment import load_dataset
+from fedeq_bench.core import seeding
+from fedeq_bench.core.types import MethodSpec, Task
 from fedeq_bench.methods import METHODS
 from tests.helpers import tiny_config, write_tiny_npz
 
@@ -39,3 +43,30 @@ def test_serial_and_ray_are_bit_identical(method, ray_backend, tiny):
         assert s == r  # exact float equality, not approx
     assert serial.ledger.entries == ray.ledger.entries
     assert serial.history[-1]["acc/mean"] > 0
+
+
+def test_one_call_returns_job_order_and_serials_bits(ray_backend, tiny):
+    """`run` directly, with what the engine never sends: jobs out of id order and two distinct
+    payloads (each put once and shared by its jobs), more jobs than chunks (2 actors x 2)."""
+    cfg = tiny_config(tiny, methods="fedavg")
+    ds = load_dataset(cfg, 0)
+    mcfg = resolve_method(cfg, "fedavg", ds.default_models)
+    spec = MethodSpec(METHODS.get("fedavg"), mcfg, Task(mcfg.model, ds.input_shape, ds.num_classes))
+    algo = spec.build()
+    down = algo.broadcast(algo.init_server(engine.build_initial_model(mcfg.model, ds, 0),
+                                           seeding.generator(0, "server_init")), 0, 1)
+    a, b = wire.encode(down), wire.encode({k: v + 1 for k, v in down.items()})
+    cids = [6, 2, 5, 0, 4, 1, 3]
+    jobs = [Job(cid, a if cid % 2 else b, {}) for cid in cids]
+    serial = SerialBackend()
+    for backend in (serial, ray_backend):
+        backend.set_dataset(ds.fingerprint, ds)
+    for kind in (Kind.TRAIN, Kind.EVALUATE):
+        s = list(serial.run(kind, spec, jobs, 0, 1))
+        r = list(ray_backend.run(kind, spec, jobs, 0, 1))
+        assert [x.cid for x in r] == cids
+        for x, y in zip(s, r):
+            assert x.metrics == y.metrics and x.error is None and y.error is None
+            if kind is Kind.TRAIN:
+                assert bytes(x.up) == bytes(y.up)
+                assert x.state.keys() == y.state.keys() and all(torch.equal(x.state[k], y.state[k]) for k in x.state)

@@ -1,12 +1,17 @@
-"""bench/engine.py: schedule, exact bytes per round, metrics, client store, ledger contents."""
+"""bench/engine.py: schedule, exact bytes per round, metrics, client store, ledger contents, random
+streams, and errors that name method, round and client."""
+import collections
 import math
 
 import pytest
 import torch
 
 from fedeq_bench.bench import engine, wire
-from fedeq_bench.bench.backends import SerialBackend
-from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.bench.backends import Kind, SerialBackend
+from fedeq_bench.core import seeding
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.methods.fedavg import FedAvg
+from fedeq_bench.bench.experiment import load_dataset
 from tests.helpers import tiny_config, write_tiny_npz
 
 # The tiny task: 4 features, 3 classes, model mlp = body (Linear(4,200), Linear(200,200)) + head Linear(200,3).
@@ -144,13 +149,127 @@ def test_the_driver_never_builds_on_the_actors_device(tiny):
             super().set_dataset(key, dataset)
             return "cuda"
 
-        def train(self, spec, tasks, seed, rnd, measure=frozenset()):
+        def run(self, kind, spec, jobs, seed, rnd, measure=frozenset()):
             assert spec.task.device == "cuda"  # what the actors are told
-            return super().train(on_cpu(spec), tasks, seed, rnd, measure)
-
-        def evaluate(self, spec, tasks):
-            return super().evaluate(on_cpu(spec), tasks)
+            return super().run(kind, on_cpu(spec), jobs, seed, rnd, measure)
 
     cfg = tiny_config(tiny, methods="fedeq", rounds=1, **{"fedeq.personal_epochs": 1, "fedeq.shared_epochs": 1})
     res = engine.run_method(cfg, "fedeq", 0, load_dataset(cfg, 0), CudaActors())
     assert res.history[0]["bytes/up"] > 0
+
+
+def test_every_stream_is_drawn_once_per_ids_except_held_out_client_init(tiny, monkeypatch):
+    """Each (stream, ids) is drawn once per run, with one exception: a held-out client's init_client
+    draws ("client_init", cid) again at every evaluation (one call site, the same numbers each time).
+
+    Training clients draw "client_init" at the start and held-out ones at evaluation: two call sites
+    of one stream, but disjoint ids, so no draw is shared.
+    """
+    cfg = tiny_config(tiny, methods="fedrep", rounds=2, eval_every=1, fraction=0.5, frac_unseen=0.34)
+    ds = load_dataset(cfg, 0)
+    schedule = engine.make_schedule(0, ds.train_ids, 2, 0.5)  # before recording: it draws "schedule" too
+    drawn = collections.Counter()
+    derive = seeding.derive
+
+    def recording(seed, stream, *ids):
+        drawn[(stream, *ids)] += 1
+        return derive(seed, stream, *ids)
+
+    monkeypatch.setattr(seeding, "derive", recording)  # generator() and numpy_rng() call it too
+    engine.run_method(cfg, "fedrep", 0, ds, SerialBackend())
+
+    expected = collections.Counter([("init",), ("server_init",), ("schedule", 1), ("schedule", 2)])
+    expected.update(("client_init", c) for c in ds.train_ids)
+    for rnd in (1, 2):  # both rounds are evaluated (eval_every=1)
+        expected.update(("local", rnd, c) for c in schedule[rnd - 1])
+        expected.update(("eval", rnd, c) for c in ds.train_ids + list(ds.unseen))
+        expected.update(("personalize", rnd, c) for c in ds.unseen)
+        expected.update(("client_init", c) for c in ds.unseen)
+    assert len(ds.unseen) == 2 and set(ds.unseen).isdisjoint(ds.train_ids)
+    assert drawn == expected, (drawn - expected, expected - drawn)
+    assert {k: n for k, n in drawn.items() if n > 1} == {("client_init", c): 2 for c in ds.unseen}
+
+
+def test_failure_names_method_round_and_place():
+    assert str(engine.failure("fedeq", 3, "solver diverged", engine.client_label(7))) == \
+        "fedeq: round 3, client 7: solver diverged"
+    assert str(engine.failure("fedeq", 3, "boom")) == "fedeq: round 3, server: boom"
+    assert engine.client_label(7, Kind.EVALUATE) == "client 7 (evaluation)"
+    assert engine.client_label(7, Kind.EVALUATE_UNSEEN).startswith("held-out client 7 ")
+
+
+def test_an_error_in_aggregate_names_method_and_round(tiny, monkeypatch):
+    aggregate = FedAvg.aggregate
+
+    def flaky(self, server, replies, rnd):
+        if rnd == 2:
+            raise BenchError("solver diverged (residual nan)")
+        return aggregate(self, server, replies, rnd)
+
+    monkeypatch.setattr(FedAvg, "aggregate", flaky)
+    rounds = []
+    cfg = tiny_config(tiny, methods="fedavg", rounds=3)
+    with pytest.raises(BenchError) as e:
+        engine.run_method(cfg, "fedavg", 0, load_dataset(cfg, 0), SerialBackend(), lambda r, m: rounds.append(r))
+    assert str(e.value) == "fedavg: round 2, server: solver diverged (residual nan)"
+    assert rounds == [1]  # round 1 was reported before the failure
+
+
+def test_an_error_in_local_update_names_method_round_and_client(tiny, monkeypatch):
+    # Cohorts of round(0.5 * 6) = 3: the 4th local update is the first client of round 2's cohort
+    # (Serial runs a cohort in client-id order).
+    calls = []
+    local_update = FedAvg.local_update
+
+    def flaky(self, down, state, data, rng):
+        calls.append(1)
+        if len(calls) == 4:
+            raise BenchError("solver diverged (residual inf)")
+        return local_update(self, down, state, data, rng)
+
+    monkeypatch.setattr(FedAvg, "local_update", flaky)
+    cfg = tiny_config(tiny, methods="fedavg", rounds=2, fraction=0.5)
+    ds = load_dataset(cfg, 0)
+    with pytest.raises(BenchError) as e:
+        engine.run_method(cfg, "fedavg", 0, ds, SerialBackend())
+    first = engine.make_schedule(0, ds.train_ids, 2, 0.5)[1][0]
+    assert str(e.value) == f"fedavg: round 2, client {first}: solver diverged (residual inf)"
+
+
+@pytest.mark.parametrize("step, place", [("evaluate", "client {train} (evaluation)"),
+                                         ("personalize", "held-out client {unseen} (personalization and evaluation)")])
+def test_an_error_in_evaluation_names_method_round_and_client(tiny, monkeypatch, step, place):
+    def broken(self, down, state, data, rng):
+        raise BenchError("no test data")
+
+    if step == "personalize":  # held-out clients only: training clients' evaluation must still pass
+        monkeypatch.setattr(FedAvg, "personalize", broken)
+    else:
+        monkeypatch.setattr(FedAvg, "evaluate", broken)
+    cfg = tiny_config(tiny, methods="fedavg", rounds=1, frac_unseen=0.34)
+    ds = load_dataset(cfg, 0)
+    with pytest.raises(BenchError) as e:
+        engine.run_method(cfg, "fedavg", 0, ds, SerialBackend())
+    # Clients run in id order: the first training client, or the first held-out one, fails first.
+    assert str(e.value) == f"fedavg: round 1, {place.format(train=ds.train_ids[0], unseen=ds.unseen[0])}: no test data"
+
+
+def test_a_bug_keeps_its_type_and_traceback_and_says_where(tiny, monkeypatch):
+    """Only BenchError is bad input (one line); any other exception is a bug and stays one."""
+    def aggregate(self, server, replies, rnd):
+        return 1 / 0
+
+    def local_update(self, down, state, data, rng):
+        raise KeyError("w")
+
+    cfg = tiny_config(tiny, methods="fedavg", rounds=1)
+    ds = load_dataset(cfg, 0)
+    with monkeypatch.context() as m:
+        m.setattr(FedAvg, "aggregate", aggregate)
+        with pytest.raises(ZeroDivisionError) as e:
+            engine.run_method(cfg, "fedavg", 0, ds, SerialBackend())
+        assert e.value.__notes__ == ["in fedavg: round 1, server"]
+    monkeypatch.setattr(FedAvg, "local_update", local_update)
+    with pytest.raises(KeyError) as e:
+        engine.run_method(cfg, "fedavg", 0, ds, SerialBackend())
+    assert e.value.__notes__ == ["in fedavg: round 1, client 0 (train)"]  # fraction 1: client 0 first

@@ -1,0 +1,124 @@
+"""bench/backends.py without Ray: one `run(kind, spec, jobs, ...)` call, the Worker's dispatch on the
+kind, its random streams, its errors, and its bounded cache of built methods.
+
+Ray's side of the same protocol (chunks, shared payloads) is tested against Serial bit for bit in
+tests/integration/test_backends.py.
+"""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedeq_bench.bench import backends, wire
+from fedeq_bench.bench.backends import Job, Kind, SerialBackend, Worker
+from fedeq_bench.core import seeding
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.types import MethodSpec, Task
+from fedeq_bench.datasets.base import ClientData, FederatedDataset
+
+SEED, RND = 5, 3
+
+
+class Probe:
+    """A method whose every step returns its random draw, so a test sees which stream each kind used.
+
+    `cfg` says how to fail: "bench-error" (bad input), "bug" (any other exception), else not at all.
+    """
+
+    name = "probe"
+
+    def __init__(self, cfg, task):
+        self.cfg, self.task = cfg, task
+        self.net = nn.Linear(4, 3)
+
+    def local_update(self, down, state, data, rng):
+        if self.cfg == "bench-error":
+            raise BenchError("solver diverged")
+        if self.cfg == "bug":
+            raise KeyError("w")
+        self.net(data.train_x).sum().backward()  # something for the memory meter to see
+        draw = torch.rand(1, generator=rng)
+        return {"w": down["w"] + 1, "draw": draw}, {"draw": draw}, {"threads": float(torch.get_num_threads())}
+
+    def personalize(self, down, state, data, rng):
+        return {"p": torch.rand(1, generator=rng)}
+
+    def evaluate(self, down, state, data, rng):
+        return {"draw": float(torch.rand(1, generator=rng)), "p": float(state["p"]) if "p" in state else -1.0}
+
+
+def spec(cfg=None):
+    return MethodSpec(Probe, cfg, Task("mlp", (4,), 3))
+
+
+def draw(stream, cid):
+    """What the Worker's generator for (stream, RND, cid) gives first."""
+    return torch.rand(1, generator=seeding.generator(SEED, stream, RND, cid))
+
+
+@pytest.fixture
+def serial():
+    rng = np.random.default_rng(0)
+    clients = []
+    for _ in range(4):
+        x, y = rng.normal(size=(6, 4)).astype(np.float32), rng.integers(0, 3, size=6)
+        clients.append(ClientData(x, y, x[:1], y[:1], x, y))
+    backend = SerialBackend(threads=3)
+    backend.set_dataset("tiny", FederatedDataset("tiny", clients, 3, (4,)))
+    return backend
+
+
+def jobs(*cids):
+    down = wire.encode({"w": torch.zeros(2)})  # one payload, shared by every job, as a broadcast is
+    return [Job(cid, down, {}) for cid in cids]
+
+
+def test_train_returns_the_encoded_uplink_and_new_state_in_job_order(serial):
+    prev = torch.get_num_threads()
+    out = serial.run(Kind.TRAIN, spec(), jobs(2, 0, 3), SEED, RND, measure=frozenset({0}))
+    assert [r.cid for r in out] == [2, 0, 3]  # job order, not sorted
+    for r in out:
+        up = wire.decode(r.up)
+        assert torch.equal(up["w"], torch.ones(2))  # the decoded downlink (zeros) + 1
+        assert torch.equal(up["draw"], draw("local", r.cid)) and torch.equal(r.state["draw"], up["draw"])
+        assert r.metrics == {"threads": 3.0} and r.error is None
+    # Only the client in `measure` is metered; every result reports the process's size.
+    assert [r.peak_train_bytes > 0 for r in out] == [False, True, False]
+    assert all(r.peak_rss_bytes > 0 for r in out)
+    assert torch.get_num_threads() == prev  # Serial pins the actors' thread count only during the call
+
+
+def test_evaluate_draws_the_eval_stream_and_changes_no_state(serial):
+    out = serial.run(Kind.EVALUATE, spec(), jobs(1, 2), SEED, RND)
+    assert [(r.cid, r.metrics) for r in out] == [(c, {"draw": float(draw("eval", c)), "p": -1.0}) for c in (1, 2)]
+    assert all(r.state is None and r.up is None for r in out)
+
+
+def test_a_held_out_client_is_personalized_then_evaluated(serial):
+    (r,) = serial.run(Kind.EVALUATE_UNSEEN, spec(), jobs(3), SEED, RND)
+    assert r.metrics == {"draw": float(draw("eval", 3)), "p": float(draw("personalize", 3))}
+    assert r.state is None  # nothing about a held-out client is kept
+
+
+def test_bad_input_comes_back_as_an_error_and_a_bug_propagates_with_its_client(serial):
+    out = serial.run(Kind.TRAIN, spec("bench-error"), jobs(1, 2), SEED, RND)
+    assert [(r.cid, r.error) for r in out] == [(1, "solver diverged"), (2, "solver diverged")]
+    with pytest.raises(KeyError) as e:
+        serial.run(Kind.TRAIN, spec("bug"), jobs(1, 2), SEED, RND)
+    assert e.value.__notes__ == [f"in probe: round {RND}, client 1 (train)"]
+
+
+def test_the_method_cache_keeps_only_the_most_recently_used():
+    worker = Worker(1, "cpu")
+    n = backends.METHOD_CACHE_SIZE
+    specs = [spec(i) for i in range(n + 2)]  # distinct configs: distinct specs, as a sweep's trials are
+    built = [worker.method(s) for s in specs[:n]]
+    assert worker.method(specs[0]) is built[0]  # a hit; specs[0] is now the most recently used
+    worker.method(specs[n])                     # one over the bound: evicts the least recently used, specs[1]
+    assert len(worker._methods) == n
+    assert worker.method(specs[0]) is built[0]  # used recently: survived
+    assert worker.method(specs[1]) is not built[1]  # evicted: built again (evicting specs[2] in turn)
+    assert worker.method(specs[2]) is not built[2]
+    for s in specs:
+        worker.method(s)
+    assert len(worker._methods) == n and list(worker._methods) == specs[-n:]
