@@ -44,6 +44,8 @@ Choices, and where they come from:
 """
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 
 import torch
@@ -73,8 +75,8 @@ class APFLConfig(MethodConfig):
 class APFL(FedAvg):
     Config = APFLConfig
 
-    def __init__(self, cfg, task):
-        super().__init__(cfg, task)
+    def __init__(self, cfg, task, net=None):
+        super().__init__(cfg, task, net)
         self._mix = None  # a second scratch network holding v_bar_i during training
 
     def param_split(self, net):
@@ -85,9 +87,8 @@ class APFL(FedAvg):
     @property
     def mix_net(self):
         if self._mix is None:
-            from fedeq_bench.methods.nets import build_model
-
-            self._mix = build_model(self.task.model, self.task.input_shape, self.task.num_classes).to(self.task.device)
+            # Same architecture as the scratch net (a copy when one was given prebuilt).
+            self._mix = copy.deepcopy(self.net)
         return self._mix
 
     def _names(self):

@@ -12,6 +12,10 @@ and, for clients held out of training, `personalize(down, state, data, rng) -> C
 A method object holds only its immutable config, the task and a scratch network whose parameters
 are overwritten from explicit state on every call: one object serves many clients (on a Ray actor,
 in any order), so nothing about a client may live on it.
+
+Randomness is an argument: every draw a method makes (batch order, initial values, fine-tuning
+before an evaluation) comes from the `torch.Generator` it is handed, which the engine derives from a
+stream declared in core/seeding.py. A method never seeds anything and keeps no seed in its state.
 """
 from __future__ import annotations
 
@@ -48,10 +52,12 @@ class Method:
     model_kind: ClassVar[str] = "explicit"
     """Which model of the dataset's pairing this method trains unless told otherwise."""
 
-    def __init__(self, cfg, task: Task):
+    def __init__(self, cfg, task: Task, net: nn.Module | None = None):
+        """`net`: a prebuilt scratch network (tests, notebooks), used instead of building
+        `task.model` from the registry; the method loads state into it exactly as into its own."""
         self.cfg = cfg
         self.task = task
-        self._net: nn.Module | None = None
+        self._net: nn.Module | None = None if net is None else net.to(task.device)
 
     @property
     def net(self) -> nn.Module:
@@ -59,7 +65,11 @@ class Method:
         if self._net is None:
             from fedeq_bench.methods.nets import build_model
 
-            self._net = build_model(self.task.model, self.task.input_shape, self.task.num_classes).to(self.task.device)
+            # Its initial weights are overwritten before every use: build it in a fork of torch's
+            # global generator, so that making a method draws nothing (tests/unit/test_seeding.py).
+            with torch.random.fork_rng(devices=[]):
+                net = build_model(self.task.model, self.task.input_shape, self.task.num_classes)
+            self._net = net.to(self.task.device)
         return self._net
 
     def param_split(self, net: nn.Module) -> tuple[list[str], list[str]]:

@@ -21,9 +21,9 @@ rounds cost exactly FedAvg's bytes (without switch_round this method *is* FedAvg
 fine-tuning), the switch costs the flag's 21 bytes once per client, and every later round 0 bytes.
 The server remembers who already has the final w (`ft_clients`, never sent).
 
-Evaluation needs shuffles but evaluate() gets no generator: init_client draws a seed from the
-client's `client_init` stream and keeps it in the client's state (`ft_seed`, never sent), so every
-evaluation fine-tunes with the same batch order, identical on every backend.
+Evaluation fine-tuning shuffles with the generator evaluate() is handed (the engine's `eval` stream
+of (seed, round, client)): its batch order is the same on every backend and device, differs from
+round to round like any other draw, and nothing about it is kept in the client's state.
 """
 from __future__ import annotations
 
@@ -37,8 +37,6 @@ from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot, 
 
 OWN = "own."
 """State key prefix of the client's persistent fine-tuned copy u_i (fine-tuning rounds only)."""
-FT_SEED = "ft_seed"
-"""State key of the seed of evaluation fine-tuning's batch order."""
 FINETUNE = "finetune"
 """Broadcast flag: start your own copy from this w and fine-tune it from now on."""
 FT_CLIENTS = "ft_clients"
@@ -95,9 +93,6 @@ class FedAvgFT(FedAvg):
         return new, {}
 
     # -- client --------------------------------------------------------------------------------
-    def init_client(self, cid, server, rng):
-        return {FT_SEED: torch.randint(0, 2**62, (), generator=rng, dtype=torch.int64)}
-
     def local_update(self, down, state, data, rng):
         if down and FINETUNE not in down:
             return super().local_update(down, state, data, rng)  # a FedAvg round
@@ -106,9 +101,7 @@ class FedAvgFT(FedAvg):
         load(net, start)
         loss, steps = sgd_epochs(net, list(net.parameters()), data.train_x, data.train_y,
                                  self.cfg.local_epochs, self.cfg.batch_size, self.cfg.lr, rng)
-        new_state = {FT_SEED: state[FT_SEED]}
-        new_state.update({OWN + k: t for k, t in snapshot(net, names).items()})
-        return {}, new_state, {"loss": loss, "steps": steps}
+        return {}, {OWN + k: t for k, t in snapshot(net, names).items()}, {"loss": loss, "steps": steps}
 
     def evaluate(self, down, state, data, rng):
         net, names = self.net, self._names()
@@ -117,7 +110,6 @@ class FedAvgFT(FedAvg):
             return eval_metrics(net, data)
         # Fine-tune a throwaway copy of w; the scratch net is overwritten by the next call anyway.
         load(net, {k: down[k] for k in names})
-        g = torch.Generator().manual_seed(int(state[FT_SEED]))
         sgd_epochs(net, list(net.parameters()), data.train_x, data.train_y,
-                   self.cfg.finetune_epochs, self.cfg.batch_size, self.cfg.lr, g)
+                   self.cfg.finetune_epochs, self.cfg.batch_size, self.cfg.lr, rng)
         return eval_metrics(net, data)

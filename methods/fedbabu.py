@@ -23,13 +23,14 @@ Choices, and where they come from:
   * h^0 reaches each client through init_client (like FedRep's initial head), not in a message:
     the head never changes, so re-sending it every round would only inflate bytes/down. Messages
     carry the body only, both ways.
-  * evaluate() gets no random generator: init_client draws a seed from the client's `client_init`
-    stream and keeps it in the state (`ft_seed`, never sent), so every evaluation fine-tunes with the
-    same batch order on every backend (as fedavg_ft does).
+  * Evaluation fine-tuning shuffles with the generator evaluate() is handed (the engine's `eval`
+    stream of (seed, round, client)), so its batch order is the same on every backend and nothing
+    about it is kept in the client's state (as fedavg_ft does).
   * A head whose classifier weight is all zeros (resnet34 zero-initializes it, as the FeDEQ
     reference's CIFAR ResNets do) is redrawn at random by init_server with nn.Linear's default
-    initialization from the `init` stream: FedBABU needs a RANDOM head (a frozen zero head passes no
-    gradient to the body, which would never train). Every other model keeps its initial head.
+    initialization, from the generator init_server is handed (the `server_init` stream): FedBABU
+    needs a RANDOM head (a frozen zero head passes no gradient to the body, which would never
+    train). Every other model keeps its initial head.
   * A held-out client needs nothing: its evaluation fine-tunes the final (phi, h^0) like any other.
   * Buffers follow their layer: body buffers (BatchNorm statistics) are uploaded and averaged.
 """
@@ -44,9 +45,6 @@ from torch import nn
 from fedeq_bench.methods.base import MethodConfig, register_method
 from fedeq_bench.methods.partial import PartialSharing
 from fedeq_bench.methods.train import eval_metrics, sgd_epochs
-
-FT_SEED = "ft_seed"
-"""State key of the seed of evaluation fine-tuning's batch order."""
 
 
 @dataclass(frozen=True)
@@ -79,11 +77,6 @@ class FedBABU(PartialSharing):
         return server
 
     # -- client --------------------------------------------------------------------------------
-    def init_client(self, cid, server, rng):
-        state = super().init_client(cid, server, rng)
-        state[FT_SEED] = torch.randint(0, 2**62, (), generator=rng, dtype=torch.int64)
-        return state
-
     def local_update(self, down, state, data, rng):
         net = self.net
         self.load_client(down, state)
@@ -98,9 +91,8 @@ class FedBABU(PartialSharing):
         # Fine-tune a throwaway copy: the scratch net is overwritten by the next call, and neither
         # `down` nor `state` is written to, so nothing of the fine-tuning persists.
         params = list(net.head.parameters()) if self.cfg.finetune_head_only else list(net.parameters())
-        g = torch.Generator().manual_seed(int(state[FT_SEED]))
         sgd_epochs(net, params, data.train_x, data.train_y,
-                   self.cfg.finetune_epochs, self.cfg.batch_size, self.cfg.lr, g)
+                   self.cfg.finetune_epochs, self.cfg.batch_size, self.cfg.lr, rng)
         return eval_metrics(net, data)
 
     def personalize(self, down, state, data, rng):

@@ -80,15 +80,16 @@ class FeDEQ(Method):
     Config = FeDEQConfig
     model_kind = "deq"
 
-    def __init__(self, cfg, task):
-        super().__init__(cfg, task)
+    def __init__(self, cfg, task, net=None):
+        super().__init__(cfg, task, net)
         self._solves: list[dict[str, torch.Tensor]] = []  # solver stats of the current call only
+        self._configured = False  # the scratch net's DEQ layers carry this config and report stats
 
     @property
     def net(self):
-        first = self._net is None
         net = super().net
-        if first:
+        if not self._configured:
+            self._configured = True
             from fedeq_bench.methods.deq import DEQ
 
             for m in net.modules():

@@ -14,6 +14,12 @@ from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.nets import build_model
 from fedeq_bench.methods.train import eval_metrics
 
+
+def eval_rng(rnd=1, cid=0):
+    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/backends.py)."""
+    return seeding.generator(0, "eval", rnd, cid)
+
+
 KEYS = ["body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias", "head.weight", "head.bias"]
 
 
@@ -44,7 +50,7 @@ def test_one_step_by_hand_w_v_and_alpha():
     algo, server, ref, d = setup(n=8, lr=lr, alpha_lr=alpha_lr, alpha=alpha0)  # n == batch: one step
     v0 = local_model(server)
     state = {V + k: t for k, t in v0.items()} | {ALPHA: torch.tensor(alpha0, dtype=torch.float64)}
-    up, new_state, m = algo.local_update(algo.broadcast(server, 0, 1), state, d, seeding.generator(0, "l"))
+    up, new_state, m = algo.local_update(algo.broadcast(server, 0, 1), state, d, seeding.generator(0, "local", 1, 0))
     assert m["steps"] == 1
 
     # w: w1 = w0 - lr * grad CE(w0).
@@ -76,13 +82,13 @@ def test_alpha_stays_in_0_1_and_is_fixed_without_adaptation():
     for alpha_lr in (1e6, -1e6):  # a huge step either way is clipped onto the interval's ends
         algo, server, _, d = setup(n=24, batch_size=4, local_epochs=3, alpha_lr=alpha_lr)
         state = {V + k: t for k, t in local_model(server).items()} | {ALPHA: torch.tensor(0.5, dtype=torch.float64)}
-        _, new_state, m = algo.local_update(algo.broadcast(server, 0, 1), state, d, seeding.generator(0, "l"))
+        _, new_state, m = algo.local_update(algo.broadcast(server, 0, 1), state, d, seeding.generator(0, "local", 1, 0))
         alpha = float(new_state[ALPHA])
         assert 0.0 <= alpha <= 1.0 and alpha in (0.0, 1.0), alpha
         assert m["steps"] == 3 * 6
     algo, server, _, d = setup(n=24, batch_size=4, adaptive_alpha=False, alpha=0.25)
     state = algo.init_client(0, server, None)
-    _, new_state, _ = algo.local_update(algo.broadcast(server, 0, 1), state, d, seeding.generator(0, "l"))
+    _, new_state, _ = algo.local_update(algo.broadcast(server, 0, 1), state, d, seeding.generator(0, "local", 1, 0))
     assert float(new_state[ALPHA]) == 0.25
     assert not torch.equal(new_state[V + "head.weight"], state[V + "head.weight"])  # v still trains
 
@@ -94,15 +100,15 @@ def test_evaluation_is_the_parameter_mixture():
     # alpha = 1: exactly the local model v (1 * v + 0 * w == v).
     ref.load_state_dict(v)
     assert algo.evaluate(down, {V + k: t for k, t in v.items()} | {ALPHA: torch.tensor(1.0, dtype=torch.float64)},
-                         d) == eval_metrics(ref, d)
+                         d, eval_rng()) == eval_metrics(ref, d)
     # alpha = 0: exactly the global model, i.e. FedAvg's evaluation of w.
     fedavg = FedAvg(MethodConfig(model="mlp", lr=0.1, local_epochs=1, batch_size=8), Task("mlp", (4,), 3))
     state0 = {V + k: t for k, t in v.items()} | {ALPHA: torch.tensor(0.0, dtype=torch.float64)}
-    assert algo.evaluate(down, state0, d) == fedavg.evaluate(down, {}, d)
+    assert algo.evaluate(down, state0, d, eval_rng()) == fedavg.evaluate(down, {}, d, eval_rng())
     # alpha = 0.25: the network with parameters 0.25 v + 0.75 w (not a mixture of outputs).
     ref.load_state_dict({k: 0.25 * v[k] + 0.75 * server[k] for k in server})
     state = {V + k: t for k, t in v.items()} | {ALPHA: torch.tensor(0.25, dtype=torch.float64)}
-    got, expected = algo.evaluate(down, state, d), eval_metrics(ref, d)
+    got, expected = algo.evaluate(down, state, d, eval_rng()), eval_metrics(ref, d)
     assert got["test_acc"] == expected["test_acc"]
     assert math.isclose(got["test_loss"], expected["test_loss"], rel_tol=1e-6)
 

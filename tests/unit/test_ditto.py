@@ -8,13 +8,19 @@ from fedeq_bench.bench import engine
 
 from fedeq_bench.core import seeding
 from fedeq_bench.bench.backends import SerialBackend
-from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.bench.experiment import load_dataset
 from fedeq_bench.methods.base import ClientTensors, MethodConfig, Task
 from fedeq_bench.methods.ditto import V, Ditto, DittoConfig
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.local import OWN, Local
 from fedeq_bench.methods.nets import build_model
 from tests.helpers import tiny_config, write_tiny_npz
+
+
+def eval_rng(rnd=1, cid=0):
+    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/backends.py)."""
+    return seeding.generator(0, "eval", rnd, cid)
+
 
 MLP_NAMES = {"body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias", "head.weight", "head.bias"}
 
@@ -48,8 +54,9 @@ def test_personal_step_adds_lam_times_v_minus_w_to_the_gradient():
     state = {V + k: t for k, t in v.items()}
 
     def personal(lam):
-        algo = Ditto(DittoConfig(lr=0.1, local_epochs=1, batch_size=8, lam=lam), Task("mlp", (4,), 3))
-        algo._net = nn.Sequential(nn.Linear(4, 3))  # the scratch network: a tiny linear model
+        # The scratch network: a tiny linear model, prebuilt (Task's model is not built).
+        algo = Ditto(DittoConfig(lr=0.1, local_epochs=1, batch_size=8, lam=lam), Task("mlp", (4,), 3),
+                     net=nn.Sequential(nn.Linear(4, 3)))
         up, new, m = algo.local_update(w, state, d, seeding.generator(0, "local", 1, 0))
         assert m["steps"] == 2  # one global step + one personal step
         return new
@@ -106,9 +113,9 @@ def test_evaluation_uses_v_and_a_client_without_v_uses_w():
     v = {V + k: t.clone() for k, t in server.items()}
     v[V + "head.weight"] = torch.zeros(3, 200)
     v[V + "head.bias"] = torch.tensor([0.0, 0.0, 1.0])  # predicts class 2 for every input
-    assert algo.evaluate(down, v, d)["test_acc"] == float((d.test_y == 2).sum()) / 4
+    assert algo.evaluate(down, v, d, eval_rng())["test_acc"] == float((d.test_y == 2).sum()) / 4
     fedavg, _ = make(FedAvg, MethodConfig)
-    assert algo.evaluate(down, {}, d) == fedavg.evaluate(down, {}, d)
+    assert algo.evaluate(down, {}, d, eval_rng()) == fedavg.evaluate(down, {}, d, eval_rng())
 
 
 def test_held_out_client_starts_v_from_final_w_and_takes_the_personal_step():

@@ -9,6 +9,11 @@ from fedeq_bench.methods.base import MethodConfig
 from fedeq_bench.methods.train import weighted_average, with_num_samples
 
 
+def eval_rng(rnd=1, cid=0):
+    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/backends.py)."""
+    return seeding.generator(0, "eval", rnd, cid)
+
+
 def make(lr=0.1, batch=8, epochs=1):
     cfg = MethodConfig(model="mlp", lr=lr, local_epochs=epochs, batch_size=batch)
     return FedAvg(cfg, Task("mlp", (4,), 3))
@@ -68,8 +73,8 @@ def test_evaluate_uses_the_global_model_and_personalize_keeps_nothing():
     torch.manual_seed(1)
     server = algo.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "server_init"))
     d = data()
-    m = algo.evaluate(algo.broadcast(server, 0, 1), {}, d)
+    m = algo.evaluate(algo.broadcast(server, 0, 1), {}, d, eval_rng())
     algo.net.load_state_dict(server)
     expected = int((algo.net(d.test_x).argmax(1) == d.test_y).sum()) / 3
     assert abs(m["test_acc"] - expected) < 1e-12 and m["test_n"] == 3
-    assert algo.personalize(algo.broadcast(server, 0, 1), {}, d, seeding.generator(0, "x")) == {}
+    assert algo.personalize(algo.broadcast(server, 0, 1), {}, d, seeding.generator(0, "personalize", 1, 0)) == {}

@@ -1,5 +1,6 @@
-"""FedAvg-FT (methods/fedavg_ft.py): FedAvg training; evaluation fine-tunes a throwaway copy of w;
-from switch_round on, each client fine-tunes its own persistent copy and nothing is aggregated."""
+"""FedAvg-FT (methods/fedavg_ft.py): FedAvg training; evaluation fine-tunes a throwaway copy of w in
+the batch order of the generator it is handed; from switch_round on, each client fine-tunes its own
+persistent copy and nothing is aggregated."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,13 +9,19 @@ from fedeq_bench.bench import engine
 
 from fedeq_bench.core import seeding
 from fedeq_bench.bench.backends import SerialBackend
-from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.bench.experiment import load_dataset
 from fedeq_bench.methods.base import ClientTensors, MethodConfig, Task
 from fedeq_bench.methods.fedavg import FedAvg
-from fedeq_bench.methods.fedavg_ft import FINETUNE, FT_CLIENTS, FT_SEED, OWN, FedAvgFT, FedAvgFTConfig
+from fedeq_bench.methods.fedavg_ft import FINETUNE, FT_CLIENTS, OWN, FedAvgFT, FedAvgFTConfig
 from fedeq_bench.methods.nets import build_model
 from fedeq_bench.methods.train import eval_metrics
 from tests.helpers import tiny_config, write_tiny_npz
+
+
+def eval_rng(rnd=1, cid=0):
+    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/backends.py)."""
+    return seeding.generator(0, "eval", rnd, cid)
+
 
 MLP_NAMES = {"body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias", "head.weight", "head.bias"}
 
@@ -34,6 +41,18 @@ def model(server):
     return {k: server[k] for k in MLP_NAMES}
 
 
+def sgd_by_hand(server, d, batches, lr=0.1):
+    """w, then one SGD step on mean CE per batch of sample indices, in the given order."""
+    ref = build_model("mlp", (4,), 3)
+    ref.load_state_dict(model(server))
+    for idx in batches:
+        grads = torch.autograd.grad(F.cross_entropy(ref(d.train_x[idx]), d.train_y[idx]), list(ref.parameters()))
+        with torch.no_grad():
+            for p, g in zip(ref.parameters(), grads):
+                p.sub_(lr * g)
+    return ref
+
+
 def test_training_rounds_are_fedavg_bit_for_bit():
     algo, fedavg, server, d = setup()
     down = algo.broadcast(server, 0, 7)
@@ -42,7 +61,7 @@ def test_training_rounds_are_fedavg_bit_for_bit():
     up, new_state, _ = algo.local_update(down, state, d, seeding.generator(0, "local", 7, 0))
     ref, _, _ = fedavg.local_update(model(server), {}, d, seeding.generator(0, "local", 7, 0))
     assert set(up) == set(ref) and all(torch.equal(up[k], ref[k]) for k in ref)
-    assert new_state is state and set(state) == {FT_SEED}  # training keeps nothing about the model
+    assert new_state is state and state == {}  # training keeps nothing: no model, no fine-tuning seed
     new, _ = algo.aggregate(server, [(0, up)], 7)
     assert all(torch.equal(new[k], up[k]) for k in MLP_NAMES)  # one client: the mean is its w_i
 
@@ -52,25 +71,44 @@ def test_evaluation_fine_tunes_a_throwaway_copy_and_keeps_nothing():
     state = algo.init_client(0, server, seeding.generator(0, "client_init", 0))
     down = algo.broadcast(server, 0, 1)
     before = {k: t.clone() for k, t in down.items()}
-    m = algo.evaluate(down, state, d)
+    m = algo.evaluate(down, state, d, eval_rng())
     # By hand: u = w - lr * dCE/dw on the full batch (n = batch = 8, so one step; order does not matter).
-    ref = build_model("mlp", (4,), 3)
-    ref.load_state_dict(model(server))
-    grads = torch.autograd.grad(F.cross_entropy(ref(d.train_x), d.train_y), list(ref.parameters()))
-    with torch.no_grad():
-        for p, g in zip(ref.parameters(), grads):
-            p.sub_(0.1 * g)
-    expected = eval_metrics(ref, d)
+    expected = eval_metrics(sgd_by_hand(server, d, [torch.arange(8)]), d)
     assert m["test_acc"] == expected["test_acc"] and abs(m["test_loss"] - expected["test_loss"]) < 1e-6
     # It differs from FedAvg's evaluation of w itself ...
-    plain = fedavg.evaluate(model(server), {}, d)
+    plain = fedavg.evaluate(model(server), {}, d, eval_rng())
     assert abs(m["test_loss"] - plain["test_loss"]) > 1e-4
     # ... and leaves nothing behind: same message, same state, the same score when evaluated again.
-    assert all(torch.equal(down[k], before[k]) for k in before) and set(state) == {FT_SEED}
-    assert algo.evaluate(down, state, d) == m
+    assert all(torch.equal(down[k], before[k]) for k in before) and state == {}
+    assert algo.evaluate(down, state, d, eval_rng()) == m
     # finetune_epochs = 0 is FedAvg's evaluation exactly.
     algo0, *_ = setup(finetune_epochs=0)
-    assert algo0.evaluate(down, state, d) == plain
+    assert algo0.evaluate(down, state, d, eval_rng()) == plain
+
+
+def test_evaluation_fine_tunes_in_the_batch_order_of_the_generator_it_is_handed():
+    # n = 8, batch 4: two steps, and the result depends on which samples share a batch.
+    algo, _, server, d = setup(finetune_epochs=1, batch_size=4)
+    state = algo.init_client(0, server, seeding.generator(0, "client_init", 0))
+    assert state == {}  # no seed of evaluation's batch order is kept on the client
+    down = algo.broadcast(server, 0, 1)
+
+    def expected(rng):
+        # methods.train.minibatches: one permutation of the 8 samples per epoch, drawn from rng.
+        order = torch.randperm(8, generator=rng)
+        return eval_metrics(sgd_by_hand(server, d, [order[:4], order[4:]]), d), set(order[:4].tolist())
+
+    m1 = algo.evaluate(down, state, d, eval_rng(1, 0))
+    want1, first1 = expected(eval_rng(1, 0))
+    assert m1["test_acc"] == want1["test_acc"] and abs(m1["test_loss"] - want1["test_loss"]) < 1e-6
+    # A generator of the same (seed, stream, ids): the same batches, the same metrics bit for bit.
+    assert algo.evaluate(down, state, d, eval_rng(1, 0)) == m1
+    # Another round's generator groups the samples differently, and evaluation follows it.
+    m2 = algo.evaluate(down, state, d, eval_rng(2, 0))
+    want2, first2 = expected(eval_rng(2, 0))
+    assert first1 != first2
+    assert m2["test_acc"] == want2["test_acc"] and abs(m2["test_loss"] - want2["test_loss"]) < 1e-6
+    assert abs(m2["test_loss"] - m1["test_loss"]) > 1e-6
 
 
 def test_switch_round_freezes_w_and_clients_keep_their_own_copy():
@@ -80,7 +118,7 @@ def test_switch_round_freezes_w_and_clients_keep_their_own_copy():
     down = algo.broadcast(server, 4, 3)  # first fine-tuning round: the final w and the flag
     assert set(down) == MLP_NAMES | {FINETUNE}
     up, state, _ = algo.local_update(down, state, d, seeding.generator(0, "local", 3, 4))
-    assert up == {} and set(state) == {FT_SEED} | {OWN + k for k in MLP_NAMES}
+    assert up == {} and set(state) == {OWN + k for k in MLP_NAMES}
     new, _ = algo.aggregate(server, [(4, up)], 3)
     assert all(torch.equal(new[k], server[k]) for k in MLP_NAMES)  # no aggregation any more
     assert new[FT_CLIENTS].tolist() == [4]
@@ -95,7 +133,8 @@ def test_switch_round_freezes_w_and_clients_keep_their_own_copy():
         assert torch.allclose(state[OWN + name], p.detach() - 0.1 * g, atol=1e-6), name
     # Its evaluation is its own copy, not a fine-tuned copy of w.
     ref.load_state_dict({k: state[OWN + k] for k in MLP_NAMES})
-    assert algo.evaluate({}, state, d)["test_loss"] == pytest.approx(eval_metrics(ref, d)["test_loss"], abs=1e-6)
+    own = algo.evaluate({}, state, d, eval_rng(4, 4))
+    assert own["test_loss"] == pytest.approx(eval_metrics(ref, d)["test_loss"], abs=1e-6)
 
 
 @pytest.fixture(scope="module")

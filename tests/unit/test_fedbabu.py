@@ -1,5 +1,8 @@
 """FedBABU: the head stays at its initial values in training; only the body is trained and sent;
-evaluation fine-tunes a throwaway copy and leaves no state."""
+evaluation fine-tunes a throwaway copy, in the batch order of the generator it is handed, and leaves
+no state."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,12 +11,18 @@ from fedeq_bench.bench import engine
 
 from fedeq_bench.core import seeding
 from fedeq_bench.bench.backends import SerialBackend
-from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.bench.experiment import load_dataset
 from fedeq_bench.methods.base import ClientTensors, Task
-from fedeq_bench.methods.fedbabu import FT_SEED, FedBABU, FedBABUConfig
+from fedeq_bench.methods.fedbabu import FedBABU, FedBABUConfig
 from fedeq_bench.methods.nets import build_model
 from fedeq_bench.methods.train import eval_metrics
 from tests.helpers import tiny_config, write_tiny_npz
+
+
+def eval_rng(rnd=1, cid=0):
+    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/backends.py)."""
+    return seeding.generator(0, "eval", rnd, cid)
+
 
 BODY_KEYS = {"body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias"}
 HEAD_KEYS = {"head.weight", "head.bias"}
@@ -27,6 +36,16 @@ def setup(lr=0.1, batch=4, epochs=1, n=12, **kw):
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
     return algo, server, ref, ClientTensors(x, y, x[:2], y[:2], x[:4], y[:4])
+
+
+def sgd_by_hand(net, d, batches, lr=0.1):
+    """`net` after one SGD step on mean CE, w.r.t. every parameter, per batch of sample indices."""
+    for idx in batches:
+        grads = torch.autograd.grad(F.cross_entropy(net(d.train_x[idx]), d.train_y[idx]), list(net.parameters()))
+        with torch.no_grad():
+            for p, g in zip(net.parameters(), grads):
+                p.sub_(lr * g)
+    return net
 
 
 def test_head_unchanged_after_local_update_and_body_takes_a_body_only_step():
@@ -54,7 +73,7 @@ def test_only_the_body_is_uploaded_and_averaged():
     down = algo.broadcast(server, 0, 1)
     up, _, _ = algo.local_update(down, state, d, seeding.generator(0, "local", 1, 0))
     assert set(down) == BODY_KEYS and set(up) == BODY_KEYS | {"num_samples"}
-    assert set(state) == HEAD_KEYS | {FT_SEED}
+    assert set(state) == HEAD_KEYS  # h^0 only: no seed of evaluation's batch order
     a = {k: torch.full_like(server[k], 3.0) for k in BODY_KEYS} | {"num_samples": torch.tensor(2)}
     b = {k: torch.full_like(server[k], 0.0) for k in BODY_KEYS} | {"num_samples": torch.tensor(1)}
     new, _ = algo.aggregate(server, [(0, a), (1, b)], 1)
@@ -69,35 +88,54 @@ def test_evaluation_fine_tunes_the_whole_model_once_and_leaves_no_state():
     down = algo.broadcast(server, 0, 1)
     before_state = {k: v.clone() for k, v in state.items()}
     before_down = {k: v.clone() for k, v in down.items()}
-    m1 = algo.evaluate(down, state, d)
-    m2 = algo.evaluate(down, state, d)
+    m1 = algo.evaluate(down, state, d, eval_rng())
+    m2 = algo.evaluate(down, state, d, eval_rng())
     # Nothing persisted: inputs untouched and a second evaluation is the same (not a second epoch).
     assert all(torch.equal(state[k], before_state[k]) for k in state)
     assert all(torch.equal(down[k], before_down[k]) for k in down)
     assert m1 == m2
     # By hand: one full-batch SGD step on every parameter (body AND head) of (phi, h^0), then evaluate.
-    loss = F.cross_entropy(ref(d.train_x), d.train_y)
-    grads = torch.autograd.grad(loss, list(ref.parameters()))
-    with torch.no_grad():
-        for p, g in zip(ref.parameters(), grads):
-            p -= 0.1 * g
-    expected = eval_metrics(ref, d)
+    expected = eval_metrics(sgd_by_hand(ref, d, [torch.arange(8)]), d)
     assert m1["test_acc"] == expected["test_acc"]
     assert abs(m1["test_loss"] - expected["test_loss"]) < 1e-6
+
+
+def test_evaluation_fine_tunes_in_the_batch_order_of_the_generator_it_is_handed():
+    # n = 8, batch 4: two steps, and the result depends on which samples share a batch.
+    algo, server, ref, d = setup(lr=0.1, batch=4, n=8, finetune_epochs=1)
+    state = algo.init_client(0, server, seeding.generator(0, "client_init", 0))
+    down = algo.broadcast(server, 0, 1)
+
+    def expected(rng):
+        # methods.train.minibatches: one permutation of the 8 samples per epoch, drawn from rng.
+        order = torch.randperm(8, generator=rng)
+        return eval_metrics(sgd_by_hand(copy.deepcopy(ref), d, [order[:4], order[4:]]), d), set(order[:4].tolist())
+
+    m1 = algo.evaluate(down, state, d, eval_rng(1, 0))
+    want1, first1 = expected(eval_rng(1, 0))
+    assert m1["test_acc"] == want1["test_acc"] and abs(m1["test_loss"] - want1["test_loss"]) < 1e-6
+    # A generator of the same (seed, stream, ids): the same batches, the same metrics bit for bit.
+    assert algo.evaluate(down, state, d, eval_rng(1, 0)) == m1
+    # Another round's generator groups the samples differently, and evaluation follows it.
+    m2 = algo.evaluate(down, state, d, eval_rng(2, 0))
+    want2, first2 = expected(eval_rng(2, 0))
+    assert first1 != first2
+    assert m2["test_acc"] == want2["test_acc"] and abs(m2["test_loss"] - want2["test_loss"]) < 1e-6
+    assert abs(m2["test_loss"] - m1["test_loss"]) > 1e-6
 
 
 def test_zero_fine_tuning_evaluates_the_trained_model_and_head_only_keeps_the_body():
     algo, server, ref, d = setup(finetune_epochs=0)
     state = algo.init_client(0, server, seeding.generator(0, "client_init", 0))
-    assert algo.evaluate(algo.broadcast(server, 0, 1), state, d) == eval_metrics(ref, d)
+    assert algo.evaluate(algo.broadcast(server, 0, 1), state, d, eval_rng()) == eval_metrics(ref, d)
     algo, server, _, d = setup(finetune_epochs=2, finetune_head_only=True)
     state = algo.init_client(0, server, seeding.generator(0, "client_init", 0))
-    algo.evaluate(algo.broadcast(server, 0, 1), state, d)
+    algo.evaluate(algo.broadcast(server, 0, 1), state, d, eval_rng())
     tuned = algo.net.state_dict()
     assert all(torch.equal(tuned[k], server[k]) for k in BODY_KEYS)
     assert not torch.equal(tuned["head.weight"], server["head.weight"])
     # A held-out client needs nothing before its (fine-tuning) evaluation.
-    assert algo.personalize(algo.broadcast(server, 5, 2), state, d, seeding.generator(0, "u")) is state
+    assert algo.personalize(algo.broadcast(server, 5, 2), state, d, seeding.generator(0, "personalize", 2, 5)) is state
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from fedeq_bench.bench import engine, memory
 from fedeq_bench.core import seeding
 from fedeq_bench.bench.backends import SerialBackend
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.bench.experiment import load_dataset
 from fedeq_bench.methods.base import ClientTensors, Task
 from fedeq_bench.methods.fedeq import DUAL, HEAD, RESUME, THETA, FeDEQ, FeDEQConfig
 from fedeq_bench.methods.nets import build_model
@@ -25,13 +25,20 @@ def setup(**kw):
     return algo, server, ClientTensors(x, y, x[:4], y[:4], x[:8], y[:8])
 
 
+def names(algo):
+    """(body names, trainable body parameter names, head names) of the method's network."""
+    body, head = algo.param_split(algo.net)
+    params = {n for n, _ in algo.net.named_parameters()}
+    return body, [n for n in body if n in params], head
+
+
 def step(algo, server, state, d, rnd=1, cid=0):
     return algo.local_update(algo.broadcast(server, cid, rnd), state, d, seeding.generator(0, "local", rnd, cid))
 
 
 def test_dual_is_rho_times_drift_and_zero_without_drift():
     algo, server, d = setup(rho=0.5)
-    body, trainable, head = algo._names()
+    body, trainable, head = names(algo)
     up, state, _ = step(algo, server, algo.init_client(0, server, None), d)
     for k in trainable:  # from dual = 0: dual <- 0 + rho (theta_i - theta)
         assert torch.allclose(state[DUAL + k], 0.5 * (state[THETA + k] - server[k]))
@@ -44,7 +51,7 @@ def test_dual_is_rho_times_drift_and_zero_without_drift():
 
 def test_mean_plus_dual_uploads_theta_plus_dual_over_rho():
     algo, server, d = setup(rho=0.5, aggregate="mean_plus_dual")
-    _, trainable, _ = algo._names()
+    _, trainable, _ = names(algo)
     up, state, _ = step(algo, server, algo.init_client(0, server, None), d)
     for k in trainable:
         assert torch.allclose(up[k], state[THETA + k] + state[DUAL + k] / 0.5)
@@ -53,7 +60,7 @@ def test_mean_plus_dual_uploads_theta_plus_dual_over_rho():
 def test_large_rho_keeps_theta_i_near_theta():
     def drift(rho):
         algo, server, d = setup(rho=rho, shared_epochs=5, personal_epochs=0)
-        _, trainable, _ = algo._names()
+        _, trainable, _ = names(algo)
         _, state, _ = step(algo, server, algo.init_client(0, server, None), d)
         return sum(float((state[THETA + k] - server[k]).pow(2).sum()) for k in trainable) ** 0.5
 
@@ -63,7 +70,7 @@ def test_large_rho_keeps_theta_i_near_theta():
 
 def test_resume_flag_follows_the_last_cohort_and_restart_option():
     algo, server, d = setup(personal_epochs=0, shared_epochs=1)
-    server2, _ = algo.aggregate(server, [(0, {k: server[k] for k in algo._names()[0]} | {"num_samples": torch.tensor(1)})], 1)
+    server2, _ = algo.aggregate(server, [(0, {k: server[k] for k in names(algo)[0]} | {"num_samples": torch.tensor(1)})], 1)
     assert bool(algo.broadcast(server2, 0, 2)[RESUME]) and not bool(algo.broadcast(server2, 1, 2)[RESUME])
     always, *_ = setup(restart="always")
     assert not bool(always.broadcast(server2, 0, 2)[RESUME])
@@ -71,16 +78,42 @@ def test_resume_flag_follows_the_last_cohort_and_restart_option():
 
 def test_resuming_client_continues_from_its_own_theta():
     algo, server, d = setup(personal_epochs=0, shared_epochs=0)
-    body, _, _ = algo._names()
+    body, _, _ = names(algo)
     state = algo.init_client(0, server, None)
     state.update({THETA + k: server[k] + 1.0 for k in body})  # a theta_i far from theta
     down = algo.broadcast(server, 0, 2)
     down[RESUME] = torch.tensor(True)
-    up, _, _ = algo.local_update(down, state, d, seeding.generator(0, "l"))
+    up, _, _ = algo.local_update(down, state, d, seeding.generator(0, "local", 2, 0))
     assert all(torch.equal(up[k], server[k] + 1.0) for k in body)  # zero epochs: theta_i unchanged
     down[RESUME] = torch.tensor(False)
-    up, _, _ = algo.local_update(down, state, d, seeding.generator(0, "l"))
+    up, _, _ = algo.local_update(down, state, d, seeding.generator(0, "local", 2, 0))
     assert all(torch.equal(up[k], server[k]) for k in body)        # restarted from theta
+
+
+def test_reported_residual_is_the_relative_residual_at_the_returned_fixed_point():
+    # methods/deq/solvers.py: residual_b = ||f(z)_b - z_b|| / (||f(z)_b|| + 1e-9) at the returned
+    # iterate, and deq/residual_max is its max over the call's examples. Broyden returns the iterate
+    # z itself (anderson and fixed_point return f(z), where the recomputation would not apply), and
+    # the implicit backward applies f once more, with autograd, at exactly that z: record it there.
+    # One batch of 24 and no head epochs: the call makes exactly one training solve.
+    algo, server, d = setup(solver="broyden", max_iter=2, tol=0.0, personal_epochs=0, shared_epochs=1,
+                            batch_size=24)
+    at_z = []
+    func = algo.net.body.deq.func
+    hook = func.register_forward_hook(
+        lambda mod, args, out: at_z.append((args[0].detach(), out.detach())) if args[0].requires_grad else None)
+    try:
+        _, _, metrics = step(algo, server, algo.init_client(0, server, None), d)
+    finally:
+        hook.remove()
+    assert len(at_z) == 1  # one solve, one application at its returned z
+    z, fz = at_z[0]
+    by_hand = ((fz - z).flatten(1).norm(dim=1) / (fz.flatten(1).norm(dim=1) + 1e-9)).max()
+    # 2 Broyden steps from z0 = x leave a residual (~4e-3) far above float32 rounding, so the match
+    # means something (anderson's returned f(z) would be off by 17x here).
+    assert float(by_hand) > 1e-4
+    assert metrics["deq/residual_max"] == pytest.approx(float(by_hand), rel=1e-4)
+    assert metrics["deq/unconverged_frac"] == 1.0  # tol 0: no residual is below it
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +131,10 @@ def test_engine_run_never_sends_dual_or_head_and_logs_solver_stats(tiny):
     assert sent == {k for k in build_model("deq_mlp", (4,), 3).state_dict() if k.startswith("body.")} | \
         {"num_samples", RESUME}
     for h in res.history:
-        assert 1 <= h["deq/nstep_mean"] <= 20 and h["deq/residual_max"] >= 0
+        assert 1 <= h["deq/nstep_mean"] <= 20
+        # converged = residual < tol (1e-3, FeDEQConfig's default) per example, so the worst residual
+        # is below tol exactly when no example of any client is unconverged.
+        assert (h["deq/residual_max"] < 1e-3) == (h["deq/unconverged_frac"] == 0.0), h
         assert 0.0 <= h["deq/unconverged_frac"] <= 1.0 and "acc/unseen" in h
 
 

@@ -7,11 +7,17 @@ from fedeq_bench.bench import engine
 
 from fedeq_bench.core import seeding
 from fedeq_bench.bench.backends import SerialBackend
-from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.bench.experiment import load_dataset
 from fedeq_bench.methods.base import ClientTensors, Task
 from fedeq_bench.methods.fedper import FedPer, FedPerConfig
 from fedeq_bench.methods.nets import build_model
 from tests.helpers import tiny_config, write_tiny_npz
+
+
+def eval_rng(rnd=1, cid=0):
+    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/backends.py)."""
+    return seeding.generator(0, "eval", rnd, cid)
+
 
 BODY_KEYS = {"body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias"}
 HEAD_KEYS = {"head.weight", "head.bias"}
@@ -44,7 +50,7 @@ def test_one_step_moves_body_and_head_together():
     # n == batch: one full-batch step; the shuffle does not change a full batch's mean gradient.
     algo, server, ref, d = setup(lr=0.1, batch=8, n=8)
     state = algo.init_client(0, server, None)
-    up, new_state, m = algo.local_update(algo.broadcast(server, 0, 1), state, d, seeding.generator(0, "l"))
+    up, new_state, m = algo.local_update(algo.broadcast(server, 0, 1), state, d, seeding.generator(0, "local", 1, 0))
     assert m["steps"] == 1
     # By hand: every parameter p <- p - lr * dCE/dp at the same point (unlike FedRep's alternation,
     # where the body step would see the already-updated head).
@@ -69,7 +75,7 @@ def test_aggregate_is_the_sample_weighted_mean_of_bodies():
 def test_evaluation_uses_global_body_and_own_head():
     algo, server, _, d = setup()
     head = {"head.weight": torch.zeros(3, 200), "head.bias": torch.tensor([0.0, 1.0, 0.0])}
-    m = algo.evaluate(algo.broadcast(server, 0, 1), head, d)
+    m = algo.evaluate(algo.broadcast(server, 0, 1), head, d, eval_rng())
     # A zero weight with bias favouring class 1 predicts 1 for every input, whatever the body.
     assert m["test_acc"] == float((d.test_y == 1).sum()) / 4 and m["test_n"] == 4
 

@@ -7,8 +7,8 @@ from torch import nn
 from fedeq_bench.bench import engine
 
 from fedeq_bench.core import seeding
-from fedeq_bench.bench.backends import SerialBackend
-from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.bench.backends import Kind, SerialBackend
+from fedeq_bench.bench.experiment import load_dataset
 from fedeq_bench.methods.base import ClientTensors, Task
 from fedeq_bench.methods.fedprox import FedProx, FedProxConfig
 from tests.helpers import tiny_config, write_tiny_npz
@@ -32,8 +32,9 @@ def test_prox_term_adds_mu_times_drift_to_the_gradient():
 
     def update(mu):
         # Two full-batch epochs (n = batch = 8): two SGD steps.
-        algo = FedProx(FedProxConfig(lr=0.1, local_epochs=2, batch_size=8, mu=mu), Task("mlp", (4,), 3))
-        algo._net = nn.Sequential(nn.Linear(4, 3))  # the scratch network: a tiny linear model
+        # The scratch network: a tiny linear model, prebuilt (Task's model is not built).
+        algo = FedProx(FedProxConfig(lr=0.1, local_epochs=2, batch_size=8, mu=mu), Task("mlp", (4,), 3),
+                       net=nn.Sequential(nn.Linear(4, 3)))
         up, _, m = algo.local_update({"0.weight": W, "0.bias": b}, {}, d, seeding.generator(0, "local", 1, 0))
         assert m["steps"] == 2
         return up["0.weight"], up["0.bias"]
@@ -57,9 +58,10 @@ class RecordingBackend(SerialBackend):
         super().__init__()
         self.uploads = {}
 
-    def train(self, spec, tasks, seed, rnd, measure=frozenset()):
-        out = super().train(spec, tasks, seed, rnd, measure)
-        self.uploads.update({(rnd, r.cid): bytes(r.up) for r in out})
+    def run(self, kind, spec, jobs, seed, rnd, measure=frozenset()):
+        out = super().run(kind, spec, jobs, seed, rnd, measure)
+        if kind is Kind.TRAIN:
+            self.uploads.update({(rnd, r.cid): bytes(r.up) for r in out})
         return out
 
 

@@ -7,6 +7,11 @@ from fedeq_bench.methods.fedrep import FedRep, FedRepConfig
 from fedeq_bench.methods.nets import build_model
 
 
+def eval_rng(rnd=1, cid=0):
+    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/backends.py)."""
+    return seeding.generator(0, "eval", rnd, cid)
+
+
 def setup(head_epochs=2, epochs=1):
     algo = FedRep(FedRepConfig(model="mlp", lr=0.1, local_epochs=epochs, batch_size=4, head_epochs=head_epochs),
                   Task("mlp", (4,), 3))
@@ -38,7 +43,7 @@ def test_zero_body_epochs_leave_the_body_and_zero_head_epochs_leave_the_head():
 
     algo, server, d = setup(head_epochs=0, epochs=1)
     state = algo.init_client(0, server, None)
-    up, new_state, _ = algo.local_update(algo.broadcast(server, 0, 1), state, d, seeding.generator(0, "l"))
+    up, new_state, _ = algo.local_update(algo.broadcast(server, 0, 1), state, d, seeding.generator(0, "local", 1, 0))
     assert all(torch.equal(new_state[k], state[k]) for k in state)    # head frozen during body epochs
     assert not torch.equal(up["body.1.weight"], server["body.1.weight"])
 
@@ -57,6 +62,6 @@ def test_aggregate_averages_bodies_by_samples_and_keeps_the_initial_head():
 def test_evaluation_uses_global_body_and_own_head():
     algo, server, d = setup()
     head = {"head.weight": torch.zeros(3, 200), "head.bias": torch.tensor([0.0, 0.0, 1.0])}
-    m = algo.evaluate(algo.broadcast(server, 0, 1), head, d)
+    m = algo.evaluate(algo.broadcast(server, 0, 1), head, d, eval_rng())
     # A zero weight with bias favouring class 2 predicts 2 for every input, whatever the body.
     assert m["test_acc"] == float((d.test_y == 2).sum()) / 4

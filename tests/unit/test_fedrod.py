@@ -10,12 +10,18 @@ from fedeq_bench.bench import engine
 
 from fedeq_bench.core import seeding
 from fedeq_bench.bench.backends import SerialBackend
-from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.bench.experiment import load_dataset
 from fedeq_bench.methods.base import ClientTensors, MethodConfig, Task
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.fedrod import PHEAD, FedRoD, FedRoDConfig, balanced_softmax_loss, log_class_prior
 from fedeq_bench.methods.nets import build_model
 from tests.helpers import tiny_config, write_tiny_npz
+
+
+def eval_rng(rnd=1, cid=0):
+    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/backends.py)."""
+    return seeding.generator(0, "eval", rnd, cid)
+
 
 KEYS = ["body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias", "head.weight", "head.bias"]
 
@@ -57,7 +63,7 @@ def test_one_step_by_hand_generic_bsm_and_personal_ce():
     assert set(state) == {PHEAD + "weight", PHEAD + "bias"}
     assert torch.equal(state[PHEAD + "weight"], server["head.weight"])  # h_i^0 = the initial classifier
     state = {PHEAD + "weight": torch.full((3, 200), 0.01), PHEAD + "bias": torch.tensor([0.0, 0.5, -0.5])}
-    up, new_state, m = algo.local_update(algo.broadcast(server, 0, 1), state, d, seeding.generator(0, "l"))
+    up, new_state, m = algo.local_update(algo.broadcast(server, 0, 1), state, d, seeding.generator(0, "local", 1, 0))
     assert m["steps"] == 1
     # Generic: every parameter p <- p - lr * d/dp CE(g + log prior, y), prior = (3/4, 1/4, 0).
     z = ref.body(d.train_x)
@@ -91,10 +97,10 @@ def test_evaluation_adds_personal_logits_to_generic_logits():
     fedavg = FedAvg(MethodConfig(model="mlp", lr=0.1, local_epochs=1, batch_size=8), Task("mlp", (4,), 3))
     # A zero personal head adds 0 to every logit: exactly the generic model's (FedAvg's) evaluation.
     zero = {PHEAD + "weight": torch.zeros(3, 200), PHEAD + "bias": torch.zeros(3)}
-    assert algo.evaluate(down, zero, d) == fedavg.evaluate(down, {}, d)
+    assert algo.evaluate(down, zero, d, eval_rng()) == fedavg.evaluate(down, {}, d, eval_rng())
     # A personal bias of +100 on class 1 outweighs the generic logits: predicts 1 everywhere.
     big = {PHEAD + "weight": torch.zeros(3, 200), PHEAD + "bias": torch.tensor([0.0, 100.0, 0.0])}
-    assert algo.evaluate(down, big, d)["test_acc"] == float((d.test_y == 1).sum()) / 4
+    assert algo.evaluate(down, big, d, eval_rng())["test_acc"] == float((d.test_y == 1).sum()) / 4
 
 
 def test_held_out_client_trains_only_its_personal_head():

@@ -12,6 +12,12 @@ from fedeq_bench.methods.base import MethodConfig
 from fedeq_bench.methods.knnper import KNNPer, KNNPerConfig, features_and_logits, knn_probs
 from fedeq_bench.methods.nets import BodyHead, build_model
 
+
+def eval_rng(rnd=1, cid=0):
+    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/backends.py)."""
+    return seeding.generator(0, "eval", rnd, cid)
+
+
 # A hand-made 2-D datastore: four keys and their labels.
 KEYS = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
 LABELS = torch.tensor([0, 0, 1, 2])
@@ -43,8 +49,8 @@ def test_knn_vote_on_a_hand_made_2d_datastore():
 def identity_body_method(mix, k=3, temperature=1.0):
     """kNN-Per on a model whose body is the identity: embeddings are the raw 2-D inputs."""
     algo = KNNPer(KNNPerConfig(model="mlp", lr=0.1, local_epochs=1, batch_size=4, k=k, mix=mix,
-                               temperature=temperature), Task("mlp", (2,), 3))
-    algo._net = BodyHead(nn.Identity(), nn.Linear(2, 3))  # the scratch net the method loads into
+                               temperature=temperature), Task("mlp", (2,), 3),
+                  net=BodyHead(nn.Identity(), nn.Linear(2, 3)))  # the prebuilt scratch net it loads into
     # Global model: zero weights, bias (0, 0, log 2) -> p_global = (1/4, 1/4, 1/2) for every input.
     down = {"head.weight": torch.zeros(3, 2), "head.bias": torch.tensor([0.0, 0.0, math.log(2.0)])}
     return algo, down
@@ -58,18 +64,18 @@ def test_evaluate_mixes_knn_and_global_probabilities_by_hand():
     p0, p1 = (E1 + E2) / z, E1 / z                       # 0.5777, 0.4223 (first test above)
     # mix = 0.5: p = 0.5 * (p0, p1, 0) + 0.5 * (1/4, 1/4, 1/2) = (0.4138, 0.3362, 0.25): predicts 0.
     algo, down = identity_body_method(mix=0.5)
-    m = algo.evaluate(down, {}, d)
+    m = algo.evaluate(down, {}, d, eval_rng())
     mixed = [0.5 * p0 + 0.125, 0.5 * p1 + 0.125, 0.25]
     assert m["test_acc"] == 0.5 and m["test_n"] == 2      # right on label 0, wrong on label 1
     assert math.isclose(m["test_loss"], (-math.log(mixed[0]) - math.log(mixed[1])) / 2, rel_tol=1e-6)
     assert m["val_acc"] == 1.0 and m["val_n"] == 1
     # mix = 0: the global model alone predicts class 2 for both: accuracy 0, loss -log(1/4) and -log(1/4).
     algo, down = identity_body_method(mix=0.0)
-    m = algo.evaluate(down, {}, d)
+    m = algo.evaluate(down, {}, d, eval_rng())
     assert m["test_acc"] == 0.0 and math.isclose(m["test_loss"], math.log(4.0), rel_tol=1e-6)
     # mix = 1: the kNN model alone: loss (-log p0 - log p1) / 2.
     algo, down = identity_body_method(mix=1.0)
-    m = algo.evaluate(down, {}, d)
+    m = algo.evaluate(down, {}, d, eval_rng())
     assert math.isclose(m["test_loss"], (-math.log(p0) - math.log(p1)) / 2, rel_tol=1e-6)
 
 
@@ -78,11 +84,11 @@ def test_the_datastore_is_the_train_split():
     # (distance 0, its own label), so accuracy is 1 and the loss -log 1 = 0.
     algo, down = identity_body_method(mix=1.0, k=1)
     d = ClientTensors(KEYS, LABELS, KEYS, LABELS, KEYS, LABELS)
-    m = algo.evaluate(down, {}, d)
+    m = algo.evaluate(down, {}, d, eval_rng())
     assert m["test_acc"] == 1.0 and m["test_loss"] == 0.0
     # An empty training split has no datastore: the global model alone (predicts 2 -> only (3,3) right).
     empty = ClientTensors(KEYS[:0], LABELS[:0], KEYS, LABELS, KEYS, LABELS)
-    assert algo.evaluate(down, {}, empty)["test_acc"] == 1 / 4
+    assert algo.evaluate(down, {}, empty, eval_rng())["test_acc"] == 1 / 4
 
 
 def data(n, seed):
@@ -103,11 +109,11 @@ def test_mix_zero_equals_the_global_model_exactly():
     up, _, _ = fedavg.local_update(fedavg.broadcast(server, 0, 1), {}, d, seeding.generator(0, "local", 1, 0))
     server, _ = fedavg.aggregate(server, [(0, up)], 1)
     down = fedavg.broadcast(server, 0, 2)
-    expected = fedavg.evaluate(down, {}, d)
-    got = knn.evaluate(down, {}, d)
+    expected = fedavg.evaluate(down, {}, d, eval_rng())
+    got = knn.evaluate(down, {}, d, eval_rng())
     assert got == expected  # identical test_acc, test_loss, val_acc: float equality, not approx
     # ... and mixing does change the prediction, so the equality above is not vacuous.
-    mixed = KNNPer(KNNPerConfig(**cfg, mix=0.5), Task("mlp", (4,), 3)).evaluate(down, {}, d)
+    mixed = KNNPer(KNNPerConfig(**cfg, mix=0.5), Task("mlp", (4,), 3)).evaluate(down, {}, d, eval_rng())
     assert mixed["test_loss"] != expected["test_loss"]
 
 

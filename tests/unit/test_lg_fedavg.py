@@ -7,11 +7,17 @@ from fedeq_bench.bench import engine
 
 from fedeq_bench.core import seeding
 from fedeq_bench.bench.backends import SerialBackend
-from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.bench.experiment import load_dataset
 from fedeq_bench.methods.base import ClientTensors, MethodConfig, Task
 from fedeq_bench.methods.lg_fedavg import LGFedAvg
 from fedeq_bench.methods.nets import build_model
 from tests.helpers import tiny_config, write_tiny_npz
+
+
+def eval_rng(rnd=1, cid=0):
+    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/backends.py)."""
+    return seeding.generator(0, "eval", rnd, cid)
+
 
 BODY_KEYS = {"body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias"}
 HEAD_KEYS = {"head.weight", "head.bias"}
@@ -43,7 +49,7 @@ def test_one_step_moves_local_body_and_global_head_together():
     algo, server, ref, d = setup(lr=0.1, batch=8, n=8)  # n == batch: one full-batch step
     # The client's own body differs from the server's initial one: the step must start from it.
     state = {k: server[k] + 0.01 for k in BODY_KEYS}
-    up, new_state, m = algo.local_update(algo.broadcast(server, 0, 1), state, d, seeding.generator(0, "l"))
+    up, new_state, m = algo.local_update(algo.broadcast(server, 0, 1), state, d, seeding.generator(0, "local", 1, 0))
     assert m["steps"] == 1
     with torch.no_grad():
         for k, p in ref.named_parameters():
@@ -76,10 +82,10 @@ def test_evaluation_uses_own_body_under_the_global_head():
     body["body.3.weight"].zero_()
     body["body.3.bias"].zero_()
     down = algo.broadcast(dict(server, **{"head.bias": torch.tensor([0.0, 2.0, 0.0])}), 0, 1)
-    m = algo.evaluate(down, body, d)
+    m = algo.evaluate(down, body, d, eval_rng())
     assert m["test_acc"] == float((d.test_y == 1).sum()) / 4
     # The same global head on the server's (nonzero) initial body: different logits, different loss.
-    m0 = algo.evaluate(down, algo.init_client(0, server, None), d)
+    m0 = algo.evaluate(down, algo.init_client(0, server, None), d, eval_rng())
     assert m0["test_loss"] != m["test_loss"]
 
 

@@ -7,11 +7,16 @@ from fedeq_bench.bench import engine
 
 from fedeq_bench.core import seeding
 from fedeq_bench.bench.backends import SerialBackend
-from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.bench.experiment import load_dataset
 from fedeq_bench.methods.base import ClientTensors, MethodConfig, Task
 from fedeq_bench.methods.local import OWN, Local
 from fedeq_bench.methods.nets import build_model
 from tests.helpers import tiny_config, write_tiny_npz
+
+
+def eval_rng(rnd=1, cid=0):
+    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/backends.py)."""
+    return seeding.generator(0, "eval", rnd, cid)
 
 
 @pytest.fixture(scope="module")
@@ -69,4 +74,4 @@ def test_evaluation_uses_the_clients_own_model():
     own = {OWN + k: t.clone() for k, t in server.items()}
     own[OWN + "head.weight"] = torch.zeros(3, 200)
     own[OWN + "head.bias"] = torch.tensor([0.0, 0.0, 1.0])  # predicts class 2 for every input
-    assert algo.evaluate({}, own, d)["test_acc"] == float((d.test_y == 2).sum()) / 3
+    assert algo.evaluate({}, own, d, eval_rng())["test_acc"] == float((d.test_y == 2).sum()) / 3

@@ -10,6 +10,12 @@ from fedeq_bench.methods.nets import build_model
 from fedeq_bench.methods.pfedme import THETA, PFedMe, PFedMeConfig
 from fedeq_bench.methods.train import with_num_samples
 
+
+def eval_rng(rnd=1, cid=0):
+    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/backends.py)."""
+    return seeding.generator(0, "eval", rnd, cid)
+
+
 MLP_NAMES = {"body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias", "head.weight", "head.bias"}
 
 
@@ -28,8 +34,7 @@ def ce_grad(W, b, x, y):
 
 def linear(**kw):
     cfg = PFedMeConfig(**{"lr": 0.05, "local_epochs": 1, "batch_size": 8, "personal_lr": 0.1, "lam": 15.0, **kw})
-    algo = PFedMe(cfg, Task("mlp", (4,), 3))
-    algo._net = nn.Sequential(nn.Linear(4, 3))  # the scratch network: a tiny linear model
+    algo = PFedMe(cfg, Task("mlp", (4,), 3), net=nn.Sequential(nn.Linear(4, 3)))  # a tiny linear scratch net
     w = {"0.weight": 0.1 * torch.arange(12.0).reshape(3, 4) - 0.5, "0.bias": torch.tensor([0.2, -0.1, 0.0])}
     return algo, w
 
@@ -109,10 +114,10 @@ def test_evaluation_uses_theta_and_a_client_without_theta_uses_w():
     theta = {THETA + k: t.clone() for k, t in server.items()}
     theta[THETA + "head.weight"] = torch.zeros(3, 200)
     theta[THETA + "head.bias"] = torch.tensor([0.0, 0.0, 1.0])  # predicts class 2 for every input
-    assert algo.evaluate(down, theta, d)["test_acc"] == float((d.test_y == 2).sum()) / 4
+    assert algo.evaluate(down, theta, d, eval_rng())["test_acc"] == float((d.test_y == 2).sum()) / 4
     algo.net.load_state_dict(server)
     expected = int((algo.net(d.test_x).argmax(1) == d.test_y).sum()) / 4
-    assert algo.evaluate(down, {}, d)["test_acc"] == expected
+    assert algo.evaluate(down, {}, d, eval_rng())["test_acc"] == expected
     # A held-out client: one local update from the final w, keeping its theta.
     state = algo.personalize(down, {}, d, seeding.generator(0, "personalize", 1, 0))
     assert set(state) == {THETA + k for k in MLP_NAMES}
