@@ -5,15 +5,28 @@ Three kinds of section share one key space:
     method sections    `fedrep.head_epochs`, `fedeq.rho`, `fedavg.lr` (per-method override)
     dataset sections   `synthetic.alpha`, `npz.path`
 A preset file uses the same names: a `[run]` table plus one table per method or dataset.
-Precedence: dataclass defaults < --config FILE < explicit CLI flags < --set.
+
+Precedence: dataclass defaults < environment < --config FILE < explicit CLI flags < --set.
+The environment is MLflow's own convention: `MLFLOW_TRACKING_URI` and `MLFLOW_EXPERIMENT_NAME` give
+`tracking_uri` and `experiment` when nothing more explicit does. It sits below --config because a
+preset file names its store on purpose for one study, while an environment variable is ambient (set
+once per shell or cluster node); a flag or --set beats both. `default_config()` applies it, so a
+library caller (a sweep, a test) gets the same defaults as the command line.
+
+The dataclasses are the one source of truth: the command-line flags are generated from the fields
+of `RunConfig` and the docstring under each (`field_docs`), so `--help` says what the code says.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import os
+import textwrap
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fedeq_bench.core.errors import BenchError, choices
@@ -67,9 +80,10 @@ class RunConfig:
     device: Literal["cpu", "cuda"] | None = None
     """Training device; None: cuda when Ray gives the actor a GPU, else cpu."""
     experiment: str = "fedeq-bench"
-    """MLflow experiment name."""
+    """MLflow experiment name; the default is $MLFLOW_EXPERIMENT_NAME when that is set."""
     tracking_uri: str = "sqlite:///mlflow.db"
-    """MLflow tracking store: a SQLite file by default, a tracking server URL on a cluster."""
+    """MLflow tracking store (a SQLite file here, a tracking server URL on a cluster); the default is
+    $MLFLOW_TRACKING_URI when that is set."""
     run_name: str | None = None
     """Name of the parent MLflow run; None: generated from methods and dataset."""
 
@@ -83,15 +97,46 @@ class Config:
     """Per-dataset config dataclass instances, keyed by dataset name."""
 
 
+# Run key <- environment variable (MLflow's conventions). An empty variable counts as unset.
+ENV_KEYS = {"tracking_uri": "MLFLOW_TRACKING_URI", "experiment": "MLFLOW_EXPERIMENT_NAME"}
+
+
+def env_defaults(environ=None) -> dict[str, str]:
+    """The run keys the environment sets: `{"tracking_uri": $MLFLOW_TRACKING_URI, ...}`, unset ones left out."""
+    environ = os.environ if environ is None else environ
+    return {key: environ[var] for key, var in ENV_KEYS.items() if environ.get(var, "").strip()}
+
+
 def default_config() -> Config:
+    """Every section at its defaults, with the environment's MLflow store and experiment (see above)."""
     from fedeq_bench.datasets.base import DATASETS
     from fedeq_bench.methods import METHODS
 
     return Config(
-        run=RunConfig(),
+        run=RunConfig(**env_defaults()),
         methods={n: METHODS.get(n).Config() for n in METHODS.names()},
         datasets={n: DATASETS.get(n).config() for n in DATASETS.names()},
     )
+
+
+def field_docs(cls) -> dict[str, str]:
+    """`{field: docstring}` of a config dataclass: the string literal right under each field.
+
+    Python keeps no such docstrings at run time, so they are read from the class's source with `ast`
+    (the convention of cleanrl's argument dataclasses). Whitespace is folded to one line for --help.
+    A class whose source is unavailable (a frozen app) gets no docs rather than an error.
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
 
 
 # -- typed parsing --------------------------------------------------------------------------------
@@ -254,7 +299,10 @@ def _fmt(v) -> str:
 
 
 def from_cli(config_file: str | None, flags: dict[str, Any], sets: list[str]) -> Config:
-    """The layered config of a command line: defaults < --config FILE < flags given < --set."""
+    """The layered config of a command line: defaults < environment < --config FILE < flags given < --set.
+
+    `flags` maps run keys to what the user typed; None means "not typed" and overrides nothing.
+    """
     cfg = default_config()
     if config_file:
         cfg = apply(cfg, load_toml(config_file))

@@ -14,38 +14,35 @@ import sys
 from fedeq_bench.bench import cli
 from fedeq_bench.core.errors import BenchError
 
-# CLI flag -> run key (bench/config.py RunConfig), spelled as in bench/run.py.
-FLAGS = {
-    "dataset": "dataset name, or npz:PATH",
-    "clients": "number of clients (default: the dataset's)",
-    "partition": "dirichlet:ALPHA, shards:K or natural (default: the dataset's)",
-    "frac_unseen": "fraction of clients held out of training (marked * in the table)",
-    "data_dir": "directory searched first for dataset files",
-}
+# The run keys (bench/config.py RunConfig) that shape a dataset; their flags are generated from
+# RunConfig, spelled and documented as in bench.run.
+DATA_KEYS = ("dataset", "clients", "partition", "val_frac", "frac_unseen", "data_dir")
 
 
-def build_parser() -> cli.Parser:
+def build_parser() -> tuple[cli.Parser, list[str]]:
+    from fedeq_bench.bench.config import RunConfig
+
     p = cli.Parser(prog="python -m bench.data", description=__doc__.strip().splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     d = sub.add_parser("describe", help="per-client sizes and label histograms (and a plot)",
                        description="Per-client split sizes and label histograms of a federated dataset.")
-    for key, help_ in FLAGS.items():
-        d.add_argument("--" + key.replace("_", "-"), dest=key, default=None, help=help_)
+    keys = cli.add_config_flags(d, RunConfig, DATA_KEYS)
     d.add_argument("--seed", default="0", help="seed the partition is drawn with (default 0)")
     d.add_argument("--config", default=None, help="preset TOML file (see configs/)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any run or dataset key, e.g. fmnist.download=false (repeatable)")
     d.add_argument("--plot", default=None, metavar="FILE.png", help="also save the clients x classes label heat map")
-    return p
+    return p, keys
 
 
 def resolve(argv: list[str] | None = None):
     """(Config, seed, args) from argv, validated as bench.run validates it (raises BenchError)."""
     from fedeq_bench.bench import config as C
-    from fedeq_bench.bench.run import validate
+    from fedeq_bench.bench.experiment import validate
 
-    args = build_parser().parse_args(argv)
-    cfg = C.from_cli(args.config, {k: getattr(args, k) for k in FLAGS}, args.set)
+    parser, keys = build_parser()
+    args = parser.parse_args(argv)
+    cfg = C.from_cli(args.config, cli.config_flags(args, keys), args.set)
     try:
         seed = int(args.seed)
     except ValueError:
@@ -57,17 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.sigterm_as_interrupt()
     try:
         cfg, seed, args = resolve(argv)
-        from fedeq_bench.bench.run import load_dataset
-        from fedeq_bench.datasets.describe import describe, plot_label_distribution
+        from fedeq_bench.bench.experiment import describe_data
 
-        ds = load_dataset(cfg, seed)
-        print(describe(ds))
-        if args.plot:
-            try:
-                path = plot_label_distribution(ds, args.plot)
-            except (OSError, ValueError) as e:  # unwritable path, unknown image format
-                raise BenchError(f"cannot save the plot to {args.plot!r}: {e}") from None
-            print(f"\nlabel distribution plot saved to {path}")
+        print(describe_data(cfg, seed, args.plot))
         return 0
     except BenchError as e:
         cli.fail(str(e))

@@ -1,143 +1,38 @@
 """`python -m bench.perf`: the harness's steady-state round time next to a plain PyTorch loop.
 
-The workload (issue: core harness): FedAvg with the `mlp` model on an `npz:` Fashion-MNIST-like
-split (20 clients x 480 training samples of 28x28 pixels, 10 classes), every client every round,
-1 local epoch, batch 32, 30 rounds. The plain loop is what one would write by hand in one process
-(torch's default thread count): load the global weights, train each client in turn, average.
-
-Both sides do the same training and no per-round evaluation (the harness evaluates only after the
-last round, `eval_every = rounds`), so the ratio measures the harness's own overhead: encoding and
-decoding every message, moving it through Ray, client state, memory metering. Steady state = the
-median of the rounds after `--warmup` (Ray actor start-up and first-touch costs excluded).
-
-Targets: 1 worker within 1.3x of the plain loop; 2 workers on 2 cores faster than it. Each Ray
-actor gets `cpus // workers` CPUs (`--cpus-per-client`, also its torch thread count), so one worker
-has the whole machine, like the plain loop.
-
-Memory metering is part of the harness and included: each client's first local update is metered
-(bench/engine.py says why that is every distinct footprint).
+The workload, and what the ratio measures, is described in bench/workloads.py. Targets: 1 worker
+within 1.3x of the plain loop; 2 workers on 2 cores faster than it.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import tempfile
-import time
+import sys
 
-import numpy as np
-import torch
-
-from fedeq_bench.bench import config as C
-from fedeq_bench.core.seeding import generator, numpy_rng
-
-CLIENTS, N_TRAIN, N_TEST, SHAPE, CLASSES = 20, 480, 120, (1, 28, 28), 10
-
-
-def write_fmnist_like(path: str, seed: int = 0) -> str:
-    """Random 28x28 'images' whose label is a linear function of the pixels (learnable, like FMNIST)."""
-    rng = numpy_rng(seed, "perf")
-    w = rng.normal(size=(int(np.prod(SHAPE)), CLASSES)).astype(np.float32)
-    arrays = {}
-    for k in range(CLIENTS):
-        for split, n in (("train", N_TRAIN), ("test", N_TEST)):
-            x = rng.random((n, *SHAPE), dtype=np.float32)
-            arrays[f"{split}_x_{k}"] = x
-            arrays[f"{split}_y_{k}"] = (x.reshape(n, -1) @ w).argmax(1)
-    np.savez(path, **arrays)
-    return path
-
-
-def plain_loop(npz_path: str, rounds: int, lr: float, batch: int, seed: int = 0) -> list[float]:
-    """FedAvg by hand in one process; returns seconds per round."""
-    from fedeq_bench.methods.nets import build_model
-
-    f = np.load(npz_path)
-    data = [(torch.from_numpy(f[f"train_x_{k}"]), torch.from_numpy(f[f"train_y_{k}"])) for k in range(CLIENTS)]
-    torch.manual_seed(seed)
-    net = build_model("mlp", SHAPE, CLASSES)
-    glob = {k: v.clone() for k, v in net.state_dict().items()}
-    times = []
-    for rnd in range(rounds):
-        t0 = time.perf_counter()
-        acc = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in glob.items()}
-        for cid, (x, y) in enumerate(data):
-            net.load_state_dict(glob)
-            opt = torch.optim.SGD(net.parameters(), lr=lr)
-            g = generator(seed, "local", rnd, cid)
-            order = torch.randperm(len(y), generator=g)
-            for s in range(0, len(y), batch):
-                idx = order[s : s + batch]
-                opt.zero_grad(set_to_none=True)
-                torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-                opt.step()
-            for k, v in net.state_dict().items():
-                acc[k] += v.double() * len(y)
-        glob = {k: (v / (CLIENTS * N_TRAIN)).float() for k, v in acc.items()}
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def harness(npz_path: str, rounds: int, lr: float, batch: int, backend: str, workers: int,
-            cpus: float = 1.0) -> list[float]:
-    """The harness's round loop (engine + backend), wall seconds per round."""
-    from fedeq_bench.bench.backends import make_backend
-    from fedeq_bench.bench.engine import run_method
-    from fedeq_bench.bench.run import load_dataset
-
-    cfg = C.apply(C.default_config(), {
-        "methods": "fedavg", "dataset": f"npz:{npz_path}", "model": "mlp", "rounds": rounds, "fraction": 1.0,
-        "local_epochs": 1, "batch_size": batch, "lr": lr, "val_frac": 0.0, "eval_every": rounds,
-        "backend": backend, "workers": workers, "cpus_per_client": cpus,
-    })
-    ds = load_dataset(cfg, 0)
-    assert all(c.num_train == N_TRAIN for c in ds.clients)
-    be = make_backend(cfg.run)
-    stamps = [time.perf_counter()]
-    try:
-        run_method(cfg, "fedavg", 0, ds, be, on_round=lambda r, m: stamps.append(time.perf_counter()))
-    finally:
-        be.close()
-    # The last round also runs the final evaluation, which the plain loop does not do: drop it.
-    return list(np.diff(stamps))[:-1]
-
-
-def steady(times: list[float], warmup: int) -> float:
-    return statistics.median(times[warmup:])
+from fedeq_bench.bench import cli
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--batch-size", type=int, default=32)
+    p = cli.Parser(prog="python -m bench.perf", description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=30, help="rounds per measurement (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="first rounds left out of the median (default 5)")
+    p.add_argument("--lr", type=float, default=0.05, help="local learning rate (default 0.05)")
+    p.add_argument("--batch-size", type=int, default=32, help="local mini-batch size (default 32)")
     p.add_argument("--workers", default="1,2", help="comma list of Ray worker counts to measure")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as d:
-        path = write_fmnist_like(os.path.join(d, "fmnist_like.npz"))
-        rows = []
-        base = steady(plain_loop(path, args.rounds, args.lr, args.batch_size), args.warmup)
-        rows.append(("plain PyTorch loop (1 process, %d threads)" % torch.get_num_threads(), base))
-        ncpu = os.cpu_count() or 1
-        for threads in sorted({1, ncpu}):
-            rows.append((f"harness, serial backend, {threads} thread{'s' if threads > 1 else ''}",
-                         steady(harness(path, args.rounds, args.lr, args.batch_size, "serial", 1, threads),
-                                args.warmup)))
-        for w in (int(x) for x in args.workers.split(",") if x):
-            # Each actor gets an equal share of the machine (as the plain loop gets all of it).
-            cpus = max(1, ncpu // w)
-            rows.append((f"harness, Ray, {w} worker{'s' if w > 1 else ''} x {cpus} CPU{'s' if cpus > 1 else ''}",
-                         steady(harness(path, args.rounds, args.lr, args.batch_size, "ray", w, cpus), args.warmup)))
-    print(f"FedAvg, mlp, {CLIENTS} clients x {N_TRAIN} samples, all clients, 1 epoch, batch {args.batch_size}, "
-          f"{args.rounds} rounds; steady state = median of rounds {args.warmup + 1}..{args.rounds - 1}; "
-          f"{os.cpu_count()} CPUs")
-    print(f"| {'setup':<48} | s/round | ratio to plain |")
-    print(f"|{'-' * 50}|---------|----------------|")
-    for name, t in rows:
-        print(f"| {name:<48} | {t:7.3f} | {t / base:14.2f} |")
+    try:
+        workers = tuple(int(x) for x in args.workers.split(",") if x)
+    except ValueError:
+        p.error(f"--workers expects a comma list of integers, got {args.workers!r}")
+    if args.warmup >= args.rounds - 1:
+        p.error(f"--warmup {args.warmup} leaves no steady-state round of --rounds {args.rounds}")
+    from fedeq_bench.bench.workloads import overhead_table
+
+    try:
+        print(overhead_table(args.rounds, args.warmup, args.lr, args.batch_size, workers))
+    except KeyboardInterrupt:
+        cli.fail("interrupted")
+        return cli.EXIT_INTERRUPTED
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

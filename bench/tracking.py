@@ -3,17 +3,54 @@
 Uses `MlflowClient` with explicit run ids (no fluent active-run stack), so a child run can be ended
 FAILED or KILLED precisely, and every round is written as it finishes: an interrupted run keeps the
 rounds it had. Runs are nested the way MLflow's UI expects (the `mlflow.parentRunId` tag).
+
+Every run is opened with `Tracker.run(...)`, a context manager that ends it on every way out, so no
+run is ever left RUNNING:
+
+    normal exit                  FINISHED
+    an exception                 FAILED    (the exception propagates)
+    KeyboardInterrupt            KILLED    (Ctrl-C; bench/cli.py turns SIGTERM into one too)
+    `Pruned` / optuna's
+    `TrialPruned`                KILLED with the tag `pruned=true`
+
+MLflow has no PRUNED status. A pruned run ends KILLED, not FINISHED: it stopped early on purpose and
+its last metrics are those of an unfinished run, so anything that trusts `status = 'FINISHED'` (a
+report, `search_runs`) must not take them for a completed result. The `pruned` tag tells a pruned
+run from one a user interrupted (filter with `tags.pruned = 'true'`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+import sys
 import time
+from typing import Iterator
 
 from fedeq_bench.core.errors import BenchError
 
 PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
+STATUSES = ("FINISHED", "FAILED", "KILLED", "PRUNED")
+
+
+class Pruned(Exception):
+    """Raise inside `Tracker.run` to stop a run early on purpose (a sweep's pruner said so)."""
+
+
+def is_pruned(exc: BaseException) -> bool:
+    """Our `Pruned`, or Optuna's `TrialPruned` when Optuna is in use (checked without importing it)."""
+    optuna = sys.modules.get("optuna")
+    return isinstance(exc, Pruned) or (optuna is not None and isinstance(exc, optuna.TrialPruned))
+
+
+def status_for(exc: BaseException | None) -> str:
+    """The status a run ends with when its block exits with `exc` (None: normally)."""
+    if exc is None:
+        return "FINISHED"
+    if isinstance(exc, KeyboardInterrupt):
+        return "KILLED"
+    return "PRUNED" if is_pruned(exc) else "FAILED"
 
 
 def git_commit() -> str:
@@ -51,15 +88,32 @@ class Tracker:
         except Exception as e:  # an unreachable server or an unusable store is bad input, not a bug
             raise BenchError(f"cannot use MLflow tracking store {uri!r}: {str(e).splitlines()[0][:200]}") from None
 
+    @contextlib.contextmanager
+    def run(self, name: str, params: dict[str, str], tags: dict[str, str] | None = None,
+            parent: str | None = None) -> Iterator[str]:
+        """`with tracker.run(name, params, parent=pid) as run_id:` a run that always ends (see the module doc)."""
+        run_id = self.start(name, params, tags, parent)
+        try:
+            yield run_id
+        except BaseException as e:
+            self.end_quietly(run_id, status_for(e))
+            raise
+        self.end(run_id, "FINISHED")
+
     def start(self, name: str, params: dict[str, str], tags: dict[str, str] | None = None,
               parent: str | None = None) -> str:
+        """Create a run and log its params; prefer `run(...)`, which also ends it."""
         tags = dict(tags or {})
         tags["mlflow.runName"] = name
         if parent:
             tags["mlflow.parentRunId"] = parent
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
-        self.log_params(run.info.run_id, params)
-        return run.info.run_id
+        run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
+        try:
+            self.log_params(run_id, params)
+        except BaseException as e:  # a run is never left RUNNING, even if logging its params fails
+            self.end_quietly(run_id, status_for(e))
+            raise
+        return run_id
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -81,5 +135,17 @@ class Tracker:
         self.client.log_text(run_id, json.dumps(obj, indent=2, sort_keys=True), path)
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
-        """status: FINISHED, FAILED or KILLED."""
+        """status: FINISHED, FAILED, KILLED, or PRUNED (recorded as KILLED + tag `pruned=true`)."""
+        if status not in STATUSES:
+            raise ValueError(f"run status {status!r}; choose from {', '.join(STATUSES)}")
+        if status == "PRUNED":
+            self.client.set_tag(run_id, "pruned", "true")
+            status = "KILLED"
         self.client.set_terminated(run_id, status=status)
+
+    def end_quietly(self, run_id: str, status: str) -> None:
+        """`end`, on a path that is already failing: never mask the original error with a store error."""
+        try:
+            self.end(run_id, status)
+        except Exception:
+            pass

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -110,25 +111,69 @@ def decode(buf: bytes) -> dict[str, torch.Tensor]:
         raise BenchError(f"wire: corrupt message ({e})") from None
 
 
+class LedgerRow(NamedTuple):
+    """One message that crossed the network. A tuple too, so `rnd, cid, d, n, keys = row` works."""
+
+    round: int
+    client: int
+    direction: str
+    """`down` (server -> client) or `up` (client -> server)."""
+    bytes: int
+    """len(encode(message)): exactly what was sent."""
+    keys: tuple[str, ...]
+    """The message's tensor names, sorted."""
+
+
+CSV_HEADER = "round,client,direction,bytes,keys"
+
+
+def to_csv(rows) -> str:
+    """The ledger as CSV (the `ledger.csv` artifact of every child run); keys are space-separated.
+
+    Message keys are parameter names (`body.0.weight`), which hold no spaces or commas; `from_csv`
+    reads this back into equal rows.
+    """
+    lines = [CSV_HEADER]
+    for r in rows:
+        if any(" " in k or "," in k or "\n" in k for k in r.keys):
+            raise ValueError(f"ledger key with a space, comma or newline cannot go in CSV: {r.keys!r}")
+        lines.append(f"{r.round},{r.client},{r.direction},{r.bytes},{' '.join(r.keys)}")
+    return "\n".join(lines) + "\n"
+
+
+def from_csv(text: str) -> list[LedgerRow]:
+    """Inverse of `to_csv`."""
+    lines = text.splitlines()
+    if not lines or lines[0] != CSV_HEADER:
+        raise ValueError(f"not a ledger CSV: the first line must be {CSV_HEADER!r}")
+    rows = []
+    for line in lines[1:]:
+        rnd, cid, direction, n, keys = line.split(",")
+        rows.append(LedgerRow(int(rnd), int(cid), direction, int(n), tuple(keys.split())))
+    return rows
+
+
 @dataclass
 class Ledger:
-    """Every message that crossed the network: (round, client, direction, bytes, keys).
+    """Every message that crossed the network, one `LedgerRow` each.
 
     Keys are recorded so a test (or a curious user) can check what a method sent, e.g. that a
     personal head never left the client.
     """
 
-    entries: list[tuple[int, int, str, int, tuple[str, ...]]] = field(default_factory=list)
+    entries: list[LedgerRow] = field(default_factory=list)
 
     def record(self, rnd: int, cid: int, direction: str, payload: bytes, keys) -> int:
         n = len(payload)
-        self.entries.append((rnd, cid, direction, n, tuple(sorted(keys))))
+        self.entries.append(LedgerRow(rnd, cid, direction, n, tuple(sorted(keys))))
         return n
 
     def total(self, direction: str | None = None, rnd: int | None = None) -> int:
-        return sum(
-            e[3] for e in self.entries if (direction is None or e[2] == direction) and (rnd is None or e[0] == rnd)
-        )
+        return sum(e.bytes for e in self.entries
+                   if (direction is None or e.direction == direction) and (rnd is None or e.round == rnd))
 
     def keys_sent(self) -> set[str]:
-        return {k for e in self.entries for k in e[4]}
+        return {k for e in self.entries for k in e.keys}
+
+    def to_csv(self) -> str:
+        return to_csv(self.entries)

@@ -109,3 +109,19 @@ def test_plot_in_an_unknown_format_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: cannot save the plot to 'labels.xyz': ") and proc.stderr.count("\n") == 1
     assert sorted(os.listdir(tmp_path)) == ["cache", "fm"]  # no half-written plot, no temp file
+
+
+def test_help_has_the_dataset_flags_only(tmp_path):
+    """describe's flags are generated from RunConfig too, but only the fields that shape a dataset."""
+    from fedeq_bench.bench.config import RunConfig, field_docs
+
+    proc = subprocess.run([sys.executable, "-m", "bench.data", "describe", "--help"], cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=ROOT, COLUMNS="1000"), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "--partition PARTITION " + field_docs(RunConfig)["partition"] in text
+    for flag in ("--dataset", "--clients", "--val-frac", "--frac-unseen", "--data-dir", "--seed", "--plot"):
+        assert flag in text, flag
+    for flag in ("--rounds", "--methods", "--tracking-uri", "--backend"):
+        assert flag not in text, flag

@@ -1,5 +1,10 @@
-"""bench/config.py: strict keys and types, presets, precedence, per-method inheritance."""
+"""bench/config.py: strict keys and types, presets, precedence (environment included), per-method
+inheritance, and the command-line flags generated from the dataclasses (bench/cli.py)."""
+import dataclasses
+
 import pytest
+
+from fedeq_bench.bench import cli
 
 from fedeq_bench.bench import config as C
 from fedeq_bench.core.errors import BenchError
@@ -88,3 +93,94 @@ def test_flatten_gives_strings_for_mlflow():
     assert flat["fedrep.head_epochs"] == "10"
     assert not any(k.startswith("fedavg.") for k in flat)
     assert "synthetic.alpha" in flat
+
+
+# -- the environment (MLflow's conventions) --------------------------------------------------------
+
+def test_env_gives_tracking_uri_and_experiment(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///from-env.db")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "env-exp")
+    run = C.from_cli(None, {}, []).run
+    assert (run.tracking_uri, run.experiment) == ("sqlite:///from-env.db", "env-exp")
+
+
+def test_env_unset_or_empty_leaves_the_defaults(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "")
+    run = C.from_cli(None, {}, []).run
+    assert (run.tracking_uri, run.experiment) == ("sqlite:///mlflow.db", "fedeq-bench")
+
+
+def test_precedence_env_below_config_file_below_flag_below_set(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    preset = tmp_path / "p.toml"
+    preset.write_text('[run]\ntracking_uri = "sqlite:///file.db"\n')
+    assert C.from_cli(str(preset), {}, []).run.tracking_uri == "sqlite:///file.db"  # --config > env
+    flag = {"tracking_uri": "sqlite:///flag.db"}
+    assert C.from_cli(str(preset), flag, []).run.tracking_uri == "sqlite:///flag.db"  # flag > --config
+    sets = ["tracking_uri=sqlite:///set.db"]
+    assert C.from_cli(str(preset), flag, sets).run.tracking_uri == "sqlite:///set.db"  # --set > flag
+    assert C.from_cli(None, {"tracking_uri": None}, []).run.tracking_uri == "sqlite:///env.db"  # untyped flag
+
+
+# -- flags generated from the dataclasses ---------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Toy:
+    rounds: int = 3
+    """How many rounds;
+    raising it costs time."""
+    mode: str | None = None
+    verbose: bool = False
+    """Say more."""
+
+
+def test_field_docs_are_the_string_under_each_field():
+    assert C.field_docs(Toy) == {"rounds": "How many rounds; raising it costs time.", "verbose": "Say more."}
+    docs = C.field_docs(C.RunConfig)
+    assert set(docs) == {f.name for f in dataclasses.fields(C.RunConfig)}  # every run field is documented
+    assert docs["rounds"].startswith("Communication rounds")
+
+
+def toy_parser():
+    p = cli.Parser(prog="toy")
+    return p, cli.add_config_flags(p, Toy)
+
+
+def test_generated_flags_default_to_none_and_stay_strings():
+    p, keys = toy_parser()
+    assert keys == ["rounds", "mode", "verbose"]
+    assert cli.config_flags(p.parse_args([]), keys) == {"rounds": None, "mode": None, "verbose": None}
+    args = p.parse_args(["--rounds", "7", "--mode", "x", "--no-verbose"])
+    assert cli.config_flags(args, keys) == {"rounds": "7", "mode": "x", "verbose": False}
+
+
+def test_help_shows_each_docstring_and_default():
+    p, _ = toy_parser()
+    text = " ".join(p.format_help().split())
+    assert "--rounds INT How many rounds; raising it costs time. (default: 3)" in text
+    assert "--verbose, --no-verbose Say more. (default: False)" in text
+
+
+def test_unknown_flag_is_one_line_exit_2(capsys):
+    p, _ = toy_parser()
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--roundz", "3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: unrecognized arguments: --roundz 3 (see toy --help)")
+
+
+def test_a_flag_of_the_wrong_type_names_key_and_type():
+    p = cli.Parser(prog="t")
+    keys = cli.add_config_flags(p, C.RunConfig, ["rounds", "dataset"])
+    flags = cli.config_flags(p.parse_args(["--rounds", "1.5"]), keys)
+    with pytest.raises(BenchError, match=r"^rounds expects int, got '1.5'$"):
+        C.from_cli(None, flags, [])
+
+
+def test_help_default_names_the_environment(monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "env-exp")
+    p = cli.Parser(prog="t")
+    cli.add_config_flags(p, C.RunConfig, ["experiment"])
+    assert "(default: env-exp, from $MLFLOW_EXPERIMENT_NAME)" in " ".join(p.format_help().split())

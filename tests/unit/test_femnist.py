@@ -13,7 +13,7 @@ from fedeq_bench.bench import config as C
 from fedeq_bench.bench import engine
 from fedeq_bench.bench.backends import SerialBackend
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.bench.run import load_dataset
+from fedeq_bench.bench.experiment import load_dataset
 from fedeq_bench.datasets import DataArgs, dataset_names, get_dataset
 from fedeq_bench.datasets.femnist import FemnistConfig
 

@@ -90,3 +90,33 @@ def test_ledger_totals_by_direction_and_round():
     assert led.total("up") == 7
     assert led.total(rnd=1) == 10 + 7
     assert led.keys_sent() == {"w", "num_samples"}
+
+
+def test_ledger_rows_have_names_and_unpack_as_tuples():
+    led = wire.Ledger()
+    led.record(3, 7, "up", b"x" * 12, ["w", "b"])
+    (row,) = led.entries
+    assert (row.round, row.client, row.direction, row.bytes, row.keys) == (3, 7, "up", 12, ("b", "w"))
+    rnd, cid, direction, n, keys = row  # still a tuple: older code that unpacks rows keeps working
+    assert (rnd, n) == (3, 12)
+
+
+def test_ledger_csv_round_trips():
+    led = wire.Ledger()
+    led.record(1, 0, "down", b"x" * 10, ["body.0.weight", "body.0.bias"])
+    led.record(1, 0, "up", b"x" * 7, ["body.0.weight", "num_samples"])
+    led.record(2, 11, "down", b"", [])  # an empty message: zero bytes, no keys
+    text = led.to_csv()
+    assert text.splitlines() == ["round,client,direction,bytes,keys",
+                                 "1,0,down,10,body.0.bias body.0.weight",
+                                 "1,0,up,7,body.0.weight num_samples",
+                                 "2,11,down,0,"]
+    assert wire.from_csv(text) == led.entries
+    assert wire.from_csv(wire.to_csv(wire.from_csv(text))) == led.entries
+
+
+def test_ledger_csv_refuses_what_it_could_not_read_back():
+    with pytest.raises(ValueError, match="space, comma or newline"):
+        wire.to_csv([wire.LedgerRow(1, 0, "up", 4, ("a,b",))])
+    with pytest.raises(ValueError, match="not a ledger CSV"):
+        wire.from_csv("r,c\n1,2\n")
