@@ -14,6 +14,7 @@ once per call and shared by every client that receives it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import warnings
@@ -129,28 +130,36 @@ class Worker:
         """One client's `kind` of work; a local update's peak memory is metered when `cid in measure`."""
         cid = job.cid
         try:
+            # Built outside the seeded global generator: whether this job builds the method or finds
+            # it cached must not shift the job's draws.
             method = self.method(spec)
-            data = self._client(cid, spec.task.device)
-            down = wire.decode(job.payload)
-            if kind is Kind.TRAIN:
-                metered = cid in measure
-                meter = memory.MemoryMeter(spec.task.device, modules=[method.net]) if metered else nullcontext()
-                with meter:
-                    up, state, metrics = method.local_update(down, job.state, data,
-                                                             seeding.generator(seed, "local", rnd, cid))
-                # A numpy buffer, not bytes: Ray moves it out-of-band (no pickling copy into the object store).
-                return Result(cid, metrics, np.frombuffer(wire.encode(up), dtype=np.uint8), state,
-                              meter.peak_bytes if metered else 0, memory.peak_rss_bytes())
-            state = job.state
-            if kind is Kind.EVALUATE_UNSEEN:
-                state = method.personalize(down, state, data, seeding.generator(seed, "personalize", rnd, cid))
-            return Result(cid, method.evaluate(down, state, data, seeding.generator(seed, "eval", rnd, cid)))
+            with job_global_rng(seed, kind, rnd, cid, spec.task.device):
+                return self._run(kind, method, spec, job, seed, rnd, measure)
         except BenchError as e:
             return Result(cid, error=str(e))
         except Exception as e:
             # A bug: keep its type and traceback (Ray's too), and say whose work it was.
             e.add_note(f"in {spec.name}: round {rnd}, client {cid} ({kind.value})")
             raise
+
+    def _run(self, kind: Kind, method, spec: MethodSpec, job: Job, seed: int, rnd: int,
+             measure: frozenset) -> Result:
+        cid = job.cid
+        data = self._client(cid, spec.task.device)
+        down = wire.decode(job.payload)
+        if kind is Kind.TRAIN:
+            metered = cid in measure
+            meter = memory.MemoryMeter(spec.task.device, modules=[method.net]) if metered else nullcontext()
+            with meter:
+                up, state, metrics = method.local_update(down, job.state, data,
+                                                         seeding.generator(seed, "local", rnd, cid))
+            # A numpy buffer, not bytes: Ray moves it out-of-band (no pickling copy into the object store).
+            return Result(cid, metrics, np.frombuffer(wire.encode(up), dtype=np.uint8), state,
+                          meter.peak_bytes if metered else 0, memory.peak_rss_bytes())
+        state = job.state
+        if kind is Kind.EVALUATE_UNSEEN:
+            state = method.personalize(down, state, data, seeding.generator(seed, "personalize", rnd, cid))
+        return Result(cid, method.evaluate(down, state, data, seeding.generator(seed, "eval", rnd, cid)))
 
     def run_chunk(self, kind: Kind, spec: MethodSpec, jobs: list[Job], seed: int, rnd: int,
                   measure: frozenset) -> list[Result]:
@@ -164,6 +173,20 @@ class Worker:
         payloads = dict(zip(refs, ray.get(refs)))
         return [self.run(kind, spec, dataclasses.replace(job, payload=payloads[job.payload]), seed, rnd, measure)
                 for job in jobs]
+
+
+@contextlib.contextmanager
+def job_global_rng(seed: int, kind: Kind, rnd: int, cid: int, device: str):
+    """torch's global generator, seeded from the job's own stream for the call and restored after it.
+
+    Methods draw from the generator they are handed, but some model code draws from the global one
+    (the transformers' dropout: `F.dropout` takes no generator). Without this its masks would depend
+    on what the process ran before, so a Ray actor and the Serial backend would train differently.
+    """
+    devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seeding.derive(seed, "global", list(Kind).index(kind), rnd, cid))
+        yield
 
 
 def _ray_gpu_ids():

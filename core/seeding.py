@@ -28,7 +28,9 @@ STREAMS = {
     "local": "(rnd, cid): Method.local_update (bench/backends.py)",
     "eval": "(rnd, cid): Method.evaluate, e.g. fine-tuning before testing (bench/backends.py)",
     "personalize": "(rnd, cid): Method.personalize of a held-out client (bench/backends.py)",
-    "perf": "(): the generated workload of bench/perf.py and tests/perf",
+    "global": "(kind, rnd, cid): torch's global generator during one client job, for model code that "
+              "draws from it, such as dropout (bench/backends.py)",
+    "perf": "(): the generated workload of bench/workloads.py and tests/perf",
 }
 
 

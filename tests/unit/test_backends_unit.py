@@ -108,6 +108,30 @@ def test_bad_input_comes_back_as_an_error_and_a_bug_propagates_with_its_client(s
     assert e.value.__notes__ == [f"in probe: round {RND}, client 1 (train)"]
 
 
+class GlobalDraw(Probe):
+    """Model code that draws from torch's global generator, as dropout does (F.dropout takes none)."""
+
+    def local_update(self, down, state, data, rng):
+        return {"mask": torch.rand(3)}, {}, {}
+
+
+def test_draws_from_the_global_generator_depend_on_the_job_not_on_the_process_history(serial):
+    """Whatever the process drew before, a job's global draws come from its own ('global', kind, rnd,
+    cid) stream; and the caller's global generator is left where it was."""
+    outs = []
+    s = MethodSpec(GlobalDraw, None, Task("mlp", (4,), 3))
+    for history in (0, 1):  # the first call builds the method (Probe's nn.Linear draws globally), the second finds it
+        torch.manual_seed(history)  # two different pasts of the process
+        serial.worker.method(s)
+        before = torch.random.get_rng_state()
+        (r,) = serial.run(Kind.TRAIN, s, jobs(2), SEED, RND)
+        assert torch.equal(torch.random.get_rng_state(), before)  # restored
+        outs.append(wire.decode(r.up)["mask"])
+    assert torch.equal(outs[0], outs[1])
+    expected = torch.Generator().manual_seed(seeding.derive(SEED, "global", list(Kind).index(Kind.TRAIN), RND, 2))
+    assert torch.equal(outs[0], torch.rand(3, generator=expected))
+
+
 def test_the_method_cache_keeps_only_the_most_recently_used():
     worker = Worker(1, "cpu")
     n = backends.METHOD_CACHE_SIZE
