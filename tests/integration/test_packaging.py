@@ -120,3 +120,22 @@ def test_hugging_face_datasets_survives_the_install_and_runs_beside_it(wheel, tm
         cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| fedavg" in proc.stdout
+
+
+def test_console_script_dispatches_to_each_command(wheel, tmp_path):
+    """`fedeq-bench data describe ...` from the installed wheel is `python -m bench.data describe ...`;
+    an unknown command is one line and exit 2."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
+                    str(target), wheel], check=True, capture_output=True, text=True, timeout=300)
+    script = target / "bin" / "fedeq-bench"
+    assert script.exists()
+    env = dict(os.environ, PYTHONPATH=str(target))
+    run = lambda *a: subprocess.run([sys.executable, str(script), *a], cwd=tmp_path, env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    proc = run("data", "describe", "--dataset", "synthetic", "--clients", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "synthetic" in proc.stdout and proc.stdout.count("\n") >= 3  # a header and a row per client
+    proc = run("sweeep")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: unknown command 'sweeep'; choose from data, perf, run"]
