@@ -27,3 +27,26 @@ def tiny_config(npz_path, **run):
     base = {"dataset": f"npz:{npz_path}", "rounds": 2, "backend": "serial", "val_frac": 0.1}
     base.update(run)
     return C.apply(cfg, base)
+
+
+def check_finetuning_follows_rng(algo, down, state, d, tuned_by_hand):
+    """Evaluation that fine-tunes (FedAvg-FT, FedBABU) on 8 samples in batches of 4, one epoch: its
+    metrics equal `eval_metrics(tuned_by_hand([first 4, last 4 of the permutation]), d)`, with the
+    permutation drawn as methods.train.minibatches draws it from the `eval` generator it is handed.
+    Same generator: the same metrics bit for bit; another round's: other batches, other metrics."""
+    import torch
+
+    from fedeq_bench.core import seeding
+    from fedeq_bench.methods.train import eval_metrics
+
+    def expected(rnd):
+        order = torch.randperm(8, generator=seeding.generator(0, "eval", rnd, 0))
+        return eval_metrics(tuned_by_hand([order[:4], order[4:]]), d), set(order[:4].tolist())
+
+    got = {rnd: algo.evaluate(down, state, d, seeding.generator(0, "eval", rnd, 0)) for rnd in (1, 2)}
+    (want1, first1), (want2, first2) = expected(1), expected(2)
+    for m, want in ((got[1], want1), (got[2], want2)):
+        assert m["test_acc"] == want["test_acc"] and abs(m["test_loss"] - want["test_loss"]) < 1e-6
+    assert algo.evaluate(down, state, d, seeding.generator(0, "eval", 1, 0)) == got[1]
+    assert first1 != first2  # round 2's generator groups the samples differently ...
+    assert abs(got[2]["test_loss"] - got[1]["test_loss"]) > 1e-6  # ... and evaluation follows it

@@ -15,7 +15,7 @@ from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.fedavg_ft import FINETUNE, FT_CLIENTS, OWN, FedAvgFT, FedAvgFTConfig
 from fedeq_bench.methods.nets import build_model
 from fedeq_bench.methods.train import eval_metrics
-from tests.helpers import tiny_config, write_tiny_npz
+from tests.helpers import check_finetuning_follows_rng, tiny_config, write_tiny_npz
 
 
 def eval_rng(rnd=1, cid=0):
@@ -93,22 +93,7 @@ def test_evaluation_fine_tunes_in_the_batch_order_of_the_generator_it_is_handed(
     assert state == {}  # no seed of evaluation's batch order is kept on the client
     down = algo.broadcast(server, 0, 1)
 
-    def expected(rng):
-        # methods.train.minibatches: one permutation of the 8 samples per epoch, drawn from rng.
-        order = torch.randperm(8, generator=rng)
-        return eval_metrics(sgd_by_hand(server, d, [order[:4], order[4:]]), d), set(order[:4].tolist())
-
-    m1 = algo.evaluate(down, state, d, eval_rng(1, 0))
-    want1, first1 = expected(eval_rng(1, 0))
-    assert m1["test_acc"] == want1["test_acc"] and abs(m1["test_loss"] - want1["test_loss"]) < 1e-6
-    # A generator of the same (seed, stream, ids): the same batches, the same metrics bit for bit.
-    assert algo.evaluate(down, state, d, eval_rng(1, 0)) == m1
-    # Another round's generator groups the samples differently, and evaluation follows it.
-    m2 = algo.evaluate(down, state, d, eval_rng(2, 0))
-    want2, first2 = expected(eval_rng(2, 0))
-    assert first1 != first2
-    assert m2["test_acc"] == want2["test_acc"] and abs(m2["test_loss"] - want2["test_loss"]) < 1e-6
-    assert abs(m2["test_loss"] - m1["test_loss"]) > 1e-6
+    check_finetuning_follows_rng(algo, down, state, d, lambda batches: sgd_by_hand(server, d, batches))
 
 
 def test_switch_round_freezes_w_and_clients_keep_their_own_copy():
