@@ -185,6 +185,11 @@ def test_every_stream_is_drawn_once_per_ids_except_held_out_client_init(tiny, mo
         expected.update(("eval", rnd, c) for c in ds.train_ids + list(ds.unseen))
         expected.update(("personalize", rnd, c) for c in ds.unseen)
         expected.update(("client_init", c) for c in ds.unseen)
+        # Each client job seeds torch's global generator from ("global", kind, rnd, cid); kinds are
+        # numbered in Kind's order: 0 train (the cohort), 1 evaluate (training clients), 2 held-out.
+        expected.update(("global", 0, rnd, c) for c in schedule[rnd - 1])
+        expected.update(("global", 1, rnd, c) for c in ds.train_ids)
+        expected.update(("global", 2, rnd, c) for c in ds.unseen)
     assert len(ds.unseen) == 2 and set(ds.unseen).isdisjoint(ds.train_ids)
     assert drawn == expected, (drawn - expected, expected - drawn)
     assert {k: n for k, n in drawn.items() if n > 1} == {("client_init", c): 2 for c in ds.unseen}
