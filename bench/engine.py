@@ -7,9 +7,18 @@ client-id order. A failure anywhere in a round names the method, the round and t
 server) in one line: see `failure`.
 
 Random streams drawn here (core/seeding.py): `init` (the model) and `server_init` once per run,
-`client_init` per client id (training clients once, at the start; held-out clients at every
-evaluation, from the server of that round: the same draw each time, one call site), `schedule` per
-round. The clients' own streams (`local`, `eval`, `personalize`) are drawn by bench/backends.py.
+`client_init` per client id (one call site, `new_client`: every training client at the start;
+held-out clients at every evaluation, and training clients never sampled at the final evaluation,
+from the server of that round: the same draw each time), `schedule` per round. The clients' own
+streams (`local`, `eval`, `personalize`) are drawn by bench/backends.py.
+
+Clients never sampled (fraction < 1): `clients/never_trained`, logged every round, counts the
+training clients in no cohort up to and including that round. At the final evaluation those clients
+take the held-out path (`Kind.EVALUATE_UNSEEN`: init_client from the final server, `personalize`,
+then `evaluate`), one protocol for every method, instead of being scored with whatever a method's
+untrained personal parts give (an initial head, a 0.5 mixture, the global model), which biased
+acc/mean and acc/bottom10 between methods. They still count as training clients in acc/*, not in
+acc/unseen. Earlier evaluations score them as they are (the federation's state at that round).
 """
 from __future__ import annotations
 
@@ -34,7 +43,7 @@ from fedeq_bench.methods.base import METHODS
 
 # Metric names of DESIGN.md, logged every round (acc/* every evaluated round).
 ROUND_METRICS = ("loss/train", "bytes/up", "bytes/down", "bytes/cumulative", "mem/peak_train_bytes",
-                 "mem/peak_rss_bytes", "time/round_s")
+                 "mem/peak_rss_bytes", "time/round_s", "clients/never_trained")
 EVAL_METRICS = ("acc/mean", "acc/weighted", "acc/bottom10", "acc/val")
 
 
@@ -87,8 +96,10 @@ def failure(method: str, rnd: int, msg: str, where: str = "server") -> BenchErro
     return BenchError(f"{method}: round {rnd}, {where}: {msg}")
 
 
-def client_label(cid: int, kind: Kind = Kind.TRAIN) -> str:
-    """`client 7` for a local update; evaluation and held-out clients say so."""
+def client_label(cid: int, kind: Kind = Kind.TRAIN, never_trained: bool = False) -> str:
+    """`client 7` for a local update; evaluation, held-out and never-sampled clients say so."""
+    if kind is Kind.EVALUATE_UNSEEN and never_trained:
+        return f"never-trained client {cid} (personalization and evaluation)"
     return {Kind.TRAIN: f"client {cid}",
             Kind.EVALUATE: f"client {cid} (evaluation)",
             Kind.EVALUATE_UNSEEN: f"held-out client {cid} (personalization and evaluation)"}[kind]
@@ -111,12 +122,21 @@ def blame(method: str, rnd: int, where: str = "server") -> Iterator[None]:
 
 
 def client_results(backend, kind: Kind, spec: MethodSpec, jobs: list[Job], seed: int, rnd: int,
-                   measure: frozenset = frozenset()) -> Iterator[Result]:
+                   measure: frozenset = frozenset(), never_trained: frozenset = frozenset()) -> Iterator[Result]:
     """`backend.run`'s results in job order; a client's failure is raised as `failure(...)` naming it."""
     for res in backend.run(kind, spec, jobs, seed, rnd, measure):
         if res.error is not None:
-            raise failure(spec.name, rnd, res.error, client_label(res.cid, kind))
+            raise failure(spec.name, rnd, res.error, client_label(res.cid, kind, res.cid in never_trained))
         yield res
+
+
+def new_client(algo, cid: int, server, seed: int):
+    """A client's state as it joins under `server`: the one call site drawing ("client_init", cid).
+
+    Training clients join at the start; held-out clients, and training clients never sampled, join
+    again at an evaluation from that round's server: the same numbers each time.
+    """
+    return algo.init_client(cid, server, seeding.generator(seed, "client_init", cid))
 
 
 def make_schedule(seed: int, train_ids: list[int], rounds: int, fraction: float) -> list[list[int]]:
@@ -189,17 +209,20 @@ def run_method(
                           params_personal=sum(sd[k].numel() for k in personal))
     server = algo.init_server(model, seeding.generator(seed, "server_init"))
     train_ids = dataset.train_ids
-    store = {cid: algo.init_client(cid, server, seeding.generator(seed, "client_init", cid)) for cid in train_ids}
+    store = {cid: new_client(algo, cid, server, seed) for cid in train_ids}
     schedule = make_schedule(seed, train_ids, run.rounds, run.fraction)
     cumulative = 0
     # A local update's footprint depends on the model, the method and the client's data size, not
     # on the round: meter each client's first update (every one with run.memory_every_round).
     peak_of: dict[int, int] = {}
+    trained: set[int] = set()  # training clients in some cohort so far
     t_start = time.perf_counter()
 
     for rnd in range(1, run.rounds + 1):
         t0 = time.perf_counter()
         cohort = schedule[rnd - 1]
+        trained.update(cohort)
+        never_trained = [c for c in train_ids if c not in trained]
         jobs, down_bytes, cache = [], 0, EncodeCache()
         with blame(method, rnd):
             for cid in cohort:
@@ -232,11 +255,14 @@ def run_method(
             "bytes/cumulative": float(cumulative),
             "mem/peak_train_bytes": float(peak_train),
             "mem/peak_rss_bytes": float(peak_rss),
+            "clients/never_trained": float(len(never_trained)),
         }
         metrics.update(reduce_client_metrics(client_metrics))
         metrics.update({k: float(v) for k, v in agg_metrics.items()})
         if rnd % run.eval_every == 0 or rnd == run.rounds:
-            metrics.update(evaluate(algo, spec, server, store, dataset, backend, seed, rnd))
+            # Only the final evaluation personalizes the never-sampled clients (module docstring).
+            fresh = never_trained if rnd == run.rounds else ()
+            metrics.update(evaluate(algo, spec, server, store, dataset, backend, seed, rnd, fresh))
         metrics["time/round_s"] = time.perf_counter() - t0
         result.history.append(metrics)
         if on_round is not None:
@@ -246,22 +272,32 @@ def run_method(
 
 
 def evaluate(algo, spec: MethodSpec, server, store, dataset: FederatedDataset, backend, seed: int,
-             rnd: int) -> dict[str, float]:
+             rnd: int, never_trained=()) -> dict[str, float]:
     """Personalized accuracy of every training client (and held-out clients, personalized first).
 
+    `never_trained`: training clients that take the held-out path this time (init_client from this
+    round's server, `personalize`, `evaluate`; their stored state is ignored and not changed). They
+    count in acc/*, not in acc/unseen.
     Evaluation downlinks are a measurement, not training traffic: they are not in the ledger.
     """
     cache = EncodeCache()
+    fresh = frozenset(never_trained)
+    seen_ids = [cid for cid in dataset.train_ids if cid not in fresh]
+    fresh_ids = sorted(fresh | set(dataset.unseen))  # one batch, in client-id order
     with blame(spec.name, rnd):
-        jobs = [Job(cid, cache.encode(algo.broadcast(server, cid, rnd)), store[cid]) for cid in dataset.train_ids]
-    out = accuracy_metrics([res.metrics for res in client_results(backend, Kind.EVALUATE, spec, jobs, seed, rnd)])
-    if dataset.unseen:
+        jobs = [Job(cid, cache.encode(algo.broadcast(server, cid, rnd)), store[cid]) for cid in seen_ids]
+    evals = {res.cid: res.metrics for res in client_results(backend, Kind.EVALUATE, spec, jobs, seed, rnd)}
+    unseen = {}
+    if fresh_ids:
         with blame(spec.name, rnd):
-            # A held-out client starts from the current server at every evaluation: init_client draws
+            # Such a client starts from the current server at every evaluation: `new_client` draws
             # ("client_init", cid) again each time, the same numbers from the same call site.
-            jobs = [Job(cid, cache.encode(algo.broadcast(server, cid, rnd)),
-                        algo.init_client(cid, server, seeding.generator(seed, "client_init", cid)))
-                    for cid in dataset.unseen]
-        unseen = [res.metrics for res in client_results(backend, Kind.EVALUATE_UNSEEN, spec, jobs, seed, rnd)]
-        out["acc/unseen"] = accuracy_metrics(unseen)["acc/mean"]
+            jobs = [Job(cid, cache.encode(algo.broadcast(server, cid, rnd)), new_client(algo, cid, server, seed))
+                    for cid in fresh_ids]
+        for res in client_results(backend, Kind.EVALUATE_UNSEEN, spec, jobs, seed, rnd, never_trained=fresh):
+            (evals if res.cid in fresh else unseen)[res.cid] = res.metrics
+    # Reduce in client-id order so Serial and Ray runs are bit-identical.
+    out = accuracy_metrics([evals[cid] for cid in dataset.train_ids])
+    if dataset.unseen:
+        out["acc/unseen"] = accuracy_metrics([unseen[cid] for cid in dataset.unseen])["acc/mean"]
     return out

@@ -158,16 +158,19 @@ def test_the_driver_never_builds_on_the_actors_device(tiny):
     assert res.history[0]["bytes/up"] > 0
 
 
-def test_every_stream_is_drawn_once_per_ids_except_held_out_client_init(tiny, monkeypatch):
-    """Each (stream, ids) is drawn once per run, with one exception: a held-out client's init_client
-    draws ("client_init", cid) again at every evaluation (one call site, the same numbers each time).
+def test_every_stream_is_drawn_once_per_ids_except_client_init_of_late_joiners(tiny, monkeypatch):
+    """Each (stream, ids) is drawn once per run, with one exception: `engine.new_client`, the one call
+    site of ("client_init", cid), draws it again whenever a client joins from a later server: a
+    held-out client at every evaluation, a training client never sampled at the final evaluation
+    (the same numbers each time).
 
-    Training clients draw "client_init" at the start and held-out ones at evaluation: two call sites
-    of one stream, but disjoint ids, so no draw is shared.
+    A never-sampled client's final evaluation is the held-out path: ("personalize", rnd, cid) and
+    ("global", 2, rnd, cid) instead of ("global", 1, rnd, cid); ("eval", rnd, cid) either way.
     """
     cfg = tiny_config(tiny, methods="fedrep", rounds=2, eval_every=1, fraction=0.5, frac_unseen=0.34)
     ds = load_dataset(cfg, 0)
     schedule = engine.make_schedule(0, ds.train_ids, 2, 0.5)  # before recording: it draws "schedule" too
+    never = sorted(set(ds.train_ids) - set(schedule[0]) - set(schedule[1]))
     drawn = collections.Counter()
     derive = seeding.derive
 
@@ -181,18 +184,21 @@ def test_every_stream_is_drawn_once_per_ids_except_held_out_client_init(tiny, mo
     expected = collections.Counter([("init",), ("server_init",), ("schedule", 1), ("schedule", 2)])
     expected.update(("client_init", c) for c in ds.train_ids)
     for rnd in (1, 2):  # both rounds are evaluated (eval_every=1)
+        fresh = never if rnd == 2 else []  # only the final evaluation personalizes the never-sampled
         expected.update(("local", rnd, c) for c in schedule[rnd - 1])
         expected.update(("eval", rnd, c) for c in ds.train_ids + list(ds.unseen))
-        expected.update(("personalize", rnd, c) for c in ds.unseen)
-        expected.update(("client_init", c) for c in ds.unseen)
+        expected.update(("personalize", rnd, c) for c in list(ds.unseen) + fresh)
+        expected.update(("client_init", c) for c in list(ds.unseen) + fresh)
         # Each client job seeds torch's global generator from ("global", kind, rnd, cid); kinds are
-        # numbered in Kind's order: 0 train (the cohort), 1 evaluate (training clients), 2 held-out.
+        # numbered in Kind's order: 0 train (the cohort), 1 evaluate (training clients), 2 held-out path.
         expected.update(("global", 0, rnd, c) for c in schedule[rnd - 1])
-        expected.update(("global", 1, rnd, c) for c in ds.train_ids)
-        expected.update(("global", 2, rnd, c) for c in ds.unseen)
+        expected.update(("global", 1, rnd, c) for c in ds.train_ids if c not in fresh)
+        expected.update(("global", 2, rnd, c) for c in list(ds.unseen) + fresh)
     assert len(ds.unseen) == 2 and set(ds.unseen).isdisjoint(ds.train_ids)
+    assert len(never) >= 1  # 4 training clients, 2 per round: this seed leaves some unsampled
     assert drawn == expected, (drawn - expected, expected - drawn)
-    assert {k: n for k, n in drawn.items() if n > 1} == {("client_init", c): 2 for c in ds.unseen}
+    assert {k: n for k, n in drawn.items() if n > 1} == \
+        {**{("client_init", c): 2 for c in ds.unseen}, **{("client_init", c): 2 for c in never}}
 
 
 def test_failure_names_method_round_and_place():
