@@ -24,9 +24,10 @@ Choices, and where they come from:
     log(1 - mix) + log_softmax(logits)), so mix = 0 gives exactly log_softmax(logits): accuracy and
     loss equal to FedAvg's evaluation of the same w, bit for bit (both use log_softmax + nll_loss,
     summed over the same chunks).
-  * Temperature: the reference scales squared distances by 1 / (features_dimension * scale) with
-    scale = 1; here temperature is T itself, so the reference's kernel is temperature =
-    features_dimension * scale (200 for mlp, 512 for cnn). Raising T flattens the vote toward a
+  * Temperature: by default T = features_dimension * scale with scale = 1, as the reference
+    (`gather_knn_outputs`: exp(-d / (features_dimension * scale))) and FL-bench do; the feature
+    dimension is the in_features of the model's final Linear (200 for mlp, 512 for cnn, 64 for
+    resnet20). `knnper.temperature` sets T directly instead. Raising T flattens the vote toward a
     plain count over the k neighbours; T -> 0 is 1-NN.
   * mix is one fixed value for every client (the issue's default 0.5); the reference sweeps the
     weight over 0.1, ..., 1.0 after training and reports per value (selecting it on validation data
@@ -45,9 +46,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fedeq_bench.core.errors import BenchError
 from fedeq_bench.methods.base import MethodConfig, register_method
 from fedeq_bench.methods.fedavg import FedAvg
-from fedeq_bench.methods.nets import features_and_logits, final_linear  # noqa: F401  (re-exported for tests)
+from fedeq_bench.methods.nets import features_and_logits, final_linear
 from fedeq_bench.methods.train import EVAL_CHUNK, load, metrics_from_counts
 
 
@@ -58,8 +60,12 @@ class KNNPerConfig(MethodConfig):
     mix: float = 0.5
     """Weight lam of p_kNN in the mixture (0: the global model alone, 1: the kNN model alone);
     raising it personalizes more."""
-    temperature: float = 1.0
-    """Kernel temperature T over squared distances; raising it weighs far neighbours more (flatter vote)."""
+    temperature: float | None = None
+    """Kernel temperature T over squared distances; raising it weighs far neighbours more (flatter
+    vote). None: the reference's T = feature dimension * scale."""
+    scale: float = 1.0
+    """The reference's kernel scale, used when temperature is None (T = feature dimension * scale);
+    raising it flattens the vote."""
 
 
 def knn_probs(query: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, k: int,
@@ -90,6 +96,15 @@ class KNNPer(FedAvg):
 
     Config = KNNPerConfig
 
+    def temperature(self) -> float:
+        """T: `temperature` if set, else the feature dimension (final Linear's in_features) * scale."""
+        cfg = self.cfg
+        t = cfg.temperature if cfg.temperature is not None else final_linear(self.net).in_features * cfg.scale
+        if not t > 0:
+            raise BenchError(f"knnper: the kernel temperature must be > 0, got {t} "
+                             f"(temperature={cfg.temperature}, scale={cfg.scale})")
+        return float(t)
+
     @torch.no_grad()
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         net = self.net
@@ -100,12 +115,13 @@ class KNNPer(FedAvg):
     def _correct_and_loss(self, keys, labels, x, y) -> tuple[int, float]:
         """(number correct, summed NLL of the mixed probability), in methods.train's chunks."""
         cfg, net = self.cfg, self.net
+        temperature = self.temperature()
         correct, loss = 0, 0.0
         for s in range(0, int(y.shape[0]), EVAL_CHUNK):
             feats, logits = features_and_logits(net, x[s : s + EVAL_CHUNK])
             p_knn = None
             if keys is not None:
-                p_knn = knn_probs(feats, keys, labels, cfg.k, cfg.temperature, logits.shape[1]).to(logits.dtype)
+                p_knn = knn_probs(feats, keys, labels, cfg.k, temperature, logits.shape[1]).to(logits.dtype)
             log_p = mixed_log_probs(logits, p_knn, cfg.mix)
             correct += int((log_p.argmax(1) == y[s : s + EVAL_CHUNK]).sum())
             loss += float(F.nll_loss(log_p, y[s : s + EVAL_CHUNK], reduction="sum"))

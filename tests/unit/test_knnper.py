@@ -2,10 +2,12 @@
 training embeddings."""
 import math
 
+import pytest
 import torch
 from torch import nn
 
 from fedeq_bench.core import seeding
+from fedeq_bench.core.errors import BenchError
 from fedeq_bench.methods.base import ClientTensors, Task
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.base import MethodConfig
@@ -75,6 +77,28 @@ def test_evaluate_mixes_knn_and_global_probabilities_by_hand():
     assert m["test_acc"] == 0.0 and math.isclose(m["test_loss"], math.log(4.0), rel_tol=1e-6)
     # mix = 1: the kNN model alone: loss (-log p0 - log p1) / 2.
     algo, down = identity_body_method(mix=1.0)
+    m = algo.evaluate(down, {}, d, eval_rng())
+    assert math.isclose(m["test_loss"], (-math.log(p0) - math.log(p1)) / 2, rel_tol=1e-6)
+
+
+def test_default_temperature_is_the_feature_dimension_times_scale():
+    # The reference's kernel exp(-d / (features_dimension * scale)), scale = 1 (omarfoq/knn-per client.py).
+    cfg = dict(model="mlp", lr=0.1, local_epochs=1, batch_size=8)
+    assert KNNPerConfig().temperature is None and KNNPerConfig().scale == 1.0
+    assert KNNPer(KNNPerConfig(**cfg), Task("mlp", (4,), 3)).temperature() == 200 * 1.0  # mlp: 200 features
+    assert KNNPer(KNNPerConfig(**cfg, scale=0.5), Task("mlp", (4,), 3)).temperature() == 200 * 0.5
+    assert KNNPer(KNNPerConfig(**cfg, temperature=3.0, scale=0.5), Task("mlp", (4,), 3)).temperature() == 3.0
+    assert KNNPer(KNNPerConfig(**{**cfg, "model": "cnn"}), Task("cnn", (1, 8, 8), 3)).temperature() == 512
+    with pytest.raises(BenchError, match="temperature must be > 0"):
+        KNNPer(KNNPerConfig(**cfg, scale=0.0), Task("mlp", (4,), 3)).temperature()
+    # On the 2-D identity-body model the default is T = 2 * 1 = 2, and evaluation uses it: the
+    # kNN-alone loss is that of knn_probs at T = 2 (first test: p0 = (e^-0.5 + e^-1) / (2 e^-0.5 + e^-1)).
+    algo, down = identity_body_method(mix=1.0, temperature=None)
+    assert algo.temperature() == 2.0
+    test_x, test_y = torch.tensor([[0.0, 1.0], [0.0, 1.0]]), torch.tensor([0, 1])
+    d = ClientTensors(KEYS, LABELS, test_x[:1], test_y[:1], test_x, test_y)
+    h, one = math.exp(-0.5), math.exp(-1.0)
+    p0, p1 = (h + one) / (2 * h + one), h / (2 * h + one)
     m = algo.evaluate(down, {}, d, eval_rng())
     assert math.isclose(m["test_loss"], (-math.log(p0) - math.log(p1)) / 2, rel_tol=1e-6)
 
