@@ -1,4 +1,4 @@
-"""pFedMe (methods/pfedme.py): K inner steps on theta, outer step w_i <- w_i - lr lam (w_i - theta),
+"""pFedMe (methods/pfedme.py): K inner steps on theta, outer step w_i <- w_i - eta lam (w_i - theta),
 server w <- (1 - beta) w + beta mean(w_i); theta_i stays home and is what is evaluated."""
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,9 @@ def ce_grad(W, b, x, y):
 
 
 def linear(**kw):
-    cfg = PFedMeConfig(**{"lr": 0.05, "local_epochs": 1, "batch_size": 8, "personal_lr": 0.1, "lam": 15.0, **kw})
+    # eta = 0.05 and mu = 0 keep the hand arithmetic of the first two tests short; the defaults next.
+    cfg = PFedMeConfig(**{"lr": 0.05, "local_epochs": 1, "batch_size": 8, "personal_lr": 0.1, "lam": 15.0,
+                          "eta": 0.05, "mu": 0.0, **kw})
     algo = PFedMe(cfg, Task("mlp", (4,), 3), net=nn.Sequential(nn.Linear(4, 3)))  # a tiny linear scratch net
     w = {"0.weight": 0.1 * torch.arange(12.0).reshape(3, 4) - 0.5, "0.bias": torch.tensor([0.2, -0.1, 0.0])}
     return algo, w
@@ -49,7 +51,7 @@ def test_one_inner_step_then_the_outer_step_by_hand():
     theta_W, theta_b = w["0.weight"] - 0.1 * gW, w["0.bias"] - 0.1 * gb
     assert torch.allclose(state[THETA + "0.weight"], theta_W, atol=1e-6)
     assert torch.allclose(state[THETA + "0.bias"], theta_b, atol=1e-6)
-    # w_i <- w - lr * lam * (w - theta1) = w - 0.05 * 15 * 0.1 * g = w - 0.075 * g
+    # w_i <- w - eta * lam * (w - theta1) = w - 0.05 * 15 * 0.1 * g = w - 0.075 * g
     assert torch.allclose(up["0.weight"], w["0.weight"] - 0.075 * gW, atol=1e-6)
     assert torch.allclose(up["0.bias"], w["0.bias"] - 0.075 * gb, atol=1e-6)
     assert int(up["num_samples"]) == 8 and set(up) == {"0.weight", "0.bias", "num_samples"}
@@ -71,6 +73,35 @@ def test_second_inner_step_feels_the_prox_term():
     # outer: w_i = w - 0.75 * (w - theta2)
     assert torch.allclose(up["0.weight"], W - 0.75 * (W - W2), atol=1e-5)
     assert torch.allclose(up["0.bias"], b - 0.75 * (b - b2), atol=1e-5)
+
+
+def test_one_outer_step_with_the_reference_defaults_by_hand():
+    # The reference's defaults (main.py, fedoptimizer.py): eta 0.005, personal_lr 0.09, mu 1e-3,
+    # lam 15, K 5. The run's lr is not pFedMe's: 99 here changes nothing.
+    cfg = PFedMeConfig()
+    assert (cfg.eta, cfg.personal_lr, cfg.mu, cfg.lam, cfg.K, cfg.beta) == (0.005, 0.09, 1e-3, 15.0, 5, 1.0)
+    algo = PFedMe(PFedMeConfig(lr=99.0, local_epochs=1, batch_size=8), Task("mlp", (4,), 3),
+                  net=nn.Sequential(nn.Linear(4, 3)))
+    w = {"0.weight": 0.1 * torch.arange(12.0).reshape(3, 4) - 0.5, "0.bias": torch.tensor([0.2, -0.1, 0.0])}
+    d = data()  # n = batch = 8: one mini-batch, one outer step
+    up, state, m = algo.local_update(w, {}, d, seeding.generator(0, "local", 1, 0))
+    assert m["steps"] == 5
+    W, b = w["0.weight"].double(), w["0.bias"].double()
+    x, y = d.train_x.double(), d.train_y
+    tW, tb = W.clone(), b.clone()
+    for _ in range(5):  # theta <- theta - 0.09 * (g(theta) + 15 (theta - w) + 0.001 theta)
+        gW, gb = ce_grad(tW, tb, x, y)
+        tW, tb = tW - 0.09 * (gW + 15.0 * (tW - W) + 1e-3 * tW), tb - 0.09 * (gb + 15.0 * (tb - b) + 1e-3 * tb)
+    assert torch.allclose(state[THETA + "0.weight"].double(), tW, atol=1e-6)
+    assert torch.allclose(state[THETA + "0.bias"].double(), tb, atol=1e-6)
+    # outer: w_i = w - eta * lam * (w - theta5) = w - 0.075 * (w - theta5)
+    assert torch.allclose(up["0.weight"].double(), W - 0.075 * (W - tW), atol=1e-6)
+    assert torch.allclose(up["0.bias"].double(), b - 0.075 * (b - tb), atol=1e-6)
+    # mu = 0 is allowed and drops the L2 term: theta differs from the mu = 1e-3 one.
+    algo0 = PFedMe(PFedMeConfig(lr=99.0, local_epochs=1, batch_size=8, mu=0.0), Task("mlp", (4,), 3),
+                   net=nn.Sequential(nn.Linear(4, 3)))
+    _, state0, _ = algo0.local_update(w, {}, d, seeding.generator(0, "local", 1, 0))
+    assert not torch.allclose(state0[THETA + "0.weight"], state[THETA + "0.weight"], atol=1e-7)
 
 
 def test_server_mixes_old_w_and_the_weighted_mean_with_beta():
