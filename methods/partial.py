@@ -1,7 +1,8 @@
 """Partial sharing: methods whose model is head(body(x)) and which send one part and keep the other.
 
-FedRep, FedPer and FedBABU share the body and keep the head; LG-FedAvg shares the head and keeps the
-body. They differ only in how a client trains (and evaluates); the plumbing is here:
+FedRep, FedPer and FedBABU share the body and keep the head; LG-FedAvg shares its global top layers
+and keeps the lower ones (its own `param_split`). They differ only in how a client trains (and
+evaluates); the plumbing is here:
 
     Server:  keeps the whole initial model: the shared part is updated as
              shared <- sum_i n_i shared_i / sum_i n_i   (client-id order, float64),
