@@ -29,13 +29,19 @@ spaces, plus a trailing space:
 
 giving n = len(text) - 80 windows (a role with a 100-character text has 100 - 80 = 20).
 
+Targets (`targets`): `all` (default) labels every position, y = text[i + 1 : i + 81], shape
+(N, 80), the FeDEQ reference's form (its transformers predict every position; loss and accuracy
+are over all 80 positions, methods/train.py); `last` labels the next character only,
+y = text[i + 80], shape (N,), LEAF's form. The `all` label's last column is the `last` label,
+so both forms see the same windows and the same split.
+
 Vocabulary: LEAF's ALL_LETTERS (80 symbols: newline, space, punctuation, digits, letters), with
 id = ALL_LETTERS.index(c) + 1 (1..80), so that id 0 stays PADDING, which the transformers mask out
 of attention (methods/nets/transformer.py: PAD = 0); a window of real text never contains 0. A
 character outside ALL_LETTERS (e.g. `$` in tiny Shakespeare) gets UNK = 81, where LEAF's
 `str.find` would give -1. Ids 82..89 are unused; the model's vocabulary is 90, the FeDEQ paper's,
 so every id is < num_classes = 90. x holds the 80 ids as float32 (the harness's feature dtype;
-the models cast back to long), y the next character's id as int64.
+the models cast back to long), y the target ids as int64 (see Targets).
 
 Per-role train/test split by time (the FedAvg paper's Shakespeare split, first lines train, last
 lines test; LEAF's current `split_data.py` draws train samples at random instead, which leaks:
@@ -109,6 +115,10 @@ class ShakespeareConfig:
     max_samples_per_client: int = 2000
     """Cap on a client's train + test windows, evenly spaced in time (0: no cap, LEAF's full
     stride-1 data); lowering it makes rounds faster. Must be 0 or >= min_samples."""
+    targets: str = "all"
+    """`all`: one label per position, y = the window shifted by one character, (N, 80): position t
+    predicts the character after x[t], as the FeDEQ reference trains its transformers (per-token
+    loss and accuracy over all 80 positions). `last`: LEAF's next character only, y of shape (N,)."""
     train_frac: float = 0.8
     """Fraction of a role's windows in its training split (the first ones in time; the FedAvg
     paper's 0.8); raising it gives more training and fewer test windows. Must be in (0, 1).
@@ -193,7 +203,12 @@ HOW_TO_GET = (
 )
 
 
+TARGETS = ("all", "last")
+
+
 def _validate(cfg: ShakespeareConfig) -> None:
+    if cfg.targets not in TARGETS:
+        raise BenchError(f"shakespeare.targets must be one of {', '.join(TARGETS)}, got {cfg.targets!r}")
     if not 0.0 < cfg.train_frac < 1.0:
         raise BenchError(f"shakespeare.train_frac must be in (0, 1), got {cfg.train_frac}")
     if cfg.min_samples < 2:
@@ -250,6 +265,12 @@ def text_windows(ids: np.ndarray) -> np.ndarray:
     return sliding_window_view(ids, SEQ_LEN + 1)  # row i = text[i : i + 81]
 
 
+def targets_of(rows: np.ndarray, targets: str) -> np.ndarray:
+    """Labels of (m, 81) rows: `all` -> rows[:, 1:] (m, 80), the window shifted by one; `last` ->
+    rows[:, 80] (m,), the next character. The last column of `all` is the `last` label."""
+    return np.ascontiguousarray(rows[:, 1:] if targets == "all" else rows[:, SEQ_LEN])
+
+
 @register_dataset("shakespeare", ShakespeareConfig)
 def load_shakespeare(cfg: ShakespeareConfig, args: DataArgs) -> FederatedDataset:
     """One client per speaking role, from raw play text or LEAF JSON (see the module docstring)."""
@@ -292,12 +313,14 @@ def load_shakespeare(cfg: ShakespeareConfig, args: DataArgs) -> FederatedDataset
         tr, te = sides[role]
         k_tr, k_te = cap_sizes(len(tr), len(te), cfg.max_samples_per_client)
         tr, te = tr[evenly_spaced(len(tr), k_tr)], te[evenly_spaced(len(te), k_te)]
-        raw.append((tr[:, :SEQ_LEN].astype(np.float32), tr[:, SEQ_LEN], te[:, :SEQ_LEN].astype(np.float32), te[:, SEQ_LEN]))
+        raw.append((tr[:, :SEQ_LEN].astype(np.float32), targets_of(tr, cfg.targets),
+                    te[:, :SEQ_LEN].astype(np.float32), targets_of(te, cfg.targets)))
     return build_federated(
         "shakespeare",
         raw,
         VOCAB_SIZE,
         args,
-        partition=f"shakespeare(natural,roles={len(raw)},source={source},cap={cfg.max_samples_per_client})",
+        partition=(f"shakespeare(natural,roles={len(raw)},source={source},cap={cfg.max_samples_per_client}"
+                   + (",targets=last)" if cfg.targets == "last" else ")")),
         default_models={"explicit": "transformer8", "deq": "deq_transformer"},
     )

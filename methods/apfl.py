@@ -49,11 +49,10 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from fedeq_bench.methods.base import Method, MethodConfig, register_method
 from fedeq_bench.methods.fedavg import FedAvg
-from fedeq_bench.methods.train import eval_metrics, load, minibatches, snapshot, with_num_samples
+from fedeq_bench.methods.train import cross_entropy, eval_metrics, load, minibatches, snapshot, with_num_samples
 
 V = "v."
 """State key prefix of the local model v_i."""
@@ -147,9 +146,9 @@ class APFL(FedAvg):
             opt_w.zero_grad(set_to_none=True)
             opt_v.zero_grad(set_to_none=True)
             mix_net.zero_grad(set_to_none=True)
-            loss_w = F.cross_entropy(net(xb), yb)
+            loss_w = cross_entropy(net(xb), yb)
             loss_w.backward()
-            loss_mix = F.cross_entropy(mix_net(xb), yb)
+            loss_mix = cross_entropy(mix_net(xb), yb)
             loss_mix.backward()
             with torch.no_grad():
                 # d CE(v_bar) / d alpha = <v - w, g_mix>, accumulated over tensors in float64

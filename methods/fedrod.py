@@ -47,7 +47,7 @@ from torch import nn
 from fedeq_bench.methods.base import MethodConfig, register_method
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.nets import features_and_logits, final_linear
-from fedeq_bench.methods.train import eval_metrics, load, minibatches, snapshot, with_num_samples
+from fedeq_bench.methods.train import cross_entropy, eval_metrics, load, minibatches, snapshot, with_num_samples
 
 PHEAD = "phead."
 """State key prefix of the personal head h_i: `phead.weight`, `phead.bias`."""
@@ -61,13 +61,13 @@ class FedRoDConfig(MethodConfig):
 
 def balanced_softmax_loss(logits: torch.Tensor, y: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
     """L_BSM = CE(logits + log_prior, y): the softmax reweighted by the client's label prior."""
-    return F.cross_entropy(logits + log_prior, y)
+    return cross_entropy(logits + log_prior, y)
 
 
 def log_class_prior(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """log(n_c / n) per class c (float32; -inf for a class absent from y)."""
-    counts = torch.bincount(y, minlength=num_classes).to(torch.float32)
-    return torch.log(counts / max(int(y.shape[0]), 1))
+    counts = torch.bincount(y.reshape(-1), minlength=num_classes).to(torch.float32)  # per-position labels: per token
+    return torch.log(counts / max(int(y.numel()), 1))
 
 
 class Personalized(nn.Module):
@@ -123,11 +123,11 @@ class FedRoD(FedAvg):
             z, g = features_and_logits(net, xb)
             if train_generic:
                 loss_g = (balanced_softmax_loss(g, yb, log_prior) if cfg.generic_loss == "bsm"
-                          else F.cross_entropy(g, yb))
+                          else cross_entropy(g, yb))
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()
                 opt_g.step()
-            loss_p = F.cross_entropy(g.detach() + F.linear(z.detach(), ph["weight"], ph.get("bias")), yb)
+            loss_p = cross_entropy(g.detach() + F.linear(z.detach(), ph["weight"], ph.get("bias")), yb)
             opt_p.zero_grad(set_to_none=True)
             loss_p.backward()
             opt_p.step()

@@ -1,4 +1,21 @@
-"""Training and evaluation steps shared by methods: plain mini-batch SGD and accuracy."""
+"""Training and evaluation steps shared by methods: plain mini-batch SGD, the loss and accuracy.
+
+Targets come in two shapes, and every method handles both through `cross_entropy` and
+`count_correct` (the only places logits meet labels):
+
+* one label per example: labels (N,), logits (N, V) (images, next-character Shakespeare);
+* one label per position: labels (N, T), logits (N, T, V) (Shakespeare with
+  `shakespeare.targets = "all"`, as the FeDEQ reference trains its transformers). The loss is the
+  mean cross-entropy over all N * T tokens and accuracy counts correct tokens, as the reference's
+  `per_nll_loss_fn` / `seq_pred_fn` (utils/jax_utils.py of github.com/longtanle/FeDEQ).
+
+A per-position model given one label per example (logits (N, T, V), labels (N,)) is scored on its
+last position: the next-character-only form, from the same network.
+
+Per-client metrics: `test_acc` = correct tokens / tokens and `test_loss` = mean CE per token;
+`test_n` counts examples. Every Shakespeare window has the same T tokens, so the engine's
+example-weighted `acc/weighted` equals the token micro-average the reference reports.
+"""
 from __future__ import annotations
 
 from typing import Callable, Iterable
@@ -7,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedeq_bench.core.errors import BenchError
 from fedeq_bench.methods.base import NUM_SAMPLES, ClientTensors, Message, Metrics, State
 
 EVAL_CHUNK = 1024
@@ -25,6 +43,34 @@ def snapshot(net: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
     """Detached CPU copies of the named parameters/buffers: what goes into state or a message."""
     own = net.state_dict()
     return {k: own[k].detach().to("cpu", copy=True) for k in names}
+
+
+def as_rows(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (M, V), labels (M,)): one row per scored token (see the module docstring)."""
+    if logits.dim() == y.dim() + 2:  # per-position logits, one label per example: the last position
+        logits = logits[:, -1]
+    if logits.shape[:-1] != y.shape:
+        raise BenchError(f"the model's logits {tuple(logits.shape)} do not match labels {tuple(y.shape)}: labels "
+                         "per position need a model with per-position logits (transformer8, deq_transformer), "
+                         "or set shakespeare.targets=last")
+    return logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """CE over every scored token: mean (default) or sum over N (per-example) or N * T tokens."""
+    rows, labels = as_rows(logits, y)
+    return F.cross_entropy(rows, labels, reduction=reduction)
+
+
+def count_correct(logits: torch.Tensor, y: torch.Tensor) -> int:
+    """Tokens whose argmax is the label (examples when there is one label per example)."""
+    rows, labels = as_rows(logits, y)
+    return int((rows.argmax(-1) == labels).sum())
+
+
+def num_tokens(y: torch.Tensor) -> int:
+    """Scored tokens of labels `y`: N for (N,), N * T for (N, T)."""
+    return int(y.numel())
 
 
 def minibatches(x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, rng: torch.Generator):
@@ -61,7 +107,7 @@ def sgd_epochs(
     total, steps = 0.0, 0
     for xb, yb in minibatches(x, y, epochs, batch_size, rng):
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(xb), yb)
+        loss = cross_entropy(net(xb), yb)
         obj = loss if penalty is None else loss + penalty()
         obj.backward()
         opt.step()
@@ -74,13 +120,14 @@ def sgd_epochs(
 
 @torch.no_grad()
 def correct_and_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[int, float]:
-    """(number correct, summed CE loss) over (x, y), evaluated in chunks."""
+    """(number correct, summed CE loss) over (x, y), evaluated in chunks; counted in tokens where
+    `y` has one label per position."""
     net.eval()
     correct, loss = 0, 0.0
     for s in range(0, int(y.shape[0]), EVAL_CHUNK):
-        out = net(x[s : s + EVAL_CHUNK])
-        correct += int((out.argmax(1) == y[s : s + EVAL_CHUNK]).sum())
-        loss += float(F.cross_entropy(out, y[s : s + EVAL_CHUNK], reduction="sum"))
+        out, yb = net(x[s : s + EVAL_CHUNK]), y[s : s + EVAL_CHUNK]
+        correct += count_correct(out, yb)
+        loss += float(cross_entropy(out, yb, reduction="sum"))
     return correct, loss
 
 
@@ -93,13 +140,15 @@ def eval_metrics(net: nn.Module, data: ClientTensors) -> Metrics:
 
 def metrics_from_counts(tc: int, tl: float, vc: int, data: ClientTensors) -> Metrics:
     """The per-client evaluation metrics the engine reduces, from test (correct, summed loss) and
-    validation correct counts."""
+    validation correct counts, in tokens (= examples with one label per example). `test_n` and
+    `val_n` count examples: the engine's weights (see the module docstring)."""
     nt, nv = int(data.test_y.shape[0]), int(data.val_y.shape[0])
+    tt, tv = num_tokens(data.test_y), num_tokens(data.val_y)
     return {
-        "test_acc": tc / nt if nt else float("nan"),
+        "test_acc": tc / tt if tt else float("nan"),
         "test_n": float(nt),
-        "test_loss": tl / nt if nt else float("nan"),
-        "val_acc": vc / nv if nv else float("nan"),
+        "test_loss": tl / tt if tt else float("nan"),
+        "val_acc": vc / tv if tv else float("nan"),
         "val_n": float(nv),
     }
 

@@ -21,9 +21,12 @@ injection u (the reference's UTBlock names its last layer, final LN and classifi
 The reference's personal layer after the DEQ is injected with the token embeddings alone (no
 position embeddings); kept. Keys whose token id is 0 are masked (the reference's pad token).
 
-Prediction: LEAF Shakespeare asks for the character after an 80-character window, so the head
-returns the logits at the last position only, (B, V), where the reference returns (B, T, V); no
-parameter changes. The forward accepts float or long token ids (the harness stores x as float32).
+Prediction: the head returns logits at every position, (B, T, V), as the reference: position t
+predicts the character after x[t] (causal attention), so `shakespeare.targets = "all"` trains and
+scores all T positions. With `shakespeare.targets = "last"` (one label per window, LEAF's next
+character) the shared loss and accuracy (methods/train.py `cross_entropy`, `count_correct`) score
+the last position only: the same network, the same parameters. The forward accepts float or long
+token ids (the harness stores x as float32).
 
 Dropout inside the fixed-point map must be the same at every solver iteration, or the map changes
 under the solver: the reference draws one rng key per forward; here the masks are drawn once per
@@ -187,7 +190,7 @@ class ExplicitTransformerBody(nn.Module):
 
 
 class PersonalHead(nn.Module):
-    """One explicit layer, LayerNorm, classifier at the last position: (z, u, mask) -> (B, V)."""
+    """One explicit layer, LayerNorm, classifier at every position: (z, u, mask) -> (B, T, V)."""
 
     def __init__(self, vocab: int, init_scale: float):
         super().__init__()
@@ -198,7 +201,7 @@ class PersonalHead(nn.Module):
     def forward(self, feats):
         z, u, allowed = feats
         h = self.layer(z, u, allowed)
-        return self.out(self.ln_f(h[:, -1]))
+        return self.out(self.ln_f(h))
 
 
 def _seq_shape(model: str, input_shape: tuple[int, ...]) -> int:

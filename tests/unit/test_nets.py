@@ -10,6 +10,8 @@ from torch import nn
 
 import fedeq_bench.methods.deq
 from fedeq_bench.methods.nets import build_model, split_names
+from fedeq_bench.methods.nets.deq_resnet import RowGroupNorm, tf_same_max_pool
+from fedeq_bench.methods.train import cross_entropy
 
 REAL_DEQ = getattr(fedeq_bench.methods.deq, "DEQ", None)
 
@@ -76,6 +78,10 @@ COUNTS = [
     # Reference: 2,726,410 and 2,738,020; 100 classes add 90 * (128 + 1) = 11,610 to the classifier.
     ("deq_resnet_m", CIFAR, 10, 2_726_410, 128 * 10 + 10),
     ("deq_resnet_m", CIFAR, 100, 2_726_410 + 90 * 129, 128 * 100 + 100),
+    # The reference-arithmetic forms (per-row GroupNorm, TF-SAME pools) have the same parameters.
+    ("deq_resnet_s_ref", FEMNIST, 62, 992_894, 128 * 62 + 62),
+    ("deq_resnet_m_ref", CIFAR, 10, 2_726_410, 128 * 10 + 10),
+    ("deq_resnet_m_ref", CIFAR, 100, 2_726_410 + 90 * 129, 128 * 100 + 100),
     # Reference: 7,779,274 (CIFAR-10, blocks (5, 6, 5)).
     ("resnet34", CIFAR, 10, 7_779_274, 1_290),
     # CIFAR-100 layout (3, 5, 8), counted by hand (no reference figure): stem 3*64*9 + 128 = 1,856;
@@ -93,7 +99,8 @@ COUNTS = [
     # No reference figure (hidden 128): 784*128 + 128*128 + (128*128 + 128) + (128*10 + 10).
     ("deq_mlp", (1, 28, 28), 10, 784 * 128 + 128 * 128 + 128 * 128 + 128 + 1_290, 1_290),
 ]
-DEQ_MODELS = {"deq_resnet_s", "deq_resnet_m", "deq_transformer", "deq_mlp"}
+DEQ_MODELS = {"deq_resnet_s", "deq_resnet_m", "deq_resnet_s_ref", "deq_resnet_m_ref", "deq_transformer", "deq_mlp"}
+SEQUENCE_MODELS = {"deq_transformer", "transformer8"}
 
 
 def batch(shape, classes, n=2):
@@ -122,11 +129,12 @@ FORWARD = [c[:3] for c in COUNTS if c[2] != 100]
 
 
 @pytest.mark.parametrize("name,shape,classes", FORWARD, ids=[c[0] for c in FORWARD])
-def test_forward_returns_logits_per_sample(deq, name, shape, classes):
+def test_forward_returns_logits_per_sample_or_per_position(deq, name, shape, classes):
     net = fast(build_model(name, shape, classes), deq).eval()
     with torch.no_grad():
         out = net(batch(shape, classes))
-    assert out.shape == (2, classes)
+    # The transformers predict every position of the window, (B, T, V), as the reference.
+    assert out.shape == ((2, *shape, classes) if name in SEQUENCE_MODELS else (2, classes))
     assert torch.isfinite(out).all()
 
 
@@ -145,15 +153,24 @@ def test_transformer_reads_float_or_long_token_ids(deq):
         assert torch.equal(net(x), net(x.long()))
 
 
-def test_transformer_predicts_from_the_whole_window_causally(deq):
-    """The logits are the last position's: changing the first token changes them (causal attention
-    lets the last query see every key)."""
-    net = build_model("transformer8", SHAKESPEARE, 90).eval()
+@pytest.mark.parametrize("name", sorted(SEQUENCE_MODELS))
+def test_transformer_predicts_every_position_causally(deq, name):
+    """Position t's logits see tokens 0..t only: changing token 10 leaves positions 0..9 as they
+    were and changes 10..79; changing token 0 changes the last position's (it sees every key)."""
+    net = fast(build_model(name, SHAKESPEARE, 90), deq).eval()
     x = batch(SHAKESPEARE, 90, n=1)
     y = x.clone()
-    y[0, 0] = (x[0, 0] % 89) + 1  # another non-padding id
+    y[0, 10] = (x[0, 10] % 89) + 1  # another non-padding id
+    z = x.clone()
+    z[0, 0] = (x[0, 0] % 89) + 1
     with torch.no_grad():
-        assert not torch.allclose(net(x), net(y))
+        ox, oy, oz = net(x), net(y), net(z)
+    assert not torch.allclose(ox[:, -1], oz[:, -1])
+    if name == "transformer8":
+        # Exact for the explicit net; the DEQ's z* is causal only up to its solver's residual
+        # (all positions are solved jointly, from a common stopping rule), so it is not checked there.
+        assert torch.allclose(ox[:, :10], oy[:, :10], atol=1e-5)
+        assert (ox[:, 10:] - oy[:, 10:]).abs().amax(-1).min() > 1e-5
 
 
 def test_deq_transformer_map_is_fixed_within_a_forward_in_train_mode(deq):
@@ -199,9 +216,69 @@ def test_train_step_gives_finite_body_gradients(deq, name, shape, classes):
     if name == "resnet34":
         nn.init.normal_(net.head.weight, 0.0, 0.1)  # its classifier starts at zero, which zeroes body grads
     x = batch(shape, classes, n=2)
-    y = torch.tensor([0, 1])
-    F.cross_entropy(net(x), y).backward()
+    y = torch.tensor([0, 1])  # one label per example: a transformer is scored on its last position
+    cross_entropy(net(x), y).backward()
     grads = {n: p.grad for n, p in net.named_parameters() if n.startswith("body.")}
     assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
     assert all(torch.isfinite(g).all() for g in grads.values())
     assert any(g.abs().sum() > 0 for g in grads.values())
+
+
+# -- the reference arithmetic of deq_resnet_*_ref (item 4 of issue 9) ------------------------------
+
+def test_row_group_norm_normalizes_each_row_over_width_and_group_channels():
+    """hk.GroupNorm on one (H, W, C) image under vmap: statistics per (example, row h, group) over
+    (W, C/G), computed here by loops; then per-channel scale and shift."""
+    torch.manual_seed(0)
+    b, c, h, w, g = 2, 4, 3, 5, 2
+    x = torch.randn(b, c, h, w) * 3 + 1
+    norm = RowGroupNorm(g, c)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5, -1.0]))
+        norm.bias.copy_(torch.tensor([0.0, 1.0, -1.0, 2.0]))
+    want = torch.empty_like(x)
+    for i in range(b):
+        for r in range(h):
+            for k in range(g):
+                cs = slice(k * c // g, (k + 1) * c // g)
+                cell = x[i, cs, r, :]  # (C/G, W) of one row
+                mean, var = cell.mean(), cell.var(unbiased=False)
+                want[i, cs, r, :] = (cell - mean) / torch.sqrt(var + 1e-5)
+    want = want * norm.weight.view(1, c, 1, 1) + norm.bias.view(1, c, 1, 1)
+    got = norm(x)
+    assert torch.allclose(got, want, atol=1e-5)
+    # Not standard GroupNorm, whose statistics span the whole (C/G, H, W) block.
+    std = nn.GroupNorm(g, c)
+    std.load_state_dict(norm.state_dict())
+    assert not torch.allclose(std(x), want, atol=1e-3)
+
+
+def test_tf_same_max_pool_pads_after_only():
+    """TF 'SAME' 3x3/2 on 4x4: out = ceil(4/2) = 2, total padding (2-1)*2 + 3 - 4 = 1 -> (0, 1),
+    so the windows cover rows/cols {0,1,2} and {2,3}; PyTorch's padding=1 covers {0,1} and {1,2,3}."""
+    x = torch.arange(16.0).view(1, 1, 4, 4)  # x[r, c] = 4r + c
+    assert tf_same_max_pool(x).flatten().tolist() == [4 * 2 + 2, 4 * 2 + 3, 4 * 3 + 2, 4 * 3 + 3]  # 10 11 14 15
+    assert F.max_pool2d(x, 3, 2, padding=1).flatten().tolist() == [5, 7, 13, 15]
+    # Padded cells never win: all-negative input, bottom-right window = rows/cols {2, 3}.
+    assert tf_same_max_pool(-(x + 1)).flatten().tolist() == [-1, -3, -9, -11]
+    # Odd size 7: out 4, total padding 3*2 + 3 - 7 = 2 -> (1, 1), as PyTorch's padding=1.
+    y = torch.randn(1, 2, 7, 7)
+    assert torch.equal(tf_same_max_pool(y), F.max_pool2d(y, 3, 2, padding=1))
+    # The sizes the models see keep ceil(H/2) in both forms: 28 -> 14 -> 7, 32 -> 16 -> 8.
+    for n in (28, 14, 32, 16):
+        assert tf_same_max_pool(torch.zeros(1, 1, n, n)).shape[-1] == -(-n // 2)
+
+
+@pytest.mark.parametrize("name", ["deq_resnet_s", "deq_resnet_m"])
+def test_reference_form_has_the_same_state_and_other_arithmetic(deq, name):
+    shape = FEMNIST if name == "deq_resnet_s" else CIFAR
+    std, ref = build_model(name, shape, 10), build_model(name + "_ref", shape, 10)
+    assert {k: v.shape for k, v in std.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert isinstance(ref.body.stem[-1], nn.Module) and not isinstance(ref.body.stem[-1], nn.MaxPool2d)
+    assert sum(isinstance(m, RowGroupNorm) for m in ref.modules()) == 3
+    assert not any(isinstance(m, RowGroupNorm) for m in std.modules())
+    # Same weights, different arithmetic: the stem's pool alone moves the features.
+    ref.load_state_dict(std.state_dict())
+    x = batch(shape, 10)
+    with torch.no_grad():
+        assert not torch.allclose(std.eval().body.stem(x), ref.eval().body.stem(x))

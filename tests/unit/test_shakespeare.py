@@ -70,11 +70,15 @@ def play(tmp_path):
     return str(path)
 
 
-def windows_at(text: str, starts) -> tuple[np.ndarray, np.ndarray]:
-    """Expected (x, y) of the windows starting at `starts` of `text`, built from the string."""
+def windows_at(text: str, starts, targets: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    """Expected (x, y) of the windows starting at `starts` of `text`, built from the string: y is
+    the window shifted by one character (`all`, the default) or the next character (`last`)."""
     ids = encode(text)
     x = np.stack([ids[s:s + 80] for s in starts]).astype(np.float32)
-    y = np.array([ids[s + 80] for s in starts], dtype=np.int64)
+    if targets == "all":
+        y = np.stack([ids[s + 1:s + 81] for s in starts]).astype(np.int64)
+    else:
+        y = np.array([ids[s + 80] for s in starts], dtype=np.int64)
     return x, y
 
 
@@ -192,6 +196,56 @@ def test_validation_comes_from_train_windows(play):
     x, _ = windows_at(TEXT["ALICE"], range(160))
     pool = {r.tobytes() for r in x}
     assert all(r.tobytes() in pool for r in alice.val_x)
+
+
+def test_targets_all_is_the_shifted_window_and_last_its_last_column(play):
+    every = load(play, HALF, val_frac=0.0)
+    last = load(play, ShakespeareConfig(train_frac=0.5, min_samples=100, max_samples_per_client=0, targets="last"),
+                val_frac=0.0)
+    assert last.partition == "shakespeare(natural,roles=3,source=text,cap=0,targets=last)"
+    for ca, cl in zip(every.clients, last.clients):
+        assert ca.train_y.shape == (len(ca.train_x), 80) and cl.train_y.shape == (len(cl.train_x),)
+        np.testing.assert_array_equal(ca.train_x, cl.train_x)
+        np.testing.assert_array_equal(ca.test_y[:, -1], cl.test_y)
+        # y[:, t] is x[:, t + 1]: position t predicts the next character of the window.
+        np.testing.assert_array_equal(ca.train_y[:, :-1], cl.train_x[:, 1:].astype(np.int64))
+    # The `last` labels are ALICE's next characters, built from the string.
+    np.testing.assert_array_equal(last.clients[0].train_y, windows_at(TEXT["ALICE"], range(160), "last")[1])
+
+
+def test_per_position_loss_and_accuracy_count_tokens():
+    """Hand-set logits, N = 2 windows of T = 3 positions, V = 4: CE is the mean over 6 tokens and
+    accuracy correct tokens / 6; with one label per window the last position is scored."""
+    import torch
+    import torch.nn.functional as F
+
+    from fedeq_bench.core.types import ClientTensors
+    from fedeq_bench.methods.train import count_correct, cross_entropy, eval_metrics
+
+    logits = torch.tensor([[[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 4.0, 0]],
+                           [[0, 0, 0, 4.0], [4.0, 0, 0, 0], [0, 4.0, 0, 0]]])  # argmax 0 1 2 / 3 0 1
+    y = torch.tensor([[0, 1, 3], [3, 2, 1]])  # right: 0 1 . / 3 . 1 -> 4 of 6
+    assert count_correct(logits, y) == 4
+    rows = logits.reshape(6, 4)
+    per_token = -torch.log_softmax(rows, -1)[torch.arange(6), y.reshape(6)]
+    assert torch.allclose(cross_entropy(logits, y), per_token.sum() / 6)
+    # One label per window: the last position, logits[:, -1] = argmax 2 and 1.
+    y_last = torch.tensor([2, 0])
+    assert count_correct(logits, y_last) == 1
+    assert torch.allclose(cross_entropy(logits, y_last), F.cross_entropy(logits[:, -1], y_last))
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return logits[x[:, 0].long()]
+
+    x = torch.tensor([[0.0], [1.0]])
+    data = ClientTensors(x, y, x[:0], y[:0], x, y)
+    m = eval_metrics(Fixed(), data)
+    assert m["test_acc"] == 4 / 6 and m["test_n"] == 2.0  # tokens correct / tokens; examples counted
+    assert abs(m["test_loss"] - float(per_token.mean())) < 1e-6
+    # A per-example model cannot meet per-position labels: one clear error.
+    with pytest.raises(BenchError, match="shakespeare.targets=last"):
+        cross_entropy(logits[:, -1], y)
 
 
 # -- LEAF JSON -------------------------------------------------------------------------------------
@@ -333,6 +387,7 @@ def test_natural_partition_is_accepted(play):
     (ShakespeareConfig(train_frac=1.0), "train_frac"),
     (ShakespeareConfig(min_samples=1), "min_samples"),
     (ShakespeareConfig(min_samples=100, max_samples_per_client=50), "max_samples_per_client"),
+    (ShakespeareConfig(targets="next"), "shakespeare.targets must be one of all, last"),
 ])
 def test_bad_config(play, cfg, needle):
     one_line_error(lambda: load(play, cfg), needle)
@@ -383,7 +438,8 @@ def real():
 
 
 def windows_of(x: np.ndarray, y: np.ndarray) -> list[str]:
-    return [decode(r) + decode([t]) for r, t in zip(x, y)]
+    """Each window's 80 characters and its next one (y's last column with per-position targets)."""
+    return [decode(r) + decode(np.atleast_1d(t)[-1:]) for r, t in zip(x, y)]
 
 
 @needs_real
@@ -436,10 +492,11 @@ def test_real_is_deterministic(real):
 
 # -- through the engine ----------------------------------------------------------------------------
 
-def test_one_fedavg_round_with_transformer8(play):
+@pytest.mark.parametrize("targets", ["all", "last"])
+def test_one_fedavg_round_with_transformer8(play, targets):
     cfg = C.apply(C.default_config(), {
         "dataset": f"shakespeare:{play}", "rounds": 1, "backend": "serial", "clients": 3,
-        "methods": "fedavg", "model": "transformer8", "val_frac": 0.1,
+        "methods": "fedavg", "model": "transformer8", "val_frac": 0.1, "shakespeare.targets": targets,
         "shakespeare.train_frac": 0.5, "shakespeare.min_samples": 100, "shakespeare.max_samples_per_client": 100,
     })
     ds = load_dataset(cfg, 0)
