@@ -202,7 +202,7 @@ def test_mlp_and_cnn_unchanged():
 
 
 # Small inputs: gradients do not depend on the image size, and the solve stays fast on 2 cores.
-GRAD_CASES = [("deq_resnet_s", (1, 12, 12), 5), ("deq_resnet_m", (3, 8, 8), 5),
+GRAD_CASES = [("deq_resnet_s", (1, 12, 12), 5), ("deq_resnet_m", (3, 8, 8), 5), ("deq_resnet_s_ref", (1, 12, 12), 5),
               ("deq_transformer", (16,), 90), ("deq_mlp", (20,), 3),
               ("resnet20", (1, 12, 12), 5), ("resnet34", (3, 8, 8), 5), ("transformer8", (16,), 90)]
 
