@@ -2,6 +2,10 @@
 
 The workload, and what the ratio measures, is described in bench/workloads.py. Targets: 1 worker
 within 1.3x of the plain loop; 2 workers on 2 cores faster than it.
+
+`python -m bench.perf --method fedeq`: seconds per FeDEQ local update on deq_mlp and deq_resnet_s
+(the reference's stopping rule and Anderson, and the earlier rel/torchdeq/no-cache form) next to a
+FedRep update on the paired explicit model at equal epochs (bench/workloads.py, fedeq_update_table).
 """
 from __future__ import annotations
 
@@ -17,7 +21,15 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=0.05, help="local learning rate (default 0.05)")
     p.add_argument("--batch-size", type=int, default=32, help="local mini-batch size (default 32)")
     p.add_argument("--workers", default="1,2", help="comma list of Ray worker counts to measure")
+    p.add_argument("--method", choices=("fedavg", "fedeq"), default="fedavg",
+                   help="fedavg: the harness-overhead table (default); fedeq: seconds per FeDEQ local update")
+    p.add_argument("--repeats", type=int, default=3, help="--method fedeq: timed updates per row (median)")
     args = p.parse_args(argv)
+    if args.method == "fedeq":
+        from fedeq_bench.bench.workloads import fedeq_update_table
+
+        print(fedeq_update_table(repeats=args.repeats))
+        return 0
     try:
         workers = tuple(int(x) for x in args.workers.split(",") if x)
     except ValueError:

@@ -130,3 +130,86 @@ def overhead_table(rounds: int = 30, warmup: int = 5, lr: float = 0.05, batch_si
              f"|{'-' * 50}|---------|----------------|"]
     lines += [f"| {name:<48} | {t:7.3f} | {t / base:14.2f} |" for name, t in rows]
     return "\n".join(lines)
+
+
+# -- FeDEQ's local update (issue 9, item 7) -------------------------------------------------------
+# One client's local update, timed alone (no engine): FeDEQ on a DEQ model next to FedRep on the
+# paired explicit model at equal epochs (FedRep's head_epochs = FeDEQ's personal_epochs, its
+# local_epochs = shared_epochs), the reference's FEMNIST/CIFAR settings: 3 + 5 epochs, batch 10,
+# lr 0.01. Inputs are 28x28 Fashion-MNIST-like images (write_fmnist_like's distribution).
+UPDATE_PAIRS = {"deq_mlp": "mlp", "deq_resnet_s": "resnet20"}
+UPDATE_SAMPLES = {"deq_mlp": 480, "deq_resnet_s": 40}  # deq_resnet_s: ~1/12 of a reference client
+PERSONAL_EPOCHS, SHARED_EPOCHS, UPDATE_BATCH, UPDATE_LR = 3, 5, 10, 0.01
+
+
+def update_setup(method: str, model: str, n: int, seed: int = 0, **overrides):
+    """(update() closure, method instance) for one local update of `method` on `model` with n samples."""
+    from fedeq_bench.bench import wire
+    from fedeq_bench.core.types import ClientTensors, Task
+    from fedeq_bench.methods import METHODS
+    from fedeq_bench.methods.nets import build_model
+
+    g = generator(seed, "perf")
+    w = torch.randn(int(np.prod(SHAPE)), CLASSES, generator=g)
+    x = torch.rand(n, *SHAPE, generator=g)
+    y = (x.flatten(1) @ w).argmax(1)
+    data = ClientTensors(x, y, x[:8], y[:8], x[:8], y[:8])
+    cls = METHODS.get(method)
+    kw = {"model": model, "lr": UPDATE_LR, "batch_size": UPDATE_BATCH}
+    if method == "fedeq":
+        kw.update(personal_epochs=PERSONAL_EPOCHS, shared_epochs=SHARED_EPOCHS)
+    elif method == "fedrep":
+        kw.update(head_epochs=PERSONAL_EPOCHS, local_epochs=SHARED_EPOCHS)
+    fields = set(getattr(cls.Config, "__dataclass_fields__", {}))
+    kw.update({k: v for k, v in overrides.items() if k in fields})
+    algo = cls(cls.Config(**kw), Task(model, SHAPE, CLASSES))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_model(model, SHAPE, CLASSES)
+    server = algo.init_server(net, generator(seed, "server_init"))
+    state = algo.init_client(0, server, generator(seed, "client_init", 0))
+    down = wire.decode(wire.encode(algo.broadcast(server, 0, 1)))
+
+    def update():
+        return algo.local_update(down, state, data, generator(seed, "local", 1, 0))
+
+    return update, algo
+
+
+def time_update(method: str, model: str, n: int, repeats: int = 3, **overrides) -> tuple[float, dict]:
+    """Median seconds of `repeats` local updates (after one warm-up call), and the last metrics."""
+    update, _ = update_setup(method, model, n, **overrides)
+    update()
+    times, metrics = [], {}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _, _, metrics = update()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), metrics
+
+
+def fedeq_update_table(models: tuple[str, ...] = ("deq_mlp", "deq_resnet_s"), repeats: int = 3,
+                       threads: int = 1) -> str:
+    """The Markdown table `python -m bench.perf --method fedeq` prints: seconds per local update."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        lines = [f"One local update, {PERSONAL_EPOCHS} personal/head + {SHARED_EPOCHS} shared/body epochs, "
+                 f"batch {UPDATE_BATCH}, {threads} thread{'s' if threads > 1 else ''}; median of {repeats}",
+                 "| method | model | samples | s/update | deq/nstep_mean | ratio to FedRep |",
+                 "|---|---|---|---|---|---|"]
+        for model in models:
+            n = UPDATE_SAMPLES[model]
+            explicit = UPDATE_PAIRS[model]
+            t_rep, _ = time_update("fedrep", explicit, n, repeats)
+            rows = [("fedeq (stop_mode=abs, reference Anderson)", {}),
+                    ("fedeq (stop_mode=rel, torchdeq Anderson, no cache)",
+                     {"stop_mode": "rel", "anderson_variant": "torchdeq", "cache_head_features": False})]
+            for name, kw in rows:
+                t, m = time_update("fedeq", model, n, repeats, **kw)
+                lines.append(f"| {name} | {model} | {n} | {t:.3f} | {m.get('deq/nstep_mean', float('nan')):.2f} "
+                             f"| {t / t_rep:.2f} |")
+            lines.append(f"| fedrep | {explicit} | {n} | {t_rep:.3f} | - | 1.00 |")
+        return "\n".join(lines)
+    finally:
+        torch.set_num_threads(prev)

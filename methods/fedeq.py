@@ -11,12 +11,18 @@ over theta, per sampled client i and round:
     3. dual step:            dual_i <- dual_i + rho (theta_i - theta)
     4. upload theta_i (parameters and the normalization statistics the body carries) and n_i
 
-    Server:  theta <- sum_i n_i theta_i / sum_i n_i            (aggregate = "mean", the default)
+    Server:  theta <- sum_i n_i theta_i / sum_i n_i            (aggregate = "mean", the default;
+                                                                server_weights = "uniform": n_i = 1)
              theta <- sum_i n_i (theta_i + dual_i / rho) / sum_i n_i
                                                                (aggregate = "mean_plus_dual": textbook
                                                                 consensus ADMM; the client uploads the
                                                                 single tensor theta_i + dual_i / rho)
-    dual_i (lambda_i) and w_i never leave the client; dual_i starts at 0.
+    dual_i (lambda_i) and w_i never leave the client; dual_i starts at dual_init (0; the reference's
+    `--lam_admm`, 0.001 in its Shakespeare runner: every entry of lambda_i starts there).
+    penalty_scale = "tokens" divides the penalty terms (not the dual step) by the mini-batch's token
+    count, as the reference's Shakespeare loss does (`rdeq_nll_loss_fn`, utils/jax_utils.py):
+        CE_per_token + (<dual_i, theta_i - theta> + rho/2 ||theta_i - theta||^2) / T_batch,
+    T_batch = number of input positions with id > 0 (its mask `inputs > 0`; id 0 is padding).
 
 Where textbook consensus ADMM and the reference code differ, the defaults follow the reference:
   * aggregate = "mean": the reference averages the theta_i alone.
@@ -28,8 +34,18 @@ Evaluation personalizes with the client's own (theta_i, w_i) (`eval_theta = "own
 eval_fedeq); a client that never trained uses theta. `eval_theta = "global"` evaluates (theta, w_i).
 A held-out client starts from the final theta and a fresh head, trains the head for
 personal_epochs, then is evaluated (the reference's unseen-client protocol).
-Defaults: rho = 0.01, plain SGD, the same lr for both steps, solver anderson (max_iter 20, tol 1e-3),
-implicit backward.
+Defaults: rho = 0.01, plain SGD, the same lr for both steps, implicit backward, and the forward
+solve as the reference's (utils/model_utils.py, deq/solver/anderson.py there): Anderson, m = 5,
+ridge 1e-4, 20 steps, stop when ||f(z) - z||_2 <= 1e-3 per example (stop_mode = "abs"), m = 5
+plain steps before accelerating, the last iterate returned (anderson_variant = "reference").
+
+Speed (issue 9, item 7): the personal step trains w_i with the body frozen, so z* of each training
+example is the same in every epoch of that step. Where the body computes the same thing in train
+mode whatever the batch (no BatchNorm, no dropout, and a per-example solver: the reference
+Anderson), the body runs once over the client's data and the head trains on those features
+(`cache_head_features`): the same head update up to float rounding (tested). Elsewhere (DEQ-ResNet's
+BatchNorm, the transformer's dropout, torchdeq's batch-wide stopping) the body runs per batch, in
+train mode, as the reference does.
 """
 from __future__ import annotations
 
@@ -40,9 +56,12 @@ import torch
 
 from fedeq_bench.methods.base import Method, MethodConfig, register_method
 from fedeq_bench.methods.nets import split_names
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.methods.base import NUM_SAMPLES
 from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot, with_num_samples
 
-THETA, HEAD, DUAL = "theta.", "head.", "dual."
+THETA, HEAD, DUAL, NORM = "theta.", "head.", "dual.", "norm."
+FEATURE_CHUNK = 1024  # examples per body forward when caching the head step's features
 RESUME = "resume"
 LAST_COHORT = "last_cohort"
 
@@ -66,7 +85,20 @@ class FeDEQConfig(MethodConfig):
     max_iter: int = 20
     """Forward solver steps at most; raising it lowers residuals at more compute (not more memory)."""
     tol: float = 1e-3
-    """Forward solver's relative residual tolerance; lowering it costs more steps."""
+    """Forward solver's residual tolerance (in stop_mode's unit); lowering it costs more steps."""
+    stop_mode: Literal["abs", "rel"] = "abs"
+    """Forward residual: `abs` ||f(z) - z||_2 per example (reference) or `rel` (/ ||f(z)||, looser on large states)."""
+    anderson_variant: Literal["reference", "torchdeq"] = "reference"
+    """Anderson (solver=anderson): `reference` m plain warm-up steps, per-example stop, last iterate;
+    `torchdeq` 2 warm-up steps, batch-wide stop, lowest-residual iterate."""
+    cache_head_features: bool = True
+    """Personal step: compute z* once per round and train the head on it, where that is exact (module docstring)."""
+    penalty_scale: Literal["none", "tokens"] = "none"
+    """`tokens`: divide the ADMM penalty by the batch's non-padding input tokens (reference, Shakespeare)."""
+    dual_init: float = 0.0
+    """Initial value of every dual entry (reference `--lam_admm`; 0.001 in its Shakespeare runner)."""
+    server_weights: Literal["samples", "uniform"] = "samples"
+    """Server average weighted by n_i (`samples`) or uniform over the cohort (reference code)."""
     backward: Literal["implicit", "jfb", "phantom"] = "implicit"
     """Gradient: implicit differentiation, Jacobian-free (one step), or phantom (k unrolled steps)."""
     b_max_iter: int = 20
@@ -94,7 +126,9 @@ class FeDEQ(Method):
 
             for m in net.modules():
                 if isinstance(m, DEQ):
+                    kw = {"variant": self.cfg.anderson_variant} if self.cfg.solver == "anderson" else {}
                     m.configure(solver=self.cfg.solver, max_iter=self.cfg.max_iter, tol=self.cfg.tol,
+                                stop_mode=self.cfg.stop_mode, solver_kw=kw,
                                 backward=self.cfg.backward, b_max_iter=self.cfg.b_max_iter, b_tol=self.cfg.b_tol)
                     m.register_forward_hook(lambda mod, args, out: self._solves.append(mod.last_stats))
         return net
@@ -128,6 +162,8 @@ class FeDEQ(Method):
 
         body, _, _ = self._names()
         new = dict(server)
+        if self.cfg.server_weights == "uniform":  # the reference's model_average(..., weights=None)
+            replies = [(cid, {**m, NUM_SAMPLES: torch.tensor(1, dtype=torch.int64)}) for cid, m in replies]
         new.update(weighted_average(replies, body))
         new[LAST_COHORT] = torch.tensor(sorted(cid for cid, _ in replies), dtype=torch.int64)
         return new, {}
@@ -145,27 +181,37 @@ class FeDEQ(Method):
         start = {k: state[THETA + k] for k in body} if resume else theta
         load(net, start)
         load(net, {k: state[HEAD + k] for k in head})
-        dual = {k: state.get(DUAL + k, torch.zeros_like(theta[k])) for k in trainable}
+        dual = {k: state.get(DUAL + k, torch.full_like(theta[k], cfg.dual_init)) for k in trainable}
         self._solves = []
 
         # 1. personal step: w_i only.
-        l_head, s_head = sgd_epochs(net, list(net.head.parameters()), data.train_x, data.train_y,
-                                    cfg.personal_epochs, cfg.batch_size, cfg.lr, rng)
+        l_head, s_head = self._head_step(net, data, cfg.personal_epochs, rng)
         # 2. representation step: theta_i only, on CE + <dual, theta_i - theta> + rho/2 ||theta_i - theta||^2.
         own = dict(net.named_parameters())
         dev = next(net.parameters()).device
         theta_t = {k: theta[k].to(dev) for k in trainable}
         dual_t = {k: dual[k].to(dev) for k in trainable}
 
+        batch_x: list[torch.Tensor] = []  # the current mini-batch's input (penalty_scale = "tokens")
+
         def penalty():
             total = 0.0
             for k in trainable:
                 diff = own[k] - theta_t[k]
                 total = total + (dual_t[k] * diff).sum() + 0.5 * cfg.rho * diff.pow(2).sum()
+            if cfg.penalty_scale == "tokens":
+                total = total / _tokens(batch_x[-1])
             return total
 
-        l_body, s_body = sgd_epochs(net, list(net.body.parameters()), data.train_x, data.train_y,
-                                    cfg.shared_epochs, cfg.batch_size, cfg.lr, rng, penalty=penalty)
+        # sgd_epochs calls net(xb) and then penalty(): a pre-hook hands the batch to the penalty.
+        hook = net.register_forward_pre_hook(lambda mod, args: batch_x.append(args[0])) \
+            if cfg.penalty_scale == "tokens" else None
+        try:
+            l_body, s_body = sgd_epochs(net, list(net.body.parameters()), data.train_x, data.train_y,
+                                        cfg.shared_epochs, cfg.batch_size, cfg.lr, rng, penalty=penalty)
+        finally:
+            if hook is not None:
+                hook.remove()
         # 3. dual step.
         new_theta = snapshot(net, body)
         new_dual = {k: dual[k] + cfg.rho * (new_theta[k] - theta[k]) for k in trainable}
@@ -195,11 +241,47 @@ class FeDEQ(Method):
         return {"deq/nstep_mean": float(nstep.mean()), "deq/residual_max": float(res.max()),
                 "deq/unconverged_frac": float((~conv).double().mean())}
 
+    def _head_step(self, net, data, epochs: int, rng) -> tuple[float, int]:
+        """personal_epochs of head-only SGD; on cached body features where that is exact."""
+        head_params = list(net.head.parameters())
+        if not (self.cfg.cache_head_features and epochs > 0 and self._body_is_batch_free(net)):
+            return sgd_epochs(net, head_params, data.train_x, data.train_y, epochs, self.cfg.batch_size,
+                              self.cfg.lr, rng)
+        # The body in train mode, without a graph: what each mini-batch forward of the head step
+        # would compute for these examples (train mode changes nothing in a batch-free body).
+        net.train()
+        with torch.no_grad():
+            feats = torch.cat([net.body(data.train_x[s : s + FEATURE_CHUNK])
+                               for s in range(0, int(data.train_y.shape[0]), FEATURE_CHUNK)])
+        # Same batches (same rng draws), same loss, same SGD on the head alone.
+        return sgd_epochs(net.head, head_params, feats, data.train_y, epochs, self.cfg.batch_size,
+                          self.cfg.lr, rng)
+
+    def _body_is_batch_free(self, net) -> bool:
+        """True when the body's train-mode output for an example does not depend on the rest of its
+        batch or on randomness: no batch norm, no active dropout, and a per-example DEQ solver."""
+        from fedeq_bench.methods.deq import DEQ
+
+        for m in net.body.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                return False
+            if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+                return False
+            if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0:
+                return False
+            if isinstance(m, torch.nn.MultiheadAttention) and m.dropout > 0:
+                return False
+            if isinstance(m, DEQ) and not (m.solver == "anderson" and m.solver_kw.get("variant") == "reference"):
+                return False  # torchdeq's solvers stop batch-wide: an example's z* depends on its batch
+        return True
+
     def _load_for_eval(self, down, state):
         body, _, head = self._names()
         own = self.cfg.eval_theta == "own" and (THETA + body[0]) in state
         load(self.net, {k: state[THETA + k] for k in body} if own else {k: down[k] for k in body})
         load(self.net, {k: state[HEAD + k] for k in head})
+        # A held-out client's normalization statistics, updated while its head trained (personalize).
+        load(self.net, {k[len(NORM):]: v for k, v in state.items() if k.startswith(NORM)})
 
     def evaluate(self, down, state, data, rng):
         self._load_for_eval(down, state)
@@ -208,12 +290,24 @@ class FeDEQ(Method):
         return metrics
 
     def personalize(self, down, state, data, rng):
-        """Unseen client: final theta, fresh head, personal_epochs of head-only SGD."""
+        """Unseen client: final theta, fresh head, personal_epochs of head-only SGD; the body's
+        normalization statistics (BatchNorm running mean/var) keep updating during those epochs
+        and are kept for its evaluation, as the reference keeps `unseen_net_states`."""
         net = self.net
-        body, _, head = self._names()
+        body, trainable, head = self._names()
         load(net, {k: down[k] for k in body})
         load(net, {k: state[HEAD + k] for k in head})
-        sgd_epochs(net, list(net.head.parameters()), data.train_x, data.train_y,
-                   self.cfg.personal_epochs, self.cfg.batch_size, self.cfg.lr, rng)
+        self._head_step(net, data, self.cfg.personal_epochs, rng)
         self._solves = []
-        return {HEAD + k: v for k, v in snapshot(net, head).items()}
+        new = {HEAD + k: v for k, v in snapshot(net, head).items()}
+        buffers = [k for k in body if k not in set(trainable)]
+        new.update({NORM + k: v for k, v in snapshot(net, buffers).items()})
+        return new
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """Non-padding input positions (id > 0) of a token-id batch (N, T): the reference's `sum(mask)`."""
+    if x.dim() != 2:
+        raise BenchError(f"fedeq.penalty_scale=tokens needs token-id inputs (N, T); this batch has shape "
+                         f"{tuple(x.shape)}; use fedeq.penalty_scale=none")
+    return (x > 0).sum().clamp_min(1)

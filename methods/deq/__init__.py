@@ -2,7 +2,8 @@
 
 Public interface (used by methods/nets and methods/fedeq.py):
 
-    z, stats = solve(f, z0, solver="anderson", max_iter=20, tol=1e-3)   # stats: STATS_KEYS, (batch,)
+    z, stats = solve(f, z0, solver="anderson", max_iter=20, tol=1e-3,   # stats: STATS_KEYS, (batch,)
+                     stop_mode="rel")   # "abs": ||f(z) - z||; anderson option variant="reference"
     metrics = summarize(stats)    # {"deq/nstep_mean", "deq/residual_max", "deq/unconverged_frac"}
     layer = DEQ(func, solver=..., max_iter=..., tol=..., backward="implicit" | "jfb" | "phantom", ...)
     layer.configure(max_iter=30)  # validated; unknown names fail with the valid choices
@@ -18,6 +19,7 @@ from fedeq_bench.methods.deq.solvers import (
     METRIC_KEYS,
     SOLVERS,
     STATS_KEYS,
+    STOP_MODES,
     DEQDivergence,
     residual,
     solve,
@@ -31,6 +33,7 @@ __all__ = [
     "METRIC_KEYS",
     "SOLVERS",
     "STATS_KEYS",
+    "STOP_MODES",
     "residual",
     "solve",
     "summarize",

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from fedeq_bench.core.errors import BenchError, unknown
-from fedeq_bench.methods.deq.solvers import DIVERGE_ABOVE, SOLVERS, DEQDivergence, _check_kw, solve
+from fedeq_bench.methods.deq.solvers import DIVERGE_ABOVE, SOLVERS, STOP_MODES, DEQDivergence, _check_kw, solve
 
 BACKWARDS = ("implicit", "jfb", "phantom")
 
@@ -56,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "solver": "anderson",
     "max_iter": 20,
     "tol": 1e-3,
+    "stop_mode": "abs",
     "solver_kw": {},
     "backward": "implicit",
     "b_solver": "anderson",
@@ -84,6 +85,10 @@ def _real(key: str, v: Any, lo: float, hi: float = math.inf, lo_open: bool = Fal
 def _validate(key: str, v: Any) -> Any:
     if key in ("solver", "b_solver"):
         SOLVERS.get(v)  # raises `unknown solver 'andersen'; choose from anderson, broyden, fixed_point`
+        return v
+    if key == "stop_mode":
+        if v not in STOP_MODES:
+            raise unknown("stop_mode", v, STOP_MODES)
         return v
     if key == "backward":
         if v not in BACKWARDS:
@@ -148,7 +153,9 @@ class DEQ(nn.Module):
     Settings (keyword arguments here, or `configure(**kw)` later):
       solver="anderson"    forward solver: anderson, broyden, fixed_point
       max_iter=20          forward steps at most; more: smaller residual, more time (not memory)
-      tol=1e-3             stop when every example's relative residual is below it
+      tol=1e-3             stop when every example's residual is below it
+      stop_mode="abs"      the forward residual: "abs" ||f(z) - z|| per example (FeDEQ's reference
+                           and torchdeq's default), "rel" ||f(z) - z|| / ||f(z)||
       solver_kw={}         forward solver options (anderson: m, lam, beta; broyden: memory)
       backward="implicit"  implicit, jfb, phantom (module docstring)
       b_solver="anderson"  solver of the implicit backward's adjoint fixed point
@@ -188,6 +195,7 @@ class DEQ(nn.Module):
     def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
         z0 = torch.zeros_like(x) if z0 is None else z0
         z_star, self.last_stats = solve(lambda z: self.func(z, x), z0, self.solver, self.max_iter, self.tol,
+                                        stop_mode=self.stop_mode,
                                         diverge_above=self.diverge_above, **self.solver_kw)
         if not (self.training and torch.is_grad_enabled()):
             return z_star

@@ -111,10 +111,11 @@ class _NonFinite(Exception):
         self.residual, self.where = residual, where
 
 
-def residual(z: Tensor, fz: Tensor) -> Tensor:
-    """||fz - z|| / (||fz|| + 1e-9) per example (batch first), the relative residual."""
+def residual(z: Tensor, fz: Tensor, stop_mode: str = "rel") -> Tensor:
+    """Per example (batch first): ||fz - z|| ("abs") or ||fz - z|| / (||fz|| + 1e-9) ("rel")."""
     z, fz = z.reshape(z.shape[0], -1), fz.reshape(fz.shape[0], -1)
-    return (fz - z).norm(dim=1) / (fz.norm(dim=1) + EPS)
+    diff = (fz - z).norm(dim=1)
+    return diff if stop_mode == "abs" else diff / (fz.norm(dim=1) + EPS)
 
 
 class _Watched:
@@ -124,8 +125,8 @@ class _Watched:
     f(x0)), so the first (input, output) pair gives the residual at z0 for free.
     """
 
-    def __init__(self, f: Callable[[Tensor], Tensor]):
-        self.f = f
+    def __init__(self, f: Callable[[Tensor], Tensor], stop_mode: str):
+        self.f, self.stop_mode = f, stop_mode
         self.calls = 0
         self.residual_first: Tensor | None = None
 
@@ -133,7 +134,7 @@ class _Watched:
         fz = self.f(z)
         self.calls += 1
         if self.residual_first is None:
-            self.residual_first = residual(z, fz)
+            self.residual_first = residual(z, fz, self.stop_mode)
         # One reduction per step, so a blow-up stops at once instead of iterating on NaN (and
         # before torchdeq's masked mixing turns the kept best iterate into NaN too).
         if not torch.isfinite(fz).all():
@@ -144,15 +145,15 @@ class _Watched:
         return fz
 
 
-def _torchdeq(fn, f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol: float, **kw):
-    """Run a torchdeq solver with the relative stop rule and convert its info to our stats."""
-    watched = _Watched(f)
-    z, _, info = fn(watched, z0, max_iter=max_iter, tol=tol, stop_mode="rel", **kw)
-    trace = info["rel_trace"]
+def _torchdeq(fn, f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol: float, stop_mode: str, **kw):
+    """Run a torchdeq solver with the given stop rule and convert its info to our stats."""
+    watched = _Watched(f, stop_mode)
+    z, _, info = fn(watched, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, **kw)
+    trace = info[f"{stop_mode}_trace"]
     if not torch.isfinite(trace).all():  # finite f(z), but a norm overflowed (float32 > ~1e19)
         bad = trace[~torch.isfinite(trace)]
         raise _NonFinite(float(bad[0]), f"(norm overflow) after {watched.calls} evaluations")
-    res = info["rel_lowest"].to(z0.dtype)
+    res = info[f"{stop_mode}_lowest"].to(z0.dtype)
     stats = {
         "nstep": info["nstep"].round().long(),
         "residual": res,
@@ -163,27 +164,111 @@ def _torchdeq(fn, f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol:
 
 
 @SOLVERS.register("anderson")
-def anderson(f, z0: Tensor, max_iter: int = 20, tol: float = 1e-3, *, m: int = 5, lam: float = 1e-4,
-             beta: float = 1.0):
+def anderson(f, z0: Tensor, max_iter: int = 20, tol: float = 1e-3, stop_mode: str = "rel", *, m: int = 5,
+             lam: float = 1e-4, beta: float = 1.0, variant: str = "torchdeq"):
     """Anderson acceleration: m = history size (more: faster on smooth problems, more memory,
     (B, m, d) twice); lam = ridge on the mixing least squares (more: closer to averaging the
-    last m images, steadier when the G_i are nearly collinear); beta = mixing (1 = use f(x_i))."""
+    last m images, steadier when the G_i are nearly collinear); beta = mixing (1 = use f(x_i));
+    variant = "torchdeq" (2 plain steps, batch-wide stop, lowest-residual iterate) or "reference"
+    (m plain steps, per-example stop, last iterate: FeDEQ's jaxopt-derived solver)."""
+    if variant == "reference":
+        return _anderson_reference(f, z0, max_iter, tol, stop_mode, m, lam, beta)
+    if variant != "torchdeq":
+        raise BenchError(f"unknown anderson variant {variant!r}; choose from reference, torchdeq")
     if max_iter <= 2:  # see module docstring: torchdeq records nothing before the 3rd evaluation
-        return fixed_point(f, z0, max_iter, tol)
-    return _torchdeq(anderson_solver, f, z0, max_iter, tol, m=m, lam=lam, tau=beta)
+        return fixed_point(f, z0, max_iter, tol, stop_mode)
+    return _torchdeq(anderson_solver, f, z0, max_iter, tol, stop_mode, m=m, lam=lam, tau=beta)
+
+
+def _check_every(device: torch.device) -> int:
+    """Steps between early-exit tests (each one syncs with the device: free on CPU)."""
+    return 1 if device.type == "cpu" else 4
+
+
+def _anderson_reference(f, z0: Tensor, max_iter: int, tol: float, stop_mode: str, m: int, lam: float,
+                        beta: float):
+    """FeDEQ's Anderson (deq/solver/anderson.py of longtanle/FeDEQ, from jaxopt), batched.
+
+    The reference solves each example alone under jax.vmap; here the batch is one tensor and each
+    example carries an `active` flag, which is what vmap of a while_loop computes: an example
+    whose residual reached tol keeps its output, residual and step count from that step on, and
+    its iterate is frozen, so its answer does not depend on the other examples of the batch.
+    Per example, with x_0 = z0 and k = 0, 1, ...:
+        k <  m:  x_k = f(x_{k-1})                 (plain steps; the history fills up)
+        k >= m:  x_k = sum_i alpha_i x_i + beta sum_i alpha_i g_i,   g_i = f(x_i) - x_i
+                 alpha = argmin ||sum alpha_i g_i||^2 + lam ||alpha||^2 s.t. sum alpha_i = 1
+                 (the bordered system [[0, 1^T], [1, G G^T + lam I]] [nu; alpha] = [1; 0])
+        stop when residual(x_k) = ||f(x_k) - x_k|| (abs; rel: / ||f(x_k)||) <= tol, or after
+        max_iter evaluations; return f(x_k), the reference's `next_params`.
+    No host sync inside the loop except the early-exit test (one bool per step on CPU, where it
+    is free; every 4th step on an accelerator). Later steps never change a frozen example, so the
+    test's frequency changes only the time, not the result (tested).
+    """
+    B, shape = z0.shape[0], z0.shape
+    x = z0.reshape(B, -1)
+    d, dev, dt = x.shape[1], x.device, x.dtype
+    X = torch.zeros(B, m, d, dtype=dt, device=dev)   # iterates x_i (ring buffer, slot k % m)
+    G = torch.zeros(B, m, d, dtype=dt, device=dev)   # their residuals g_i = f(x_i) - x_i
+    gram = torch.zeros(B, m, m, dtype=dt, device=dev)
+    H = torch.zeros(B, m + 1, m + 1, dtype=dt, device=dev)
+    H[:, 0, 1:] = H[:, 1:, 0] = 1
+    rhs = torch.zeros(B, m + 1, 1, dtype=dt, device=dev)
+    rhs[:, 0] = 1
+    ridge = lam * torch.eye(m, dtype=dt, device=dev)
+    out = torch.zeros_like(x)
+    res = torch.full((B,), float("inf"), dtype=dt, device=dev)
+    res_first = torch.zeros(B, dtype=dt, device=dev)
+    nstep = torch.zeros(B, dtype=torch.int64, device=dev)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    bad = torch.zeros(B, dtype=torch.int64, device=dev)  # evaluation at which f(x) went non-finite
+    check_every = _check_every(dev)
+    for k in range(max_iter):
+        if k >= m:
+            H[:, 1:, 1:] = gram + ridge
+            alpha = torch.linalg.solve_ex(H, rhs)[0][:, 1:]          # (B, m, 1); _ex: no sync
+            mixed = (alpha * (X + beta * G)).sum(1)
+            x = torch.where(active[:, None], mixed, x)               # frozen examples stay put
+        fx = f(x.view(shape)).reshape(B, -1)
+        g = fx - x
+        r = g.norm(dim=1)
+        if stop_mode == "rel":
+            r = r / (fx.norm(dim=1) + EPS)
+        pos = k % m
+        X[:, pos], G[:, pos] = x, g
+        row = torch.bmm(G, g[:, :, None])[:, :, 0]                  # <g_i, g_k> for every slot i
+        gram[:, pos, :] = row
+        gram[:, :, pos] = row
+        finite = torch.isfinite(r)
+        bad = torch.where(active & ~finite & (bad == 0), k + 1, bad)
+        if k == 0:
+            res_first = r
+        out = torch.where(active[:, None], fx, out)
+        res = torch.where(active, r, res)
+        nstep = torch.where(active, k + 1, nstep)
+        active = active & (r > tol) & finite
+        x = torch.where(active[:, None], fx, x)                     # the next plain step's input
+        if (k + 1) % check_every == 0 or k + 1 == max_iter:
+            if bool((bad > 0).any()):
+                i = int(torch.nonzero(bad)[0, 0])
+                raise _NonFinite(float(res[i]), f"(non-finite f(z)) at evaluation {int(bad[i])}")
+            if not bool(active.any()):
+                break
+    stats = {"nstep": nstep, "residual": res, "residual_first": res_first, "converged": res <= tol}
+    return out.view(shape), stats
 
 
 @SOLVERS.register("broyden")
-def broyden(f, z0: Tensor, max_iter: int = 20, tol: float = 1e-3, *, memory: int | None = None):
+def broyden(f, z0: Tensor, max_iter: int = 20, tol: float = 1e-3, stop_mode: str = "rel", *,
+            memory: int | None = None):
     """Limited-memory Broyden: memory = rank-one updates kept (default max_iter: all of them);
     the inverse-Jacobian estimate takes 2 * B * d * memory numbers."""
-    return _torchdeq(broyden_solver, f, z0, max_iter, tol, LBFGS_thres=memory, ls=False)
+    return _torchdeq(broyden_solver, f, z0, max_iter, tol, stop_mode, LBFGS_thres=memory, ls=False)
 
 
 @SOLVERS.register("fixed_point")
-def fixed_point(f, z0: Tensor, max_iter: int = 20, tol: float = 1e-3):
+def fixed_point(f, z0: Tensor, max_iter: int = 20, tol: float = 1e-3, stop_mode: str = "rel"):
     """z <- f(z): converges (linearly, at the rate of f's Lipschitz constant) when f contracts."""
-    return _torchdeq(fixed_point_iter, f, z0, max_iter, tol, tau=1.0)
+    return _torchdeq(fixed_point_iter, f, z0, max_iter, tol, stop_mode, tau=1.0)
 
 
 def _check_kw(name: str, fn: Solver, solver_kw: dict) -> None:
@@ -196,8 +281,12 @@ def _check_kw(name: str, fn: Solver, solver_kw: dict) -> None:
             )
 
 
+STOP_MODES = ("abs", "rel")
+
+
 def solve(f: Callable[[Tensor], Tensor], z0: Tensor, solver: str = "anderson", max_iter: int = 20,
-          tol: float = 1e-3, *, diverge_above: float = DIVERGE_ABOVE, **solver_kw) -> tuple[Tensor, dict[str, Tensor]]:
+          tol: float = 1e-3, *, stop_mode: str = "rel", diverge_above: float = DIVERGE_ABOVE,
+          **solver_kw) -> tuple[Tensor, dict[str, Tensor]]:
     """z* = f(z*) for every example of the batch; returns (z, stats) (see the module docstring).
 
     Runs under torch.no_grad: the solve is never differentiated (a DEQ's gradient comes from its
@@ -210,20 +299,22 @@ def solve(f: Callable[[Tensor], Tensor], z0: Tensor, solver: str = "anderson", m
         raise BenchError(f"max_iter must be an int >= 1, got {max_iter!r}")
     if not tol >= 0:
         raise BenchError(f"tol must be >= 0, got {tol!r}")
+    if stop_mode not in STOP_MODES:
+        raise BenchError(f"unknown stop_mode {stop_mode!r}; choose from {', '.join(STOP_MODES)}")
     if z0.dim() < 1 or z0.shape[0] == 0:
         raise BenchError(f"solve needs a batch-first z0 with at least one example, got shape {tuple(z0.shape)}")
     try:
         with torch.no_grad():
-            z, stats = fn(f, z0.detach(), max_iter, tol, **solver_kw)
+            z, stats = fn(f, z0.detach(), max_iter, tol, stop_mode, **solver_kw)
     except _NonFinite as e:
         raise DEQDivergence(
-            f"{solver} solver diverged: residual {e.residual:.3g} {e.where}"
+            f"{solver} solver diverged: {stop_mode} residual {e.residual:.3g} {e.where}"
         ) from None
     worst = float(stats["residual"].max())
     if worst > diverge_above:
         raise DEQDivergence(
-            f"{solver} solver diverged: lowest residual {worst:.3g} > diverge_above={diverge_above:g} "
-            f"after {max_iter} steps"
+            f"{solver} solver diverged: lowest {stop_mode} residual {worst:.3g} > "
+            f"diverge_above={diverge_above:g} after {max_iter} steps"
         )
     return z, stats
 

@@ -4,6 +4,10 @@ benchmarks; `make bench` runs them and compares with the last saved run).
     encode / decode      a ResNet-34-sized message (21.3 M float32 parameters, ~85 MB on the wire)
     local_update         one local update (1 epoch, 64 samples, batch 32) of every method on `mlp`
     deq forward+backward one step of `deq_resnet_s` on a batch of 32 32x32x3 images
+    fedeq_update         one FeDEQ local update (3 personal + 5 shared epochs, batch 10) on deq_mlp
+                         (480 samples) and deq_resnet_s (40), and FedRep on the paired explicit model
+                         (mlp, resnet20) at equal epochs (bench/workloads.py, `python -m bench.perf
+                         --method fedeq`)
     aggregate            FedAvg's server step over 100 replies of `mlp`
 
 Each benchmark also asserts what it computed, so a broken hot path fails instead of timing garbage.
@@ -119,3 +123,19 @@ def test_aggregate_100_replies(benchmark):
     new, _ = benchmark(algo.aggregate, server, replies, 1)
     some = next(k for k in down if k != NUM_SAMPLES and down[k].is_floating_point())
     assert torch.allclose(new[some], down[some] + 66.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("method,model", [("fedeq", "deq_mlp"), ("fedrep", "mlp"),
+                                          ("fedeq", "deq_resnet_s"), ("fedrep", "resnet20")])
+def test_fedeq_update_vs_fedrep_at_equal_epochs(benchmark, method, model):
+    from fedeq_bench.bench.workloads import UPDATE_SAMPLES, update_setup
+
+    n = UPDATE_SAMPLES["deq_resnet_s" if model in ("deq_resnet_s", "resnet20") else "deq_mlp"]
+    update, _ = update_setup(method, model, n)
+    rounds = 1 if "resnet" in model else 3
+    up, _, metrics = benchmark.pedantic(update, rounds=rounds, iterations=1, warmup_rounds=1)
+    assert all(torch.isfinite(t.float()).all() for t in up.values())
+    # 8 epochs of ceil(n / 10) batches: the update really ran (FeDEQ and FedRep alike).
+    assert metrics["steps"] == 8 * -(-n // 10)
+    if method == "fedeq":
+        assert 1 <= metrics["deq/nstep_mean"] <= 20

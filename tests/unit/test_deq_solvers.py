@@ -203,21 +203,23 @@ def test_solver_options_reach_the_solver_and_typos_are_rejected():
 def test_runaway_iteration_raises_when_it_overflows():
     # f(z) = 2z + 1 from z0 = 1: x_k = 2^(k+1) - 1, so evaluation n returns 2^(n+1) - 1, which is
     # inf in float32 (max ~2^128) first at n = 127. Residual then inf/inf = nan.
-    with pytest.raises(DEQDivergence, match=r"^fixed_point solver diverged: residual nan .* at evaluation 127$"):
+    with pytest.raises(DEQDivergence, match=r"^fixed_point solver diverged: rel residual nan .* at evaluation 127$"):
         solve(lambda z: 2 * z + 1, torch.ones(2, 1), "fixed_point", max_iter=200, tol=1e-3)
     # Before it overflows the relative residual is (x_k + 1) / (2 x_k + 1) -> 1/2: not a divergence
     # by the bound (1e3), an unconverged solve (stats say so) ...
     z, st = solve(lambda z: 2 * z + 1, torch.ones(2, 1), "fixed_point", max_iter=20, tol=1e-3)
     assert not st["converged"].any() and st["residual"].min() > 0.5
     # ... which a tighter bound reports as divergence, naming the residual.
-    with pytest.raises(DEQDivergence, match=r"lowest residual 0\.5 > diverge_above=0\.4"):
+    with pytest.raises(DEQDivergence, match=r"lowest rel residual 0\.5 > diverge_above=0\.4"):
         solve(lambda z: 2 * z + 1, torch.ones(2, 1), "fixed_point", max_iter=20, diverge_above=0.4)
 
 
 @pytest.mark.parametrize("solver", ALL)
 def test_nan_raises(solver):
-    with pytest.raises(DEQDivergence, match=rf"^{solver} solver diverged: residual nan .* at evaluation 1$"):
+    with pytest.raises(DEQDivergence, match=rf"^{solver} solver diverged: rel residual nan .* at evaluation 1$"):
         solve(lambda z: z * float("nan"), torch.ones(2, 3), solver)
+    with pytest.raises(DEQDivergence, match=rf"^{solver} solver diverged: abs residual nan .* at evaluation 1$"):
+        solve(lambda z: z * float("nan"), torch.ones(2, 3), solver, stop_mode="abs")
     assert issubclass(DEQDivergence, BenchError)  # the CLI prints it as one line
 
 
@@ -229,3 +231,118 @@ def test_unknown_solver_and_bad_settings_fail_helpfully():
         solve(torch.cos, torch.zeros(2), max_iter=0)
     with pytest.raises(BenchError, match="tol must be >= 0"):
         solve(torch.cos, torch.zeros(2), tol=-1.0)
+    with pytest.raises(BenchError, match=r"^unknown stop_mode 'relative'; choose from abs, rel$"):
+        solve(torch.cos, torch.zeros(2), stop_mode="relative")
+    with pytest.raises(BenchError, match=r"^unknown anderson variant 'jax'; choose from reference, torchdeq$"):
+        solve(torch.cos, torch.zeros(2), variant="jax")
+
+
+# ------------------------------------------------------------------------- stop_mode (issue 9, 1)
+@pytest.mark.parametrize("solver", ALL)
+def test_stop_mode_abs_stops_on_the_unscaled_residual(solver):
+    # f(z) = 0.5 z + b with ||b|| = 100 per example: z* = 2b, ||z*|| = 200. From z0 = 0 the
+    # fixed-point residual is ||f(x) - x|| = ||z* - x|| / 2, and ||f(x)|| ~ 200 near z*: "rel" at
+    # tol 1e-3 stops at ||f(x) - x|| <= 0.2, "abs" only at <= 1e-3, 200x tighter (2 steps' more
+    # halving at least 7 more fixed-point steps: 2^7 = 128 < 200).
+    b = torch.full((3, 4), 50.0, dtype=F64)  # ||b|| = sqrt(4 * 2500) = 100
+    f = lambda z: 0.5 * z + b  # noqa: E731
+    _, rel = solve(f, torch.zeros_like(b), solver, max_iter=100, tol=1e-3, stop_mode="rel")
+    z, ab = solve(f, torch.zeros_like(b), solver, max_iter=100, tol=1e-3, stop_mode="abs")
+    assert rel["converged"].all() and ab["converged"].all()
+    assert (ab["residual"] <= 1e-3).all()
+    # The stats are in the mode's unit: abs residual = ||f(z) - z|| at the returned step.
+    if solver == "fixed_point":
+        assert (ab["nstep"] >= rel["nstep"] + 7).all(), (ab["nstep"], rel["nstep"])
+        # residual_first at z0 = 0: abs ||b|| = 100, rel ||b|| / ||b|| = 1.
+        assert torch.allclose(ab["residual_first"], torch.full((3,), 100.0, dtype=F64))
+        assert torch.allclose(rel["residual_first"], torch.ones(3, dtype=F64))
+    assert (z - 2 * b).norm(dim=1).max() < 2e-3
+
+
+# -------------------------------------------------------------- reference Anderson (issue 9, 2)
+REF = {"variant": "reference"}
+
+
+def test_reference_anderson_warms_up_with_m_plain_steps():
+    # With m = 5 the first 5 evaluations are plain fixed-point steps: x_1..x_4 = f^k(z0), so with
+    # max_iter = 5 it returns f^5(z0) (the last iterate), exactly as fixed_point does, and 5 steps.
+    f, _ = _contraction(d=8, batch=2, norm=0.9)
+    z0 = torch.zeros(2, 8, dtype=F64)
+    z_ref, st = solve(f, z0, "anderson", max_iter=5, tol=0.0, **REF)
+    z_fp = z0
+    for _ in range(5):
+        z_fp = f(z_fp)
+    assert torch.equal(z_ref, z_fp) and st["nstep"].tolist() == [5, 5]
+    # torchdeq's variant accelerates from the 3rd evaluation: its 5-step answer is not f^5(z0).
+    z_td, _ = solve(f, z0, "anderson", max_iter=5, tol=0.0)
+    assert not torch.allclose(z_td, z_fp)
+
+
+def test_reference_anderson_step_is_the_constrained_least_squares_mix():
+    # The 6th evaluation (k = m = 5) is at x_5 = sum_i alpha_i f(x_i) (beta = 1) with alpha solving
+    # min ||G^T alpha||^2 + lam ||alpha||^2, sum alpha = 1, over the 5 plain iterates: by hand,
+    # alpha = (G G^T + lam I)^-1 1 / (1^T (G G^T + lam I)^-1 1) (the KKT solution).
+    f, _ = _contraction(d=8, batch=1, norm=0.9, seed=1)
+    lam = 1e-4
+    xs = [torch.zeros(1, 8, dtype=F64)]
+    for _ in range(4):
+        xs.append(f(xs[-1]))
+    Fx = torch.cat([f(x) for x in xs])           # (5, 8)
+    G = Fx - torch.cat(xs)
+    A = G @ G.T + lam * torch.eye(5, dtype=F64)
+    w = torch.linalg.solve(A, torch.ones(5, 1, dtype=F64))
+    alpha = (w / w.sum()).T                      # (1, 5)
+    x5 = alpha @ Fx
+    z, st = solve(f, xs[0], "anderson", max_iter=6, tol=0.0, lam=lam, **REF)
+    assert torch.allclose(z, f(x5), atol=1e-12) and st["nstep"].item() == 6
+
+
+def test_reference_anderson_stops_each_example_at_its_own_step():
+    # A batch of one easy (contraction 0.1) and one hard (0.9) example: each stops at its own step
+    # (per example, as the reference's vmap'd while_loop), and solving either alone gives the same
+    # answer and step count: the other examples never change a frozen one.
+    fe, _ = _contraction(d=6, batch=1, norm=0.1, seed=2)
+    fh, _ = _contraction(d=6, batch=1, norm=0.9, seed=3)
+    f = lambda z: torch.cat([fe(z[:1]), fh(z[1:])])  # noqa: E731
+    z0 = torch.zeros(2, 6, dtype=F64)
+    z, st = solve(f, z0, "anderson", max_iter=40, tol=1e-6, stop_mode="abs", **REF)
+    ze, se = solve(fe, z0[:1], "anderson", max_iter=40, tol=1e-6, stop_mode="abs", **REF)
+    zh, sh = solve(fh, z0[1:], "anderson", max_iter=40, tol=1e-6, stop_mode="abs", **REF)
+    assert st["nstep"][0] < st["nstep"][1]
+    assert st["nstep"].tolist() == [se["nstep"].item(), sh["nstep"].item()]
+    assert torch.equal(z[:1], ze) and torch.equal(z[1:], zh)
+    # The stopping rule: the abs residual at the returned step is <= tol, one step earlier > tol.
+    assert (st["residual"] <= 1e-6).all() and st["converged"].all()
+    _, before = solve(f, z0, "anderson", max_iter=int(st["nstep"][0]) - 1, tol=1e-6, stop_mode="abs", **REF)
+    assert before["residual"][0] > 1e-6
+
+
+def test_reference_anderson_early_exit_test_does_not_change_the_answer(monkeypatch):
+    # The early-exit test runs every step on CPU, every 4th on an accelerator; frozen examples do
+    # not move, so running all max_iter steps gives the same bits.
+    from fedeq_bench.methods.deq import solvers
+
+    f, _ = _contraction(d=6, batch=3, norm=0.7, seed=4)
+    z0 = torch.zeros(3, 6, dtype=F64)
+    z1, s1 = solve(f, z0, "anderson", max_iter=30, tol=1e-3, stop_mode="abs", **REF)
+    calls = []
+    z2, s2 = solve(lambda z: calls.append(1) or f(z), z0, "anderson", max_iter=30, tol=0.0, stop_mode="abs", **REF)
+    assert len(calls) == 30  # tol 0: all steps run
+    # Re-run with the early-exit test only after the last step (as if every step ran): identical.
+    monkeypatch.setattr(solvers, "_check_every", lambda device: 10**6)
+    calls.clear()
+    solve(lambda z: calls.append(1) or f(z), z0, "anderson", max_iter=30, tol=1e-3, stop_mode="abs", **REF)
+    assert len(calls) == 30 > s1["nstep"].max()
+    z3, s3 = solve(f, z0, "anderson", max_iter=30, tol=1e-3, stop_mode="abs", **REF)
+    assert torch.equal(z1, z3) and all(torch.equal(s1[k], s3[k]) for k in STATS_KEYS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_reference_anderson_reaches_known_fixed_points(dtype):
+    z, st = solve(torch.cos, torch.zeros(4, 1, dtype=dtype), "anderson", max_iter=60, tol=1e-6, **REF)
+    assert st["converged"].all() and (z - DOTTIE).abs().max() < 1e-5
+    f, z_star = _contraction(d=16, batch=3, norm=0.5)
+    z, st = solve(f, torch.zeros_like(z_star), "anderson", max_iter=80, tol=1e-8, stop_mode="abs", **REF)
+    # ||x - z*|| <= ||f(x) - x|| / (1 - 0.5) <= 2e-8 and f(x) is closer still (0.5 contraction).
+    assert st["converged"].all() and ((z - z_star).norm(dim=1) <= 1e-8).all()
+    assert set(st) == set(STATS_KEYS) and st["nstep"].dtype == torch.int64
