@@ -202,8 +202,10 @@ def fedeq_update_table(models: tuple[str, ...] = ("deq_mlp", "deq_resnet_s"), re
             n = UPDATE_SAMPLES[model]
             explicit = UPDATE_PAIRS[model]
             t_rep, _ = time_update("fedrep", explicit, n, repeats)
-            rows = [("fedeq (stop_mode=abs, reference Anderson)", {}),
-                    ("fedeq (stop_mode=rel, torchdeq Anderson, no cache)",
+            rows = [("fedeq (defaults: abs stop, reference Anderson, cached head z*)", {}),
+                    ("fedeq (rel stop, reference Anderson, cached head z*)", {"stop_mode": "rel"}),
+                    ("fedeq (abs stop, reference Anderson, head z* per batch)", {"cache_head_features": False}),
+                    ("fedeq (before issue 9: rel stop, torchdeq Anderson, head z* per batch)",
                      {"stop_mode": "rel", "anderson_variant": "torchdeq", "cache_head_features": False})]
             for name, kw in rows:
                 t, m = time_update("fedeq", model, n, repeats, **kw)
