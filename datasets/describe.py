@@ -19,7 +19,8 @@ def label_counts(ds: FederatedDataset, split: str = "train") -> np.ndarray:
             y = np.concatenate([c.train_y, c.val_y])
         else:
             y = getattr(c, f"{split}_y")
-        rows.append(np.bincount(y, minlength=ds.num_classes)[: ds.num_classes])
+        # Per-position targets (Shakespeare, (N, 80)) count every token.
+        rows.append(np.bincount(y.ravel(), minlength=ds.num_classes)[: ds.num_classes])
     return np.stack(rows).astype(np.int64) if rows else np.zeros((0, ds.num_classes), np.int64)
 
 
@@ -31,23 +32,28 @@ def _hist(row: np.ndarray) -> str:
 def describe(ds: FederatedDataset) -> str:
     """A header line, one line per client (sizes, classes, train and test label histograms), a summary."""
     train, val, test = label_counts(ds, "train"), label_counts(ds, "val"), label_counts(ds, "test")
+    # Sizes count examples; histograms count labels, which are tokens for per-position targets.
+    n = {split: np.array([len(getattr(c, f"{split}_y")) for c in ds.clients], dtype=np.int64)
+         for split in ("train", "val", "test")}
+    per_token = any(c.train_y.ndim > 1 for c in ds.clients)
     unseen = set(ds.unseen)
     lines = [
         f"dataset {ds.name}  partition {ds.partition}  fingerprint {ds.fingerprint}",
         f"clients {len(ds.clients)} (unseen {len(unseen)})  classes {ds.num_classes}  input {ds.input_shape}",
         "",
-        "client  train    val   test  classes  train labels (class:count)  |  test labels",
+        "client  train    val   test  classes  train labels (class:count)  |  test labels"
+        + ("  (labels counted per token)" if per_token else ""),
     ]
     for i in range(len(ds.clients)):
         tag = "*" if i in unseen else " "
         n_cls = int(np.count_nonzero(train[i] + val[i]))
-        lines.append(f"{i:>5}{tag} {train[i].sum():>6} {val[i].sum():>6} {test[i].sum():>6} {n_cls:>8}  "
+        lines.append(f"{i:>5}{tag} {n['train'][i]:>6} {n['val'][i]:>6} {n['test'][i]:>6} {n_cls:>8}  "
                      f"{_hist(train[i])}  |  {_hist(test[i])}")
-    sizes = train.sum(1) + val.sum(1)
+    sizes = n["train"] + n["val"]
     per_client = np.count_nonzero(train + val, axis=1)
     lines += [
         "",
-        f"total train {int(train.sum())}  val {int(val.sum())}  test {int(test.sum())}",
+        f"total train {int(n['train'].sum())}  val {int(n['val'].sum())}  test {int(n['test'].sum())}",
         f"train+val per client: min {int(sizes.min())}  mean {sizes.mean():.1f}  max {int(sizes.max())}",
         f"classes per client: min {int(per_client.min())}  mean {per_client.mean():.2f}  max {int(per_client.max())}",
     ]

@@ -52,7 +52,15 @@ import torch.nn.functional as F
 
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.methods.base import Method, MethodConfig, register_method
-from fedeq_bench.methods.train import eval_metrics, load, minibatches, snapshot, weighted_average, with_num_samples
+from fedeq_bench.methods.train import (
+    cross_entropy,
+    eval_metrics,
+    load,
+    minibatches,
+    snapshot,
+    weighted_average,
+    with_num_samples,
+)
 
 THETA = "theta."
 """State key prefix of the personalized model theta_i."""
@@ -148,7 +156,7 @@ class PFedMe(Method):
         for xb, yb in minibatches(x, y, cfg.local_epochs, cfg.batch_size, rng):
             for _ in range(cfg.K):  # approximate the proximal point theta on this batch
                 opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(net(xb), yb)
+                loss = cross_entropy(net(xb), yb)  # per token on per-position targets (Shakespeare)
                 loss.backward()
                 opt.step()
                 total += float(loss.detach())

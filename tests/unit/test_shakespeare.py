@@ -506,3 +506,19 @@ def test_one_fedavg_round_with_transformer8(play, targets):
     assert res.model == "transformer8"
     assert np.isfinite(h["loss/train"]) and 0.0 <= h["acc/mean"] <= 1.0
     assert h["bytes/up"] > 0 and h["bytes/down"] > 0
+
+
+def test_describe_counts_windows_as_sizes_and_tokens_in_histograms():
+    """Per-position labels (N, T): a client's size is N windows; its label histogram counts N * T tokens."""
+    import numpy as np
+
+    from fedeq_bench.datasets.base import ClientData, FederatedDataset
+    from fedeq_bench.datasets.describe import describe, label_counts
+
+    y = np.array([[0, 1, 1], [2, 2, 2]], dtype=np.int64)  # 2 windows x 3 tokens: class 0 once, 1 twice, 2 three times
+    x = np.zeros((2, 3), dtype=np.float32)
+    ds = FederatedDataset("toy", [ClientData(x, y, x[:0], y[:0], x, y)], 3, (3,))
+    assert label_counts(ds, "train").tolist() == [[1, 2, 3]]
+    text = describe(ds)
+    assert "total train 2  val 0  test 2" in text  # windows, not the 6 tokens
+    assert "0:1 1:2 2:3" in text and "labels counted per token" in text
