@@ -50,7 +50,11 @@ from fedeq_bench.core.errors import BenchError
 from fedeq_bench.methods.base import MethodConfig, register_method
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.nets import features_and_logits, final_linear
-from fedeq_bench.methods.train import EVAL_CHUNK, load, metrics_from_counts
+from fedeq_bench.methods.train import EVAL_CHUNK, as_rows, load, metrics_from_counts
+
+QUERY_ROWS = 256
+"""Query rows per distance matrix: with per-position targets the datastore holds every training
+token (Shakespeare: ~10^5), so the (queries x keys) matrix is bounded by chunking the queries."""
 
 
 @dataclass(frozen=True)
@@ -106,25 +110,37 @@ class KNNPer(FedAvg):
         return float(t)
 
     @torch.no_grad()
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        net = self.net
-        chunks = [features_and_logits(net, x[s : s + EVAL_CHUNK])[0] for s in range(0, int(x.shape[0]), EVAL_CHUNK)]
-        return torch.cat(chunks) if chunks else x.new_zeros(0)
+    def _datastore(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, labels): one key per scored token of the training split (methods.train.as_rows):
+        an example's embedding, or with per-position targets every position's embedding."""
+        keys, labels = [], []
+        for s in range(0, int(x.shape[0]), EVAL_CHUNK):
+            feats, _ = features_and_logits(self.net, x[s : s + EVAL_CHUNK])
+            k, lab = as_rows(feats, y[s : s + EVAL_CHUNK])
+            keys.append(k)
+            labels.append(lab)
+        return torch.cat(keys), torch.cat(labels)
 
     @torch.no_grad()
     def _correct_and_loss(self, keys, labels, x, y) -> tuple[int, float]:
-        """(number correct, summed NLL of the mixed probability), in methods.train's chunks."""
+        """(number correct, summed NLL of the mixed probability) over scored tokens, in methods.train's
+        chunks; each query row is a token (an example when there is one label per example)."""
         cfg, net = self.cfg, self.net
         temperature = self.temperature()
         correct, loss = 0, 0.0
         for s in range(0, int(y.shape[0]), EVAL_CHUNK):
             feats, logits = features_and_logits(net, x[s : s + EVAL_CHUNK])
-            p_knn = None
-            if keys is not None:
-                p_knn = knn_probs(feats, keys, labels, cfg.k, temperature, logits.shape[1]).to(logits.dtype)
-            log_p = mixed_log_probs(logits, p_knn, cfg.mix)
-            correct += int((log_p.argmax(1) == y[s : s + EVAL_CHUNK]).sum())
-            loss += float(F.nll_loss(log_p, y[s : s + EVAL_CHUNK], reduction="sum"))
+            q, yq = as_rows(feats, y[s : s + EVAL_CHUNK])
+            logits, _ = as_rows(logits, y[s : s + EVAL_CHUNK])
+            for r in range(0, int(yq.shape[0]), QUERY_ROWS):
+                lg, yr = logits[r : r + QUERY_ROWS], yq[r : r + QUERY_ROWS]
+                p_knn = None
+                if keys is not None:
+                    p_knn = knn_probs(q[r : r + QUERY_ROWS], keys, labels, cfg.k, temperature,
+                                      lg.shape[1]).to(lg.dtype)
+                log_p = mixed_log_probs(lg, p_knn, cfg.mix)
+                correct += int((log_p.argmax(1) == yr).sum())
+                loss += float(F.nll_loss(log_p, yr, reduction="sum"))
         return correct, loss
 
     def evaluate(self, down, state, data, rng):
@@ -133,7 +149,7 @@ class KNNPer(FedAvg):
         net.eval()
         keys = labels = None
         if data.num_train > 0:
-            keys, labels = self._embed(data.train_x), data.train_y
+            keys, labels = self._datastore(data.train_x, data.train_y)
         tc, tl = self._correct_and_loss(keys, labels, data.test_x, data.test_y)
         vc, _ = self._correct_and_loss(keys, labels, data.val_x, data.val_y)
         return metrics_from_counts(tc, tl, vc, data)

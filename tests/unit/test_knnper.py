@@ -157,3 +157,26 @@ def test_training_is_fedavgs_and_embeddings_are_the_body_output():
     feats, logits = features_and_logits(net, d.test_x)
     assert feats.shape == (12, 200) and torch.equal(feats, net.body(d.test_x))
     assert torch.equal(logits, net.head(feats))
+
+
+def test_per_position_targets_put_every_training_token_in_the_datastore():
+    """Shakespeare with one label per position: a token is a query and every training token a key.
+    mix = 0 is the global model's per-token evaluation exactly; k = 1, mix = 1 on test = train finds
+    each token's own key (distance 0; every prefix is distinct), so accuracy is 1."""
+    from fedeq_bench.methods.train import eval_metrics
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 12, (6, 10), generator=g)  # 6 windows of 10 characters over a 12-symbol vocabulary
+    x[:, 0] = torch.arange(6)  # distinct first characters: the model is causal, so every prefix is distinct
+    y = torch.randint(0, 12, (6, 10), generator=g)
+    d = ClientTensors(x, y, x[:2], y[:2], x, y)
+    task = Task("transformer8", (10,), 12)
+    cfg = dict(model="transformer8", lr=0.1, local_epochs=1, batch_size=8, k=1)
+    fedavg = FedAvg(MethodConfig(model="transformer8", lr=0.1, local_epochs=1, batch_size=8), task)
+    server = fedavg.init_server(build_model("transformer8", (10,), 12), seeding.generator(0, "server_init"))
+    down = fedavg.broadcast(server, 0, 1)
+    plain = fedavg.evaluate(down, {}, d, eval_rng())
+    assert KNNPer(KNNPerConfig(**cfg, mix=0.0), task).evaluate(down, {}, d, eval_rng()) == plain
+    assert plain == eval_metrics(fedavg.net, d)  # the per-token evaluation (60 test tokens)
+    m = KNNPer(KNNPerConfig(**cfg, mix=1.0), task).evaluate(down, {}, d, eval_rng())
+    assert m["test_acc"] == 1.0 and m["test_n"] == 6.0  # 60 of 60 tokens; test_n counts windows
