@@ -101,10 +101,13 @@ class FeDEQConfig(MethodConfig):
     """Server average weighted by n_i (`samples`) or uniform over the cohort (reference code)."""
     backward: Literal["implicit", "jfb", "phantom"] = "implicit"
     """Gradient: implicit differentiation, Jacobian-free (one step), or phantom (k unrolled steps)."""
-    b_max_iter: int = 20
-    """Steps at most of the implicit backward's adjoint solve."""
+    b_solver: Literal["gmres", "anderson", "broyden", "fixed_point"] = "gmres"
+    """Adjoint solver of the implicit backward: `gmres` (Krylov, one system over the batch) or a
+    fixed-point solver (`anderson`: the harness's earlier default; methods/deq/adjoint.py)."""
+    b_max_iter: int = 50
+    """Vector-Jacobian products at most in the implicit backward's adjoint solve (gmres keeps one vector each)."""
     b_tol: float = 1e-3
-    """Relative tolerance of the adjoint solve."""
+    """Adjoint solve's tolerance on ||J^T g + dL/dz - g|| / ||dL/dz|| (gmres); lowering it costs more VJPs."""
 
 
 @register_method("fedeq")
@@ -115,6 +118,7 @@ class FeDEQ(Method):
     def __init__(self, cfg, task, net=None):
         super().__init__(cfg, task, net)
         self._solves: list[dict[str, torch.Tensor]] = []  # solver stats of the current call only
+        self._b_solves: list[dict[str, torch.Tensor]] = []  # adjoint solves (implicit backward), the same
         self._configured = False  # the scratch net's DEQ layers carry this config and report stats
 
     @property
@@ -129,7 +133,9 @@ class FeDEQ(Method):
                     kw = {"variant": self.cfg.anderson_variant} if self.cfg.solver == "anderson" else {}
                     m.configure(solver=self.cfg.solver, max_iter=self.cfg.max_iter, tol=self.cfg.tol,
                                 stop_mode=self.cfg.stop_mode, solver_kw=kw,
-                                backward=self.cfg.backward, b_max_iter=self.cfg.b_max_iter, b_tol=self.cfg.b_tol)
+                                backward=self.cfg.backward, b_max_iter=self.cfg.b_max_iter, b_tol=self.cfg.b_tol,
+                                b_solver=self.cfg.b_solver)
+                    m.backward_stats_hooks.append(lambda stats: self._b_solves.append(stats))
                     m.register_forward_hook(lambda mod, args, out: self._solves.append(mod.last_stats))
         return net
 
@@ -230,16 +236,20 @@ class FeDEQ(Method):
         return up, new_state, metrics
 
     def _solver_metrics(self) -> dict[str, float]:
-        """Forward-solver statistics over every example of every training forward of this call."""
-        solves = [s for s in self._solves if s is not None]
-        self._solves = []
-        if not solves:
-            return {}
-        nstep = torch.cat([s["nstep"].double().flatten() for s in solves])
-        res = torch.cat([s["residual"].double().flatten() for s in solves])
-        conv = torch.cat([s["converged"].flatten() for s in solves])
-        return {"deq/nstep_mean": float(nstep.mean()), "deq/residual_max": float(res.max()),
-                "deq/unconverged_frac": float((~conv).double().mean())}
+        """Solver statistics over every example of every training forward (deq/...) and every
+        implicit backward's adjoint solve (deq/b_...) of this call."""
+        out: dict[str, float] = {}
+        for prefix, log in (("deq/", self._solves), ("deq/b_", self._b_solves)):
+            solves = [s for s in log if s is not None]
+            if not solves:
+                continue
+            nstep = torch.cat([s["nstep"].double().flatten() for s in solves])
+            res = torch.cat([s["residual"].double().flatten() for s in solves])
+            conv = torch.cat([s["converged"].flatten() for s in solves])
+            out.update({f"{prefix}nstep_mean": float(nstep.mean()), f"{prefix}residual_max": float(res.max()),
+                        f"{prefix}unconverged_frac": float((~conv).double().mean())})
+        self._solves, self._b_solves = [], []
+        return out
 
     def _head_step(self, net, data, epochs: int, rng) -> tuple[float, int]:
         """personal_epochs of head-only SGD; on cached body features where that is exact."""

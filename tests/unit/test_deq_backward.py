@@ -227,8 +227,12 @@ def test_configure_validates_and_applies():
     layer = DEQ(Cell(4))
     with pytest.raises(BenchError, match=r"^unknown solver 'andersen'; choose from anderson, broyden, fixed_point$"):
         layer.configure(solver="andersen")
-    with pytest.raises(BenchError, match=r"^unknown solver 'newton'; choose from anderson, broyden, fixed_point$"):
+    with pytest.raises(BenchError, match=r"^unknown solver 'newton'; choose from anderson, broyden, fixed_point, gmres$"):
         layer.configure(b_solver="newton")
+    with pytest.raises(BenchError, match=r"^unknown solver 'gmres'; choose from anderson, broyden, fixed_point$"):
+        layer.configure(solver="gmres")  # a linear solver: only the adjoint is linear
+    with pytest.raises(BenchError, match=r"^unknown option 'm' for solver 'gmres'; choose from none$"):
+        layer.configure(b_solver_kw={"m": 3})
     with pytest.raises(BenchError, match=r"^unknown backward 'ift'; choose from implicit, jfb, phantom$"):
         layer.configure(backward="ift")
     with pytest.raises(BenchError, match=r"^unknown DEQ setting 'f_max_iter'; choose from .*max_iter"):
