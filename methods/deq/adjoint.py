@@ -68,13 +68,13 @@ ADJOINT_SOLVERS: Registry[AdjointSolver] = Registry("solver")
 VJP = Callable[[Tensor], Tensor]
 
 
-def _stats(batch: int, nstep: int, res: float, tol: float, dtype: torch.dtype) -> dict[str, Tensor]:
-    """The system's statistics, repeated per example (module docstring)."""
-    r = torch.full((batch,), res, dtype=dtype)
+def _stats(batch: int, nstep: int, res: float, tol: float, like: Tensor) -> dict[str, Tensor]:
+    """The system's statistics, repeated per example (module docstring), on like's device."""
+    r = torch.full((batch,), res, dtype=like.dtype, device=like.device)
     return {
-        "nstep": torch.full((batch,), nstep, dtype=torch.int64),
+        "nstep": torch.full((batch,), nstep, dtype=torch.int64, device=like.device),
         "residual": r,
-        "residual_first": torch.ones(batch, dtype=dtype),
+        "residual_first": torch.ones(batch, dtype=like.dtype, device=like.device),
         "converged": r <= tol,
     }
 
@@ -88,7 +88,7 @@ def gmres(vjp: VJP, v: Tensor, max_iter: int = 50, tol: float = 1e-3) -> tuple[T
     if not torch.isfinite(b).all():
         raise DEQDivergence("backward (adjoint) gmres: dL/dz is not finite")
     if beta == 0.0:  # nothing flows back: g = 0 exactly
-        return torch.zeros_like(v), _stats(batch, 0, 0.0, tol, v.dtype)
+        return torch.zeros_like(v), _stats(batch, 0, 0.0, tol, v)
     # The Krylov basis grows by doubling, so a solve that stops early holds only what it used.
     basis = torch.empty(min(max_iter + 1, 16), b.numel(), dtype=b.dtype, device=b.device)
     basis[0] = b / beta
@@ -119,7 +119,7 @@ def gmres(vjp: VJP, v: Tensor, max_iter: int = 50, tol: float = 1e-3) -> tuple[T
         rhs[0] = beta
         y = torch.linalg.lstsq(H[: k + 1, :k], rhs[:, None], driver="gelsd").solution
         res = float((rhs - H[: k + 1, :k] @ y[:, 0]).norm()) / beta
-        if hn <= 1e-12 * beta:  # happy breakdown: the Krylov space holds the exact solution
+        if hn <= 1e-12 * float(norm_in):  # happy breakdown: the Krylov space holds the exact solution
             break
         if k == basis.shape[0]:
             grown = torch.empty(min(max_iter + 1, 2 * k), b.numel(), dtype=b.dtype, device=b.device)
@@ -127,9 +127,9 @@ def gmres(vjp: VJP, v: Tensor, max_iter: int = 50, tol: float = 1e-3) -> tuple[T
             basis = grown
         basis[k] = w / hn
     if k == 0:  # tol >= 1: g = 0 already meets it
-        return torch.zeros_like(v), _stats(batch, 0, 1.0, tol, v.dtype)
-    g = (basis[:k].T @ y[:, 0].to(b.dtype)).view(shape)
-    return g, _stats(batch, k, res, tol, v.dtype)
+        return torch.zeros_like(v), _stats(batch, 0, 1.0, tol, v)
+    g = (basis[:k].T @ y[:, 0].to(device=b.device, dtype=b.dtype)).view(shape)
+    return g, _stats(batch, k, res, tol, v)
 
 
 def _fixed_point_form(name: str) -> AdjointSolver:

@@ -266,3 +266,20 @@ def test_default_backward_matches_the_exact_implicit_gradient_on_real_images(fmn
         assert cos >= 0.99, (phase, cos)
         # The check can fail: dropping the adjoint solve (JFB, g = dL/dz) is far from 0.99.
         assert cos_jfb < 0.95, (phase, cos_jfb)
+
+
+def test_engine_logs_backward_statistics_every_round(tmp_path):
+    # What reaches MLflow: the engine's per-round history (reduce_client_metrics: *_max keys take
+    # the cohort's max, the rest the mean), so every round carries the three deq/b_ keys.
+    from fedeq_bench.bench import engine
+    from fedeq_bench.bench.backends import SerialBackend
+    from fedeq_bench.bench.experiment import load_dataset
+    from tests.helpers import tiny_config, write_tiny_npz
+
+    cfg = tiny_config(write_tiny_npz(tmp_path / "tiny.npz", clients=3), methods="fedeq", rounds=2,
+                      **{"fedeq.personal_epochs": 1, "fedeq.shared_epochs": 1})
+    res = engine.run_method(cfg, "fedeq", 0, load_dataset(cfg, 0), SerialBackend())
+    assert len(res.history) == 2
+    for h in res.history:
+        assert 1 <= h["deq/b_nstep_mean"] <= 50
+        assert (h["deq/b_residual_max"] <= 1e-3) == (h["deq/b_unconverged_frac"] == 0.0), h
