@@ -281,6 +281,9 @@ class FeDEQ(Method):
                 return False
             if isinstance(m, torch.nn.MultiheadAttention) and m.dropout > 0:
                 return False
+            # Dropout drawn in code (F.dropout with the module's rate: the transformers' layers).
+            if isinstance(getattr(m, "dropout", None), float) and m.dropout > 0:
+                return False
             if isinstance(m, DEQ) and not (m.solver == "anderson" and m.solver_kw.get("variant") == "reference"):
                 return False  # torchdeq's solvers stop batch-wide: an example's z* depends on its batch
         return True

@@ -243,6 +243,10 @@ def test_cache_is_not_used_where_the_body_has_batch_statistics_or_batch_wide_sto
     assert not algo._body_is_batch_free(algo.net)  # batch-wide stop
     res = FeDEQ(FeDEQConfig(model="deq_resnet_s"), Task("deq_resnet_s", (1, 28, 28), 10))
     assert not res._body_is_batch_free(res.net)    # BatchNorm in the stem and the FC block
+    # The transformers draw dropout in code (F.dropout at the layer's `dropout` rate, 0.1), not through
+    # nn.Dropout modules: a cached z* would freeze one mask for every epoch. (It also returns a tuple.)
+    tf = FeDEQ(FeDEQConfig(model="deq_transformer"), Task("deq_transformer", (80,), 90))
+    assert not tf._body_is_batch_free(tf.net)
 
 
 # ---------------------------------------------------- issue 9, items 5 and 6: held-out clients, options
