@@ -202,11 +202,15 @@ def fedeq_update_table(models: tuple[str, ...] = ("deq_mlp", "deq_resnet_s"), re
             n = UPDATE_SAMPLES[model]
             explicit = UPDATE_PAIRS[model]
             t_rep, _ = time_update("fedrep", explicit, n, repeats)
-            rows = [("fedeq (defaults: abs stop, reference Anderson, cached head z*)", {}),
-                    ("fedeq (rel stop, reference Anderson, cached head z*)", {"stop_mode": "rel"}),
-                    ("fedeq (abs stop, reference Anderson, head z* per batch)", {"cache_head_features": False}),
-                    ("fedeq (before issue 9: rel stop, torchdeq Anderson, head z* per batch)",
-                     {"stop_mode": "rel", "anderson_variant": "torchdeq", "cache_head_features": False})]
+            rows = [("fedeq (defaults: abs stop, reference Anderson, cached head z*, GMRES adjoint)", {}),
+                    ("fedeq (rel stop, reference Anderson, cached head z*, GMRES adjoint)", {"stop_mode": "rel"}),
+                    ("fedeq (abs stop, reference Anderson, head z* per batch, GMRES adjoint)",
+                     {"cache_head_features": False}),
+                    ("fedeq (defaults, but the old adjoint: Anderson, 20 steps)",
+                     {"b_solver": "anderson", "b_max_iter": 20}),
+                    ("fedeq (before issue 9: rel stop, torchdeq Anderson, z* per batch, Anderson adjoint)",
+                     {"stop_mode": "rel", "anderson_variant": "torchdeq", "cache_head_features": False,
+                      "b_solver": "anderson", "b_max_iter": 20})]
             for name, kw in rows:
                 t, m = time_update("fedeq", model, n, repeats, **kw)
                 lines.append(f"| {name} | {model} | {n} | {t:.3f} | {m.get('deq/nstep_mean', float('nan')):.2f} "
