@@ -65,7 +65,7 @@ from torch import Tensor
 
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.registry import Registry
-from fedeq_bench.methods.deq.solvers import DIVERGE_ABOVE, SOLVERS, DEQDivergence, solve
+from fedeq_bench.methods.deq.solvers import DIVERGE_ABOVE, SOLVERS, DEQDivergence, _check_kw, solve
 
 AdjointSolver = Callable[..., tuple[Tensor, dict[str, Tensor]]]
 ADJOINT_SOLVERS: Registry[AdjointSolver] = Registry("solver")
@@ -158,15 +158,8 @@ for _name in ("anderson", "broyden", "fixed_point"):
 
 
 def check_options(name: str, options: dict) -> None:
-    """Reject options the named adjoint solver does not take (gmres takes none)."""
-    fn = ADJOINT_SOLVERS.get(name)
-    params = inspect.signature(fn).parameters
-    valid = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
-    for key in options:
-        if key not in valid:
-            raise BenchError(
-                f"unknown option {key!r} for solver {name!r}; choose from {', '.join(sorted(valid)) or 'none'}"
-            )
+    """Reject options the named adjoint solver does not take (gmres takes none), as `solve` does."""
+    _check_kw(name, ADJOINT_SOLVERS.get(name), options)
 
 
 def solve_adjoint(vjp: VJP, v: Tensor, solver: str = "gmres", max_iter: int = 50, tol: float = 1e-3, *,
