@@ -3,6 +3,7 @@
     fedeq-bench run --methods fedeq,fedrep     # = python -m bench.run --methods fedeq,fedrep
     fedeq-bench data describe --dataset fmnist
     fedeq-bench perf
+    fedeq-bench sweep --method fedeq --trials 40
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ COMMANDS = {
     "run": "compare methods on a task, recorded in MLflow",
     "data": "look at a federated dataset (describe)",
     "perf": "the harness's round time next to a plain PyTorch loop",
+    "sweep": "tune a method's hyperparameters with Optuna (validation objective)",
 }
 
 

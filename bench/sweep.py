@@ -1,0 +1,93 @@
+"""`python -m bench.sweep`: tune a method's hyperparameters with Optuna, scored on validation only.
+
+    python -m bench.sweep --method fedeq --trials 40 --params rho,tol
+    python -m bench.sweep --methods all --trials 20 --dataset fmnist    # every method, same budget
+    optuna-dashboard sqlite:///optuna.db                               # watch it live
+
+Every RunConfig flag of bench.run works here too (--config, --set as well). One Optuna study per
+method, resumed by the same command; each trial is an MLflow child run of the study's parent run.
+The best values go to configs/tuned/<dataset>.toml (`bench.run --config` loads it). The work is
+bench/study.py's `sweep`.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+
+from fedeq_bench.bench import cli
+from fedeq_bench.core.errors import BenchError
+
+PROG = "python -m bench.sweep"
+
+
+def build_parser() -> tuple[cli.Parser, list[str]]:
+    from fedeq_bench.bench.config import RunConfig
+    from fedeq_bench.bench.study import PRUNERS
+
+    p = cli.Parser(prog=PROG, description=__doc__.strip().splitlines()[0])
+    p.add_argument("--method", default=None, help="the method to tune (or --methods a,b,c / all: one study each)")
+    p.add_argument("--trials", type=int, required=True, help="trials per study (a resumed study runs the missing ones)")
+    p.add_argument("--params", default=None, help="sweep only these keys of the space, e.g. rho,tol")
+    p.add_argument("--space", default=None, help="search-space TOML (default: configs/sweeps/<method>.toml)")
+    p.add_argument("--pruner", default="median", help=f"{'|'.join(PRUNERS)} (default: median)")
+    p.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna RDB storage URL (default: sqlite:///optuna.db)")
+    p.add_argument("--study-name", default=None, help="study name (default: METHOD-DATASET; NAME-METHOD with several)")
+    p.add_argument("--sampler-seed", type=int, default=None, help="TPE sampler seed (default: the first --seeds)")
+    p.add_argument("--tuned-out", default=None, help="tuned preset path (default: configs/tuned/DATASET.toml)")
+    p.add_argument("--no-final-test", dest="final_test", action="store_false",
+                   help="do not rerun the best trial on the test split")
+    keys = cli.add_config_flags(p, RunConfig)
+    p.add_argument("--config", default=None, help="preset TOML file (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any run, method or dataset key, fixed for every trial (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="less Optuna logging")
+    return p, keys
+
+
+def resolve(argv: list[str]):
+    """Parse argv into (validated Config, SweepOptions, args); raises BenchError on bad input."""
+    from fedeq_bench.bench import config as C
+    from fedeq_bench.bench.experiment import validate
+    from fedeq_bench.bench.study import SweepOptions
+
+    parser, keys = build_parser()
+    args = parser.parse_args(argv)
+    flags = cli.config_flags(args, keys)
+    if args.method is not None:
+        if flags["methods"] is not None:
+            raise BenchError("give --method NAME or --methods a,b,c, not both")
+        flags["methods"] = args.method
+    elif flags["methods"] is None and args.config is None:
+        raise BenchError("which method? give --method NAME, or --methods a,b,c (or all)")
+    cfg = validate(C.from_cli(args.config, flags, args.set))
+    params = tuple(p.strip() for p in args.params.split(",") if p.strip()) if args.params else None
+    opts = SweepOptions(trials=args.trials, params=params, space=args.space, pruner=args.pruner,
+                        storage=args.storage, study_name=args.study_name, sampler_seed=args.sampler_seed,
+                        final_test=args.final_test, tuned_out=args.tuned_out)
+    return cfg, opts, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli.sigterm_as_interrupt()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        cfg, opts, args = resolve(argv)
+        from fedeq_bench.bench import experiment, study
+
+        outcomes, tuned = study.sweep(cfg, opts, command=shlex.join([*PROG.split(), *argv]), quiet=args.quiet)
+    except BenchError as e:
+        cli.fail(str(e))
+        return cli.EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        cli.fail("interrupted; the study resumes with the same command (finished trials are kept)")
+        return cli.EXIT_INTERRUPTED
+    print(study.format_outcomes(outcomes))
+    if tuned:
+        print(f"\nbest values written to {tuned} (rerun on test: python -m bench.run --config {tuned})")
+    print(experiment.recorded_line(cfg, outcomes[-1].parent_run_id) if outcomes else "")
+    print(f"Optuna storage: {opts.storage} (watch: optuna-dashboard {opts.storage})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

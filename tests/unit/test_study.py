@@ -1,0 +1,198 @@
+"""bench/study.py: Optuna studies over the library, read back from Optuna's storage and MLflow.
+
+Every study here is tiny: synthetic data, 6 clients, 2 rounds, the serial backend, FedAvg/FedRep
+(the fastest methods), a search space written by the test (configs/sweeps/ is not assumed).
+"""
+from __future__ import annotations
+
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from fedeq_bench.bench import config as C
+from fedeq_bench.bench import experiment, study
+from fedeq_bench.bench.study import SweepOptions
+
+SPACE = """
+fedavg.lr = {low = 0.01, high = 0.3, log = true}
+fedrep.lr = {low = 0.01, high = 0.3, log = true}
+fedrep.head_epochs = {low = 1, high = 3}
+"""
+
+
+@pytest.fixture
+def env(tmp_path):
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE)
+    return {"uri": f"sqlite:///{tmp_path}/mlflow.db", "storage": f"sqlite:///{tmp_path}/optuna.db",
+            "space": str(space), "tuned": str(tmp_path / "tuned" / "synthetic.toml")}
+
+
+def make_cfg(env, methods="fedavg", seeds="0"):
+    cfg = C.apply(C.default_config(), {"methods": methods, "dataset": "synthetic", "clients": 6, "rounds": 2,
+                                       "backend": "serial", "seeds": seeds, "tracking_uri": env["uri"]})
+    return experiment.validate(cfg)
+
+
+def opts(env, **kw):
+    base = dict(trials=3, space=env["space"], pruner="none", storage=env["storage"], tuned_out=env["tuned"],
+                figures=False)
+    base.update(kw)
+    return SweepOptions(**base)
+
+
+def runs(env, kind=None):
+    client = MlflowClient(tracking_uri=env["uri"])
+    exp = client.get_experiment_by_name("fedeq-bench")
+    rs = client.search_runs([exp.experiment_id], max_results=1000)
+    return [r for r in rs if kind is None or r.data.tags.get("kind") == kind]
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    """Prunes every trial at its first report: forces the pruned path whatever the values."""
+
+    def prune(self, study, trial):
+        return True
+
+
+def test_three_trials_are_three_child_runs_with_their_params_and_the_best_goes_to_the_parent(env):
+    cfg = make_cfg(env)
+    (out,), tuned = study.sweep(cfg, opts(env, figures=True))
+
+    trials = runs(env, "trial")
+    (parent,) = runs(env, "sweep")
+    assert len(trials) == 3 and out.trials == 3
+    st = optuna.load_study(study_name="fedavg-synthetic", storage=env["storage"])
+    by_number = {t.number: t for t in st.trials}
+    for r in trials:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        n = int(r.data.params["trial_number"])
+        assert float(r.data.params["trial.fedavg.lr"]) == by_number[n].params["fedavg.lr"]
+        assert r.data.params["fedavg.lr"] == str(by_number[n].params["fedavg.lr"])  # the config the trial ran
+        # The objective is the final acc/val; the test-named metrics are not logged on the validation view.
+        assert r.data.metrics["acc/val"] == pytest.approx(by_number[n].value)
+        assert "acc/mean" not in r.data.metrics
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["study"] == "fedavg-synthetic" and parent.data.tags["method"] == "fedavg"
+    assert float(parent.data.params["best.fedavg.lr"]) == st.best_params["fedavg.lr"]
+    assert parent.data.metrics["best/value"] == pytest.approx(st.best_value)
+    # Test accuracy once, after the study, in its own child run, logged apart from the objective.
+    (best,) = runs(env, "best-test")
+    assert parent.data.metrics["best/test_acc"] == pytest.approx(best.data.metrics["acc/mean"])
+    assert out.test_acc == pytest.approx(best.data.metrics["acc/mean"])
+    arts = {a.path for a in MlflowClient(tracking_uri=env["uri"]).list_artifacts(parent.info.run_id, "figures")}
+    pytest.importorskip("matplotlib")  # figures are skipped silently without it
+    assert {"figures/optimization_history.png", "figures/slice.png"} <= arts
+    assert tuned == env["tuned"]
+
+
+def test_a_pruned_trial_is_pruned_in_optuna_and_killed_with_a_tag_in_mlflow(env):
+    (out,), tuned = study.sweep(make_cfg(env), opts(env, trials=2, pruner=AlwaysPrune()))
+
+    st = optuna.load_study(study_name="fedavg-synthetic", storage=env["storage"])
+    assert [t.state for t in st.trials] == [TrialState.PRUNED] * 2
+    assert [t.last_step for t in st.trials] == [1, 1]  # pruned at its first evaluated round
+    trials = runs(env, "trial")
+    assert len(trials) == 2
+    for r in trials:
+        assert r.info.status == "KILLED" and r.data.tags["pruned"] == "true"
+    assert out.best_value is None and tuned is None  # nothing completed: no winner to write
+
+
+def test_resuming_adds_only_the_missing_trials_to_the_same_study(env):
+    cfg = make_cfg(env)
+    study.sweep(cfg, opts(env, trials=2, final_test=False))
+    first = optuna.load_study(study_name="fedavg-synthetic", storage=env["storage"]).trials
+    (out,), _ = study.sweep(cfg, opts(env, trials=3, final_test=False))
+
+    st = optuna.load_study(study_name="fedavg-synthetic", storage=env["storage"])
+    assert [t.number for t in st.trials] == [0, 1, 2] and out.trials == 3
+    assert [t.params for t in st.trials[:2]] == [t.params for t in first]  # trials 0 and 1 untouched
+    numbers = sorted(int(r.data.params["trial_number"]) for r in runs(env, "trial"))
+    assert numbers == [0, 1, 2]  # one run per trial: none redone
+    assert len(runs(env, "sweep")) == 2  # one parent per invocation, both under the same study tag
+
+
+def test_methods_get_equal_budgets_and_a_tuned_preset_that_bench_run_loads(env):
+    cfg = make_cfg(env, methods="fedavg,fedrep")
+    outcomes, tuned = study.sweep(cfg, opts(env, trials=2, final_test=False, sampler_seed=7))
+
+    assert [(o.method, o.trials) for o in outcomes] == [("fedavg", 2), ("fedrep", 2)]
+    for o in outcomes:
+        st = optuna.load_study(study_name=o.study_name, storage=env["storage"])
+        assert len(st.trials) == 2
+        assert st.study_name == f"{o.method}-synthetic"
+    # The preset as `python -m bench.run --config FILE` reads it: load_toml, then apply.
+    loaded = experiment.validate(C.apply(C.default_config(), C.load_toml(tuned)))
+    assert loaded.run.methods == ("fedavg", "fedrep") and loaded.run.dataset == "synthetic"
+    fedavg, fedrep = outcomes
+    assert loaded.methods["fedavg"].lr == fedavg.best_params["fedavg.lr"]
+    assert loaded.methods["fedrep"].lr == fedrep.best_params["fedrep.lr"]
+    assert loaded.methods["fedrep"].head_epochs == fedrep.best_params["fedrep.head_epochs"]
+
+
+class NoTestClient:
+    """A client whose train and validation splits are real and whose test split raises when read."""
+
+    def __init__(self, c):
+        self.train_x, self.train_y, self.val_x, self.val_y = c.train_x, c.train_y, c.val_x, c.val_y
+
+    @property
+    def num_train(self):
+        return int(self.train_y.shape[0])
+
+    @property
+    def test_x(self):
+        raise AssertionError("a sweep read test_x")
+
+    @property
+    def test_y(self):
+        raise AssertionError("a sweep read test_y")
+
+
+def test_the_objective_never_reads_test_data(env):
+    cfg = make_cfg(env, methods="fedavg", seeds="0,1")
+    real = experiment.load_checked(cfg)
+    for ds in real.values():
+        ds.clients = [NoTestClient(c) for c in ds.clients]
+
+    (out,), _ = study.sweep(cfg, opts(env, trials=2, final_test=False, pruner="median"), datasets=real)
+    assert out.trials == 2 and out.best_value is not None
+    # The trap is armed: the one step that must read test (the best trial on test) trips it.
+    with pytest.raises(AssertionError, match="a sweep read test_"):
+        study.sweep(cfg, opts(env, trials=2, final_test=True), datasets=real)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask() on a heartbeat storage, on purpose
+def test_a_dead_process_trial_is_failed_in_optuna_and_its_mlflow_run_too(env, monkeypatch):
+    monkeypatch.setattr(study, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(study, "GRACE_S", 1)
+    from fedeq_bench.bench.tracking import Tracker
+
+    st = optuna.create_study(study_name="s", storage=study.make_storage(env["storage"]))
+    trial = st.ask()  # a trial whose process then died: RUNNING, heartbeat stops
+    st._storage.record_heartbeat(trial._trial_id)
+    tracker = Tracker(env["uri"], "fedeq-bench")
+    orphan = tracker.start("trial 0", {}, tags={"study": "s", "trial_number": "0", "kind": "trial"})
+    time.sleep(2.5)
+
+    assert study.end_orphans(tracker, st, "s") == 1
+    assert st.trials[0].state == TrialState.FAIL
+    assert tracker.client.get_run(orphan).info.status == "FAILED"
+
+
+def test_bad_pruner_and_bad_space_are_bench_errors_before_anything_is_recorded(env, tmp_path):
+    from fedeq_bench.core.errors import BenchError
+
+    with pytest.raises(BenchError, match="unknown pruner 'medain'; choose from"):
+        study.sweep(make_cfg(env), opts(env, pruner="medain"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("fedavg.lr = {low = 0.3, high = 0.01}\n")
+    with pytest.raises(BenchError, match="low must be below high"):
+        study.sweep(make_cfg(env), opts(env, space=str(bad)))
+    with pytest.raises(BenchError, match="no entry for fedavg"):
+        study.sweep(make_cfg(env), opts(env, params=("fedrep.lr",)))
