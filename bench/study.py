@@ -40,6 +40,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import tempfile
 import tomllib
 import warnings
@@ -197,6 +198,14 @@ def counted(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
+def stop_at(trials: int):
+    """An Optuna callback that stops the study once it holds `trials` counted trials."""
+    def callback(study, trial):
+        if counted(study) >= trials:
+            study.stop()
+    return callback
+
+
 def end_orphans(tracker, study, study_name: str) -> int:
     """End FAILED the MLflow runs of this study left RUNNING by a process that died: trial runs whose
     Optuna trial is no longer RUNNING, and parent runs when no trial of the study is RUNNING.
@@ -257,6 +266,17 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
             tcfg = C.apply(base, values)
             trial_tags = {"kind": "trial", "study": name, "trial_number": str(trial.number)}
             trial_params = {"trial_number": str(trial.number), **{f"trial.{k}": str(v) for k, v in values.items()}}
+            try:
+                return seeds_score(trial, tcfg, trial_params, trial_tags)
+            except BenchError as e:
+                # A trial's own values can make training fail (a diverging solver at a large rho):
+                # an outcome of the search, not bad input. Its MLflow run is already FAILED; Optuna
+                # marks a nan value FAIL, the study goes on, and a resume redraws it.
+                trial.set_user_attr("error", str(e))
+                sys.stderr.write(f"trial {trial.number} failed: {e}\n")
+                return float("nan")
+
+        def seeds_score(trial, tcfg, trial_params, trial_tags):
             scores = []
             for i, s in enumerate(run.seeds):
                 def on_round(rnd, metrics, first=(i == 0)):
@@ -271,15 +291,17 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
                 scores.append(result.final[OBJECTIVE])
             score = sum(scores) / len(scores)
             if math.isnan(score):
-                raise BenchError(f"{method}: {OBJECTIVE} is nan (no client has a validation split; raise --val-frac)")
+                raise BenchError(f"{OBJECTIVE} is nan (no client has a validation split; raise --val-frac)")
             return score
 
         missing = max(0, opts.trials - counted(study))
         if missing:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                # catch=(): any error stops the study (a BenchError is bad input, a bug must show).
-                study.optimize(objective, n_trials=missing, catch=())
+                # catch=(): a bug stops the study with its traceback (a trial's BenchError is a FAIL, above).
+                # A failed trial does not count: run until `missing` trials have completed or been
+                # pruned, with as many again allowed to fail (so a space that always fails ends).
+                study.optimize(objective, n_trials=2 * missing, catch=(), callbacks=[stop_at(opts.trials)])
         end_orphans(tracker, study, name)
 
         best_value, best_params, test_acc = None, {}, None

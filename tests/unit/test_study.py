@@ -196,3 +196,28 @@ def test_bad_pruner_and_bad_space_are_bench_errors_before_anything_is_recorded(e
         study.sweep(make_cfg(env), opts(env, space=str(bad)))
     with pytest.raises(BenchError, match="no entry for fedavg"):
         study.sweep(make_cfg(env), opts(env, params=("fedrep.lr",)))
+
+
+def test_a_trial_whose_training_fails_is_fail_and_the_study_still_gets_its_trials(env, monkeypatch, capsys):
+    from fedeq_bench.core.errors import BenchError
+
+    real_run_one, calls = experiment.run_one, []
+
+    def run_one(*args, on_round=None, **kw):
+        def failing(rnd, metrics):
+            calls.append(rnd)
+            if len(calls) == 1:  # trial 0, round 1: as a diverging solver would
+                raise BenchError("fedavg diverged in round 1 (server)")
+            return on_round(rnd, metrics) if on_round else None
+        return real_run_one(*args, on_round=failing, **kw)
+
+    monkeypatch.setattr(experiment, "run_one", run_one)
+    (out,), _ = study.sweep(make_cfg(env), opts(env, trials=2, final_test=False))
+
+    st = optuna.load_study(study_name="fedavg-synthetic", storage=env["storage"])
+    assert [t.state for t in st.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert st.trials[0].user_attrs["error"] == "fedavg diverged in round 1 (server)"
+    assert out.trials == 2
+    status = {int(r.data.params["trial_number"]): r.info.status for r in runs(env, "trial")}
+    assert status == {0: "FAILED", 1: "FINISHED", 2: "FINISHED"}
+    assert "trial 0 failed: fedavg diverged in round 1 (server)" in capsys.readouterr().err
