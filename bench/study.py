@@ -233,7 +233,7 @@ def end_orphans(tracker, study, study_name: str) -> int:
 
 
 def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dict, real: dict | None,
-              several: bool = False, command: str = "", quiet: bool = True) -> StudyOutcome:
+              several: bool = False, command: str = "", quiet: bool = True, storage=None) -> StudyOutcome:
     """One method's study: trials on `views` (validation views, by seed), the best rerun on `real`."""
     import optuna
 
@@ -248,7 +248,7 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
     pruner = make_pruner(opts.pruner, run.rounds)
     seed = run.seeds[0] if opts.sampler_seed is None else opts.sampler_seed
     name = study_name_for(opts, method, run.dataset.split(":")[0], several)
-    storage = make_storage(opts.storage)
+    storage = make_storage(opts.storage) if storage is None else storage
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner)
     end_orphans(tracker, study, name)
@@ -383,6 +383,7 @@ def sweep(cfg, opts: SweepOptions, command: str = "", quiet: bool = True, datase
     make_pruner(opts.pruner, run.rounds)
     for m in run.methods:
         method_space(cfg, m, opts)
+    storage = make_storage(opts.storage)
     real = experiment.load_checked(cfg) if datasets is None else datasets
     views = {s: validation_view(ds) for s, ds in real.items()}
     tracker = Tracker(run.tracking_uri, run.experiment)
@@ -392,7 +393,7 @@ def sweep(cfg, opts: SweepOptions, command: str = "", quiet: bool = True, datase
         several = len(run.methods) > 1
         for m in run.methods:
             outcomes.append(run_study(cfg, m, opts, tracker, backend, views, real if opts.final_test else None,
-                                      several, command, quiet))
+                                      several, command, quiet, storage))
     finally:
         backend.close()
     path = write_tuned(cfg, outcomes, opts.tuned_out)
