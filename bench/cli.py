@@ -79,6 +79,12 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, names=None) -> list[s
     return names
 
 
+def add_preset_args(parser: argparse.ArgumentParser, set_help: str) -> None:
+    """`--config FILE` (a preset) and `--set KEY=VALUE` (repeatable): the layers above the generated flags."""
+    parser.add_argument("--config", default=None, help="preset TOML file (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+
+
 def config_flags(args: argparse.Namespace, names: list[str]) -> dict[str, typing.Any]:
     """`{field: value}` of the generated flags, None for those not typed (what `config.from_cli` takes)."""
     return {name: getattr(args, name) for name in names}

@@ -262,15 +262,20 @@ def parse_set(items: list[str]) -> dict[str, str]:
     return out
 
 
-def load_toml(path: str) -> dict[str, Any]:
-    """A preset file as overrides: `[run]` keys and `[section]` keys, flattened to `section.key`."""
+def read_toml(path, what: str = "config file", where: str = "presets are in configs/") -> dict[str, Any]:
+    """A TOML file as a dict, or one BenchError line: `config file 'x.toml' not found (presets are in configs/)`."""
     try:
         with open(path, "rb") as f:
-            doc = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
-        raise BenchError(f"config file {path!r} not found (presets are in configs/)") from None
+        raise BenchError(f"{what} {str(path)!r} not found ({where})") from None
     except tomllib.TOMLDecodeError as e:
-        raise BenchError(f"config file {path!r} is not valid TOML: {e}") from None
+        raise BenchError(f"{what} {str(path)!r} is not valid TOML: {e}") from None
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """A preset file as overrides: `[run]` keys and `[section]` keys, flattened to `section.key`."""
+    doc = read_toml(path)
     out: dict[str, Any] = {}
     for section, table in doc.items():
         if not isinstance(table, dict):

@@ -28,9 +28,7 @@ def build_parser() -> tuple[cli.Parser, list[str]]:
                        description="Per-client split sizes and label histograms of a federated dataset.")
     keys = cli.add_config_flags(d, RunConfig, DATA_KEYS)
     d.add_argument("--seed", default="0", help="seed the partition is drawn with (default 0)")
-    d.add_argument("--config", default=None, help="preset TOML file (see configs/)")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any run or dataset key, e.g. fmnist.download=false (repeatable)")
+    cli.add_preset_args(d, "any run or dataset key, e.g. fmnist.download=false (repeatable)")
     d.add_argument("--plot", default=None, metavar="FILE.png", help="also save the clients x classes label heat map")
     return p, keys
 

@@ -25,9 +25,7 @@ def build_parser() -> tuple[cli.Parser, list[str]]:
     p = cli.Parser(prog=PROG, description=__doc__.strip().splitlines()[0],
                    epilog="Precedence: defaults < MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME < --config < flags < --set.")
     keys = cli.add_config_flags(p, RunConfig)
-    p.add_argument("--config", default=None, help="preset TOML file (see configs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any run, method or dataset key, e.g. fedrep.head_epochs=10 (repeatable)")
+    cli.add_preset_args(p, "any run, method or dataset key, e.g. fedrep.head_epochs=10 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p, keys
 

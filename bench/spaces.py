@@ -16,7 +16,6 @@ is an error). `suggest(trial, space)` draws one value per key from an Optuna tri
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -78,13 +77,7 @@ def load_space(method: str, path: str | None = None, params: list[str] | None = 
     """
     p = Path(path) if path is not None else space_path(method)
     label = str(p)
-    try:
-        with open(p, "rb") as f:
-            doc = tomllib.load(f)
-    except FileNotFoundError:
-        raise BenchError(f"search space {label!r} not found (spaces are in configs/sweeps/)") from None
-    except tomllib.TOMLDecodeError as e:
-        raise BenchError(f"search space {label!r} is not valid TOML: {e}") from None
+    doc = C.read_toml(p, "search space", "spaces are in configs/sweeps/")
 
     cfg = C.default_config()
     space = {key: _dist(label, key, entry, cfg) for key, entry in _flatten(label, doc, cfg).items()}

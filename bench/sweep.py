@@ -37,9 +37,7 @@ def build_parser() -> tuple[cli.Parser, list[str]]:
     p.add_argument("--no-final-test", dest="final_test", action="store_false",
                    help="do not rerun the best trial on the test split")
     keys = cli.add_config_flags(p, RunConfig)
-    p.add_argument("--config", default=None, help="preset TOML file (see configs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any run, method or dataset key, fixed for every trial (repeatable)")
+    cli.add_preset_args(p, "any run, method or dataset key, fixed for every trial (repeatable)")
     p.add_argument("--quiet", action="store_true", help="less Optuna logging")
     return p, keys
 
