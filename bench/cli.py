@@ -9,6 +9,8 @@ import signal
 import sys
 import typing
 
+from fedeq_bench.core.errors import BenchError
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -24,6 +26,21 @@ class Parser(argparse.ArgumentParser):
 def fail(message: str) -> None:
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
+
+
+def run_guarded(work: typing.Callable[[], int], interrupted: str = "interrupted") -> int:
+    """A command's body with the exits every CLI shares: SIGTERM handled as Ctrl-C, a BenchError as one
+    line and exit 2, an interrupt as `interrupted` and exit 130; any other exception is a bug and keeps
+    its traceback. `work` returns the exit code (0)."""
+    sigterm_as_interrupt()
+    try:
+        return work()
+    except BenchError as e:
+        fail(str(e))
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        fail(interrupted)
+        return EXIT_INTERRUPTED
 
 
 def sigterm_as_interrupt() -> None:

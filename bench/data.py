@@ -49,19 +49,14 @@ def resolve(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli.sigterm_as_interrupt()
-    try:
+    def work() -> int:
         cfg, seed, args = resolve(argv)
         from fedeq_bench.bench.experiment import describe_data
 
         print(describe_data(cfg, seed, args.plot))
         return 0
-    except BenchError as e:
-        cli.fail(str(e))
-        return cli.EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        cli.fail("interrupted")
-        return cli.EXIT_INTERRUPTED
+
+    return cli.run_guarded(work)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import shlex
 import sys
 
 from fedeq_bench.bench import cli
-from fedeq_bench.core.errors import BenchError
 
 PROG = "python -m bench.run"
 
@@ -41,22 +40,18 @@ def resolve_config(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli.sigterm_as_interrupt()
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
+
+    def work() -> int:
         cfg, args = resolve_config(argv)
         from fedeq_bench.bench import experiment
 
         rows, parent = experiment.compare(cfg, command=shlex.join([*PROG.split(), *argv]), quiet=args.quiet)
-    except BenchError as e:
-        cli.fail(str(e))
-        return cli.EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        cli.fail("interrupted; runs so far are kept and marked KILLED")
-        return cli.EXIT_INTERRUPTED
-    print(experiment.format_table(rows))
-    print("\n" + experiment.recorded_line(cfg, parent))
-    return 0
+        print(experiment.format_table(rows))
+        print("\n" + experiment.recorded_line(cfg, parent))
+        return 0
+
+    return cli.run_guarded(work, "interrupted; runs so far are kept and marked KILLED")
 
 
 if __name__ == "__main__":

@@ -66,25 +66,21 @@ def resolve(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli.sigterm_as_interrupt()
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
+
+    def work() -> int:
         cfg, opts, args = resolve(argv)
         from fedeq_bench.bench import experiment, study
 
         outcomes, tuned = study.sweep(cfg, opts, command=shlex.join([*PROG.split(), *argv]), quiet=args.quiet)
-    except BenchError as e:
-        cli.fail(str(e))
-        return cli.EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        cli.fail("interrupted; the study resumes with the same command (finished trials are kept)")
-        return cli.EXIT_INTERRUPTED
-    print(study.format_outcomes(outcomes))
-    if tuned:
-        print(f"\nbest values written to {tuned} (rerun on test: python -m bench.run --config {tuned})")
-    print(experiment.recorded_line(cfg, outcomes[-1].parent_run_id) if outcomes else "")
-    print(f"Optuna storage: {opts.storage} (watch: optuna-dashboard {opts.storage})")
-    return 0
+        print(study.format_outcomes(outcomes))
+        if tuned:
+            print(f"\nbest values written to {tuned} (rerun on test: python -m bench.run --config {tuned})")
+        print(experiment.recorded_line(cfg, outcomes[-1].parent_run_id) if outcomes else "")
+        print(f"Optuna storage: {opts.storage} (watch: optuna-dashboard {opts.storage})")
+        return 0
+
+    return cli.run_guarded(work, "interrupted; the study resumes with the same command (finished trials are kept)")
 
 
 if __name__ == "__main__":
