@@ -184,7 +184,7 @@ def job_global_rng(seed: int, kind: Kind, rnd: int, cid: int, device: str):
     on what the process ran before, so a Ray actor and the Serial backend would train differently.
     """
     devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
-    with torch.random.fork_rng(devices=devices):
+    with seeding.GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=devices):
         torch.manual_seed(seeding.derive(seed, "global", list(Kind).index(kind), rnd, cid))
         yield
 
@@ -263,10 +263,33 @@ class RayBackend:
         self.pool = ActorPool(self.actors)
         self.workers = n
         self._dataset_key = None
+        self._puts: dict[str, Any] = {}  # dataset key -> object ref, shared with `split` parts
+
+    def split(self, n: int) -> list["RayBackend"]:
+        """`n` backends over disjoint parts of this pool, for `n` runs at once (a sweep's parallel
+        trials): each part has its own ActorPool (which one thread at a time may use) and at least one
+        actor; results do not depend on how many actors serve a run. They share the Ray connection and
+        the datasets put so far; `close()` this backend, not its parts."""
+        if not 1 <= n <= len(self.actors):
+            raise BenchError(f"{n} runs at once need at least {n} Ray actors; the pool has {len(self.actors)} "
+                             f"(raise --workers, lower --cpus-per-client, or run fewer at once)")
+        from ray.util import ActorPool
+
+        parts = []
+        for i in range(n):
+            part = object.__new__(RayBackend)
+            part.__dict__.update(self.__dict__)
+            part.actors = self.actors[i::n]
+            part.pool, part.workers = ActorPool(part.actors), len(part.actors)
+            part._dataset_key, part._started_here = None, False
+            parts.append(part)
+        return parts
 
     def set_dataset(self, key: str, dataset: FederatedDataset) -> str:
         if key != self._dataset_key:
-            ref = self._ray.put(dataset)  # once per dataset; actors read client arrays zero-copy from it
+            ref = self._puts.get(key)
+            if ref is None:  # once per dataset; actors read client arrays zero-copy from it
+                ref = self._puts[key] = self._ray.put(dataset)
             devices = self._ray.get([a.set_dataset.remote(key, ref) for a in self.actors])
             self._dataset_key = key
             self._device = devices[0]

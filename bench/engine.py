@@ -152,7 +152,7 @@ def build_initial_model(name: str, dataset: FederatedDataset, seed: int) -> torc
     from fedeq_bench.methods.nets import build_model
 
     # Module constructors draw from torch's global generator; fork it so nothing else is disturbed.
-    with torch.random.fork_rng(devices=[]):
+    with seeding.GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seeding.derive(seed, "init"))
         return build_model(name, dataset.input_shape, dataset.num_classes)
 

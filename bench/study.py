@@ -50,6 +50,14 @@ from typing import Any
 from fedeq_bench.core.errors import BenchError, choices
 
 PRUNERS = ("median", "hyperband", "none")
+OBJECTIVES = {
+    "acc": ("acc/val", "maximize"),
+    "bytes": ("bytes/cumulative", "minimize"),
+    "memory": ("mem/peak_train_bytes", "minimize"),
+}
+"""`--objective` names: (metric, direction). acc: final validation accuracy; bytes: every byte sent up
+and down over the run; memory: the run's peak training memory of a local update. Each is the mean over
+seeds."""
 TEST_METRICS = ("acc/mean", "acc/weighted", "acc/bottom10", "acc/unseen")
 """Metrics a trial does not log: on the validation view they would be validation figures."""
 OBJECTIVE = "acc/val"
@@ -67,9 +75,15 @@ class SweepOptions:
     """Restrict the search space to these keys (`rho` or `fedeq.rho`); None: the whole space."""
     space: str | None = None
     """A search-space TOML file instead of configs/sweeps/<method>.toml."""
-    pruner: Any = "median"
+    pruner: Any = None
     """`median`, `hyperband` or `none` (Optuna's MedianPruner, HyperbandPruner, NopPruner), or an
-    `optuna.pruners.BasePruner` from a library caller."""
+    `optuna.pruners.BasePruner` from a library caller; None: median for one objective, none for
+    several (Optuna cannot prune a multi-objective trial)."""
+    objectives: tuple[str, ...] = ("acc",)
+    """Names of OBJECTIVES. One: TPE maximizes accuracy. Several (`acc,bytes`, `acc,bytes,memory`):
+    NSGA-II searches the Pareto front."""
+    n_jobs: int = 1
+    """Trials run at once, each on its own part of the Ray actor pool (`RayBackend.split`)."""
     storage: str = "sqlite:///optuna.db"
     """Optuna RDB storage URL."""
     study_name: str | None = None
@@ -94,15 +108,37 @@ class StudyOutcome:
     test_acc: float | None
     trials: int
     """Trials the study holds in COMPLETE or PRUNED state."""
+    objectives: tuple[str, ...] = ("acc",)
+    pareto: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """Several objectives: the Pareto front, one row per trial (`pareto_rows`), most accurate first."""
 
 
 # -- pieces ---------------------------------------------------------------------------------------
 
 
-def make_pruner(name, rounds: int):
-    """Optuna's pruner by name (a library caller may pass a BasePruner); a bad name is bad input."""
+def parse_objectives(text: str) -> tuple[str, ...]:
+    """`acc`, `acc,bytes`, `acc,bytes,memory`: names of OBJECTIVES, each once, accuracy among them."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if n not in OBJECTIVES]
+    if not names or bad:
+        raise BenchError(f"unknown objective {', '.join(map(repr, bad)) or repr(text)}; "
+                         f"give a comma list of {choices(OBJECTIVES)} (e.g. acc,bytes)")
+    if len(set(names)) != len(names) or "acc" not in names:
+        raise BenchError(f"--objective {text!r}: name each objective once, acc among them (e.g. acc,bytes)")
+    return names
+
+
+def make_pruner(name, rounds: int, objectives: int = 1):
+    """Optuna's pruner by name (a library caller may pass a BasePruner); a bad name is bad input.
+    None picks median for one objective and none for several: Optuna prunes only single-objective
+    trials (`Trial.report` refuses a multi-objective one), so asking for a pruner there is refused."""
     import optuna
 
+    if name is None:
+        name = "median" if objectives == 1 else "none"
+    if objectives > 1 and not (name == "none" or isinstance(name, optuna.pruners.NopPruner)):
+        raise BenchError(f"--pruner {name}: Optuna cannot prune a multi-objective study; "
+                         f"leave --pruner out or give --pruner none")
     if isinstance(name, optuna.pruners.BasePruner):
         return name
     if name == "median":
@@ -186,8 +222,11 @@ class _TrialTracker:
 
 
 def study_name_for(opts: SweepOptions, method: str, dataset: str, several: bool) -> str:
+    """`<method>-<dataset>` (`-acc-bytes` appended for several objectives: a study's directions are
+    fixed when it is created), or `--study-name` (`<name>-<method>` with several methods)."""
     if opts.study_name is None:
-        return f"{method}-{dataset}"
+        suffix = "" if opts.objectives == ("acc",) else "-" + "-".join(opts.objectives)
+        return f"{method}-{dataset}{suffix}"
     return f"{opts.study_name}-{method}" if several else opts.study_name
 
 
@@ -196,14 +235,6 @@ def counted(study) -> int:
     from optuna.trial import TrialState
 
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-
-
-def stop_at(trials: int):
-    """An Optuna callback that stops the study once it holds `trials` counted trials."""
-    def callback(study, trial):
-        if counted(study) >= trials:
-            study.stop()
-    return callback
 
 
 def end_orphans(tracker, study, study_name: str) -> int:
@@ -234,7 +265,12 @@ def end_orphans(tracker, study, study_name: str) -> int:
 
 def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dict, real: dict | None,
               several: bool = False, command: str = "", quiet: bool = True, storage=None) -> StudyOutcome:
-    """One method's study: trials on `views` (validation views, by seed), the best rerun on `real`."""
+    """One method's study: trials on `views` (validation views, by seed), the best rerun on `real`.
+
+    `backend`: one backend, or a list of `opts.n_jobs` (`RayBackend.split`); a running trial holds
+    one of them, so trials that run at once never share an actor pool."""
+    import queue
+
     import optuna
 
     from fedeq_bench.bench import config as C
@@ -245,19 +281,36 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
     run = cfg.run
     optuna.logging.set_verbosity(optuna.logging.WARNING if quiet else optuna.logging.INFO)
     space = method_space(cfg, method, opts)
-    pruner = make_pruner(opts.pruner, run.rounds)
+    objectives = tuple(opts.objectives)
+    multi = len(objectives) > 1
+    directions = [OBJECTIVES[o][1] for o in objectives]
+    pruner = make_pruner(opts.pruner, run.rounds, len(objectives))
     seed = run.seeds[0] if opts.sampler_seed is None else opts.sampler_seed
     name = study_name_for(opts, method, run.dataset.split(":")[0], several)
     storage = make_storage(opts.storage) if storage is None else storage
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner)
+    if multi:
+        sampler, sampler_name = optuna.samplers.NSGAIISampler(seed=seed), "nsga2"
+    else:
+        # constant_liar: trials running at once do not all draw the same point (no effect one at a time).
+        sampler, sampler_name = optuna.samplers.TPESampler(seed=seed, constant_liar=opts.n_jobs > 1), "tpe"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = optuna.create_study(study_name=name, storage=storage, directions=directions,
+                                    load_if_exists=True, sampler=sampler, pruner=pruner)
+    if [d.name.lower() for d in study.directions] != directions:
+        raise BenchError(f"study {name!r} in {opts.storage} was created for other objectives "
+                         f"({', '.join(d.name.lower() for d in study.directions)}); give another --study-name")
     end_orphans(tracker, study, name)
     base = C.apply(cfg, {"methods": method})
+    backends = queue.SimpleQueue()
+    for b in (backend if isinstance(backend, list) else [backend]):
+        backends.put(b)
 
     params = C.flatten(base, [method], run.dataset.split(":")[0])
     params.update({"git_commit": git_commit(), "command": command, "study": name, "storage": opts.storage,
-                   "trials": str(opts.trials), "pruner": str(opts.pruner), "sampler": "tpe",
-                   "sampler_seed": str(seed), "space": ",".join(sorted(space)), "objective": OBJECTIVE})
+                   "trials": str(opts.trials), "pruner": str(opts.pruner or ("median", "none")[multi]),
+                   "sampler": sampler_name, "sampler_seed": str(seed), "space": ",".join(sorted(space)),
+                   "objective": ",".join(OBJECTIVES[o][0] for o in objectives), "n_jobs": str(opts.n_jobs)})
     tags = {"kind": "sweep", "study": name, "method": method}
     with tracker.run(run.run_name or f"sweep {method} on {run.dataset}", params, tags=tags) as parent:
 
@@ -266,65 +319,163 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
             tcfg = C.apply(base, values)
             trial_tags = {"kind": "trial", "study": name, "trial_number": str(trial.number)}
             trial_params = {"trial_number": str(trial.number), **{f"trial.{k}": str(v) for k, v in values.items()}}
+            b = backends.get()
             try:
-                return seeds_score(trial, tcfg, trial_params, trial_tags)
+                return seeds_score(trial, tcfg, trial_params, trial_tags, b)
             except BenchError as e:
                 # A trial's own values can make training fail (a diverging solver at a large rho):
                 # an outcome of the search, not bad input. Its MLflow run is already FAILED; Optuna
                 # marks a nan value FAIL, the study goes on, and a resume redraws it.
                 trial.set_user_attr("error", str(e))
                 sys.stderr.write(f"trial {trial.number} failed: {e}\n")
-                return float("nan")
+                return tuple(float("nan") for _ in objectives) if multi else float("nan")
+            finally:
+                backends.put(b)
 
-        def seeds_score(trial, tcfg, trial_params, trial_tags):
-            scores = []
+        def seeds_score(trial, tcfg, trial_params, trial_tags, b):
+            results = []
             for i, s in enumerate(run.seeds):
                 def on_round(rnd, metrics, first=(i == 0)):
-                    if first and OBJECTIVE in metrics and not math.isnan(metrics[OBJECTIVE]):
+                    if not multi and first and OBJECTIVE in metrics and not math.isnan(metrics[OBJECTIVE]):
                         trial.report(metrics[OBJECTIVE], step=rnd)
                         if trial.should_prune():
                             raise optuna.TrialPruned(f"pruned at round {rnd}")
 
                 tt = _TrialTracker(tracker, f"trial {trial.number} ", trial_params, trial_tags)
-                result = experiment.run_one(tcfg, tt, parent, backend, method, s, views[s], quiet=True,
-                                            on_round=on_round)
-                scores.append(result.final[OBJECTIVE])
-            score = sum(scores) / len(scores)
-            if math.isnan(score):
+                results.append(experiment.run_one(tcfg, tt, parent, b, method, s, views[s], quiet=True,
+                                                  on_round=on_round))
+            scores = objective_values(results, objectives)
+            if math.isnan(scores[0]):
                 raise BenchError(f"{OBJECTIVE} is nan (no client has a validation split; raise --val-frac)")
-            return score
+            return tuple(scores) if multi else scores[0]
 
-        missing = max(0, opts.trials - counted(study))
-        if missing:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                # catch=(): a bug stops the study with its traceback (a trial's BenchError is a FAIL, above).
-                # A failed trial does not count: run until `missing` trials have completed or been
-                # pruned, with as many again allowed to fail (so a space that always fails ends).
-                study.optimize(objective, n_trials=2 * missing, catch=(), callbacks=[stop_at(opts.trials)])
+        run_trials(study, objective, opts.trials, opts.n_jobs)
         end_orphans(tracker, study, name)
 
-        best_value, best_params, test_acc = None, {}, None
-        try:
-            best = study.best_trial
-        except ValueError:  # no COMPLETE trial (all pruned or failed)
-            best = None
+        best_value, best_params, test_acc, pareto = None, {}, None, []
+        best = chosen_trial(study, multi)
+        if multi:
+            pareto = pareto_rows(study, objectives, space)
+            if pareto:
+                log_pareto(tracker, parent, pareto, objectives)
         if best is not None:
-            best_value, best_params = float(best.value), best_values(best, space)
+            best_value, best_params = float(best.values[0]), best_values(best, space)
             tracker.log_params(parent, {f"best.{k}": str(v) for k, v in best_params.items()}
                                | {"best.trial_number": str(best.number)})
-            tracker.log_metrics(parent, 0, {"best/value": best_value})
+            tracker.log_metrics(parent, 0, {"best/value": best_value}
+                                | ({f"best/{o}": float(v) for o, v in zip(objectives, best.values)} if multi else {}))
             if opts.final_test and real is not None:
                 bcfg = C.apply(base, best_params)
                 bt = _TrialTracker(tracker, "best ", {"trial_number": str(best.number)},
                                    {"kind": "best-test", "study": name}, drop=())
-                accs = [experiment.run_one(bcfg, bt, parent, backend, method, s, real[s], quiet=True)
-                        .final["acc/mean"] for s in run.seeds]
+                b = backends.get()
+                try:
+                    accs = [experiment.run_one(bcfg, bt, parent, b, method, s, real[s], quiet=True)
+                            .final["acc/mean"] for s in run.seeds]
+                finally:
+                    backends.put(b)
                 test_acc = sum(accs) / len(accs)
                 tracker.log_metrics(parent, 0, {"best/test_acc": test_acc})
         if opts.figures:
-            log_figures(tracker, parent, study)
-    return StudyOutcome(method, name, parent, best_value, best_params, test_acc, counted(study))
+            log_figures(tracker, parent, study, objectives)
+    return StudyOutcome(method, name, parent, best_value, best_params, test_acc, counted(study), objectives,
+                        pareto)
+
+
+def objective_values(results, objectives) -> list[float]:
+    """Each objective's mean over the seeds' results: final acc/val and bytes/cumulative, and the
+    run's peak of mem/peak_train_bytes (a client is metered on its first update, so the last round
+    alone may have metered nobody new)."""
+    out = []
+    for o in objectives:
+        metric = OBJECTIVES[o][0]
+        vals = [r.peak(metric) if o == "memory" else r.final[metric] for r in results]
+        out.append(sum(vals) / len(vals))
+    return out
+
+
+def run_trials(study, objective, trials: int, n_jobs: int = 1) -> None:
+    """Run trials until the study holds `trials` counted ones, `n_jobs` at a time.
+
+    Each `optimize` call asks for exactly the missing number, so trials running at once never
+    overshoot the budget; failed trials do not count and are redrawn by the next call, up to as many
+    failures as the budget was missing (so a space that always fails ends)."""
+    import optuna
+
+    missing = max(0, trials - counted(study))
+    failures_left = missing
+    while missing > 0:
+        before = counted(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # catch=(): a bug stops the study with its traceback (a trial's BenchError is a FAIL, above).
+            study.optimize(objective, n_trials=missing, n_jobs=n_jobs, catch=())
+        done = counted(study) - before
+        failures_left -= missing - done
+        missing = max(0, trials - counted(study))
+        if failures_left <= 0:
+            break
+
+
+def chosen_trial(study, multi: bool):
+    """The trial whose values go to the tuned preset: the best one, or with several objectives the
+    most accurate trial of the Pareto front (fewest bytes, then least memory, among equals). None when
+    no trial completed."""
+    from optuna.trial import TrialState
+
+    if not multi:
+        try:
+            return study.best_trial
+        except ValueError:  # no COMPLETE trial (all pruned or failed)
+            return None
+    front = [t for t in study.best_trials if t.state == TrialState.COMPLETE]
+    if not front:
+        return None
+    return min(front, key=lambda t: (-t.values[0], *t.values[1:], t.number))
+
+
+def pareto_rows(study, objectives, space) -> list[dict[str, Any]]:
+    """The Pareto front as rows: trial number, each objective's value (bytes and memory in MB), the
+    trial's values of the space; most accurate first."""
+    rows = []
+    for t in study.best_trials:
+        row: dict[str, Any] = {"trial": t.number}
+        for o, v in zip(objectives, t.values):
+            row[COLUMN[o]] = v / 1e6 if o in ("bytes", "memory") else v
+        row.update(best_values(t, space))
+        rows.append(row)
+    rows.sort(key=lambda r: (-r[COLUMN["acc"]], r["trial"]))
+    return rows
+
+
+COLUMN = {"acc": "acc/val", "bytes": "MB sent", "memory": "peak train MB"}
+
+
+def pareto_table(rows) -> str:
+    """The Pareto rows as a Markdown table."""
+    if not rows:
+        return "(empty Pareto front: no trial completed)"
+    head = list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    body = [[fmt(r.get(h, "")) for h in head] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+def log_pareto(tracker, run_id: str, rows, objectives) -> None:
+    """The front as pareto.md, pareto.csv and pareto.json artifacts, and its size as a metric."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    tracker.log_text(run_id, buf.getvalue(), "pareto.csv")
+    tracker.log_text(run_id, pareto_table(rows) + "\n", "pareto.md")
+    tracker.log_json(run_id, rows, "pareto.json")
+    tracker.log_metrics(run_id, 0, {"pareto/size": float(len(rows))})
 
 
 def best_values(trial, space) -> dict[str, Any]:
@@ -334,24 +485,34 @@ def best_values(trial, space) -> dict[str, Any]:
     return {k: trial.params[k] for k in space if k in trial.params} or dict(trial.params)
 
 
-def log_figures(tracker, run_id: str, study) -> None:
-    """Optuna's matplotlib figures (history, importances, slice) as artifacts; skipped without matplotlib
-    or when a figure cannot be drawn (importances need two completed trials)."""
+def log_figures(tracker, run_id: str, study, objectives=("acc",)) -> None:
+    """Optuna's matplotlib figures as artifacts: optimization history, parameter importances and slice
+    plots (of accuracy), and with several objectives the Pareto front. Skipped without matplotlib;
+    a figure that cannot be drawn (importances need two completed trials) is left out."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import optuna
         from optuna.visualization import matplotlib as vis
     except Exception:
         return
+    multi = len(objectives) > 1
+    # Several objectives: history, importances and slices need one target; accuracy is the first.
+    target = {"target": lambda t: t.values[0], "target_name": OBJECTIVE} if multi else {}
+    plots = [("optimization_history", vis.plot_optimization_history, target),
+             ("param_importances", vis.plot_param_importances, target),
+             ("slice", vis.plot_slice, target)]
+    if multi:
+        plots.append(("pareto_front", vis.plot_pareto_front,
+                      {"target_names": [COLUMN[o] for o in objectives],
+                       "targets": lambda t: tuple(v / 1e6 if o in ("bytes", "memory") else v
+                                                  for o, v in zip(objectives, t.values))}))
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for fname, plot in (("optimization_history", vis.plot_optimization_history),
-                            ("param_importances", vis.plot_param_importances), ("slice", vis.plot_slice)):
+        for fname, plot, kwargs in plots:
             try:
-                ax = plot(study)
+                ax = plot(study, **kwargs)
                 fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
                 path = os.path.join(tmp, f"{fname}.png")
                 fig.savefig(path, dpi=80, bbox_inches="tight")
@@ -359,7 +520,6 @@ def log_figures(tracker, run_id: str, study) -> None:
                 tracker.client.log_artifact(run_id, path, "figures")
             except Exception:  # too few trials for a figure, no params: nothing to draw
                 plt.close("all")
-        del optuna
 
 
 # -- several studies ------------------------------------------------------------------------------
@@ -380,9 +540,15 @@ def sweep(cfg, opts: SweepOptions, command: str = "", quiet: bool = True, datase
     if not run.val_frac > 0:
         raise BenchError(f"a sweep scores the validation split: --val-frac must be > 0, got {run.val_frac}")
     # Every check that needs no data or store comes first: nothing is recorded for bad input.
-    make_pruner(opts.pruner, run.rounds)
+    parse_objectives(",".join(opts.objectives))
+    make_pruner(opts.pruner, run.rounds, len(opts.objectives))
     for m in run.methods:
         method_space(cfg, m, opts)
+    if opts.n_jobs < 1:
+        raise BenchError(f"--n-jobs must be >= 1, got {opts.n_jobs}")
+    if opts.n_jobs > 1 and run.backend != "ray":
+        raise BenchError(f"--n-jobs {opts.n_jobs} runs trials at once on Ray actors; give --backend ray "
+                         f"(the serial backend runs one trial at a time)")
     storage = make_storage(opts.storage)
     real = experiment.load_checked(cfg) if datasets is None else datasets
     views = {s: validation_view(ds) for s, ds in real.items()}
@@ -390,9 +556,10 @@ def sweep(cfg, opts: SweepOptions, command: str = "", quiet: bool = True, datase
     backend = make_backend(run)
     outcomes = []
     try:
+        parts = backend.split(opts.n_jobs) if opts.n_jobs > 1 else backend
         several = len(run.methods) > 1
         for m in run.methods:
-            outcomes.append(run_study(cfg, m, opts, tracker, backend, views, real if opts.final_test else None,
+            outcomes.append(run_study(cfg, m, opts, tracker, parts, views, real if opts.final_test else None,
                                       several, command, quiet, storage))
     finally:
         backend.close()
@@ -444,7 +611,9 @@ def write_tuned(cfg, outcomes, path: str | None = None) -> str | None:
     tables.update(tuned_tables(done))
     methods = list(dict.fromkeys(old_methods + [o.method for o in done]))
     tables["run"] = {**tables.get("run", {}), "methods": methods, "dataset": cfg.run.dataset}
-    lines = ["# Best values of Optuna sweeps (python -m bench.sweep), objective acc/val (validation).",
+    multi = any(len(o.objectives) > 1 for o in done)
+    lines = ["# Best values of Optuna sweeps (python -m bench.sweep), objective acc/val (validation)"
+             + ("; a multi-objective study gives its Pareto front's most accurate trial." if multi else "."),
              f"# Found with rounds={cfg.run.rounds}, clients={cfg.run.clients}, seeds="
              f"{','.join(map(str, cfg.run.seeds))}. Rerun on test: python -m bench.run --config {path}", ""]
     for section in ["run", *sorted(k for k in tables if k != "run")]:
@@ -463,5 +632,9 @@ def format_outcomes(outcomes) -> str:
         best = "none completed" if o.best_value is None else f"{OBJECTIVE}={o.best_value:.4f}"
         test = "" if o.test_acc is None else f"  test acc/mean={o.test_acc:.4f}"
         vals = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in o.best_params.items())
-        rows.append(f"{o.method}: study {o.study_name!r}, {o.trials} trials; best {best}{test}  [{vals}]")
+        what = "most accurate on the Pareto front" if len(o.objectives) > 1 else "best"
+        rows.append(f"{o.method}: study {o.study_name!r}, {o.trials} trials; {what} {best}{test}  [{vals}]")
+        if len(o.objectives) > 1:
+            rows += [f"Pareto front of {o.method} ({', '.join(o.objectives)}; validation, mean over seeds):",
+                     pareto_table(o.pareto), ""]
     return "\n".join(rows)

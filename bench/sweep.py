@@ -2,6 +2,8 @@
 
     python -m bench.sweep --method fedeq --trials 40 --params rho,tol
     python -m bench.sweep --methods all --trials 20 --dataset fmnist    # every method, same budget
+    python -m bench.sweep --method fedeq --objective acc,bytes --trials 60   # Pareto front (NSGA-II)
+    python -m bench.sweep --method fedeq --trials 20 --n-jobs 2         # two trials at once on Ray
     optuna-dashboard sqlite:///optuna.db                               # watch it live
 
 Every RunConfig flag of bench.run works here too (--config, --set as well). One Optuna study per
@@ -29,7 +31,12 @@ def build_parser() -> tuple[cli.Parser, list[str]]:
     p.add_argument("--trials", type=int, required=True, help="trials per study (a resumed study runs the missing ones)")
     p.add_argument("--params", default=None, help="sweep only these keys of the space, e.g. rho,tol")
     p.add_argument("--space", default=None, help="search-space TOML (default: configs/sweeps/<method>.toml)")
-    p.add_argument("--pruner", default="median", help=f"{'|'.join(PRUNERS)} (default: median)")
+    p.add_argument("--objective", default="acc",
+                   help="acc (TPE), or acc,bytes / acc,bytes,memory: NSGA-II and a Pareto front (default: acc)")
+    p.add_argument("--pruner", default=None,
+                   help=f"{'|'.join(PRUNERS)} (default: median; none for several objectives)")
+    p.add_argument("--n-jobs", type=int, default=1,
+                   help="trials at once, each on its own share of the Ray actors (default: 1)")
     p.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna RDB storage URL (default: sqlite:///optuna.db)")
     p.add_argument("--study-name", default=None, help="study name (default: METHOD-DATASET; NAME-METHOD with several)")
     p.add_argument("--sampler-seed", type=int, default=None, help="TPE sampler seed (default: the first --seeds)")
@@ -46,7 +53,7 @@ def resolve(argv: list[str]):
     """Parse argv into (validated Config, SweepOptions, args); raises BenchError on bad input."""
     from fedeq_bench.bench import config as C
     from fedeq_bench.bench.experiment import validate
-    from fedeq_bench.bench.study import SweepOptions
+    from fedeq_bench.bench.study import SweepOptions, parse_objectives
 
     parser, keys = build_parser()
     args = parser.parse_args(argv)
@@ -61,7 +68,8 @@ def resolve(argv: list[str]):
     params = tuple(p.strip() for p in args.params.split(",") if p.strip()) if args.params else None
     opts = SweepOptions(trials=args.trials, params=params, space=args.space, pruner=args.pruner,
                         storage=args.storage, study_name=args.study_name, sampler_seed=args.sampler_seed,
-                        final_test=args.final_test, tuned_out=args.tuned_out)
+                        final_test=args.final_test, tuned_out=args.tuned_out,
+                        objectives=parse_objectives(args.objective), n_jobs=args.n_jobs)
     return cfg, opts, args
 
 

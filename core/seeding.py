@@ -8,6 +8,7 @@ in the driver, on a Ray actor, first or last; and adding a new stream never shif
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import numpy as np
 import torch
@@ -32,6 +33,13 @@ STREAMS = {
               "draws from it, such as dropout (bench/backends.py)",
     "perf": "(): the generated workload of bench/workloads.py and tests/perf",
 }
+
+
+GLOBAL_RNG_LOCK = threading.RLock()
+"""Held by every block that seeds or forks torch's global generator (the initial network, a method's
+scratch network, a client job's `global` stream). One run touches it from one thread, but a sweep's
+parallel trials (`bench.sweep --n-jobs`) run several engines in one driver: without the lock, one
+thread's fork could rewind the generator while another builds its initial network from it."""
 
 
 def derive(seed: int, stream: str, *ids: int) -> int:

@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fedeq_bench.core import seeding
 from fedeq_bench.core.registry import Registry
 from fedeq_bench.core.types import ClientTensors, Message, Metrics, State, Task  # noqa: F401 - re-exported
 
@@ -67,7 +68,7 @@ class Method:
 
             # Its initial weights are overwritten before every use: build it in a fork of torch's
             # global generator, so that making a method draws nothing (tests/unit/test_seeding.py).
-            with torch.random.fork_rng(devices=[]):
+            with seeding.GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
                 net = build_model(self.task.model, self.task.input_shape, self.task.num_classes)
             self._net = net.to(self.task.device)
         return self._net

@@ -1,9 +1,16 @@
 """`python -m bench.sweep` as a user runs it (subprocess): a tiny study, and bad input."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+
+import pytest
 
 import optuna
 from mlflow.tracking import MlflowClient
@@ -44,4 +51,68 @@ def test_bad_pruner_is_one_line_exit_2_and_records_nothing(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: unknown pruner 'medain'; choose from hyperband, median, none"]
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.db").exists()
+
+
+def test_an_acc_bytes_study_prints_its_pareto_front(tmp_path):
+    (tmp_path / "space.toml").write_text("lg_fedavg.global_layers = {low = 1, high = 2}\n")
+    proc = bench_sweep(["--method", "lg_fedavg", "--trials", "3", "--space", "space.toml", "--objective", "acc,bytes",
+                        "--dataset", "synthetic", "--clients", "6", "--rounds", "2", "--backend", "serial",
+                        "--tracking-uri", "sqlite:///mlflow.db", "--no-final-test", "--quiet"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    st = optuna.load_study(study_name="lg_fedavg-synthetic-acc-bytes", storage=f"sqlite:///{tmp_path}/optuna.db")
+    front = sorted(t.number for t in st.best_trials)
+    out = proc.stdout
+    assert "Pareto front of lg_fedavg (acc, bytes; validation, mean over seeds):" in out
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert table[0].split("|")[1:4] == [" trial ", " acc/val ", " MB sent "]
+    assert sorted(int(line.split("|")[1]) for line in table[1:]) == front
+    # The README's `optuna-dashboard sqlite:///optuna.db` shows this study: its API lists it with
+    # both directions, its trials and its Pareto front.
+    study_json = dashboard_study(tmp_path / "optuna.db", st._study_id)
+    assert study_json["name"] == "lg_fedavg-synthetic-acc-bytes"
+    assert [t["state"] for t in study_json["trials"]] == ["Complete"] * 3
+    assert sorted(t["number"] for t in study_json["best_trials"]) == front
+
+
+def dashboard_study(db, study_id):
+    """Start `optuna-dashboard sqlite:///DB` on a free local port and read one study from its API."""
+    exe = shutil.which("optuna-dashboard", path=os.path.dirname(sys.executable))
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("optuna-dashboard is not installed (it is in the dev extras)")
+        pytest.skip("optuna-dashboard not installed (pip install -e '.[dev]')")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}?after=0", timeout=5) as r:
+                    return json.load(r)
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.3)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_objective_and_n_jobs_mistakes_are_one_line_exit_2(tmp_path):
+    common = ["--method", "fedavg", "--trials", "2", "--backend", "serial", "--tracking-uri", "sqlite:///mlflow.db"]
+    for extra, line in [
+        (["--objective", "acc,speed"], "error: unknown objective 'speed'; give a comma list of acc, bytes, memory "
+                                       "(e.g. acc,bytes)"),
+        (["--objective", "acc,bytes", "--pruner", "median"],
+         "error: --pruner median: Optuna cannot prune a multi-objective study; leave --pruner out or give "
+         "--pruner none"),
+        (["--n-jobs", "2"], "error: --n-jobs 2 runs trials at once on Ray actors; give --backend ray (the serial "
+                            "backend runs one trial at a time)"),
+    ]:
+        proc = bench_sweep(common + extra, tmp_path, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line], proc.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.db").exists()

@@ -221,3 +221,120 @@ def test_a_trial_whose_training_fails_is_fail_and_the_study_still_gets_its_trial
     status = {int(r.data.params["trial_number"]): r.info.status for r in runs(env, "trial")}
     assert status == {0: "FAILED", 1: "FINISHED", 2: "FINISHED"}
     assert "trial 0 failed: fedavg diverged in round 1 (server)" in capsys.readouterr().err
+
+
+# -- several objectives -----------------------------------------------------------------------------
+
+LG_SPACE = """
+# global_layers changes what is sent (1 or 2 of the mlp's 3 weight layers), so bytes vary by trial.
+lg_fedavg.global_layers = {low = 1, high = 2}
+lg_fedavg.lr = {low = 0.01, high = 0.3, log = true}
+"""
+
+
+def dominated(a, b) -> bool:
+    """(acc, bytes) `a` is dominated by `b`: b is no worse in both and better in one."""
+    return b[0] >= a[0] and b[1] <= a[1] and (b[0] > a[0] or b[1] < a[1])
+
+
+def test_acc_bytes_runs_nsga2_and_writes_the_pareto_front_it_finds(env, tmp_path):
+    space = tmp_path / "lg.toml"
+    space.write_text(LG_SPACE)
+    cfg = make_cfg(env, methods="lg_fedavg")
+    (out,), tuned = study.sweep(cfg, opts(env, trials=5, space=str(space), pruner=None,
+                                          objectives=("acc", "bytes"), figures=True))
+
+    st = optuna.load_study(study_name="lg_fedavg-synthetic-acc-bytes", storage=env["storage"])
+    assert [d.name for d in st.directions] == ["MAXIMIZE", "MINIMIZE"]
+    (parent,) = runs(env, "sweep")
+    assert parent.data.params["sampler"] == "nsga2" and parent.data.params["pruner"] == "none"
+    assert parent.data.params["objective"] == "acc/val,bytes/cumulative"
+    # Each trial's values are its child run's final acc/val and bytes/cumulative (one seed).
+    by_number = {t.number: t for t in st.trials}
+    for r in runs(env, "trial"):
+        t = by_number[int(r.data.params["trial_number"])]
+        assert t.values == [pytest.approx(r.data.metrics["acc/val"]), r.data.metrics["bytes/cumulative"]]
+    assert len({t.values[1] for t in st.trials}) == 2  # one and two shared layers: two byte counts
+
+    # The front, recomputed by brute force: every completed trial that no other dominates.
+    done = [t for t in st.trials if t.state == TrialState.COMPLETE]
+    front = {t.number for t in done if not any(dominated(t.values, u.values) for u in done)}
+    assert {row["trial"] for row in out.pareto} == front
+    for row in out.pareto:
+        assert row["MB sent"] == by_number[row["trial"]].values[1] / 1e6
+    # The chosen trial is the front's most accurate; its values are the preset's.
+    chosen = max((by_number[n] for n in front), key=lambda t: (t.values[0], -t.values[1]))
+    assert out.best_value == chosen.values[0]
+    assert C.load_toml(tuned)["lg_fedavg.global_layers"] == chosen.params["lg_fedavg.global_layers"]
+    # The front is an artifact (csv read back equals the rows) and a figure.
+    client = MlflowClient(tracking_uri=env["uri"])
+    path = client.download_artifacts(parent.info.run_id, "pareto.csv", str(tmp_path))
+    lines = open(path).read().splitlines()
+    assert lines[0].split(",")[:3] == ["trial", "acc/val", "MB sent"]
+    assert [int(x.split(",")[0]) for x in lines[1:]] == [row["trial"] for row in out.pareto]
+    assert parent.data.metrics["pareto/size"] == len(front)
+    pytest.importorskip("matplotlib")
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
+    assert "figures/pareto_front.png" in arts
+
+
+def test_objective_and_pruner_mistakes_are_one_line_errors(env):
+    from fedeq_bench.core.errors import BenchError
+
+    with pytest.raises(BenchError, match="unknown objective 'latency'"):
+        study.parse_objectives("acc,latency")
+    with pytest.raises(BenchError, match="acc among them"):
+        study.parse_objectives("bytes")
+    assert study.parse_objectives(" acc, bytes ,memory") == ("acc", "bytes", "memory")
+    with pytest.raises(BenchError, match="cannot prune a multi-objective study"):
+        study.sweep(make_cfg(env), opts(env, pruner="median", objectives=("acc", "bytes")))
+    with pytest.raises(BenchError, match="give --backend ray"):
+        study.sweep(make_cfg(env), opts(env, n_jobs=2))
+    assert MlflowClient(tracking_uri=env["uri"]).get_experiment_by_name("fedeq-bench") is None  # nothing recorded
+
+
+def test_a_study_keeps_its_objectives(env):
+    from fedeq_bench.core.errors import BenchError
+
+    study.sweep(make_cfg(env), opts(env, trials=1, final_test=False, study_name="s"))
+    with pytest.raises(BenchError, match="created for other objectives"):
+        study.sweep(make_cfg(env), opts(env, trials=1, study_name="s", objectives=("acc", "bytes")))
+
+
+# -- trials at once ---------------------------------------------------------------------------------
+
+FIXED = [{"fedrep.lr": 0.02, "fedrep.head_epochs": 1}, {"fedrep.lr": 0.2, "fedrep.head_epochs": 3},
+         {"fedrep.lr": 0.05, "fedrep.head_epochs": 2}, {"fedrep.lr": 0.1, "fedrep.head_epochs": 1}]
+
+
+@pytest.mark.ray
+def test_two_trials_at_once_on_ray_give_the_values_of_one_at_a_time(env, tmp_path):
+    """The same four trials (enqueued, so the sampler's choices do not differ), n_jobs 2 and 1, on
+    two Ray actors: every trial's value and every round's metrics are equal, and with n_jobs 2 two
+    trials really ran at once (their start-to-end intervals overlap)."""
+    cfg = experiment.validate(C.apply(make_cfg(env, methods="fedrep"), {"backend": "ray", "workers": 2}))
+    got = {}
+    for n_jobs in (2, 1):
+        storage = f"sqlite:///{tmp_path}/optuna-{n_jobs}.db"
+        st = optuna.create_study(study_name=f"n{n_jobs}", storage=storage, direction="maximize")
+        for p in FIXED:
+            st.enqueue_trial(p)
+        (out,), _ = study.sweep(cfg, opts(env, trials=4, storage=storage, study_name=f"n{n_jobs}",
+                                          final_test=False, n_jobs=n_jobs))
+        assert out.trials == 4
+        trials = optuna.load_study(study_name=f"n{n_jobs}", storage=storage).trials
+        got[n_jobs] = {(t.params["fedrep.lr"], t.params["fedrep.head_epochs"]): t for t in trials}
+    assert set(got[2]) == set(got[1]) == {(p["fedrep.lr"], p["fedrep.head_epochs"]) for p in FIXED}
+    for key, t in got[1].items():
+        assert got[2][key].value == t.value  # bit for bit, not approx
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in got[2].values())
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))  # some trial started before another ended
+    # Every round's logged metrics agree too (child runs, by trial params).
+    client = MlflowClient(tracking_uri=env["uri"])
+    curves = {}
+    for r in runs(env, "trial"):
+        n = r.data.tags["study"]
+        key = (float(r.data.params["trial.fedrep.lr"]), int(r.data.params["trial.fedrep.head_epochs"]))
+        curves[(n, key)] = [m.value for m in client.get_metric_history(r.info.run_id, "acc/val")]
+    for key in got[1]:
+        assert curves[("n2", key)] == curves[("n1", key)] and len(curves[("n1", key)]) == 2
