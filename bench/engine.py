@@ -262,7 +262,10 @@ def run_method(
         if rnd % run.eval_every == 0 or rnd == run.rounds:
             # Only the final evaluation personalizes the never-sampled clients (module docstring).
             fresh = never_trained if rnd == run.rounds else ()
-            metrics.update(evaluate(algo, spec, server, store, dataset, backend, seed, rnd, fresh))
+            per_client: dict = {}
+            metrics.update(evaluate(algo, spec, server, store, dataset, backend, seed, rnd, fresh, per_client))
+            if rnd == run.rounds:
+                result.clients = client_rows(per_client, fresh, dataset.unseen)
         metrics["time/round_s"] = time.perf_counter() - t0
         result.history.append(metrics)
         if on_round is not None:
@@ -271,14 +274,23 @@ def run_method(
     return result
 
 
+def client_rows(per_client: dict[int, dict[str, float]], never_trained, unseen) -> list[dict]:
+    """One row per evaluated client (client-id order) with the numbers a report shows per client."""
+    fresh, held = set(never_trained), set(unseen)
+    return [{"cid": cid, "group": "unseen" if cid in held else "never_trained" if cid in fresh else "train",
+             **{k: float(m.get(k, float("nan"))) for k in ("test_acc", "test_n", "val_acc", "val_n")}}
+            for cid, m in sorted(per_client.items())]
+
+
 def evaluate(algo, spec: MethodSpec, server, store, dataset: FederatedDataset, backend, seed: int,
-             rnd: int, never_trained=()) -> dict[str, float]:
+             rnd: int, never_trained=(), per_client: dict | None = None) -> dict[str, float]:
     """Personalized accuracy of every training client (and held-out clients, personalized first).
 
     `never_trained`: training clients that take the held-out path this time (init_client from this
     round's server, `personalize`, `evaluate`; their stored state is ignored and not changed). They
     count in acc/*, not in acc/unseen.
     Evaluation downlinks are a measurement, not training traffic: they are not in the ledger.
+    `per_client`: when given, filled with every evaluated client's metrics by client id.
     """
     cache = EncodeCache()
     fresh = frozenset(never_trained)
@@ -296,6 +308,9 @@ def evaluate(algo, spec: MethodSpec, server, store, dataset: FederatedDataset, b
                     for cid in fresh_ids]
         for res in client_results(backend, Kind.EVALUATE_UNSEEN, spec, jobs, seed, rnd, never_trained=fresh):
             (evals if res.cid in fresh else unseen)[res.cid] = res.metrics
+    if per_client is not None:
+        per_client.update(evals)
+        per_client.update(unseen)
     # Reduce in client-id order so Serial and Ray runs are bit-identical.
     out = accuracy_metrics([evals[cid] for cid in dataset.train_ids])
     if dataset.unseen:

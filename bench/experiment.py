@@ -238,7 +238,20 @@ def run_one(cfg, tracker, parent: str | None, backend, method: str, seed: int, d
         tracker.log_params(child, {"params/shared": str(result.params_shared),
                                    "params/personal": str(result.params_personal)})
         tracker.log_text(child, result.ledger.to_csv(), "ledger.csv")
+        if result.clients:
+            tracker.log_text(child, clients_csv(result.clients), "clients.csv")
     return result
+
+
+CLIENT_COLUMNS = ("cid", "group", "test_acc", "test_n", "val_acc", "val_n")
+
+
+def clients_csv(rows) -> str:
+    """The final evaluation per client (engine.client_rows) as CSV; floats as repr (exact round trip)."""
+    lines = [",".join(CLIENT_COLUMNS)]
+    lines += [",".join(str(r[c]) if c in ("cid", "group") else repr(float(r[c])) for c in CLIENT_COLUMNS)
+              for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def compare(cfg, command: str = "", quiet: bool = False) -> tuple[list[dict], str]:
@@ -252,7 +265,7 @@ def compare(cfg, command: str = "", quiet: bool = False) -> tuple[list[dict], st
     """
     from fedeq_bench.bench import config as C
     from fedeq_bench.bench.backends import make_backend
-    from fedeq_bench.bench.tracking import Tracker, git_commit
+    from fedeq_bench.bench.tracking import Tracker, git_commit, package_versions
 
     run = cfg.run
     datasets = load_checked(cfg)
@@ -261,7 +274,7 @@ def compare(cfg, command: str = "", quiet: bool = False) -> tuple[list[dict], st
     try:
         tracker = Tracker(run.tracking_uri, run.experiment)
         params = C.flatten(cfg, list(run.methods), run.dataset.split(":")[0])
-        params.update({"git_commit": git_commit(), "command": command})
+        params.update({"git_commit": git_commit(), "command": command, **package_versions()})
         name = run.run_name or f"{'+'.join(run.methods)} on {run.dataset}"
         with tracker.run(name, params, tags={"kind": "comparison"}) as parent:
             results = [run_one(cfg, tracker, parent, backend, method, seed, datasets[seed], quiet)

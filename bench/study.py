@@ -32,6 +32,19 @@ What a sweep does, and why:
 - **Equal budgets.** Several methods: one study each, with the same number of trials, sampler seed
   and pruner; `write_tuned` writes every method's best values as `[method]` tables of a preset that
   `python -m bench.run --config` loads as is.
+- **Several objectives.** `objectives=("acc", "bytes"[, "memory"])`: NSGA-II (seeded) over validation
+  accuracy (max), bytes sent over the run (min) and peak training memory (min), each a mean over
+  seeds. Optuna cannot prune such trials, so the pruner is none (asking for one is refused). The
+  Pareto front (`study.best_trials`) is printed and logged as pareto.md/.csv/.json and a figure; its
+  most accurate trial is the one tested once and written to the tuned preset (`chosen_trial`). The
+  default study name gets the objectives appended: a study's directions are fixed at creation.
+- **Trials at once.** `n_jobs > 1` (Ray only): Optuna runs trials in `n_jobs` threads and each trial
+  takes one part of `RayBackend.split(n_jobs)`, a disjoint share of the actors, for its whole run.
+  Results equal one-at-a-time runs bit for bit: a run's numbers depend on its seed and values, not on
+  how many actors serve it, and the driver-side code that touches torch's global generator holds
+  `seeding.GLOBAL_RNG_LOCK`. The serial backend is refused (its worker seeds the global generator
+  per job in the driver's own process). Which values TPE proposes does depend on n_jobs (it sees
+  fewer finished trials; `constant_liar` keeps concurrent trials apart).
 """
 from __future__ import annotations
 
@@ -276,7 +289,7 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
     from fedeq_bench.bench import config as C
     from fedeq_bench.bench import experiment
     from fedeq_bench.bench.spaces import suggest
-    from fedeq_bench.bench.tracking import git_commit
+    from fedeq_bench.bench.tracking import git_commit, package_versions
 
     run = cfg.run
     optuna.logging.set_verbosity(optuna.logging.WARNING if quiet else optuna.logging.INFO)
@@ -307,7 +320,8 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
         backends.put(b)
 
     params = C.flatten(base, [method], run.dataset.split(":")[0])
-    params.update({"git_commit": git_commit(), "command": command, "study": name, "storage": opts.storage,
+    params.update({"git_commit": git_commit(), "command": command, **package_versions(), "study": name,
+                   "storage": opts.storage,
                    "trials": str(opts.trials), "pruner": str(opts.pruner or ("median", "none")[multi]),
                    "sampler": sampler_name, "sampler_seed": str(seed), "space": ",".join(sorted(space)),
                    "objective": ",".join(OBJECTIVES[o][0] for o in objectives), "n_jobs": str(opts.n_jobs)})

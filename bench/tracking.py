@@ -67,6 +67,24 @@ def git_commit() -> str:
         return "unknown"
 
 
+VERSIONED = ("fedeq-bench", "torch", "numpy", "mlflow", "ray", "optuna")
+
+
+def package_versions() -> dict[str, str]:
+    """`version.<name>` params: Python's and each VERSIONED distribution's version ("absent" if not
+    installed), so a report can say what produced its numbers."""
+    import platform
+    from importlib import metadata
+
+    out = {"version.python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[f"version.{name}"] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[f"version.{name}"] = "absent"
+    return out
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str):
         import logging

@@ -1,0 +1,108 @@
+"""What a report is made of: the runs read back from MLflow, and the tables and figures built from them.
+
+This module is the contract between the report's parts: `collect` fills `ReportData` from an MLflow
+store (its client only: no torch, no engine), `tables` turns it into `Table`s, `figures` into figure
+specs, and `markdown` / `html` write them out. Nothing here reads MLflow or draws anything.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RunRecord:
+    """One child run (one method x seed), as MLflow holds it."""
+
+    run_id: str
+    parent_id: str
+    method: str
+    seed: int
+    status: str
+    """FINISHED, FAILED, KILLED, RUNNING, or PRUNED (KILLED with the tag `pruned=true`)."""
+    dataset: str
+    """The `dataset` param (`synthetic`, `fmnist`, `npz:/path/file.npz`)."""
+    partition: str
+    """The dataset's partition description (the `partition` param)."""
+    fingerprint: str
+    """The `dataset_fingerprint` param: equal fingerprints, identical client data."""
+    model: str
+    params: dict[str, str]
+    """Every param of the child run (the method's resolved config, params/shared, params/personal...)."""
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """metric name -> [(round, value)], sorted by round (MLflow step = round)."""
+    clients: list[dict[str, Any]] | None = None
+    """The final evaluation per client, from the run's `clients.csv` artifact: dicts with `cid` (int),
+    `group` (`train`, `never_trained` or `unseen`), `test_acc`, `test_n`, `val_acc`, `val_n`
+    (numbers). None when the run has no such artifact (an older or unfinished run)."""
+    start_ms: int | None = None
+    end_ms: int | None = None
+
+    def final(self, name: str) -> float:
+        """The metric's value at its last logged round; nan when never logged."""
+        h = self.history.get(name)
+        return h[-1][1] if h else math.nan
+
+    def series(self, name: str) -> tuple[list[int], list[float]]:
+        """(rounds, values) of a metric; empty lists when never logged."""
+        h = self.history.get(name, [])
+        return [r for r, _ in h], [v for _, v in h]
+
+
+@dataclass
+class Provenance:
+    """One parent run (one `bench.run` invocation): what produced the numbers under it."""
+
+    run_id: str
+    name: str
+    status: str
+    command: str
+    """The exact command line recorded by the invocation (the `command` param)."""
+    git_commit: str
+    config: dict[str, str]
+    """The resolved config: every param of the parent run."""
+    versions: dict[str, str]
+    """Package versions (`version.*` params: python, torch, numpy, mlflow, ray, optuna, fedeq-bench)."""
+    start_ms: int | None = None
+
+
+@dataclass
+class Group:
+    """The runs of one dataset and partition: what one comparison table covers."""
+
+    dataset: str
+    partition: str
+    runs: list[RunRecord]
+    seeds: list[int]
+    """Every seed some run of this group used (a method missing one of them is said to)."""
+    methods: list[str]
+    """Methods in first-seen order."""
+
+
+@dataclass
+class ReportData:
+    name: str
+    experiment: str
+    tracking_uri: str
+    parents: list[Provenance]
+    groups: list[Group]
+
+
+@dataclass
+class Cell:
+    """One table cell: its text, the number behind it (None for text cells), whether it is the best
+    value of its column."""
+
+    text: str
+    value: float | None = None
+    best: bool = False
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[Cell]]
+    notes: list[str] = field(default_factory=list)
+    """Footnotes: what mean +- std means, which seeds are missing, which runs failed."""
