@@ -197,3 +197,30 @@ def test_run_one_records_the_ledger_as_csv(store, tmp_path):
     path = client.download_artifacts(run.info.run_id, "ledger.csv", str(tmp_path))
     with open(path) as f:
         assert wire.from_csv(f.read()) == res.ledger.entries
+
+
+def test_each_run_logs_its_final_evaluation_per_client_and_it_adds_up_to_the_metrics(report_store, tmp_path):
+    """clients.csv holds one row per client; its numbers reproduce the run's final acc/* metrics:
+    acc/mean = mean test_acc over training clients (never-trained ones included), acc/weighted =
+    sum(test_acc * test_n) / sum(test_n), acc/unseen = mean over the held-out clients."""
+    import csv
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=report_store["uri"])
+    exp = client.get_experiment_by_name(report_store["experiment"])
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{report_store['parent']}'")
+    assert len(children) == 6  # 3 methods x 2 seeds
+    for r in children:
+        path = client.download_artifacts(r.info.run_id, "clients.csv", str(tmp_path / r.info.run_id))
+        rows = list(csv.DictReader(open(path)))
+        assert [int(x["cid"]) for x in rows] == list(range(6))  # 6 clients, id order
+        train = [x for x in rows if x["group"] in ("train", "never_trained")]
+        unseen = [x for x in rows if x["group"] == "unseen"]
+        assert len(unseen) == 1  # frac_unseen 0.2 of 6 clients
+        acc = [float(x["test_acc"]) for x in train]
+        n = [float(x["test_n"]) for x in train]
+        m = r.data.metrics
+        assert m["acc/mean"] == pytest.approx(sum(acc) / len(acc), rel=1e-12)
+        assert m["acc/weighted"] == pytest.approx(sum(a * k for a, k in zip(acc, n)) / sum(n), rel=1e-12)
+        assert m["acc/unseen"] == pytest.approx(float(unseen[0]["test_acc"]), rel=1e-12)
