@@ -1,0 +1,277 @@
+"""The report's figures: one neutral spec per picture, built once from a `Group`, drawn twice.
+
+`group_figures(group)` turns a group's FINISHED runs into `Figure`s (plain data: series of numbers,
+labels, colours); `to_svg` draws one with matplotlib for `report.md` (a static file any Markdown viewer
+shows, no browser needed) and `to_plotly` turns the same spec into a plotly.js figure for
+`index.html` (hover shows method, round and each seed's value; zoom; legend entries toggle a
+method). What a figure shows is decided here once, so the two renderers cannot disagree.
+
+Curves are the mean over seeds at each round every seed of that method logged, with a band from the
+lowest to the highest seed (with two or three seeds a min..max band shows every seed; a standard
+deviation of two numbers says little). Nothing assumes method names: a sweep's "trial 7" is a method.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from fedeq_bench.bench.report.model import Group, RunRecord
+
+# matplotlib's tab10, so a method has the same colour in the SVG and in the HTML.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+           "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+BAND = "mean over seeds, band: min..max"
+ACC = "acc/weighted"
+# DEQ solver statistics (methods/fedeq.py logs deq/... for the forward solve, deq/b_... for the
+# adjoint solve of the implicit backward): (figure name, y label, log scale, forward, adjoint).
+DEQ = (("deq_steps", "solver steps (mean over examples)", False, "deq/nstep_mean", "deq/b_nstep_mean"),
+       ("deq_residual", "residual (max over examples)", True, "deq/residual_max", "deq/b_residual_max"))
+
+
+@dataclass
+class Series:
+    """One method's curve, bar or set of points."""
+
+    label: str
+    """Legend entry: the method, with what tells apart two series of one method ("fedeq adjoint")."""
+    x: list[Any]
+    """Numbers (round, MB) for line figures; for bar and box figures the category (method) of each y."""
+    y: list[float]
+    lo: list[float] | None = None
+    hi: list[float] | None = None
+    """The band (line) or error bar (bar) around y: the lowest and highest seed."""
+    hover: list[str] | None = None
+    """Per point: what the HTML shows on hover (method, round, each seed's value)."""
+    color: str = PALETTE[0]
+    """The method's colour: every series of one method has it, in every figure of the group."""
+    variant: str = ""
+    """Empty for a method's main series; else what sets this one apart ("adjoint", "unseen",
+    "never trained"): drawn dashed (lines) or with open markers (points), and in box figures given
+    its own slot beside the main box."""
+
+
+@dataclass
+class Figure:
+    name: str
+    """File-name stem and HTML id part: acc_vs_round, acc_vs_mb, peak_memory, client_acc, deq_steps,
+    deq_residual."""
+    title: str
+    xlabel: str
+    ylabel: str
+    kind: str
+    """"line" (x numeric, optional band), "bar" (one bar per category, error bar lo..hi) or "box"
+    (a box and every point per category; series of one category stand side by side)."""
+    series: list[Series]
+    ylog: bool = False
+
+
+def group_figures(group: Group) -> list[Figure]:
+    """Every figure of one dataset and partition, from its FINISHED runs, in reading order. A figure
+    whose metric no finished run logged (no clients.csv, no deq/*) is left out; failed and missing
+    runs are the tables' business (they say so), a curve only shows what finished."""
+    runs = [r for r in group.runs if r.status == "FINISHED"]
+    by_method = {m: [r for r in runs if r.method == m] for m in group.methods}
+    by_method = {m: rs for m, rs in by_method.items() if rs}
+    color = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(by_method)}
+    prefix = f"{group.dataset}: "
+    figs = [
+        _line("acc_vs_round", f"{prefix}accuracy vs round ({BAND})", "round", ACC,
+              [_curve(m, rs, ACC, color[m]) for m, rs in by_method.items()]),
+        _line("acc_vs_mb", f"{prefix}accuracy vs MB sent ({BAND})", "cumulative MB sent (up + down)", ACC,
+              [_curve(m, rs, ACC, color[m], x_metric="bytes/cumulative", x_scale=1e-6)
+               for m, rs in by_method.items()]),
+        _peak_memory(prefix, by_method, color),
+        _client_acc(prefix, by_method, color),
+    ]
+    for name, ylabel, ylog, fwd, adj in DEQ:
+        series = [_curve(f"{m} {side}", rs, metric, color[m], variant="" if side == "forward" else side)
+                  for m, rs in by_method.items() for side, metric in (("forward", fwd), ("adjoint", adj))]
+        figs.append(_line(name, f"{prefix}DEQ {ylabel.split(' (')[0]}, forward and adjoint ({BAND})",
+                          "round", ylabel, series, ylog=ylog))
+    return [f for f in figs if f is not None]
+
+
+def _line(name, title, xlabel, ylabel, series, ylog=False) -> Figure | None:
+    series = [s for s in series if s is not None]
+    return Figure(name, title, xlabel, ylabel, "line", series, ylog) if series else None
+
+
+def _curve(label: str, runs: list[RunRecord], metric: str, color: str, variant: str = "",
+           x_metric: str | None = None, x_scale: float = 1.0) -> Series | None:
+    """Mean, min and max over `runs` (a method's seeds) of `metric` at every round all of them logged
+    it (and `x_metric`, when x is that metric's mean instead of the round). None when no run logged it."""
+    runs = [r for r in runs if r.history.get(metric)]
+    if not runs:
+        return None
+    ys = [dict(r.history[metric]) for r in runs]
+    xs = [dict(r.history.get(x_metric, [])) for r in runs] if x_metric else None
+    rounds = set.intersection(*(set(h) for h in ys + (xs or [])))
+    s = Series(label, [], [], [], [], [], color, variant)
+    for rnd in sorted(rounds):
+        vals = [h[rnd] for h in ys]
+        mean = sum(vals) / len(vals)
+        x = sum(h[rnd] for h in xs) / len(xs) * x_scale if xs else rnd
+        s.x.append(x)
+        s.y.append(mean)
+        s.lo.append(min(vals))
+        s.hi.append(max(vals))
+        where = f"round {rnd}" + (f", {x:.4g} MB" if xs else "")
+        seeds = "<br>".join(f"seed {r.seed}: {v:.4g}" for r, v in zip(runs, vals))
+        s.hover.append(f"{label}, {where}<br>{metric} mean {mean:.4g}<br>{seeds}")
+    return s if s.x else None
+
+
+def _peak_memory(prefix: str, by_method: dict[str, list[RunRecord]], color: dict[str, str]) -> Figure | None:
+    """Per method, the highest mem/peak_train_bytes of any round, in MB: mean over seeds, error bar
+    min..max."""
+    series = []
+    for m, rs in by_method.items():
+        peaks = [(r.seed, max(v for _, v in r.history["mem/peak_train_bytes"]) / 1e6)
+                 for r in rs if r.history.get("mem/peak_train_bytes")]
+        if not peaks:
+            continue
+        vals = [v for _, v in peaks]
+        mean = sum(vals) / len(vals)
+        seeds = "<br>".join(f"seed {s}: {v:.4g} MB" for s, v in peaks)
+        series.append(Series(m, [m], [mean], [min(vals)], [max(vals)],
+                             [f"{m}<br>peak training memory mean {mean:.4g} MB<br>{seeds}"], color[m]))
+    if not series:
+        return None
+    return Figure("peak_memory", f"{prefix}peak training memory per client update (mean over seeds, "
+                  "bar: min..max)", "method", "peak training memory (MB)", "bar", series)
+
+
+def _client_acc(prefix: str, by_method: dict[str, list[RunRecord]], color: dict[str, str]) -> Figure | None:
+    """Per method, every client's final test accuracy (clients.csv), all seeds pooled: one box per
+    method and client group (clients trained on; clients never sampled; clients held out of training)."""
+    series = []
+    for m, rs in by_method.items():
+        for group in ("train", "never_trained", "unseen"):
+            pts = [(r.seed, c) for r in rs for c in (r.clients or [])
+                   if c["group"] == group and math.isfinite(float(c["test_acc"]))]
+            if not pts:
+                continue
+            variant = "" if group == "train" else group.replace("_", " ")
+            label = f"{m} ({variant})" if variant else m
+            series.append(Series(
+                label, [m] * len(pts), [float(c["test_acc"]) for _, c in pts],
+                hover=[f"{label}<br>client {c['cid']}, seed {s}<br>test acc {float(c['test_acc']):.4g}"
+                       for s, c in pts],
+                color=color[m], variant=variant))
+    if not series:
+        return None
+    return Figure("client_acc", f"{prefix}final test accuracy per client (all seeds; open markers: "
+                  "clients not trained on)", "method", "client test accuracy", "box", series)
+
+
+def _categories(fig: Figure) -> list[str]:
+    """Bar and box figures: the categories (methods) in first-seen order."""
+    return list(dict.fromkeys(x for s in fig.series for x in s.x))
+
+
+def to_svg(fig: Figure) -> str:
+    """The figure drawn by matplotlib as an SVG document. The same figure gives the same bytes (fixed
+    hash salt, no date), and series i is the element with id `series-i` (its line, bar or points)."""
+    import matplotlib
+    from matplotlib.figure import Figure as MplFigure  # no pyplot: no global state, no GUI backend
+
+    with matplotlib.rc_context({"svg.hashsalt": "fedeq-bench", "svg.fonttype": "none"}):
+        mfig = MplFigure(figsize=(7, 4.2), layout="constrained")
+        ax = mfig.add_subplot()
+        if fig.kind == "line":
+            for i, s in enumerate(fig.series):
+                if s.lo is not None and s.hi is not None:
+                    ax.fill_between(s.x, s.lo, s.hi, color=s.color, alpha=0.18, linewidth=0)
+                ax.plot(s.x, s.y, color=s.color, linestyle="--" if s.variant else "-", marker="o",
+                        markersize=3, label=s.label, gid=f"series-{i}")
+        else:
+            cats = _categories(fig)
+            # Series of one category stand side by side within a slot of width 0.8.
+            slots = {c: [i for i, s in enumerate(fig.series) if c in s.x] for c in cats}
+            for i, s in enumerate(fig.series):
+                cat = s.x[0]
+                k, n = slots[cat].index(i), len(slots[cat])
+                pos = cats.index(cat) - 0.4 + 0.8 * (k + 0.5) / n
+                width = 0.8 / n * 0.7
+                if fig.kind == "bar":
+                    err = [[s.y[0] - s.lo[0]], [s.hi[0] - s.y[0]]] if s.lo else None
+                    bars = ax.bar([pos], s.y, width=width, color=s.color, yerr=err, capsize=4)
+                    bars.patches[0].set_gid(f"series-{i}")
+                else:
+                    ax.boxplot([s.y], positions=[pos], widths=width, showfliers=False,
+                               medianprops={"color": s.color}, boxprops={"color": s.color},
+                               whiskerprops={"color": s.color}, capprops={"color": s.color})
+                    # Deterministic spread of the points across the box (golden-ratio sequence).
+                    jitter = [pos + width * 0.8 * ((j * 0.618034) % 1 - 0.5) for j in range(len(s.y))]
+                    ax.scatter(jitter, s.y, s=12, facecolors="none" if s.variant else s.color,
+                               edgecolors=s.color, linewidths=0.8, label=s.label, gid=f"series-{i}",
+                               zorder=3)
+            ax.set_xticks(range(len(cats)), cats, rotation=30 if len(cats) > 6 else 0)
+            ax.set_xlim(-0.6, len(cats) - 0.4)
+        if fig.ylog:
+            ax.set_yscale("log")
+        ax.set_title(fig.title, fontsize=9)
+        ax.set_xlabel(fig.xlabel)
+        ax.set_ylabel(fig.ylabel)
+        ax.grid(alpha=0.3)
+        if fig.kind != "bar":
+            ax.legend(fontsize=7, loc="best")
+        buf = io.StringIO()
+        mfig.savefig(buf, format="svg", metadata={"Date": None})
+    return buf.getvalue()
+
+
+def to_plotly(fig: Figure) -> dict:
+    """The figure as plotly.js JSON ({"data", "layout"}): one trace per series (named by its label;
+    hover shows its `hover` text), plus for each line series with a band one more trace, the band,
+    filled, without legend entry or hover, toggled with its series (same legendgroup). NaN becomes
+    None (a gap), so json.dumps gives valid JSON."""
+    data = []
+    for s in fig.series:
+        common = {"name": s.label, "legendgroup": s.label, "x": _finite(s.x), "y": _finite(s.y),
+                  "hovertext": s.hover, "hovertemplate": "%{hovertext}<extra></extra>"}
+        if fig.kind == "line":
+            if s.lo is not None and s.hi is not None:
+                data.append({"type": "scatter", "name": f"{s.label} band", "legendgroup": s.label,
+                             "x": _finite(s.x + s.x[::-1]), "y": _finite(s.hi + s.lo[::-1]),
+                             "fill": "toself", "fillcolor": _rgba(s.color, 0.18), "line": {"width": 0},
+                             "mode": "lines", "hoverinfo": "skip", "showlegend": False})
+            data.append({**common, "type": "scatter", "mode": "lines+markers",
+                         "line": {"color": s.color, "dash": "dash" if s.variant else "solid"},
+                         "marker": {"size": 5}})
+        elif fig.kind == "bar":
+            data.append({**common, "type": "bar", "marker": {"color": s.color}})
+            if s.lo is not None and s.hi is not None:
+                data[-1]["error_y"] = {"type": "data", "symmetric": False,
+                                       "array": _finite([h - y for h, y in zip(s.hi, s.y)]),
+                                       "arrayminus": _finite([y - lo for y, lo in zip(s.y, s.lo)])}
+        else:
+            # offsetgroup: a method's boxes of one variant share a slot, so with two variants each
+            # method has two boxes side by side (not one slot per trace, mostly empty).
+            data.append({**common, "type": "box", "boxpoints": "all", "jitter": 0.5, "pointpos": 0,
+                         "hoveron": "points", "line": {"color": s.color}, "fillcolor": _rgba(s.color, 0.1),
+                         "marker": {"color": s.color, "size": 5,
+                                    "symbol": "circle-open" if s.variant else "circle"},
+                         "offsetgroup": s.variant or "main"})
+    axis = {"zeroline": False, "automargin": True}
+    layout = {"title": {"text": fig.title, "font": {"size": 13}}, "hovermode": "closest",
+              "xaxis": {**axis, "title": {"text": fig.xlabel}},
+              "yaxis": {**axis, "title": {"text": fig.ylabel}, **({"type": "log"} if fig.ylog else {})},
+              "margin": {"t": 50, "r": 10}, "height": 420, "legend": {"font": {"size": 11}},
+              "showlegend": fig.kind != "bar"}
+    if fig.kind == "box":
+        layout["boxmode"] = "group"
+    elif fig.kind == "bar":
+        layout["barmode"] = "overlay"  # one bar per category, centred: not a slot per trace
+    return {"data": data, "layout": layout}
+
+
+def _finite(values: list) -> list:
+    return [None if isinstance(v, float) and not math.isfinite(v) else v for v in values]
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    r, g, b = (int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
