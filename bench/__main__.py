@@ -4,6 +4,7 @@
     fedeq-bench data describe --dataset fmnist
     fedeq-bench perf
     fedeq-bench sweep --method fedeq --trials 40
+    fedeq-bench report --experiment fedeq-bench
 """
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ COMMANDS = {
     "data": "look at a federated dataset (describe)",
     "perf": "the harness's round time next to a plain PyTorch loop",
     "sweep": "tune a method's hyperparameters with Optuna (validation objective)",
+    "report": "HTML and Markdown comparison report from the runs in MLflow",
 }
+MODULES = {"report": "report.__main__"}
+"""Commands whose main is not in bench/<command>.py (a package's is in its __main__.py)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         sys.stderr.write(f"error: unknown command {cmd!r}; choose from {', '.join(sorted(COMMANDS))}\n")
         return 2
-    return importlib.import_module(f"fedeq_bench.bench.{cmd}").main(rest)
+    return importlib.import_module(f"fedeq_bench.bench.{MODULES.get(cmd, cmd)}").main(rest)
 
 
 if __name__ == "__main__":

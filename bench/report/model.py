@@ -65,6 +65,8 @@ class Provenance:
     versions: dict[str, str]
     """Package versions (`version.*` params: python, torch, numpy, mlflow, ray, optuna, fedeq-bench)."""
     start_ms: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The parent run's metrics, latest values (a sweep's `best/value`, `best/test_acc`; none for a comparison)."""
 
 
 @dataclass

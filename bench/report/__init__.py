@@ -1,0 +1,74 @@
+"""Comparison reports from MLflow: `reports/<name>/index.html` and `report.md` (+ `figures/*.svg`).
+
+    paths = report.build("sqlite:///mlflow.db", "fedeq-bench")              # every comparison there
+    paths = report.build(uri, "fedeq-bench", runs=[parent_run_id])           # one bench.run invocation
+    paths = report.build(uri, "fedeq-bench", sweep="fedeq-synthetic")        # a study's trials
+    report.log_artifacts(paths, MlflowClient(uri), parent_run_id)           # under report/ in the UI
+
+The steps, one module each: `collect` reads the runs with MLflow's client (no torch, no engine) into
+`model.ReportData`; `tables` and `figures` build what each dataset x partition shows; `markdown` and
+`html` write it. `python -m bench.report` is the command line (bench/report/__main__.py).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from fedeq_bench.core.errors import BenchError
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    out_dir: str
+    html: str
+    """out_dir/index.html: one self-contained page (data, plots and plotly.js inside)."""
+    markdown: str
+    """out_dir/report.md, its figures in out_dir/figures/."""
+
+
+def default_out(name: str) -> str:
+    from fedeq_bench.bench.report.markdown import slug
+
+    return os.path.join("reports", slug(name, 100))
+
+
+def build(tracking_uri: str, experiment: str, runs=None, out: str | None = None, sweep: str | None = None,
+          target: float = 0.95) -> ReportPaths:
+    """Read the comparisons of `experiment` (or only the parent run ids `runs`; or the study `sweep`)
+    and write the report to `out` (default reports/<experiment> or reports/<study>). `target`: the
+    fraction of the best method's final accuracy that the MB-to-target column measures up to.
+    Raises BenchError on bad input (unknown experiment, run or study; no runs)."""
+    from fedeq_bench.bench.report import collect, figures, html, markdown, tables
+
+    if not 0 < target <= 1:
+        raise BenchError(f"--target is a fraction of the best final accuracy, in (0, 1]; got {target}")
+    if sweep is not None and runs:
+        raise BenchError("give --sweep STUDY or --runs PARENT_ID,..., not both")
+    if sweep is not None:
+        data = collect.collect_sweep(tracking_uri, experiment, sweep)
+        sections = [(g, tables.sweep_tables(g, data.parents), figures.group_figures(g)) for g in data.groups]
+    else:
+        data = collect.collect(tracking_uri, experiment, runs)
+        sections = [(g, tables.group_tables(g, data.parents, target), figures.group_figures(g))
+                    for g in data.groups]
+    if not data.groups:
+        raise BenchError(f"{data.name!r}: its parent run(s) have no child runs, so there is nothing to report")
+    out_dir = out or default_out(data.name)
+    try:
+        md = markdown.write(data, sections, tables.provenance_tables(data), out_dir)
+        # index.html shows each parent's resolved config itself (folded), so its provenance tables leave it out.
+        page = html.write(data, sections, tables.provenance_tables(data, config=False),
+                          os.path.join(out_dir, "index.html"))
+    except OSError as e:  # an unwritable --out
+        raise BenchError(f"cannot write the report to {out_dir!r}: {e}") from None
+    return ReportPaths(out_dir=str(out_dir), html=page, markdown=md)
+
+
+def log_artifacts(paths: ReportPaths, client, run_id: str) -> None:
+    """Log index.html, report.md and figures/ as artifacts of `run_id` under `report/`, so the MLflow UI
+    shows the report one click from the parent run."""
+    client.log_artifact(run_id, paths.html, "report")
+    client.log_artifact(run_id, paths.markdown, "report")
+    figs = os.path.join(paths.out_dir, "figures")
+    if os.path.isdir(figs) and os.listdir(figs):
+        client.log_artifacts(run_id, figs, "report/figures")

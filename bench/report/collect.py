@@ -1,0 +1,207 @@
+"""Read a comparison (or a sweep) back from MLflow into `ReportData`, with MLflow's client only.
+
+    data = collect("sqlite:///mlflow.db", "fedeq-bench")                 # every comparison there
+    data = collect("sqlite:///mlflow.db", "fedeq-bench", ["3f2a...", ...])  # these parent runs
+    data = collect_sweep("sqlite:///mlflow.db", "fedeq-bench", "fedeq-synthetic")
+
+What `bench.run` leaves in MLflow (bench/experiment.py `compare`): a parent run tagged
+`kind=comparison` whose params are the resolved config, `command`, `git_commit` and `version.*`;
+under it one child run per method x seed (tag `mlflow.parentRunId`) with its params, its metrics at
+step = round, and a `clients.csv` artifact (the final evaluation per client). A sweep (bench/study.py)
+leaves a parent tagged `kind=sweep` and `study=NAME`, trial child runs (`kind=trial`, `trial_number`)
+and the best trial rerun on test (`kind=best-test`). Nothing here imports torch or the engine.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import tempfile
+
+from fedeq_bench.bench.report.model import Group, Provenance, ReportData, RunRecord
+from fedeq_bench.core.errors import BenchError, choices
+
+PAGE = 1000  # runs per search_runs page (MLflow's default maximum)
+
+
+def client_for(tracking_uri: str):
+    """An MlflowClient on an existing store. A missing SQLite file is bad input: opening it would create
+    an empty store (and a typo would leave `mlflow.db` files behind)."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    # As in bench/tracking.py: MLflow and alembic log INFO lines (migrations) on stderr; warnings still show.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if tracking_uri.startswith("sqlite:///"):
+        path = tracking_uri[len("sqlite:///"):].split("?")[0]  # sqlite:///rel.db, sqlite:////abs/path.db
+        if path and path != ":memory:" and not os.path.exists(path):
+            raise BenchError(f"no MLflow store at {tracking_uri!r} ({path} does not exist); "
+                             f"give the --tracking-uri that bench.run recorded to")
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id(client, tracking_uri: str, experiment: str) -> str:
+    try:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            names = [e.name for e in client.search_experiments()]
+    except Exception as e:  # an unreachable server or an unusable store is bad input, not a bug
+        raise BenchError(f"cannot read MLflow tracking store {tracking_uri!r}: {str(e).splitlines()[0][:200]}") \
+            from None
+    if exp is None:
+        raise BenchError(f"unknown MLflow experiment {experiment!r} in {tracking_uri}; "
+                         f"experiments there: {choices(names) or 'none'}")
+    return exp.experiment_id
+
+
+def search(client, exp_id: str, filter_string: str) -> list:
+    """Every run matching the filter, oldest first (all pages)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp_id], filter_string, max_results=PAGE,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def status_of(run) -> str:
+    """MLflow's status, or PRUNED for a run that bench/tracking.py ended KILLED with `pruned=true`."""
+    if run.info.status == "KILLED" and run.data.tags.get("pruned") == "true":
+        return "PRUNED"
+    return run.info.status
+
+
+def history(client, run) -> dict[str, list[tuple[int, float]]]:
+    """Every metric's full history, `[(round, value)]` sorted by round (the last value logged wins)."""
+    out = {}
+    for key in sorted(run.data.metrics):
+        points = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
+        out[key] = sorted({m.step: m.value for m in points}.items())
+    return out
+
+
+@contextlib.contextmanager
+def no_progress_bar():
+    """MLflow draws a tqdm bar on stderr per download; a report reads one small file per run."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = old
+
+
+def clients(client, run_id: str) -> list[dict] | None:
+    """The rows of the run's clients.csv (bench/experiment.py `clients_csv`); None without one."""
+    if not any(f.path == "clients.csv" for f in client.list_artifacts(run_id)):
+        return None
+    with tempfile.TemporaryDirectory() as tmp, no_progress_bar():
+        with open(client.download_artifacts(run_id, "clients.csv", tmp)) as f:
+            text = f.read()
+    return [{k: (int(v) if k == "cid" else v if k == "group" else float(v)) for k, v in row.items()}
+            for row in csv.DictReader(io.StringIO(text))]
+
+
+def record(client, run, method: str | None = None) -> RunRecord:
+    p = run.data.params
+    seed = p.get("seed", run.data.tags.get("seed", "-1"))
+    return RunRecord(
+        run_id=run.info.run_id, parent_id=run.data.tags.get("mlflow.parentRunId", ""),
+        method=method or p.get("method", run.data.tags.get("method", "?")), seed=int(seed),
+        status=status_of(run), dataset=p.get("dataset", "?"), partition=p.get("partition", "?"),
+        fingerprint=p.get("dataset_fingerprint", "?"), model=p.get("model", "?"), params=dict(p),
+        history=history(client, run), clients=clients(client, run.info.run_id),
+        start_ms=run.info.start_time, end_ms=run.info.end_time)
+
+
+def provenance(run) -> Provenance:
+    p = run.data.params
+    return Provenance(
+        run_id=run.info.run_id, name=run.info.run_name or run.data.tags.get("mlflow.runName", ""),
+        status=status_of(run), command=p.get("command", ""), git_commit=p.get("git_commit", "unknown"),
+        config=dict(p), versions={k[len("version."):]: v for k, v in sorted(p.items()) if k.startswith("version.")},
+        start_ms=run.info.start_time, metrics=dict(run.data.metrics))
+
+
+def grouped(records: list[RunRecord]) -> list[Group]:
+    """Runs by (dataset, partition), in first-seen order; methods in first-seen order within each."""
+    by_key: dict[tuple[str, str], list[RunRecord]] = {}
+    for r in records:
+        by_key.setdefault((r.dataset, r.partition), []).append(r)
+    return [Group(dataset=d, partition=part, runs=rs, seeds=sorted({r.seed for r in rs}),
+                  methods=list(dict.fromkeys(r.method for r in rs)))
+            for (d, part), rs in by_key.items()]
+
+
+def children(client, exp_id: str, parent_id: str) -> list:
+    return search(client, exp_id, f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def collect(tracking_uri: str, experiment: str, parent_ids=None) -> ReportData:
+    """The comparisons (parent runs tagged kind=comparison) of `experiment`, or only `parent_ids`."""
+    client = client_for(tracking_uri)
+    exp_id = experiment_id(client, tracking_uri, experiment)
+    comparisons = search(client, exp_id, "tags.kind = 'comparison'")
+    if not comparisons:
+        kinds = sorted({r.data.tags.get("kind", "untagged") for r in search(client, exp_id, "")})
+        found = f"its runs are of kind {', '.join(kinds)}" if kinds else "it has no runs"
+        raise BenchError(f"experiment {experiment!r} in {tracking_uri} has no comparison runs (tag kind=comparison, "
+                         f"written by python -m bench.run); {found}" + ("; for a sweep give --sweep STUDY"
+                                                                        if "sweep" in kinds else ""))
+    if parent_ids:
+        known = {r.info.run_id: r for r in comparisons}
+        bad = [i for i in parent_ids if i not in known]
+        if bad:
+            listed = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in comparisons[-10:])
+            raise BenchError(f"no comparison run {', '.join(map(repr, bad))} in experiment {experiment!r}; "
+                             f"comparison runs there (newest 10): {listed}")
+        parents = [known[i] for i in dict.fromkeys(parent_ids)]
+    else:
+        parents = comparisons
+    records = [record(client, c) for p in parents for c in children(client, exp_id, p.info.run_id)]
+    return ReportData(name=experiment, experiment=experiment, tracking_uri=tracking_uri,
+                      parents=[provenance(p) for p in parents], groups=grouped(records))
+
+
+def trial_label(number: int | str) -> str:
+    return f"trial {number}"
+
+
+def best_label(number: int | str) -> str:
+    return f"best (trial {number}) on test"
+
+
+def collect_sweep(tracking_uri: str, experiment: str, study: str) -> ReportData:
+    """A study's parent runs (kind=sweep, study=STUDY; one per invocation, a resume adds one) with its
+    trial runs as methods `trial N` (one series per trial) and the best trial's test reruns as
+    `best (trial N) on test`, sorted by trial number."""
+    client = client_for(tracking_uri)
+    exp_id = experiment_id(client, tracking_uri, experiment)
+    sweeps = search(client, exp_id, "tags.kind = 'sweep'")
+    parents = [r for r in sweeps if r.data.tags.get("study") == study]
+    if not parents:
+        studies = sorted({r.data.tags.get("study", "?") for r in sweeps})
+        raise BenchError(f"unknown study {study!r} in experiment {experiment!r} of {tracking_uri}; "
+                         f"studies there: {', '.join(studies) or 'none (no bench.sweep runs)'}")
+    records = []
+    for p in parents:
+        for c in children(client, exp_id, p.info.run_id):
+            kind, number = c.data.tags.get("kind"), c.data.params.get("trial_number", "?")
+            if kind == "trial":
+                records.append(record(client, c, trial_label(number)))
+            elif kind == "best-test":
+                records.append(record(client, c, best_label(number)))
+    # Trials in number order (a resumed study's trials come from several parents), then the test reruns.
+    number = lambda r: int(r.params["trial_number"]) if r.params.get("trial_number", "").isdigit() else -1  # noqa: E731
+    records.sort(key=lambda r: (r.method.startswith("best"), number(r), r.seed))
+    return ReportData(name=study, experiment=experiment, tracking_uri=tracking_uri,
+                      parents=[provenance(p) for p in parents], groups=grouped(records))

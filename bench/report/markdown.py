@@ -1,0 +1,75 @@
+"""The report as Markdown: `report.md` with its figures as SVG files in `figures/` beside it.
+
+    write(data, sections, provenance, "reports/fedeq-bench")   # -> "reports/fedeq-bench/report.md"
+
+A static page any Markdown viewer (GitHub, an editor, `mlflow ui`'s artifact view) shows without a
+browser's JavaScript; the same tables as index.html, best values in bold, and numbers exact enough to
+check against MLflow (bench/report/tables.py says how many digits).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fedeq_bench.bench.report import figures as F
+from fedeq_bench.bench.report.model import Group, ReportData, Table
+
+
+def slug(text: str, limit: int = 60) -> str:
+    """A file-name-safe stem: `synthetic / dirichlet(alpha=0.3)` -> `synthetic-dirichlet-alpha-0.3`."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-.")[:limit] or "group"
+
+
+def group_slugs(groups: list[Group]) -> list[str]:
+    """One distinct slug per group (`dataset-partition`; a numeric suffix where two would collide)."""
+    out: list[str] = []
+    for g in groups:
+        s = base = slug(f"{g.dataset}-{g.partition}")
+        n = 2
+        while s in out:
+            s, n = f"{base}-{n}", n + 1
+        out.append(s)
+    return out
+
+
+def escape(text: str) -> str:
+    """A cell's text inside a Markdown table row: pipes escaped, no line breaks."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def table(t: Table) -> str:
+    head = "| " + " | ".join(escape(c) for c in t.columns) + " |"
+    rule = "|" + "|".join("---:" if any(r[j].value is not None for r in t.rows) else "---"
+                          for j in range(len(t.columns))) + "|"
+    rows = ["| " + " | ".join(f"**{escape(c.text)}**" if c.best else escape(c.text) for c in row) + " |"
+            for row in t.rows]
+    out = [f"**{escape(t.title)}**", "", head, rule, *rows]
+    if t.notes:
+        out += [""] + [f"- {n}" for n in t.notes]
+    return "\n".join(out)
+
+
+def write(data: ReportData, sections: list[tuple[Group, list[Table], list]], provenance: list[Table],
+          out_dir: str | Path) -> str:
+    """Write out_dir/report.md and out_dir/figures/<group-slug>-<figure>.svg; returns report.md's path."""
+    out = Path(out_dir)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    lines = [f"# Report: {data.name}", "",
+             f"MLflow experiment `{data.experiment}` in `{data.tracking_uri}`; "
+             f"{len(data.parents)} parent run(s): {', '.join(f'`{p.run_id}`' for p in data.parents)}.", ""]
+    for (group, tables, figs), gslug in zip(sections, group_slugs([s[0] for s in sections])):
+        lines += [f"## {group.dataset} / {group.partition}", "",
+                  f"Seeds {', '.join(map(str, group.seeds))}; methods {', '.join(group.methods)}.", ""]
+        for t in tables:
+            lines += [table(t), ""]
+        for fig in figs:
+            name = f"{gslug}-{fig.name}.svg"
+            (out / "figures" / name).write_text(F.to_svg(fig), encoding="utf-8")
+            alt = fig.title.replace("[", "(").replace("]", ")")
+            lines += [f"![{alt}](figures/{name})", ""]
+    lines += ["## Provenance", ""]
+    for t in provenance:
+        lines += [table(t), ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return str(path)

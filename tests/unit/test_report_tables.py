@@ -1,0 +1,261 @@
+"""bench/report/collect.py and tables.py on a real MLflow store (the `report_store` fixture: fedeq,
+fedavg, fedrep on synthetic, 6 clients, 3 rounds, seeds 0 and 1).
+
+Every expected number is read back here with MLflow's own client (`MlflowClient.search_runs`,
+`get_metric_history`), independently of bench/report/collect.py, and reduced with the standard
+library (`statistics.mean`, `statistics.stdev`: the sample std, ddof=1).
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fedeq_bench.bench.report import collect, tables
+from fedeq_bench.bench.report.model import Group
+from fedeq_bench.bench.tracking import Tracker
+from fedeq_bench.core.errors import BenchError
+
+METHODS = ["fedeq", "fedavg", "fedrep"]
+COLUMNS = ["method", "model", "seeds", "acc/weighted", "acc/mean", "acc/bottom10", "acc/unseen", "MB up/round",
+           "MB down/round", "MB up", "MB down", "MB total", "MB to target", "peak train MB", "params shared",
+           "params personal", "wall s", "bytes vs FeDEQ"]
+
+
+@pytest.fixture(scope="module")
+def data(report_store):
+    return collect.collect(report_store["uri"], report_store["experiment"])
+
+
+@pytest.fixture(scope="module")
+def mlflow_runs(report_store):
+    """{(method, seed): (Run, {metric: [values in step order]})}, straight from MLflow."""
+    client = MlflowClient(tracking_uri=report_store["uri"])
+    exp = client.get_experiment_by_name(report_store["experiment"])
+    out = {}
+    for r in client.search_runs([exp.experiment_id]):
+        if r.data.tags.get("mlflow.parentRunId") == report_store["parent"]:
+            hist = {k: [m.value for m in sorted(client.get_metric_history(r.info.run_id, k), key=lambda m: m.step)]
+                    for k in r.data.metrics}
+            steps = {k: [m.step for m in sorted(client.get_metric_history(r.info.run_id, k), key=lambda m: m.step)]
+                     for k in ("acc/weighted", "bytes/cumulative")}
+            out[(r.data.params["method"], int(r.data.params["seed"]))] = (r, hist, steps)
+    assert len(out) == 6  # 3 methods x 2 seeds
+    return out
+
+
+def row_of(table, method):
+    (row,) = [row for row in table.rows if row[0].text == method]
+    return {c: cell for c, cell in zip(table.columns, row)}
+
+
+def per_method(mlflow_runs, method, value):
+    return [value(*mlflow_runs[(method, s)]) for s in (0, 1)]
+
+
+def test_the_methods_table_has_every_method_and_every_column(data):
+    (group,) = data.groups
+    assert (group.dataset, group.methods, group.seeds) == ("synthetic", METHODS, [0, 1])
+    table, runs = tables.group_tables(group, data.parents)
+    assert table.columns == COLUMNS
+    assert [row[0].text for row in table.rows] == METHODS
+    for row in table.rows:
+        assert all(cell.text not in ("", "—") for cell in row), [c.text for c in row]  # every column filled
+    assert len(runs.rows) == 6
+
+
+# column -> the value of one run, from MLflow's run (latest metric values), histories and params.
+FROM_MLFLOW = {
+    "acc/weighted": lambda run, h, _: run.data.metrics["acc/weighted"],
+    "acc/mean": lambda run, h, _: run.data.metrics["acc/mean"],
+    "acc/bottom10": lambda run, h, _: run.data.metrics["acc/bottom10"],
+    "acc/unseen": lambda run, h, _: run.data.metrics["acc/unseen"],
+    "MB up/round": lambda run, h, _: sum(h["bytes/up"]) / len(h["bytes/up"]) / 1e6,
+    "MB down/round": lambda run, h, _: sum(h["bytes/down"]) / len(h["bytes/down"]) / 1e6,
+    "MB up": lambda run, h, _: sum(h["bytes/up"]) / 1e6,
+    "MB down": lambda run, h, _: sum(h["bytes/down"]) / 1e6,
+    "MB total": lambda run, h, _: run.data.metrics["bytes/cumulative"] / 1e6,
+    "peak train MB": lambda run, h, _: max(h["mem/peak_train_bytes"]) / 1e6,
+    "params shared": lambda run, h, _: int(run.data.params["params/shared"]),
+    "params personal": lambda run, h, _: int(run.data.params["params/personal"]),
+    "wall s": lambda run, h, _: sum(h["time/round_s"]),
+}
+
+
+def test_every_number_is_the_mean_and_sample_std_of_the_mlflow_metrics(data, mlflow_runs):
+    (table, _) = tables.group_tables(data.groups[0], data.parents)
+    for m in METHODS:
+        row = row_of(table, m)
+        assert row["seeds"].text == "2" and row["model"].text == mlflow_runs[(m, 0)][0].data.params["model"]
+        for col, get in FROM_MLFLOW.items():
+            vals = per_method(mlflow_runs, m, get)
+            assert row[col].value == pytest.approx(statistics.mean(vals), rel=1e-12, abs=1e-15), (m, col)
+            if col == "acc/weighted":  # 4 decimals, then the sample std over the two seeds
+                assert row[col].text == f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}"
+        # MB total is up + down over the run, as bytes/cumulative says.
+        assert row["MB total"].value == pytest.approx(row["MB up"].value + row["MB down"].value)
+
+
+def mb_to_target_by_hand(run, hist, steps, target):
+    """Walk acc/weighted round by round; MB sent (bytes/cumulative) at the first round reaching target."""
+    sent = dict(zip(steps["bytes/cumulative"], hist["bytes/cumulative"]))
+    for rnd, acc in zip(steps["acc/weighted"], hist["acc/weighted"]):
+        if acc >= target:
+            return sent[rnd] / 1e6
+    return None
+
+
+@pytest.mark.parametrize("fraction", [0.95, 0.5, 1.0])
+def test_mb_to_target_walks_the_accuracy_and_bytes_histories(data, mlflow_runs, fraction):
+    (table, _) = tables.group_tables(data.groups[0], data.parents, target=fraction)
+    best = max(statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW["acc/weighted"])) for m in METHODS)
+    target = fraction * best
+    assert any(f"first reaches {target:.4f} = {fraction:.0%}" in n for n in table.notes)
+    for m in METHODS:
+        mbs = per_method(mlflow_runs, m, lambda *a: mb_to_target_by_hand(*a, target))
+        cell = row_of(table, m)["MB to target"]
+        if all(x is None for x in mbs):
+            assert cell.text == "never" and cell.value is None
+        elif any(x is None for x in mbs):
+            assert cell.text == "never in 1 of 2 seeds" and cell.value is None
+        else:
+            assert cell.value == pytest.approx(statistics.mean(mbs), rel=1e-12)
+    if fraction == 0.5:  # half the best accuracy: every method gets there
+        assert all(row_of(table, m)["MB to target"].value is not None for m in METHODS)
+
+
+def test_best_marks_the_highest_accuracy_and_the_fewest_bytes(data):
+    (table, _) = tables.group_tables(data.groups[0], data.parents)
+    best_of = {"acc/weighted": max, "acc/mean": max, "acc/bottom10": max, "acc/unseen": max, "MB up": min,
+               "MB down": min, "MB total": min, "MB up/round": min, "MB down/round": min, "peak train MB": min,
+               "wall s": min}
+    for col, better in best_of.items():
+        j = table.columns.index(col)
+        values = [row[j].value for row in table.rows]
+        marked = [row[0].text for row in table.rows if row[j].best]
+        assert marked == [row[0].text for row in table.rows if row[j].value == better(values)], col
+    for col in ("method", "params shared", "params personal", "bytes vs FeDEQ"):  # no best there
+        assert not any(row[table.columns.index(col)].best for row in table.rows)
+
+
+def test_the_ratio_column_is_total_mb_over_fedeq_s(data, mlflow_runs):
+    (table, _) = tables.group_tables(data.groups[0], data.parents)
+    total = {m: statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW["MB total"])) for m in METHODS}
+    for m in METHODS:
+        ratio = total[m] / total["fedeq"]
+        cell = row_of(table, m)["bytes vs FeDEQ"]
+        assert cell.value == pytest.approx(ratio) and cell.text == f"{ratio:.2f}x"
+    assert row_of(table, "fedeq")["bytes vs FeDEQ"].text == "1.00x"
+    ratio = total["fedrep"] / total["fedeq"]
+    assert f"fedrep sends {ratio:.1f}x the bytes of fedeq (MB total, mean over seeds)" in table.notes
+
+    # Without FeDEQ in the group there is nothing to compare with: no ratio column.
+    g = data.groups[0]
+    without = Group(g.dataset, g.partition, [r for r in g.runs if r.method != "fedeq"], g.seeds, ["fedavg", "fedrep"])
+    (table, _) = tables.group_tables(without, data.parents)
+    assert "bytes vs FeDEQ" not in table.columns and not any("bytes of fedeq" in n for n in table.notes)
+
+
+def test_collect_reads_histories_and_the_clients_csv(data, mlflow_runs, report_store):
+    for r in data.groups[0].runs:
+        run, hist, _ = mlflow_runs[(r.method, r.seed)]
+        assert r.status == "FINISHED" and r.parent_id == report_store["parent"]
+        assert {k: [v for _, v in h] for k, h in r.history.items()} == hist
+        assert r.final("acc/weighted") == run.data.metrics["acc/weighted"]
+        assert r.fingerprint == run.data.params["dataset_fingerprint"]
+        # 6 clients, one held out (frac_unseen 0.2): the final evaluation of each, from clients.csv.
+        assert [c["cid"] for c in r.clients] == list(range(6))
+        assert [c["group"] for c in r.clients].count("unseen") == 1
+        n = sum(c["test_n"] for c in r.clients if c["group"] != "unseen")
+        weighted = sum(c["test_acc"] * c["test_n"] for c in r.clients if c["group"] != "unseen") / n
+        assert weighted == pytest.approx(run.data.metrics["acc/weighted"])
+
+
+def test_provenance_holds_the_command_commit_versions_and_fingerprints(data, mlflow_runs, report_store):
+    prov, config = tables.provenance_tables(data)
+    what = {row[0].text: row[1].text for row in prov.rows}
+    assert what["command"] == report_store["command"] and what["run id"] == report_store["parent"]
+    assert what["git commit"] and what["version: mlflow"] and what["version: torch"]
+    fps = "; ".join(f"seed {s}: {mlflow_runs[('fedeq', s)][0].data.params['dataset_fingerprint']}" for s in (0, 1))
+    assert what[f"dataset fingerprint: synthetic / {data.groups[0].partition}"] == fps
+    keys = [row[0].text for row in config.rows]
+    assert "run.rounds" in keys or "rounds" in keys
+    assert tables.provenance_tables(data, config=False) == [prov]
+
+
+@pytest.fixture
+def damaged(report_store, tmp_path):
+    """A copy of the store where fedrep seed 1 FAILED, and a pruned fedavg seed 2 (which claims a
+    perfect accuracy: a run that did not finish must not move any number)."""
+    shutil.copy(f"{report_store['dir']}/mlflow.db", tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(report_store["experiment"])
+    children = {(r.data.params["method"], r.data.params["seed"]): r for r in client.search_runs([exp.experiment_id])
+                if r.data.tags.get("mlflow.parentRunId") == report_store["parent"]}
+    client.set_terminated(children[("fedrep", "1")].info.run_id, "FAILED")
+    tracker = Tracker(uri, report_store["experiment"])
+    params = {k: v for k, v in children[("fedavg", "0")].data.params.items() if not k.startswith("params/")}
+    run = tracker.start("fedavg seed=2", {**params, "seed": "2"}, {"method": "fedavg", "seed": "2"},
+                        parent=report_store["parent"])
+    tracker.log_metrics(run, 1, {"acc/weighted": 1.0, "bytes/cumulative": 1.0})
+    tracker.end(run, "PRUNED")
+    return uri, children
+
+
+def test_failed_and_pruned_runs_are_shown_and_a_missing_seed_is_said(damaged, report_store, mlflow_runs):
+    uri, children = damaged
+    data = collect.collect(uri, report_store["experiment"])
+    (group,) = data.groups
+    assert group.seeds == [0, 1, 2]
+    table, runs = tables.group_tables(group, data.parents)
+    fedrep = row_of(table, "fedrep")
+    assert fedrep["seeds"].text == "1"
+    assert fedrep["acc/weighted"].text == f"{mlflow_runs[('fedrep', 0)][0].data.metrics['acc/weighted']:.4f}"  # no ±
+    for note in ["fedrep: no FINISHED run for seed 1 (FAILED)", "fedavg: no FINISHED run for seed 2 (PRUNED)",
+                 "fedeq: no FINISHED run for seed 2 (no run)", "fedrep: no FINISHED run for seed 2 (no run)"]:
+        assert note in table.notes
+    # The pruned run's accuracy of 1.0 sets no target: the best FINISHED mean does.
+    best = max(statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW["acc/weighted"])) for m in ("fedeq", "fedavg"))
+    best = max(best, mlflow_runs[("fedrep", 0)][0].data.metrics["acc/weighted"])
+    assert any(f"first reaches {0.95 * best:.4f}" in n for n in table.notes)
+
+    shown = {(row[0].text, row[1].text): {c: cell.text for c, cell in zip(runs.columns, row)} for row in runs.rows}
+    assert len(shown) == 7
+    assert shown[("fedrep", "1")]["status"] == "FAILED" and shown[("fedrep", "1")]["acc/weighted"] == "—"
+    assert shown[("fedavg", "2")]["status"] == "PRUNED"
+    assert shown[("fedrep", "1")]["run id"] == children[("fedrep", "1")].info.run_id
+    assert shown[("fedrep", "1")]["command"] == report_store["command"] + " --methods fedrep --seeds 1"
+    assert any("2 run(s) not FINISHED (FAILED, PRUNED)" in n for n in runs.notes)
+
+
+def test_bad_input_is_one_line(report_store, damaged, tmp_path):
+    uri = report_store["uri"]
+    with pytest.raises(BenchError, match=r"^unknown MLflow experiment 'nope' in .*experiments there: .*report-test"):
+        collect.collect(uri, "nope")
+    with pytest.raises(BenchError, match=r"^no comparison run 'abc' in experiment 'report-test'; comparison runs"):
+        collect.collect(uri, "report-test", ["abc"])
+    with pytest.raises(BenchError, match=r"^unknown study 'nope' in experiment 'report-test'.*studies there: none"):
+        collect.collect_sweep(uri, "report-test", "nope")
+    with pytest.raises(BenchError, match=r"^no MLflow store at .*does not exist"):
+        collect.collect(f"sqlite:///{tmp_path}/typo.db", "report-test")
+    assert not (tmp_path / "typo.db").exists()  # reading never creates a store
+    empty_uri = damaged[0]
+    MlflowClient(tracking_uri=empty_uri).create_experiment("empty")
+    with pytest.raises(BenchError, match=r"^experiment 'empty' in .* has no comparison runs .*it has no runs$"):
+        collect.collect(empty_uri, "empty")
+    for call in (lambda: collect.collect(uri, "nope"), lambda: collect.collect(empty_uri, "empty")):
+        with pytest.raises(BenchError) as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+def test_a_single_seed_has_no_std():
+    assert tables.stat_cell([0.5], "acc").text == "0.5000"
+    assert tables.stat_cell([0.5, 0.7], "acc").text == f"0.6000 ± {statistics.stdev([0.5, 0.7]):.4f}"
+    assert tables.stat_cell([0.5, math.nan], "acc").text == "—"
+    # MB: at least 3 decimals and 4 significant digits, so small and large totals both compare.
+    assert [tables.fmt(x, "mb") for x in (0.061234, 12.3, 1234.5678)] == ["0.06123", "12.300", "1234.568"]
