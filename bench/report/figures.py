@@ -67,20 +67,21 @@ class Figure:
     ylog: bool = False
 
 
-def group_figures(group: Group) -> list[Figure]:
+def group_figures(group: Group, accuracy: str = ACC) -> list[Figure]:
     """Every figure of one dataset and partition, from its FINISHED runs, in reading order. A figure
     whose metric no finished run logged (no clients.csv, no deq/*) is left out; failed and missing
-    runs are the tables' business (they say so), a curve only shows what finished."""
+    runs are the tables' business (they say so), a curve only shows what finished. `accuracy`: the
+    metric of the accuracy figures; a sweep's report passes "acc/val" (trials log no test metrics)."""
     runs = [r for r in group.runs if r.status == "FINISHED"]
     by_method = {m: [r for r in runs if r.method == m] for m in group.methods}
     by_method = {m: rs for m, rs in by_method.items() if rs}
     color = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(by_method)}
     prefix = f"{group.dataset}: "
     figs = [
-        _line("acc_vs_round", f"{prefix}accuracy vs round ({BAND})", "round", ACC,
-              [_curve(m, rs, ACC, color[m]) for m, rs in by_method.items()]),
-        _line("acc_vs_mb", f"{prefix}accuracy vs MB sent ({BAND})", "cumulative MB sent (up + down)", ACC,
-              [_curve(m, rs, ACC, color[m], x_metric="bytes/cumulative", x_scale=1e-6)
+        _line("acc_vs_round", f"{prefix}accuracy vs round ({BAND})", "round", accuracy,
+              [_curve(m, rs, accuracy, color[m]) for m, rs in by_method.items()]),
+        _line("acc_vs_mb", f"{prefix}accuracy vs MB sent ({BAND})", "cumulative MB sent (up + down)", accuracy,
+              [_curve(m, rs, accuracy, color[m], x_metric="bytes/cumulative", x_scale=1e-6)
                for m, rs in by_method.items()]),
         _peak_memory(prefix, by_method, color),
         _client_acc(prefix, by_method, color),
@@ -176,6 +177,7 @@ def to_svg(fig: Figure) -> str:
     hash salt, no date), and series i is the element with id `series-i` (its line, bar or points)."""
     import matplotlib
     from matplotlib.figure import Figure as MplFigure  # no pyplot: no global state, no GUI backend
+    from matplotlib.ticker import MaxNLocator
 
     with matplotlib.rc_context({"svg.hashsalt": "fedeq-bench", "svg.fonttype": "none"}):
         mfig = MplFigure(figsize=(7, 4.2), layout="constrained")
@@ -210,6 +212,8 @@ def to_svg(fig: Figure) -> str:
                                zorder=3)
             ax.set_xticks(range(len(cats)), cats, rotation=30 if len(cats) > 6 else 0)
             ax.set_xlim(-0.6, len(cats) - 0.4)
+        if fig.kind == "line" and _integer_x(fig):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds: no tick at round 1.5
         if fig.ylog:
             ax.set_yscale("log")
         ax.set_title(fig.title, fontsize=9)
@@ -261,11 +265,18 @@ def to_plotly(fig: Figure) -> dict:
               "yaxis": {**axis, "title": {"text": fig.ylabel}, **({"type": "log"} if fig.ylog else {})},
               "margin": {"t": 50, "r": 10}, "height": 420, "legend": {"font": {"size": 11}},
               "showlegend": fig.kind != "bar"}
+    if fig.kind == "line" and _integer_x(fig) and max(x for s in fig.series for x in s.x) <= 12:
+        layout["xaxis"]["dtick"] = 1  # a few rounds: one tick each, none at round 1.5
     if fig.kind == "box":
         layout["boxmode"] = "group"
     elif fig.kind == "bar":
         layout["barmode"] = "overlay"  # one bar per category, centred: not a slot per trace
     return {"data": data, "layout": layout}
+
+
+def _integer_x(fig: Figure) -> bool:
+    """x is a count (rounds), not a measurement (MB)."""
+    return all(isinstance(x, int) for s in fig.series for x in s.x)
 
 
 def _finite(values: list) -> list:

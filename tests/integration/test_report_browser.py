@@ -8,6 +8,7 @@ Skipped without /usr/bin/chromium or playwright, except under CI (the CI variabl
 installs both and their absence is a failure."""
 import io
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -38,13 +39,12 @@ def report_dir(report_store, tmp_path_factory):
     return out
 
 
-def test_html_report_opens_offline_in_chromium_and_draws_every_figure_and_table(report_dir, tmp_path):
-    need_browser()
-    from PIL import Image, ImageStat
+@contextmanager
+def opened(index: Path):
+    """(page, errors, requests): `index` loaded from disk in headless system Chromium, with every
+    console error, page error (uncaught exception) and request the page makes recorded."""
     from playwright.sync_api import sync_playwright
 
-    index = Path(report_dir) / "index.html"
-    url = index.as_uri()
     errors, requests = [], []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -54,31 +54,41 @@ def test_html_report_opens_offline_in_chromium_and_draws_every_figure_and_table(
                     if m.type in ("error", "assert") else None)
             page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
             page.on("request", lambda r: requests.append(r.url))
-            page.goto(url, wait_until="load")
-            plots = page.locator("div.plot")
-            n_plots = plots.count()
-            # Plotly draws each figure into an <svg class="main-svg"> inside its div, with a g.trace
-            # per drawn trace.
-            page.wait_for_function(
-                "() => Array.from(document.querySelectorAll('div.plot')).every("
-                "d => d.querySelector('.main-svg') && d.querySelector('g.trace'))", timeout=30_000)
-            ids = plots.evaluate_all("ds => ds.map(d => d.id)")
-            tables = page.evaluate(
-                "() => Array.from(document.querySelectorAll('table.sortable')).map(t => ({"
-                "caption: t.caption ? t.caption.textContent : '', rows: t.tBodies[0].rows.length,"
-                "text: t.textContent}))")
-            # Sorting: a header clicked twice gives the rows in the opposite order.
-            first = page.locator("table.sortable").first
-            col = "Array.from(document.querySelector('table.sortable').tBodies[0].rows).map(r => r.cells[0].textContent)"
-            first.locator("th").first.click()
-            once = page.evaluate(col)
-            first.locator("th").first.click()
-            twice = page.evaluate(col)
-            shot = page.screenshot(full_page=False)
-            figure_shot = page.locator(f"#{ids[1]}").screenshot()  # the accuracy-vs-MB figure
-            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)  # for a look after a failure
+            page.goto(index.as_uri(), wait_until="load")
+            yield page, errors, requests
         finally:
             browser.close()
+
+
+def test_html_report_opens_offline_in_chromium_and_draws_every_figure_and_table(report_dir, tmp_path):
+    need_browser()
+    from PIL import Image, ImageStat
+
+    index = Path(report_dir) / "index.html"
+    url = index.as_uri()
+    with opened(index) as (page, errors, requests):
+        plots = page.locator("div.plot")
+        n_plots = plots.count()
+        # Plotly draws each figure into an <svg class="main-svg"> inside its div, a g.trace per trace.
+        page.wait_for_function(
+            "() => Array.from(document.querySelectorAll('div.plot')).every("
+            "d => d.querySelector('.main-svg') && d.querySelector('g.trace'))", timeout=30_000)
+        ids = plots.evaluate_all("ds => ds.map(d => d.id)")
+        tables = page.evaluate(
+            "() => Array.from(document.querySelectorAll('table.sortable')).map(t => ({"
+            "caption: t.caption ? t.caption.textContent : '', rows: t.tBodies[0].rows.length,"
+            "text: t.textContent}))")
+        # Sorting: a header clicked twice gives the rows in the opposite order.
+        first = page.locator("table.sortable").first
+        col = ("Array.from(document.querySelector('table.sortable').tBodies[0].rows)"
+               ".map(r => r.cells[0].textContent)")
+        first.locator("th").first.click()
+        once = page.evaluate(col)
+        first.locator("th").first.click()
+        twice = page.evaluate(col)
+        shot = page.screenshot(full_page=False)
+        figure_shot = page.locator(f"#{ids[1]}").screenshot()  # the accuracy-vs-MB figure
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)  # for a look after a failure
 
     assert errors == []
     assert set(requests) == {url}, f"requests besides the page: {sorted(set(requests) - {url})}"
@@ -92,6 +102,18 @@ def test_html_report_opens_offline_in_chromium_and_draws_every_figure_and_table(
         colours = img.getcolors(maxcolors=1 << 20)
         assert len(colours) > min_colours
         assert max(ImageStat.Stat(img).stddev) > 10  # not one flat colour
+
+
+def test_the_browser_check_sees_a_request_and_an_error(tmp_path):
+    """The checks above can fail: a page that fetches an image and throws is caught on both counts."""
+    need_browser()
+    index = tmp_path / "index.html"
+    index.write_text('<!DOCTYPE html><html><body><img src="http://127.0.0.1:9/x.png">'
+                     "<script>undefined_function()</script></body></html>")
+    with opened(index) as (page, errors, requests):
+        page.wait_for_load_state("networkidle")
+    assert "http://127.0.0.1:9/x.png" in requests
+    assert any("undefined_function" in e for e in errors)
 
 
 def test_html_report_is_one_file_that_names_no_host(report_dir):

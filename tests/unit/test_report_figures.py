@@ -135,6 +135,16 @@ def test_method_names_are_not_assumed_and_missing_data_drops_the_figure():
     assert figs["acc_vs_mb"].series[0].color != figs["acc_vs_mb"].series[1].color
 
 
+def test_a_sweep_plots_validation_accuracy():
+    # Trials log acc/val, not acc/weighted (bench/study.py TEST_METRICS); the sweep report asks for it.
+    g = Group("synthetic", "p", [run("trial 0", 0, {"acc/val": [0.2, 0.6], "bytes/cumulative": [1e6, 2e6]}),
+                                 run("trial 0", 1, {"acc/val": [0.4, 0.8], "bytes/cumulative": [1e6, 2e6]})],
+              seeds=[0, 1], methods=["trial 0"])
+    assert F.group_figures(g) == []
+    fig = by_name(F.group_figures(g, accuracy="acc/val"))["acc_vs_mb"]
+    assert fig.ylabel == "acc/val" and fig.series[0].y == pytest.approx([(0.2 + 0.4) / 2, (0.6 + 0.8) / 2])
+
+
 def test_a_group_with_only_failed_runs_has_no_figures():
     g = make_group()
     for r in g.runs:
