@@ -189,7 +189,7 @@ def method_table(group: Group, target_fraction: float = 0.95) -> Table:
                 ratio = totals[m] / ref
                 cells[RATIO_COLUMN] = Cell(f"{ratio:.2f}x", ratio)
                 if m != REFERENCE:
-                    notes.append(f"{m} sends {ratio:.1f}x the bytes of {REFERENCE} (MB total, mean over seeds)")
+                    notes.append(f"{m} sends {ratio:.2f}x the bytes of {REFERENCE} (MB total, mean over seeds)")
             else:
                 cells[RATIO_COLUMN] = Cell(DASH)
         rows.append([Cell(m), Cell(model), Cell(str(len(runs)), float(len(runs))), *(cells[c] for c in columns[3:])])

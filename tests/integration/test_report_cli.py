@@ -99,10 +99,12 @@ def test_an_experiment_with_no_runs_is_one_line_and_exit_2(tmp_path):
 
 def test_a_sweep_report_lists_its_trials(tmp_path):
     from fedeq_bench.bench import config as C
-    from fedeq_bench.bench import experiment, study
+    from fedeq_bench.bench import experiment, report, study
 
     (tmp_path / "space.toml").write_text("fedavg.lr = {low = 0.01, high = 0.3, log = true}\n")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment("sweep-test", artifact_location=str(tmp_path / "artifacts"))  # not the cwd's mlruns/
     cfg = experiment.validate(C.apply(C.default_config(), {
         "methods": "fedavg", "dataset": "synthetic", "clients": 6, "rounds": 2, "backend": "serial", "seeds": "0",
         "tracking_uri": uri, "experiment": "sweep-test"}))
@@ -118,7 +120,6 @@ def test_a_sweep_report_lists_its_trials(tmp_path):
     assert proc.stderr == ""  # no progress bars, no log lines
     found = markdown_tables((out / "report.md").read_text())
     (trials,) = [rows for t, rows in found.items() if t.endswith(": trials")]
-    client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("sweep-test")
     by_number = {r.data.params["trial_number"]: r for r in client.search_runs([exp.experiment_id], "tags.kind = 'trial'")}
     assert [r["trial"] for r in trials] == ["0", "1"]
@@ -134,6 +135,14 @@ def test_a_sweep_report_lists_its_trials(tmp_path):
     assert float(best[0]["acc/val"]) == pytest.approx(top, abs=5e-5)
     assert float(best[0]["test acc/mean"]) == pytest.approx(outcome.test_acc, abs=5e-5)
     assert (out / "index.html").exists()
+
+    # Logged on the study's parent run, the report is one click away in the MLflow UI.
+    report.log_artifacts(report.ReportPaths(str(out), str(out / "index.html"), str(out / "report.md")), client,
+                         outcome.parent_run_id)
+    logged = client.list_artifacts(outcome.parent_run_id, "report")
+    assert sorted(f.path for f in logged) == ["report/figures", "report/index.html", "report/report.md"]
+    figures = client.list_artifacts(outcome.parent_run_id, "report/figures")
+    assert sorted(os.path.basename(f.path) for f in figures) == sorted(os.listdir(out / "figures"))
 
 
 def test_unknown_study_lists_the_studies_there(report_store, tmp_path):

@@ -150,7 +150,7 @@ def test_the_ratio_column_is_total_mb_over_fedeq_s(data, mlflow_runs):
         assert cell.value == pytest.approx(ratio) and cell.text == f"{ratio:.2f}x"
     assert row_of(table, "fedeq")["bytes vs FeDEQ"].text == "1.00x"
     ratio = total["fedrep"] / total["fedeq"]
-    assert f"fedrep sends {ratio:.1f}x the bytes of fedeq (MB total, mean over seeds)" in table.notes
+    assert f"fedrep sends {ratio:.2f}x the bytes of fedeq (MB total, mean over seeds)" in table.notes
 
     # Without FeDEQ in the group there is nothing to compare with: no ratio column.
     g = data.groups[0]
