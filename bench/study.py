@@ -97,6 +97,9 @@ class SweepOptions:
     NSGA-II searches the Pareto front."""
     n_jobs: int = 1
     """Trials run at once, each on its own part of the Ray actor pool (`RayBackend.split`)."""
+    sampler: Any = None
+    """None: TPE for one objective, NSGA-II for several, seeded with `sampler_seed`; or an
+    `optuna.samplers.BaseSampler` from a library caller."""
     storage: str = "sqlite:///optuna.db"
     """Optuna RDB storage URL."""
     study_name: str | None = None
@@ -301,7 +304,9 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
     seed = run.seeds[0] if opts.sampler_seed is None else opts.sampler_seed
     name = study_name_for(opts, method, run.dataset.split(":")[0], several)
     storage = make_storage(opts.storage) if storage is None else storage
-    if multi:
+    if opts.sampler is not None:
+        sampler, sampler_name = opts.sampler, type(opts.sampler).__name__
+    elif multi:
         sampler, sampler_name = optuna.samplers.NSGAIISampler(seed=seed), "nsga2"
     else:
         # constant_liar: trials running at once do not all draw the same point (no effect one at a time).

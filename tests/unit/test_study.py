@@ -307,20 +307,32 @@ FIXED = [{"fedrep.lr": 0.02, "fedrep.head_epochs": 1}, {"fedrep.lr": 0.2, "fedre
          {"fedrep.lr": 0.05, "fedrep.head_epochs": 2}, {"fedrep.lr": 0.1, "fedrep.head_epochs": 1}]
 
 
+class FixedSampler(optuna.samplers.BaseSampler):
+    """Trial number n gets FIXED[n], whichever thread asks: the trials of two studies are the same
+    whatever order they start in. (Enqueued trials would do, but Optuna's SQLite queue can hand one
+    waiting trial to two threads.)"""
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, name, distribution):
+        return FIXED[trial.number][name]
+
+
 @pytest.mark.ray
 def test_two_trials_at_once_on_ray_give_the_values_of_one_at_a_time(env, tmp_path):
-    """The same four trials (enqueued, so the sampler's choices do not differ), n_jobs 2 and 1, on
-    two Ray actors: every trial's value and every round's metrics are equal, and with n_jobs 2 two
-    trials really ran at once (their start-to-end intervals overlap)."""
+    """The same four trials (FixedSampler), n_jobs 2 and 1, on two Ray actors: every trial's value
+    and every round's metrics are equal, and with n_jobs 2 two trials really ran at once (their
+    start-to-end intervals overlap)."""
     cfg = experiment.validate(C.apply(make_cfg(env, methods="fedrep"), {"backend": "ray", "workers": 2}))
     got = {}
     for n_jobs in (2, 1):
         storage = f"sqlite:///{tmp_path}/optuna-{n_jobs}.db"
-        st = optuna.create_study(study_name=f"n{n_jobs}", storage=storage, direction="maximize")
-        for p in FIXED:
-            st.enqueue_trial(p)
         (out,), _ = study.sweep(cfg, opts(env, trials=4, storage=storage, study_name=f"n{n_jobs}",
-                                          final_test=False, n_jobs=n_jobs))
+                                          final_test=False, n_jobs=n_jobs, sampler=FixedSampler()))
         assert out.trials == 4
         trials = optuna.load_study(study_name=f"n{n_jobs}", storage=storage).trials
         got[n_jobs] = {(t.params["fedrep.lr"], t.params["fedrep.head_epochs"]): t for t in trials}
