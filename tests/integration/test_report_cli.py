@@ -53,6 +53,10 @@ def test_report_md_holds_the_mlflow_numbers(report_store, tmp_path):
     (title,) = [t for t in found if t.endswith(": methods")]
     rows = {r["method"]: r for r in found[title]}
     assert list(rows) == ["fedeq", "fedavg", "fedrep"]
+    assert list(rows["fedeq"]) == [
+        "method", "model", "seeds", "acc/weighted", "acc/mean", "acc/bottom10", "acc/unseen", "MB up/round",
+        "MB down/round", "MB up", "MB down", "MB total", "MB to target", "peak train MB", "params shared",
+        "params personal", "wall s", "bytes vs FeDEQ"]
 
     client = MlflowClient(tracking_uri=report_store["uri"])
     exp = client.get_experiment_by_name("report-test")
@@ -67,6 +71,11 @@ def test_report_md_holds_the_mlflow_numbers(report_store, tmp_path):
             assert row[col].endswith(f" ± {statistics.stdev(r.data.metrics[col] for r in runs):.4f}")
         mb = statistics.mean(r.data.metrics["bytes/cumulative"] for r in runs) / 1e6
         assert mean_of(row["MB total"]) == pytest.approx(mb, rel=5e-4)  # 4 significant digits at least
+        history = lambda r, k: [m.value for m in client.get_metric_history(r.info.run_id, k)]  # noqa: E731
+        for col, metric, reduce in (("MB up", "bytes/up", sum), ("MB down", "bytes/down", sum),
+                                    ("peak train MB", "mem/peak_train_bytes", max)):
+            want = statistics.mean(reduce(history(r, metric)) for r in runs) / 1e6
+            assert mean_of(row[col]) == pytest.approx(want, rel=5e-4), (method, col)
         assert row["params shared"] == runs[0].data.params["params/shared"]
     # Every figure the report names is an SVG file beside it.
     figures = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.svg)\)", text)
