@@ -126,7 +126,26 @@ def when(ms: int | None) -> str:
 
 
 def finished(group: Group, method: str) -> list[RunRecord]:
-    return [r for r in group.runs if r.method == method and r.status == "FINISHED"]
+    """The method's FINISHED run of each seed, in seed order; the newest where several comparisons of
+    one experiment ran the same method and seed (their configs may differ: never average them)."""
+    latest: dict[int, RunRecord] = {}
+    for r in group.runs:
+        if r.method == method and r.status == "FINISHED":
+            if r.seed not in latest or (r.start_ms or 0) >= (latest[r.seed].start_ms or 0):
+                latest[r.seed] = r
+    return [latest[s] for s in sorted(latest)]
+
+
+def repeat_notes(group: Group) -> list[str]:
+    """`fedeq seed 0: 2 FINISHED runs; the numbers use the newest, <id>` where a seed ran more than once."""
+    notes = []
+    for m in group.methods:
+        for r in finished(group, m):
+            n = sum(1 for o in group.runs if o.method == m and o.seed == r.seed and o.status == "FINISHED")
+            if n > 1:
+                notes.append(f"{m} seed {r.seed}: {n} FINISHED runs (several comparisons); "
+                             f"the numbers use the newest, {r.run_id}")
+    return notes
 
 
 def seed_notes(group: Group) -> list[str]:
@@ -213,7 +232,8 @@ def method_table(group: Group, target_fraction: float = 0.95) -> Table:
                     f"{tgt[2]:.4f}); mean over seeds; never: no evaluated round reaches it")
     head.append("MB up/round, MB down/round: mean over rounds; MB up, MB down, MB total: over the run; "
                 "peak train MB: max over rounds of mem/peak_train_bytes; wall s: sum of time/round_s")
-    return Table(f"{group.dataset} / {group.partition}: methods", columns, rows, head + notes + seed_notes(group))
+    return Table(f"{group.dataset} / {group.partition}: methods", columns, rows,
+                 head + notes + seed_notes(group) + repeat_notes(group))
 
 
 def rerun_command(parents: dict[str, Provenance], r: RunRecord) -> str:

@@ -259,3 +259,23 @@ def test_a_single_seed_has_no_std():
     assert tables.stat_cell([0.5, math.nan], "acc").text == "—"
     # MB: at least 3 decimals and 4 significant digits, so small and large totals both compare.
     assert [tables.fmt(x, "mb") for x in (0.061234, 12.3, 1234.5678)] == ["0.06123", "12.300", "1234.568"]
+
+
+def test_a_seed_run_twice_counts_once_the_newest(report_store, mlflow_runs, tmp_path):
+    """Two comparisons in one experiment both ran fedavg seed 0: the newer run's numbers are used, not
+    an average of two configs, and a note says which run."""
+    shutil.copy(f"{report_store['dir']}/mlflow.db", tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, report_store["experiment"])
+    old = mlflow_runs[("fedavg", 0)][0]
+    with tracker.run("again", {"kind": "comparison"}, {"kind": "comparison"}) as parent:
+        with tracker.run("fedavg seed=0", dict(old.data.params), {"method": "fedavg"}, parent=parent) as new:
+            tracker.log_metrics(new, 3, {"acc/weighted": 0.25})
+    data = collect.collect(uri, report_store["experiment"])
+    (group,) = data.groups
+    (table, runs) = tables.group_tables(group, data.parents)
+    fedavg = row_of(table, "fedavg")
+    seed1 = mlflow_runs[("fedavg", 1)][0].data.metrics["acc/weighted"]
+    assert fedavg["seeds"].text == "2" and fedavg["acc/weighted"].value == pytest.approx((0.25 + seed1) / 2)
+    assert f"fedavg seed 0: 2 FINISHED runs (several comparisons); the numbers use the newest, {new}" in table.notes
+    assert len(runs.rows) == 7  # both runs listed
