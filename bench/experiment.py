@@ -290,6 +290,24 @@ def compare(cfg, command: str = "", quiet: bool = False) -> tuple[list[dict], st
     return rows, parent
 
 
+def report(cfg, parent: str, report_dir: str = "reports"):
+    """Build the comparison report of one invocation (its parent run) into
+    `report_dir/<experiment>-<parent id[:8]>/` and log it as artifacts of the parent run (report/).
+    Returns bench.report's ReportPaths."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    from fedeq_bench.bench import report as R
+    from fedeq_bench.bench.report.markdown import slug
+
+    run = cfg.run
+    out = os.path.join(report_dir, f"{slug(run.experiment, 60)}-{parent[:8]}")
+    paths = R.build(run.tracking_uri, run.experiment, runs=[parent], out=out)
+    R.log_artifacts(paths, MlflowClient(tracking_uri=run.tracking_uri), parent)
+    return paths
+
+
 def recorded_line(cfg, parent: str) -> str:
     """Where the runs went, and how to look at them."""
     run = cfg.run

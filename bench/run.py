@@ -26,6 +26,9 @@ def build_parser() -> tuple[cli.Parser, list[str]]:
     keys = cli.add_config_flags(p, RunConfig)
     cli.add_preset_args(p, "any run, method or dataset key, e.g. fedrep.head_epochs=10 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--report-dir", default="reports",
+                   help="where the comparison report goes: DIR/<experiment>-<parent run id>/ (default: reports)")
+    p.add_argument("--no-report", dest="report", action="store_false", help="do not build the report")
     return p, keys
 
 
@@ -49,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         rows, parent = experiment.compare(cfg, command=shlex.join([*PROG.split(), *argv]), quiet=args.quiet)
         print(experiment.format_table(rows))
         print("\n" + experiment.recorded_line(cfg, parent))
+        if args.report:
+            paths = experiment.report(cfg, parent, args.report_dir)
+            print(f"report: {paths.html} (also {paths.markdown}, and in MLflow under the parent run's report/)")
         return 0
 
     return cli.run_guarded(work, "interrupted; runs so far are kept and marked KILLED")

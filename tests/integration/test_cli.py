@@ -57,6 +57,15 @@ def test_every_method_runs_two_rounds_on_ray_and_mlflow_has_every_metric(tmp_pat
     assert {"summary.md", "summary.json"} <= {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert parents[0].data.params["run.rounds"] == "2"
     assert "git_commit" in parents[0].data.params
+    # bench.run ends with its own invocation's report, on disk and as artifacts of the parent run.
+    pid = parents[0].info.run_id
+    out = tmp_path / "reports" / f"fedeq-bench-{pid[:8]}"
+    assert f"report: {os.path.join('reports', out.name, 'index.html')} " in proc.stdout
+    md = (out / "report.md").read_text()
+    for m in METHODS.names():
+        assert f"| {m} " in md
+    assert {"report/index.html", "report/report.md", "report/figures"} <= {
+        a.path for a in client.list_artifacts(pid, "report")}
 
 
 @pytest.mark.parametrize("args, fragment", [
