@@ -46,7 +46,9 @@ def build(tracking_uri: str, experiment: str, runs=None, out: str | None = None,
         raise BenchError("give --sweep STUDY or --runs PARENT_ID,..., not both")
     if sweep is not None:
         data = collect.collect_sweep(tracking_uri, experiment, sweep)
-        sections = [(g, tables.sweep_tables(g, data.parents), figures.group_figures(g)) for g in data.groups]
+        # Trials log acc/val only (the test-named metrics would be validation figures): plot what they optimized.
+        sections = [(g, tables.sweep_tables(g, data.parents), figures.group_figures(g, accuracy="acc/val"))
+                    for g in data.groups]
     else:
         data = collect.collect(tracking_uri, experiment, runs)
         sections = [(g, tables.group_tables(g, data.parents, target), figures.group_figures(g))

@@ -138,4 +138,4 @@ def test_console_script_dispatches_to_each_command(wheel, tmp_path):
     assert "synthetic" in proc.stdout and proc.stdout.count("\n") >= 3  # a header and a row per client
     proc = run("sweeep")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: unknown command 'sweeep'; choose from data, perf, run, sweep"]
+    assert proc.stderr.strip().splitlines() == ["error: unknown command 'sweeep'; choose from data, perf, report, run, sweep"]

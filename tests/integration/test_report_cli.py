@@ -144,6 +144,9 @@ def test_a_sweep_report_lists_its_trials(tmp_path):
     assert float(best[0]["acc/val"]) == pytest.approx(top, abs=5e-5)
     assert float(best[0]["test acc/mean"]) == pytest.approx(outcome.test_acc, abs=5e-5)
     assert (out / "index.html").exists()
+    # Its accuracy figure draws every trial (trials log acc/val, which is what a sweep report plots).
+    (svg,) = (out / "figures").glob("*acc_vs_round.svg")
+    assert "trial 0" in svg.read_text() and "trial 1" in svg.read_text()
 
     # Logged on the study's parent run, the report is one click away in the MLflow UI.
     report.log_artifacts(report.ReportPaths(str(out), str(out / "index.html"), str(out / "report.md")), client,
