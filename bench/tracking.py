@@ -85,6 +85,32 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def open_client(uri: str):
+    """An `MlflowClient` whose store exists and is migrated when this returns.
+
+    On a SQLite URI the first access creates the schema (alembic migrations). Two processes doing that
+    at once on a new file collide ("table _alembic_tmp_metrics already exists"), so the first access
+    happens under an exclusive lock on `<db>.lock` beside the database; everything that opens a store
+    (bench.run, bench.sweep, bench.report, the tests that watch a running store) comes through here."""
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    path = uri[len("sqlite:///"):].split("?")[0] if uri.startswith("sqlite:///") else ""
+    if not path or path == ":memory:" or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+        return client
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # creates or migrates the schema, once
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str):
         import logging
@@ -95,14 +121,20 @@ class Tracker:
         # Set after importing mlflow, which configures its loggers on import.
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        from mlflow.tracking import MlflowClient
-
         self._mlflow = mlflow
         self.uri = uri
         try:
-            self.client = MlflowClient(tracking_uri=uri)
+            self.client = open_client(uri)
             exp = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            if exp is None:
+                try:
+                    self.experiment_id = self.client.create_experiment(experiment)
+                except Exception:  # another process created it since: use theirs
+                    exp = self.client.get_experiment_by_name(experiment)
+                    if exp is None:
+                        raise
+            if exp is not None:
+                self.experiment_id = exp.experiment_id
         except Exception as e:  # an unreachable server or an unusable store is bad input, not a bug
             raise BenchError(f"cannot use MLflow tracking store {uri!r}: {str(e).splitlines()[0][:200]}") from None
 

@@ -30,7 +30,7 @@ def client_for(tracking_uri: str):
     an empty store (and a typo would leave `mlflow.db` files behind)."""
     import logging
 
-    from mlflow.tracking import MlflowClient
+    from fedeq_bench.bench.tracking import open_client
 
     # As in bench/tracking.py: MLflow and alembic log INFO lines (migrations) on stderr; warnings still show.
     for name in ("mlflow", "alembic"):
@@ -40,7 +40,11 @@ def client_for(tracking_uri: str):
         if path and path != ":memory:" and not os.path.exists(path):
             raise BenchError(f"no MLflow store at {tracking_uri!r} ({path} does not exist); "
                              f"give the --tracking-uri that bench.run recorded to")
-    return MlflowClient(tracking_uri=tracking_uri)
+    try:
+        return open_client(tracking_uri)
+    except Exception as e:  # an unreachable server or an unusable store is bad input, not a bug
+        raise BenchError(f"cannot read MLflow tracking store {tracking_uri!r}: {str(e).splitlines()[0][:200]}") \
+            from None
 
 
 def experiment_id(client, tracking_uri: str, experiment: str) -> str:

@@ -10,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fedeq_bench.bench.engine import EVAL_METRICS, ROUND_METRICS
+from fedeq_bench.bench.tracking import open_client
 from fedeq_bench.methods import METHODS
 from tests.helpers import write_tiny_npz
 
@@ -26,7 +27,7 @@ def bench_run(args, cwd, timeout=300, env=None, **kw):
 
 
 def runs_of(uri, experiment="fedeq-bench"):
-    client = MlflowClient(tracking_uri=uri)
+    client = open_client(uri)  # under the store's schema lock: this test polls a store bench.run is creating
     exp = client.get_experiment_by_name(experiment)
     return client, client.search_runs([exp.experiment_id], max_results=1000)
 
