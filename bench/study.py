@@ -551,7 +551,7 @@ def sweep(cfg, opts: SweepOptions, command: str = "", quiet: bool = True, datase
     (outcomes, path of the tuned preset or None). Raises BenchError on bad input, every run ended."""
     from fedeq_bench.bench import experiment
     from fedeq_bench.bench.backends import make_backend
-    from fedeq_bench.bench.tracking import Tracker
+    from fedeq_bench.bench.tracking import Tracker, check_store
 
     run = cfg.run
     if opts.trials < 1:
@@ -568,6 +568,7 @@ def sweep(cfg, opts: SweepOptions, command: str = "", quiet: bool = True, datase
     if opts.n_jobs > 1 and run.backend != "ray":
         raise BenchError(f"--n-jobs {opts.n_jobs} runs trials at once on Ray actors; give --backend ray "
                          f"(the serial backend runs one trial at a time)")
+    check_store(run.tracking_uri)  # an unreachable or read-only MLflow store: refused before any work
     storage = make_storage(opts.storage)
     real = experiment.load_checked(cfg) if datasets is None else datasets
     views = {s: validation_view(ds) for s, ds in real.items()}

@@ -85,6 +85,65 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+STORE_CONNECT_TIMEOUT_S = 5.0
+"""How long a tracking server may take to accept a connection before the run is refused (MLflow's
+own client retries an unreachable server for minutes, printing nothing)."""
+
+
+def sqlite_path(uri: str) -> str:
+    """The database file of a `sqlite:///` URI ('' for other URIs and in-memory stores)."""
+    path = uri[len("sqlite:///"):].split("?")[0] if uri.startswith("sqlite:///") else ""
+    return "" if path == ":memory:" else path
+
+
+def check_store(uri: str) -> None:
+    """Refuse, in seconds and with one line, a store MLflow would retry for minutes or fail on later:
+    an HTTP server that does not accept connections, a SQLite file in a missing folder, or one that
+    cannot be written (a read-only file or filesystem)."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname or "", port), timeout=STORE_CONNECT_TIMEOUT_S).close()
+        except OSError as e:
+            raise BenchError(f"cannot reach the MLflow tracking server at {uri} ({e.strerror or e}); start it "
+                             f"(mlflow server ...) or give another --tracking-uri") from None
+        return
+    path = sqlite_path(uri)
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise BenchError(f"MLflow store {uri!r}: the folder {folder} does not exist")
+    for target in ([path] if os.path.exists(path) else []) + [folder]:
+        if not os.access(target, os.W_OK):
+            raise BenchError(f"MLflow store {uri!r}: {target} is not writable (a read-only file or filesystem); "
+                             f"give a --tracking-uri this user can write")
+
+
+def check_artifacts(client, experiment) -> None:
+    """The experiment's artifact location, where every run's ledger, clients.csv and report go, must be
+    writable when it is local: checked before anything runs, not after training."""
+    from urllib.parse import urlparse
+
+    loc = experiment.artifact_location or ""
+    parsed = urlparse(loc)
+    if parsed.scheme not in ("", "file"):
+        return  # a server-side or cloud store: the server checks its own
+    folder = parsed.path if parsed.scheme == "file" else loc
+    try:
+        os.makedirs(folder, exist_ok=True)
+        ok = os.access(folder, os.W_OK)
+    except OSError:
+        ok = False
+    if not ok:
+        raise BenchError(f"the artifact location {loc} of MLflow experiment {experiment.name!r} is not writable; "
+                         f"make it writable or use another --experiment")
+
+
 def open_client(uri: str):
     """An `MlflowClient` whose store exists and is migrated when this returns.
 
@@ -96,8 +155,8 @@ def open_client(uri: str):
 
     from mlflow.tracking import MlflowClient
 
-    path = uri[len("sqlite:///"):].split("?")[0] if uri.startswith("sqlite:///") else ""
-    if not path or path == ":memory:" or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+    path = sqlite_path(uri)
+    if not path or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
         return client
@@ -123,6 +182,7 @@ class Tracker:
             logging.getLogger(name).setLevel(logging.WARNING)
         self._mlflow = mlflow
         self.uri = uri
+        check_store(uri)
         try:
             self.client = open_client(uri)
             exp = self.client.get_experiment_by_name(experiment)
@@ -135,8 +195,14 @@ class Tracker:
                         raise
             if exp is not None:
                 self.experiment_id = exp.experiment_id
+            else:
+                exp = self.client.get_experiment(self.experiment_id)
         except Exception as e:  # an unreachable server or an unusable store is bad input, not a bug
             raise BenchError(f"cannot use MLflow tracking store {uri!r}: {str(e).splitlines()[0][:200]}") from None
+        if exp.lifecycle_stage == "deleted":
+            raise BenchError(f"MLflow experiment {experiment!r} in {uri} is deleted; restore it (mlflow experiments "
+                             f"restore --experiment-id {exp.experiment_id}) or give another --experiment")
+        check_artifacts(self.client, exp)
 
     @contextlib.contextmanager
     def run(self, name: str, params: dict[str, str], tags: dict[str, str] | None = None,
