@@ -123,6 +123,25 @@ def _check_client(arrays: dict[str, np.ndarray], k: int, path: str) -> None:
             raise BenchError(f"npz dataset {path!r}: client {k} has no {part} samples; every split needs at least one")
         if y.min() < 0:
             raise BenchError(f"npz dataset {path!r}: {yk} has negative label {int(y.min())}; labels must be >= 0")
+        if x.dtype.kind == "f":
+            _check_finite(x, xk, k, path)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_finite(x: np.ndarray, key: str, k: int, path: str) -> None:
+    """Features the models can train on: finite, and within float32 (they train in float32, where
+    1e300 becomes inf). A NaN or inf feature otherwise trains silently to chance accuracy."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        first = tuple(np.argwhere(bad)[0])
+        raise BenchError(f"npz dataset {path!r}: {key} (client {k}) has {int(bad.sum())} non-finite feature "
+                         f"value(s), the first in sample {first[0]} ({x[first]}); features must be finite")
+    big = float(np.abs(x).max())
+    if big > FLOAT32_MAX:
+        raise BenchError(f"npz dataset {path!r}: {key} (client {k}) has a feature of magnitude {big:.3g}, beyond "
+                         f"float32's {FLOAT32_MAX:.3g}; the models train in float32, so scale the features")
 
 
 def _num_classes(arrays: dict[str, np.ndarray], n: int, path: str) -> int:

@@ -227,3 +227,22 @@ def test_features_must_be_numeric_and_2d(tmp_path):
     arrays["train_x_0"] = np.zeros(20)
     with pytest.raises(BenchError, match=r"train_x_0 has shape \(20,\); expected \(samples, features\.\.\.\)"):
         load(write(tmp_path, arrays))
+
+
+@pytest.mark.parametrize("value, fragment", [
+    (np.nan, r"train_x_1 \(client 1\) has 1 non-finite feature value\(s\), the first in sample 4 \(nan\)"),
+    (-np.inf, r"train_x_1 \(client 1\) has 1 non-finite feature value\(s\), the first in sample 4 \(-inf\)"),
+    (1e300, r"train_x_1 \(client 1\) has a feature of magnitude 1e\+300, beyond float32's 3.4e\+38"),
+])
+def test_features_that_cannot_train_are_refused_with_key_and_client(tmp_path, value, fragment):
+    """A NaN, inf or float32-overflowing feature used to train silently to chance accuracy."""
+    arrays = make_clients()  # float64 features
+    arrays["train_x_1"][4, 2] = value
+    with pytest.raises(BenchError, match=fragment):
+        load(write(tmp_path, arrays))
+
+
+def test_large_but_representable_features_still_load(tmp_path):
+    arrays = make_clients()
+    arrays["test_x_0"][0, 1] = 3e38  # below float32's max: the data is valid (scaling is the user's call)
+    assert load(write(tmp_path, arrays)).num_classes == 6
