@@ -1,0 +1,41 @@
+"""Divergence, for every method: a NaN or inf in what a client sends or in the server's state.
+
+DEQ solvers raise their own `DEQDivergence`; any other method diverging (a huge penalty, a huge step)
+would otherwise train on NaN to the end and finish at chance accuracy. The backends check every local
+update's uplink and reported loss (`Worker`), the engine every aggregated server state; either stops
+the run with one line naming method, round and client (or `server`), and the runs end FAILED.
+A pass of `isfinite` over the parameters is small next to the local update that produced them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def first_nonfinite(tree: Any, prefix: str = "") -> str | None:
+    """The name of the first tensor or number holding NaN or inf in a (nested) dict, list or tuple of
+    tensors and numbers, in key order; None when everything is finite. Integer tensors are finite."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() or tree.is_complex():
+            return None if bool(torch.isfinite(tree).all()) else prefix or "value"
+        return None
+    if isinstance(tree, float):
+        return None if math.isfinite(tree) else prefix or "value"
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return None
+    for k, v in items:
+        bad = first_nonfinite(v, f"{prefix}.{k}" if prefix else str(k))
+        if bad is not None:
+            return bad
+    return None
+
+
+def describe(where: str, name: str) -> str:
+    """The message after 'method: round r, client c: '."""
+    return f"diverged: non-finite {where} ({name}); lower the learning rate or the penalty"
