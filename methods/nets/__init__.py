@@ -19,6 +19,29 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     return MODELS.get(name)(tuple(input_shape), int(num_classes))
 
 
+def probe(name: str, input_shape: tuple[int, ...], num_classes: int, x: torch.Tensor) -> None:
+    """Build model `name` and run a real batch `x` (a client's first samples, as training will see
+    them) through it, in a fork of torch's global generator: a model that cannot take this data (a
+    transformer fed float features, a shape the layers do not fit) fails here with one BenchError
+    line, before anything is recorded, instead of in round 1. The output must end in num_classes."""
+    from fedeq_bench.core import seeding
+
+    with seeding.GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+        net = build_model(name, input_shape, num_classes)
+        net.eval()
+        try:
+            with torch.no_grad():
+                out = net(x)
+        except Exception as e:  # any library error here means: this model does not fit this data
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise BenchError(f"model {name!r} cannot take this dataset's samples (shape {tuple(x.shape[1:])}, "
+                             f"dtype {x.dtype}): {type(e).__name__}: {first}") from None
+    if not isinstance(out, torch.Tensor) or out.ndim < 2 or out.shape[0] != x.shape[0] or out.shape[-1] != num_classes:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise BenchError(f"model {name!r} gives output {shape} for {x.shape[0]} samples; "
+                         f"expected (samples, ..., {num_classes}) for this dataset's {num_classes} classes")
+
+
 class BodyHead(nn.Module):
     """`head(body(x))`: the split every personalized method relies on."""
 

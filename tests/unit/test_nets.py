@@ -282,3 +282,26 @@ def test_reference_form_has_the_same_state_and_other_arithmetic(deq, name):
     x = batch(shape, 10)
     with torch.no_grad():
         assert not torch.allclose(std.eval().body.stem(x), ref.eval().body.stem(x))
+
+
+def test_probe_runs_a_real_batch_and_refuses_a_model_that_cannot_take_it(monkeypatch):
+    """`probe` is the pre-flight check of bench/experiment.py: transformer8 on float features used to
+    pass the build-only check and die in round 1 with an IndexError."""
+    from fedeq_bench.core.errors import BenchError
+    from fedeq_bench.methods import nets
+
+    feats = torch.randn(2, 60)
+    tokens = torch.randint(0, 80, (2, 80))
+    before = torch.random.get_rng_state()
+    nets.probe("mlp", (60,), 10, feats)
+    nets.probe("transformer8", (80,), 80, tokens)  # Shakespeare-shaped: token ids, 80 classes
+    assert torch.equal(torch.random.get_rng_state(), before)  # built in a fork: nothing drawn
+    with pytest.raises(BenchError, match=r"model 'transformer8' cannot take this dataset's samples \(shape \(60,\), "
+                                         r"dtype torch.float32\): IndexError"):
+        nets.probe("transformer8", (60,), 10, feats)
+    # A model whose output does not end in the dataset's classes (its head ignores num_classes).
+    real = nets.build_model
+    monkeypatch.setattr(nets, "build_model", lambda name, shape, k: real(name, shape, 10))
+    with pytest.raises(BenchError, match=r"model 'mlp' gives output \(2, 10\) for 2 samples; expected \(samples, "
+                                         r"\.\.\., 7\)"):
+        nets.probe("mlp", (60,), 7, feats)
