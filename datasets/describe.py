@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedeq_bench.core.errors import BenchError
 from fedeq_bench.datasets.base import FederatedDataset
 
 
@@ -62,6 +63,18 @@ def describe(ds: FederatedDataset) -> str:
     return "\n".join(lines)
 
 
+def check_output_path(path: str | Path) -> None:
+    """A file the user asked for must go into a folder that exists (a typo must not create a tree of
+    folders) and must not be a folder itself; one BenchError line otherwise."""
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise BenchError(f"cannot save the plot to {str(path)!r}: the folder {str(folder)!r} {what}")
+    if p.is_dir():
+        raise BenchError(f"cannot save the plot to {str(path)!r}: it is a folder; give a file name such as labels.png")
+
+
 def plot_label_distribution(ds: FederatedDataset, path: str | Path) -> Path:
     """Save a clients x classes heat map of train+val label counts to `path` (format from its suffix)."""
     import matplotlib
@@ -71,6 +84,7 @@ def plot_label_distribution(ds: FederatedDataset, path: str | Path) -> Path:
 
     from fedeq_bench.datasets.cache import atomic_write
 
+    check_output_path(path)
     counts = label_counts(ds, "all")
     n_clients, n_classes = counts.shape
     fig, ax = plt.subplots(figsize=(min(3 + 0.25 * n_classes, 30), min(2 + 0.18 * n_clients, 40)))

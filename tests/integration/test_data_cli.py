@@ -111,6 +111,18 @@ def test_plot_in_an_unknown_format_is_one_line_exit_2(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["cache", "fm"]  # no half-written plot, no temp file
 
 
+@pytest.mark.parametrize("plot, line", [
+    ("nope/labels.png", "error: cannot save the plot to 'nope/labels.png': the folder 'nope' does not exist"),
+    ("fm", "error: cannot save the plot to 'fm': it is a folder; give a file name such as labels.png"),
+])
+def test_plot_into_a_missing_folder_or_onto_a_folder_is_one_line_and_creates_nothing(tmp_path, plot, line):
+    write_idx_set(tmp_path / "fm")
+    proc = describe(["--dataset", "fmnist", "--data-dir", str(tmp_path / "fm"), "--clients", "3", "--plot", plot],
+                    tmp_path)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [line]
+    assert not (tmp_path / "nope").exists()
+
+
 def test_help_has_the_dataset_flags_only(tmp_path):
     """describe's flags are generated from RunConfig too, but only the fields that shape a dataset."""
     from fedeq_bench.bench.config import RunConfig, field_docs
