@@ -64,6 +64,9 @@ class RunConfig:
     """Directory searched first for file-based datasets."""
     eval_every: int = 1
     """Evaluate every N rounds (the last round is always evaluated); raising it saves time."""
+    checkpoint_every: int = 10
+    """Write a resumable checkpoint into each child run's artifacts every N rounds and after the last
+    (`--resume PARENT_RUN_ID` continues from it); 0: none. Raising it saves I/O, redoes more rounds."""
     memory_every_round: bool = False
     """Meter every local update's memory, not only each client's first (slower; for methods whose
     footprint changes between rounds)."""

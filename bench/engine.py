@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from fedeq_bench.bench import wire
+from fedeq_bench.bench import checkpoint, wire
 from fedeq_bench.bench.backends import Job, Kind, Result
 from fedeq_bench.bench.config import Config, resolve_method
 from fedeq_bench.core import seeding
@@ -189,8 +189,15 @@ def run_method(
     dataset: FederatedDataset,
     backend,
     on_round: Callable[[int, dict[str, float]], None] | None = None,
+    resume=None,
+    on_checkpoint: Callable[[checkpoint.LoopState], None] | None = None,
 ) -> MethodResult:
-    """Train and evaluate one method at one seed; `on_round(rnd, metrics)` after every round."""
+    """Train and evaluate one method at one seed; `on_round(rnd, metrics)` after every round.
+
+    `on_checkpoint(loop_state)`: after `on_round`, every `--checkpoint-every` rounds and after the
+    last (bench/checkpoint.py writes it). `resume`: a `checkpoint.Checkpoint` to continue from, with
+    the numbers an uninterrupted run has: the rounds after it are run, the ones up to it are not.
+    """
     run = config.run
     mcfg = resolve_method(config, method, dataset.default_models)
     model_name = mcfg.model
@@ -216,9 +223,15 @@ def run_method(
     # on the round: meter each client's first update (every one with run.memory_every_round).
     peak_of: dict[int, int] = {}
     trained: set[int] = set()  # training clients in some cohort so far
+    start, wall_before = 1, 0.0
+    ident = checkpoint.identity(method, seed, run.rounds, dataset.fingerprint)
+    if resume is not None:  # everything the loop carries between rounds (bench/checkpoint.py)
+        loop = resume.restore(store, result, train_ids, **ident)
+        server, cumulative, peak_of, trained = loop.server, loop.cumulative, loop.peak_of, loop.trained
+        start, wall_before = loop.round + 1, loop.wall_s
     t_start = time.perf_counter()
 
-    for rnd in range(1, run.rounds + 1):
+    for rnd in range(start, run.rounds + 1):
         t0 = time.perf_counter()
         cohort = schedule[rnd - 1]
         trained.update(cohort)
@@ -270,7 +283,11 @@ def run_method(
         result.history.append(metrics)
         if on_round is not None:
             on_round(rnd, metrics)
-    result.wall_s = time.perf_counter() - t_start
+        if on_checkpoint is not None and checkpoint.due(rnd, run.rounds, run.checkpoint_every):
+            on_checkpoint(checkpoint.LoopState(
+                rnd, server, store, cumulative, peak_of, trained, result.history, result.ledger,
+                getattr(result, "clients", None), wall_before + time.perf_counter() - t_start, ident))
+    result.wall_s = wall_before + time.perf_counter() - t_start
     return result
 
 

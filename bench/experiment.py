@@ -10,6 +10,7 @@ function here; a sweep or a test calls the same functions, so there is one way t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from typing import Callable, NamedTuple
@@ -52,6 +53,7 @@ def validate(cfg):
         (run.batch_size >= 1, f"batch_size must be >= 1, got {run.batch_size}"),
         (run.lr > 0, f"lr must be > 0, got {run.lr}"),
         (run.eval_every >= 1, f"eval_every must be >= 1, got {run.eval_every}"),
+        (run.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: no checkpoints), got {run.checkpoint_every}"),
         (len(run.seeds) >= 1, "seeds is empty; give e.g. --seeds 0,1,2"),
         (run.workers is None or run.workers >= 1, f"workers must be >= 1, got {run.workers}"),
         (run.cpus_per_client >= 0 and run.gpus_per_client >= 0, "cpus/gpus per client must be >= 0"),
@@ -194,12 +196,22 @@ def format_table(rows) -> str:
 
 
 def run_one(cfg, tracker, parent: str | None, backend, method: str, seed: int, dataset, quiet: bool = True,
-            on_round: Callable[[int, dict[str, float]], None] | None = None):
+            on_round: Callable[[int, dict[str, float]], None] | None = None, checkpoints: bool = False,
+            resume: str | None = None):
     """One method x seed in its own MLflow child run of `parent`, logged round by round.
 
     The run ends FINISHED, FAILED, KILLED (Ctrl-C, SIGTERM) or pruned (`on_round` raising
     `tracking.Pruned`, as a sweep's pruner will): `Tracker.run` says how. Returns the MethodResult.
+
+    `checkpoints`: write bench/checkpoint.py's checkpoint among the child run's artifacts every
+    `checkpoint_every` rounds and after the last (bench.run's comparisons do; a sweep's trials do
+    not: a study resumes trial by trial). `resume`: the child run of this method x seed that an
+    interrupted invocation left; it is reopened and continued from its checkpoint (from round 1 if it
+    has none). Rounds redone after the checkpoint log only the metrics MLflow does not have yet: the
+    values it has are the ones an uninterrupted run logs (the same numbers, as deterministic), except
+    time/* and mem/peak_rss_bytes, whose first value stays. So every metric has one value per round.
     """
+    from fedeq_bench.bench import checkpoint
     from fedeq_bench.bench import config as C
     from fedeq_bench.bench.engine import run_method
 
@@ -210,17 +222,24 @@ def run_one(cfg, tracker, parent: str | None, backend, method: str, seed: int, d
         "dataset_fingerprint": dataset.fingerprint, "partition": dataset.partition,
         "backend": backend.name, "workers": str(backend.workers),
     })
-    with tracker.run(f"{method} seed={seed}", params, tags={"method": method, "seed": str(seed)},
-                     parent=parent) as child:
+    opened = (reopened(tracker, resume) if resume else
+              tracker.run(f"{method} seed={seed}", params, tags={"method": method, "seed": str(seed)}, parent=parent))
+    with opened as child:
+        ckpts = checkpoint.RunCheckpoints(tracker.client, child) if checkpoints or resume else None
+        start = ckpts.load() if resume else None
+        have = logged_steps(tracker.client, child) if resume else {}
         bar = None
         if not quiet:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.run.rounds, desc=f"{method:>8} seed {seed}", unit="round", file=sys.stderr,
-                       leave=True, dynamic_ncols=True)
+            bar = tqdm(total=cfg.run.rounds, initial=start.round if start else 0, desc=f"{method:>8} seed {seed}",
+                       unit="round", file=sys.stderr, leave=True, dynamic_ncols=True)
 
         def logged(rnd, metrics):
-            tracker.log_metrics(child, rnd, metrics)
+            new = {k: v for k, v in metrics.items() if rnd not in have.get(k, ())}
+            if new:
+                tracker.log_metrics(child, rnd, new)
+            _kill_for_tests(method, seed, rnd)
             if bar is not None:
                 post = {"MB": f"{metrics['bytes/cumulative'] / 1e6:.2f}"}
                 if "acc/mean" in metrics:
@@ -231,7 +250,8 @@ def run_one(cfg, tracker, parent: str | None, backend, method: str, seed: int, d
                 on_round(rnd, metrics)
 
         try:
-            result = run_method(cfg, method, seed, dataset, backend, logged)
+            result = run_method(cfg, method, seed, dataset, backend, logged, resume=start,
+                                on_checkpoint=ckpts.save if checkpoints else None)
         finally:
             if bar is not None:
                 bar.close()
@@ -254,7 +274,7 @@ def clients_csv(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare(cfg, command: str = "", quiet: bool = False) -> tuple[list[dict], str]:
+def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = None) -> tuple[list[dict], str]:
     """What `python -m bench.run` does: every method x seed of a validated config, recorded in MLflow.
 
     Order matters for what a failure leaves behind: all data is loaded and every model checked, then
@@ -262,6 +282,12 @@ def compare(cfg, command: str = "", quiet: bool = False) -> tuple[list[dict], st
     run (params: the resolved config, git commit, `command`) holds a child run per method x seed and
     the summary (summary.md, summary.json). Returns (summary rows, parent run id). Raises BenchError on
     bad input and KeyboardInterrupt on Ctrl-C, with every run it started ended (FAILED or KILLED).
+
+    `resume`: the parent run id of an interrupted invocation, with `cfg` its `recorded_config`: the
+    same parent run and child runs are reopened (RUNNING again); a method x seed whose child run
+    FINISHED is taken from its final checkpoint, one KILLED, FAILED or left RUNNING (kill -9)
+    continues from its last checkpoint, one never started starts; the summary is as an uninterrupted
+    invocation writes it.
     """
     from fedeq_bench.bench import config as C
     from fedeq_bench.bench.backends import make_backend
@@ -273,17 +299,33 @@ def compare(cfg, command: str = "", quiet: bool = False) -> tuple[list[dict], st
     closed = False
     try:
         tracker = Tracker(run.tracking_uri, run.experiment)
-        params = C.flatten(cfg, list(run.methods), run.dataset.split(":")[0])
-        params.update({"git_commit": git_commit(), "command": command, **package_versions()})
-        name = run.run_name or f"{'+'.join(run.methods)} on {run.dataset}"
-        with tracker.run(name, params, tags={"kind": "comparison"}) as parent:
-            results = [run_one(cfg, tracker, parent, backend, method, seed, datasets[seed], quiet)
-                       for seed in run.seeds for method in run.methods]
+        plan: dict = {}
+        if resume is None:
+            params = C.flatten(cfg, list(run.methods), run.dataset.split(":")[0])
+            params.update({"git_commit": git_commit(), "command": command, **package_versions()})
+            name = run.run_name or f"{'+'.join(run.methods)} on {run.dataset}"
+            opened = tracker.run(name, params, tags={"kind": "comparison", **process_tags()})
+        else:
+            plan = resume_plan(tracker.client, resume, cfg)
+            opened = reopened(tracker, resume, {**process_tags(), "resumed_by": command})
+        with opened as parent:
+            if not quiet:
+                print(f"parent run {parent} (if interrupted: {PROG_HINT} --resume {parent})", file=sys.stderr)
+
+            def one(method, seed):  # resuming: a finished pair's result, or the child run to continue
+                done = plan.get((method, seed))
+                if done is not None and not isinstance(done, str):
+                    return done
+                return run_one(cfg, tracker, parent, backend, method, seed, datasets[seed], quiet,
+                               checkpoints=run.checkpoint_every > 0, resume=done)
+
+            results = [one(method, seed) for seed in run.seeds for method in run.methods]
             closed = True
             backend.close()  # free Ray's workers before the (quick) summary
             rows = summarize(results)
             tracker.log_text(parent, format_table(rows) + "\n", "summary.md")
             tracker.log_json(parent, rows, "summary.json")
+        drop_checkpoints(tracker.client, parent)
     finally:
         if not closed:
             backend.close()
@@ -313,3 +355,199 @@ def recorded_line(cfg, parent: str) -> str:
     run = cfg.run
     return (f"recorded in {run.tracking_uri} (experiment {run.experiment!r}, parent run {parent}); "
             f"browse with: mlflow ui --backend-store-uri {run.tracking_uri}")
+
+
+# -- resuming an interrupted invocation (python -m bench.run --resume PARENT_RUN_ID) ---------------
+
+PROG_HINT = "python -m bench.run"
+
+RESUME_KEYS = ("tracking_uri", "backend", "workers", "address", "state_budget_gb", "checkpoint_every")
+"""Run keys `--resume` accepts: where and how the work runs, never what it computes (Serial and Ray
+runs are bit-identical, any worker count and state budget give the same numbers). Every other key
+comes from the parent run's params; giving one would make the result differ from the run resumed."""
+
+TEST_KILL_ENV = "FEDEQ_BENCH_TEST_KILL_AFTER"
+"""TEST ONLY (tests/integration/test_resume.py). `METHOD:SEED:ROUND` makes the process SIGKILL itself
+right after that round of that method x seed is logged: a `kill -9` at a known point, which the test
+cannot time from outside. Unset (always, outside that test) it does nothing."""
+
+
+def _kill_for_tests(method: str, seed: int, rnd: int) -> None:
+    """See TEST_KILL_ENV: test-only, a no-op unless that variable names this very round."""
+    import os
+
+    if os.environ.get(TEST_KILL_ENV) == f"{method}:{seed}:{rnd}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def process_tags() -> dict[str, str]:
+    """Host and process id on the parent run, so a resume can refuse a run whose process still lives."""
+    import os
+    import socket
+
+    return {"bench.host": socket.gethostname(), "bench.pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    """A bench process `pid` on this host (a reused pid of another program does not count)."""
+    import os
+
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"bench" in f.read()
+    except OSError:
+        return True
+
+
+@contextlib.contextmanager
+def reopened(tracker, run_id: str, tags: dict[str, str] | None = None):
+    """`Tracker.run`'s lifecycle for a run that exists: RUNNING again (MLflow lets a run's status be
+    updated), `tags` set, and ended as `Tracker.run` ends a run (FINISHED, FAILED or KILLED)."""
+    from fedeq_bench.bench.tracking import status_for
+
+    tracker.client.update_run(run_id, status="RUNNING")
+    try:
+        for k, v in (tags or {}).items():
+            tracker.client.set_tag(run_id, k, str(v)[:5000])
+        yield run_id
+    except BaseException as e:
+        tracker.end_quietly(run_id, status_for(e))
+        raise
+    tracker.end(run_id, "FINISHED")
+
+
+def logged_steps(client, run_id: str) -> dict[str, set[int]]:
+    """`{metric: {steps}}` the run has in MLflow."""
+    run = client.get_run(run_id)
+    return {k: {m.step for m in client.get_metric_history(run_id, k)} for k in run.data.metrics}
+
+
+def _parent_run(client, tracking_uri: str, parent_id: str):
+    """The comparison parent run `parent_id`, or one line saying why it cannot be resumed."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        parent = client.get_run(parent_id)
+    except MlflowException:
+        raise BenchError(f"--resume: no run {parent_id!r} in tracking store {tracking_uri!r} (give the parent "
+                         "run id bench.run printed, and --tracking-uri if its runs went elsewhere)") from None
+    except Exception as e:  # an unreachable server, an unusable store
+        raise BenchError(f"cannot use MLflow tracking store {tracking_uri!r}: {str(e).splitlines()[0][:200]}") from None
+    tags = parent.data.tags
+    if tags.get("kind") != "comparison" or "mlflow.parentRunId" in tags:
+        what = "a child run (one method x seed)" if "mlflow.parentRunId" in tags else f"a {tags.get('kind', 'non-bench')} run"
+        raise BenchError(f"--resume: run {parent_id} is {what}, not a bench.run comparison; give the parent run id "
+                         "bench.run printed")
+    if parent.info.status == "FINISHED":
+        raise BenchError(f"nothing to resume: run {parent_id} is FINISHED")
+    pid = tags.get("bench.pid", "")
+    if (parent.info.status == "RUNNING" and pid.isdigit() and tags.get("bench.host") == process_tags()["bench.host"]
+            and _alive(int(pid))):
+        raise BenchError(f"run {parent_id} is still RUNNING in process {pid} on this host; stop it first "
+                         "(Ctrl-C ends it KILLED) or let it finish")
+    return parent
+
+
+def recorded_config(tracking_uri: str, parent_id: str, overrides: dict | None = None):
+    """The config an interrupted invocation ran with, read back from its parent run's params (the
+    resolved config `compare` recorded), with `overrides` of `RESUME_KEYS` only. Validated.
+
+    Its experiment is the parent run's, its store `tracking_uri` (where the run was found). Raises
+    BenchError (one line) for an unknown run, a run that is not a comparison parent, a finished one,
+    one whose process still runs, or an override that would change the results.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from fedeq_bench.bench import config as C
+
+    overrides = dict(overrides or {})
+    bad = sorted(set(overrides) - set(RESUME_KEYS))
+    if bad:
+        raise BenchError(f"--resume continues run {parent_id} with the config recorded on it; "
+                         f"{', '.join('--' + k.replace('_', '-') for k in bad)} would change its results "
+                         f"(with --resume give only {', '.join('--' + k.replace('_', '-') for k in RESUME_KEYS)})")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    parent = _parent_run(client, tracking_uri, parent_id)
+    cfg = C.default_config()
+    sections = {"run", *cfg.methods, *cfg.datasets}
+    recorded = {k: v for k, v in parent.data.params.items() if k.rpartition(".")[0] in sections}
+    try:
+        cfg = C.apply(cfg, recorded)
+    except BenchError as e:
+        raise BenchError(f"run {parent_id} was recorded with a config this version cannot read back: {e}") from None
+    from fedeq_bench.bench.tracking import git_commit
+
+    then, now = parent.data.params.get("git_commit", "unknown"), git_commit()
+    if then != now:  # a warning, not a refusal: a checkout with local edits is the everyday case
+        print(f"warning: run {parent_id} was recorded at commit {then}, this checkout is {now}; if the code "
+              "that computes results changed, the resumed rounds differ from an uninterrupted run", file=sys.stderr)
+    experiment = client.get_experiment(parent.info.experiment_id).name
+    cfg = C.apply(cfg, {**overrides, "tracking_uri": tracking_uri, "experiment": experiment})
+    return validate(cfg)
+
+
+def resume_plan(client, parent_id: str, cfg) -> dict:
+    """What an interrupted invocation left, per (method, seed) of `cfg`: the MethodResult of a child
+    run that FINISHED (from its final checkpoint), or the id of a child run to continue. A pair with
+    no child run is absent (it starts afresh). Checked whole before anything is reopened."""
+    from fedeq_bench.bench import checkpoint
+
+    parent = client.get_run(parent_id)
+    wanted = {(m, s) for m in cfg.run.methods for s in cfg.run.seeds}
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                                  max_results=50000)
+    found = {}
+    for c in sorted(children, key=lambda r: r.info.start_time):  # a pair run twice: the newest
+        seed = c.data.params.get("seed", "")
+        key = (c.data.params.get("method"), int(seed) if seed.lstrip("-").isdigit() else None)
+        if key in wanted:
+            found[key] = c
+    plan: dict = {}
+    for (method, seed), c in found.items():
+        ck = checkpoint.RunCheckpoints(client, c.info.run_id).load()  # a damaged one fails here, before any change
+        if c.info.status != "FINISHED":
+            plan[method, seed] = c.info.run_id
+            continue
+        if ck is None or ck.round != cfg.run.rounds:
+            raise BenchError(f"child run {c.info.run_id} ({method} seed={seed}) is FINISHED but has no final checkpoint "
+                             f"({checkpoint.ARTIFACT_PATH}; recorded with --checkpoint-every 0?), so its summary "
+                             "row cannot be rebuilt")
+        plan[method, seed] = finished_result(c, ck)
+    return plan
+
+
+def drop_checkpoints(client, parent_id: str) -> None:
+    """Remove the checkpoints of a FINISHED invocation's child runs: nothing can resume it any more,
+    and each holds every client state (the rest of the child's artifacts and metrics stay)."""
+    from fedeq_bench.bench import checkpoint
+
+    parent = client.get_run(parent_id)
+    for c in client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                                max_results=50000):
+        try:
+            checkpoint.RunCheckpoints(client, c.info.run_id).remove()
+        except OSError as e:  # the results are recorded; a file left behind is only disk space
+            print(f"warning: could not remove the checkpoint of run {c.info.run_id}: {e}", file=sys.stderr)
+
+
+def finished_result(child, ck):
+    """The MethodResult of a FINISHED child run, from its final checkpoint and its params."""
+    from fedeq_bench.bench.engine import MethodResult
+
+    p = child.data.params
+    ck.check(method=p["method"], seed=int(p["seed"]), dataset_fingerprint=p.get("dataset_fingerprint"))
+    result = MethodResult(p["method"], int(p["seed"]), p.get("model", "?"), history=ck.history(), ledger=ck.ledger(),
+                          wall_s=float(ck.meta["wall_s"]), params_shared=int(p.get("params/shared", 0)),
+                          params_personal=int(p.get("params/personal", 0)))
+    result.clients = ck.meta["clients"]
+    return result

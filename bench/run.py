@@ -2,10 +2,15 @@
 
     python -m bench.run --methods fedeq,fedrep
     python -m bench.run --methods all --dataset npz:my_split.npz --seeds 0,1,2 --set fedrep.head_epochs=5
+    python -m bench.run --resume PARENT_RUN_ID     # continue an interrupted invocation
 
 Every flag is a run key of bench/config.py's RunConfig (its help is the field's docstring); --set
 reaches any run, method or dataset key. Precedence: defaults < environment (MLFLOW_TRACKING_URI,
 MLFLOW_EXPERIMENT_NAME) < --config FILE < flags < --set. The work is bench/experiment.py's `compare`.
+
+--resume takes the config recorded on the parent run (its params), so it combines only with flags
+that do not change results (experiment.RESUME_KEYS: --tracking-uri to find the run, --backend,
+--workers, --address, --state-budget-gb, --checkpoint-every) and --quiet, --report-dir, --no-report.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import shlex
 import sys
 
 from fedeq_bench.bench import cli
+from fedeq_bench.core.errors import BenchError
 
 PROG = "python -m bench.run"
 
@@ -29,6 +35,10 @@ def build_parser() -> tuple[cli.Parser, list[str]]:
     p.add_argument("--report-dir", default="reports",
                    help="where the comparison report goes: DIR/<experiment>-<parent run id>/ (default: reports)")
     p.add_argument("--no-report", dest="report", action="store_false", help="do not build the report")
+    p.add_argument("--resume", metavar="PARENT_RUN_ID", default=None,
+                   help="continue an interrupted invocation (its parent run id): the same MLflow runs, the config "
+                        "recorded on it, finished method x seed pairs kept, the others continued from their last "
+                        "checkpoint (--checkpoint-every)")
     return p, keys
 
 
@@ -42,14 +52,32 @@ def resolve_config(argv: list[str] | None = None):
     return validate(C.from_cli(args.config, cli.config_flags(args, keys), args.set)), args
 
 
+def resume_config(argv: list[str]):
+    """`--resume PARENT`: the config recorded on that parent run, with the few flags allowed beside it
+    (raises BenchError, one line, for anything else or a run that cannot be resumed)."""
+    from fedeq_bench.bench import config as C
+    from fedeq_bench.bench.experiment import recorded_config
+
+    parser, keys = build_parser()
+    args = parser.parse_args(argv)
+    typed = {k: v for k, v in cli.config_flags(args, keys).items() if v is not None}
+    if args.config or args.set:
+        raise BenchError(f"--resume continues run {args.resume} with the config recorded on it; "
+                         f"{'--config' if args.config else '--set'} would change its results")
+    uri = typed.pop("tracking_uri", None) or C.default_config().run.tracking_uri
+    return recorded_config(uri, args.resume, typed), args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
 
     def work() -> int:
-        cfg, args = resolve_config(argv)
+        resuming = build_parser()[0].parse_args(argv).resume is not None
+        cfg, args = resume_config(argv) if resuming else resolve_config(argv)
         from fedeq_bench.bench import experiment
 
-        rows, parent = experiment.compare(cfg, command=shlex.join([*PROG.split(), *argv]), quiet=args.quiet)
+        rows, parent = experiment.compare(cfg, command=shlex.join([*PROG.split(), *argv]), quiet=args.quiet,
+                                          resume=args.resume)
         print(experiment.format_table(rows))
         print("\n" + experiment.recorded_line(cfg, parent))
         if args.report:
