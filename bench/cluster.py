@@ -1,15 +1,21 @@
 """Connecting to a Ray cluster and sizing the actor pool on it.
 
-`connect` starts a local Ray (sized to this machine) or joins the cluster at `--address`, failing
-fast with one line when nobody listens there. `actor_capacity` and `pool_size` are pure arithmetic
-over the nodes' resources, so the errors a user sees for a resource request that cannot be met are
-unit-tested without starting Ray. RayBackend (bench/backends.py) calls them in that order.
+`connect` starts a local Ray (sized to this machine), attaches to one already running here (`ray start
+--head`, or $RAY_ADDRESS), or joins the cluster at `--address` (`auto`, `HOST:PORT`, `ray://HOST:PORT`),
+failing fast with one line when nobody listens there. `start` does the same in a background thread,
+so Ray's processes come up while the caller loads data and imports MLflow; the next `connect` for
+that address waits for it (RayBackend calls `connect` and does not need to know).
+`actor_capacity` and `pool_size` are pure arithmetic over the nodes' resources, so the errors a user
+sees for a resource request that cannot be met are unit-tested without starting Ray. RayBackend
+(bench/backends.py) calls them in that order.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+import sys
+import threading
 from typing import Iterable, Mapping
 
 from fedeq_bench.core.errors import BenchError
@@ -23,49 +29,176 @@ RESOURCE_UNITS = 10_000
 # stderr keeps only real problems.
 TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
+# ray.init outside the main thread warns that it did not install its SIGTERM handler. That handler
+# (sys.exit) would replace bench/cli.py's (SIGTERM as Ctrl-C, runs marked KILLED), so not installing
+# it is what we want; drop that one warning.
+SIGTERM_WARNING = "SIGTERM handler is not set"
+
+ADDRESS_FILE = "ray_current_cluster"
+"""Where `ray start --head` records its address, in Ray's temp dir ($RAY_TMPDIR, else /tmp, + /ray);
+`ray stop` removes it. ray.init() reads the same file."""
+
+
+def client_target(address: str) -> str | None:
+    """`host:port` of a `ray://host:port` Ray Client address (port 10001 if left out); None otherwise."""
+    if not address.startswith("ray://"):
+        return None
+    hostport = address[len("ray://"):].split("/", 1)[0]
+    return hostport if ":" in hostport else f"{hostport}:10001"
+
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast on a `host:port` nobody listens on (Ray itself retries for minutes).
+    """Fail fast on a `host:port` (or `ray://host:port`) nobody listens on (Ray itself retries for minutes).
 
-    `auto`, `local` and `ray://` client addresses are Ray's to resolve and are not checked here.
+    `auto` and `local` are Ray's to resolve and are not checked here.
     """
     import socket
 
-    if address in ("auto", "local") or "://" in address or ":" not in address:
+    target = client_target(address) or address
+    if target in ("auto", "local") or "://" in target or ":" not in target:
         return
-    host, _, port = address.rpartition(":")
+    host, _, port = target.rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
             return
     except (OSError, ValueError) as e:
-        raise BenchError(
-            f"cannot reach a Ray cluster at {address!r} ({e}); start one with `ray up ray_cluster.yaml` "
-            "(then --address auto on its head node) or omit --address to start a local Ray"
-        ) from None
+        hint = ("start the head with `ray start --head` (its Ray Client server listens on 10001)"
+                if target is not address else
+                "start one with `ray up ray_cluster.yaml` (then --address auto on its head node)")
+        raise BenchError(f"cannot reach a Ray cluster at {address!r} ({e}); {hint} "
+                         "or omit --address to start a local Ray") from None
 
 
-def connect(address: str | None) -> bool:
-    """Join the Ray cluster at `address`, or start a local Ray with this machine's CPUs when None.
+def _listening(target: str, timeout: float = 0.5) -> bool:
+    try:
+        check_reachable(target, timeout)
+        return True
+    except BenchError:
+        return False
 
-    Returns whether this call started Ray (the caller then shuts it down); False when Ray was
-    already initialized in this process, whoever did it.
+
+def running_instance(env: Mapping[str, str] | None = None, temp_dir: str | None = None) -> tuple[str, str] | None:
+    """The Ray instance a run without --address attaches to, as (address, why), or None: start one.
+
+    $RAY_ADDRESS first (`ray job submit` sets it for its entrypoint; a user may too), then the
+    address `ray start --head` recorded on this machine, if its GCS still answers: a file left by
+    an instance that died is ignored rather than waited on. This is the order ray.init() itself uses.
     """
+    env = os.environ if env is None else env
+    if env.get("RAY_ADDRESS"):
+        return env["RAY_ADDRESS"], "$RAY_ADDRESS"
+    if temp_dir is None:
+        base = env.get("RAY_TMPDIR") or env.get("TMPDIR") or "/tmp"
+        temp_dir = os.path.join(base, "ray")
+    try:
+        with open(os.path.join(temp_dir, ADDRESS_FILE)) as f:
+            address = f.read().strip()
+    except OSError:
+        return None
+    if address and _listening(address):
+        return address, "started by `ray start --head`; `ray stop` ends it"
+    return None
+
+
+def _quiet_ray_loggers() -> None:
+    logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
+    worker_log = logging.getLogger("ray._private.worker")
+    if not any(isinstance(f, _DropSigtermWarning) for f in worker_log.filters):
+        worker_log.addFilter(_DropSigtermWarning())
+
+
+class _DropSigtermWarning(logging.Filter):
+    def filter(self, record):
+        return not str(record.msg).startswith(SIGTERM_WARNING)
+
+
+def _connect(address: str | None) -> bool:
     import ray
 
-    logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
+    _quiet_ray_loggers()
     if ray.is_initialized():
         return False
     kw: dict = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+    if not address:
+        found = running_instance()
+        if found:
+            address, why = found
+            sys.stderr.write(f"ray: attaching to the running Ray instance at {address} ({why})\n")
     if address:
         check_reachable(address)
         kw["address"] = address
     else:
-        kw["num_cpus"] = os.cpu_count()
+        # "local": a new instance even if Ray's address file names one (checked above: not answering).
+        kw.update(address="local", num_cpus=os.cpu_count())
     try:
         ray.init(**kw, runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
     except ConnectionError as e:
         raise BenchError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
     return True
+
+
+class Connecting:
+    """`connect(address)` running in a thread; `wait()` returns its result or raises its error."""
+
+    def __init__(self, address: str | None):
+        self.address = address
+        self._started: bool | None = None
+        self._error: BaseException | None = None
+        # Not a daemon: an interpreter that exits mid-start waits for it, then Ray's atexit hook stops it.
+        self._thread = threading.Thread(target=self._run, name="ray-connect")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._started = _connect(self.address)
+        except BaseException as e:  # handed to whoever waits
+            self._error = e
+
+    def wait(self) -> bool:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return bool(self._started)
+
+    def cancel(self) -> None:
+        """The caller gave up before using Ray (bad data, say): undo a start that is still ours."""
+        with _lock:
+            if _pending.get(self.address) is not self:
+                return  # `connect` took it: the backend owns the connection now
+            del _pending[self.address]
+        self._thread.join()
+        if self._started:
+            import ray
+
+            ray.shutdown()
+
+
+_lock = threading.Lock()
+_pending: dict[str | None, Connecting] = {}
+
+
+def start(address: str | None) -> Connecting:
+    """Begin `connect(address)` in the background and return its handle; `connect(address)` waits
+    for it. Nothing is recorded and no error is raised here: a bad address fails in `connect`."""
+    with _lock:
+        if address not in _pending:
+            _pending[address] = Connecting(address)
+        return _pending[address]
+
+
+def connect(address: str | None) -> bool:
+    """Join the Ray cluster at `address`; None: attach to a running local instance (`running_instance`)
+    or start a local Ray with this machine's CPUs.
+
+    Returns whether this call initialized Ray in this process (the caller then calls ray.shutdown(),
+    which stops a Ray it started and only detaches from a running one); False when Ray was already
+    initialized, whoever did it. Waits for a `start(address)` under way.
+    """
+    with _lock:
+        pending = _pending.pop(address, None)
+    if pending is not None:
+        return pending.wait()
+    return _connect(address)
 
 
 def node_resources() -> list[dict[str, float]]:

@@ -82,6 +82,85 @@ def test_reachability_accepts_a_listener_and_rejects_a_closed_port():
     assert "ray up ray_cluster.yaml" in str(e.value)
 
 
-@pytest.mark.parametrize("address", ["auto", "local", "ray://head:10001", "head"])
+@pytest.mark.parametrize("address", ["auto", "local", "head"])
 def test_addresses_ray_resolves_itself_are_not_probed(address):
     cluster.check_reachable(address, timeout=0.001)  # no host:port to dial: nothing raised
+
+
+def test_a_ray_client_address_probes_its_server():
+    assert cluster.client_target("ray://head:10002") == "head:10002"
+    assert cluster.client_target("ray://head") == "head:10001"                  # Ray Client's default port
+    assert cluster.client_target("head:6379") is None
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        cluster.check_reachable(f"ray://127.0.0.1:{port}")
+    with pytest.raises(BenchError) as e:
+        cluster.check_reachable(f"ray://127.0.0.1:{port}", timeout=2.0)
+    assert str(e.value).startswith(f"cannot reach a Ray cluster at 'ray://127.0.0.1:{port}' (")
+    assert "ray start --head" in str(e.value)
+
+
+# -- attaching to a running instance -------------------------------------------------------------
+
+
+def write_address_file(tmp_path, address):
+    (tmp_path / "ray").mkdir(exist_ok=True)
+    (tmp_path / "ray" / cluster.ADDRESS_FILE).write_text(address + "\n")
+
+
+def test_ray_address_in_the_environment_wins():
+    assert cluster.running_instance({"RAY_ADDRESS": "10.0.0.1:6379"}) == ("10.0.0.1:6379", "$RAY_ADDRESS")
+
+
+def test_a_live_address_file_is_attached_to_and_a_stale_one_ignored(tmp_path):
+    env = {"RAY_TMPDIR": str(tmp_path)}
+    assert cluster.running_instance(env) is None                                # no file: start one
+    with socket.socket() as gcs:
+        gcs.bind(("127.0.0.1", 0))
+        gcs.listen()
+        address = f"127.0.0.1:{gcs.getsockname()[1]}"
+        write_address_file(tmp_path, address)
+        found = cluster.running_instance(env)
+        assert found is not None and found[0] == address and "ray start --head" in found[1]
+        # $TMPDIR is Ray's fallback for its temp dir, as in Ray's own lookup.
+        assert cluster.running_instance({"TMPDIR": str(tmp_path)})[0] == address
+    # The instance died without `ray stop` (which removes the file): nobody answers, start our own.
+    assert cluster.running_instance(env) is None
+
+
+# -- starting in the background ------------------------------------------------------------------
+
+
+def test_connect_waits_for_a_background_start_of_the_same_address(monkeypatch):
+    calls = []
+
+    def fake_connect(address):
+        calls.append(address)
+        return True
+
+    monkeypatch.setattr(cluster, "_connect", fake_connect)
+    handle = cluster.start("10.0.0.1:6379")
+    assert cluster.start("10.0.0.1:6379") is handle                            # one start per address
+    assert cluster.connect("10.0.0.1:6379") is True                            # the background result
+    assert calls == ["10.0.0.1:6379"]
+    handle.cancel()                                                             # the backend owns it now: no-op
+    assert cluster.connect("10.0.0.1:6379") is True and len(calls) == 2        # nothing pending: connects itself
+
+
+def test_a_background_error_is_raised_by_connect(monkeypatch):
+    def refused(address):
+        raise BenchError(f"cannot reach a Ray cluster at {address!r}")
+
+    monkeypatch.setattr(cluster, "_connect", refused)
+    cluster.start("127.0.0.1:1")
+    with pytest.raises(BenchError, match="cannot reach a Ray cluster at '127.0.0.1:1'"):
+        cluster.connect("127.0.0.1:1")
+
+
+def test_cancel_forgets_a_start_nobody_used(monkeypatch):
+    monkeypatch.setattr(cluster, "_connect", lambda address: False)  # Ray was already up: nothing to stop
+    handle = cluster.start(None)
+    handle.cancel()
+    assert None not in cluster._pending

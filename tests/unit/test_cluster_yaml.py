@@ -1,17 +1,50 @@
-"""ray_cluster.yaml is a valid Ray cluster-launcher file (Ray's own schema, checked offline)."""
+"""ray_cluster.yaml (cloud) and ray_cluster.local.yaml (on-prem over SSH) are valid Ray cluster-launcher
+files (Ray's own preparation and schema, checked offline) that install this project and its pins."""
 import os
+import re
+import tomllib
 
+import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_cluster_file_passes_rays_schema_and_installs_the_project():
-    with open(os.path.join(ROOT, "ray_cluster.yaml")) as f:
-        cfg = yaml.safe_load(f)
-    validate_config(prepare_config(cfg))  # raises on an unknown key or a wrong type
-    assert cfg["head_node_type"] in cfg["available_node_types"]
+def load(name):
+    with open(os.path.join(ROOT, name)) as f:
+        return yaml.safe_load(f)
+
+
+def torch_pin() -> str:
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    return next(d for d in deps if d.startswith("torch=="))
+
+
+@pytest.mark.parametrize("name", ["ray_cluster.yaml", "ray_cluster.local.yaml"])
+def test_cluster_files_pass_rays_schema_and_install_the_project(name):
+    cfg = load(name)
+    prepared = prepare_config(cfg)  # the local provider's rules too (head_ip, worker_ips, no node types)
+    validate_config(prepared)       # raises on an unknown key or a wrong type
+    assert prepared["head_node_type"] in prepared["available_node_types"]
     setup = " ".join(cfg["setup_commands"])
-    assert "torch==2.13.0" in setup and "pip install -q -e ." in setup
-    assert any("mlflow server" in c for c in cfg["head_start_ray_commands"])
+    assert torch_pin() in setup and "-e ." in setup                            # pyproject's pin, this checkout
+    # Ray on the nodes is the Ray of the machine that launches (and drives) the cluster.
+    import ray
+
+    assert re.search(rf'"ray\[default\]=={re.escape(ray.__version__)}"', setup), setup
+    assert cfg["file_mounts"] == {"~/fedeq-bench": "."}
+    assert any("mlflow server" in c and "--backend-store-uri sqlite:///" in c for c in cfg["head_start_ray_commands"])
+    assert any("ray start --head --port=6379" in c for c in cfg["head_start_ray_commands"])
+    assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in cfg["worker_start_ray_commands"])
+
+
+def test_the_local_file_names_its_machines():
+    cfg = load("ray_cluster.local.yaml")
+    provider, auth = cfg["provider"], cfg["auth"]
+    assert provider["type"] == "local" and provider["head_ip"] and provider["worker_ips"]
+    assert auth["ssh_user"] and auth["ssh_private_key"]
+    # Ray's local provider keeps every listed worker: min = max = the number of worker IPs.
+    node_type = prepare_config(cfg)["available_node_types"]["local.cluster.node"]
+    assert node_type["min_workers"] == node_type["max_workers"] == len(provider["worker_ips"])
