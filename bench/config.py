@@ -64,6 +64,13 @@ class RunConfig:
     """Directory searched first for file-based datasets."""
     eval_every: int = 1
     """Evaluate every N rounds (the last round is always evaluated); raising it saves time."""
+    eval_clients: int | None = None
+    """Evaluate a sample of N training clients (and N held-out ones) in evaluated rounds before the
+    last, the same sample for every method (stream `eval_sample`); acc/* of those rounds are then
+    estimates. The last round evaluates every client. None: every client every evaluated round."""
+    state_budget_gb: float | None = None
+    """GB (10^9 bytes) of client states kept in memory; past it the least recently used are written
+    to a temporary directory and read back bit for bit (same results, slower). None: no limit."""
     checkpoint_every: int = 10
     """Write a resumable checkpoint into each child run's artifacts every N rounds and after the last
     (`--resume PARENT_RUN_ID` continues from it); 0: none. Raising it saves I/O, redoes more rounds."""

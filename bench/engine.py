@@ -7,10 +7,19 @@ client-id order. A failure anywhere in a round names the method, the round and t
 server) in one line: see `failure`.
 
 Random streams drawn here (core/seeding.py): `init` (the model) and `server_init` once per run,
-`client_init` per client id (one call site, `new_client`: every training client at the start;
-held-out clients at every evaluation, and training clients never sampled at the final evaluation,
-from the server of that round: the same draw each time), `schedule` per round. The clients' own
-streams (`local`, `eval`, `personalize`) are drawn by bench/backends.py.
+`client_init` per client id (one call site, `new_client`: a training client whenever its state is
+read before it first trained, from the initial server; held-out clients at every evaluation, and
+training clients never sampled at the final evaluation, from the server of that round: the same draw
+each time), `schedule` per round, `eval_sample` per evaluation before the last (`--eval-clients`).
+The clients' own streams (`local`, `eval`, `personalize`) are drawn by bench/backends.py.
+
+Scale (bench/store.py): client states live in a `ClientStore`, which keeps a state only once the
+client has trained (before that it reads as `init_client` from the initial server, the numbers an
+up-front initialization gave) and spills the least recently used to disk past `--state-budget-gb`.
+Per round the engine touches the cohort and the clients it evaluates, never the idle ones; with
+`--eval-clients N` an evaluation before the last scores N sampled training (and held-out) clients,
+the same ones for every method, so acc/* of those rounds are sample estimates; the last round
+scores every client.
 
 Clients never sampled (fraction < 1): `clients/never_trained`, logged every round, counts the
 training clients in no cohort up to and including that round. At the final evaluation those clients
@@ -35,6 +44,7 @@ import torch
 from fedeq_bench.bench import checkpoint, wire
 from fedeq_bench.bench.backends import Job, Kind, Result
 from fedeq_bench.bench.config import Config, resolve_method
+from fedeq_bench.bench.store import ClientStore, budget_bytes
 from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.types import MethodSpec, Task
@@ -139,6 +149,17 @@ def new_client(algo, cid: int, server, seed: int):
     return algo.init_client(cid, server, seeding.generator(seed, "client_init", cid))
 
 
+def eval_sample(seed: int, rnd: int, ids, n: int | None, group: int = 0) -> list[int]:
+    """The `n` of `ids` an evaluation before the last round scores, in client-id order, drawn from
+    ("eval_sample", rnd, group): a pure function of (seed, round), so every method scores the same
+    clients. All of `ids` when n is None or at least len(ids) (no draw: the same as no sampling)."""
+    ids = sorted(ids)
+    if n is None or n >= len(ids):
+        return ids
+    rng = seeding.numpy_rng(seed, "eval_sample", rnd, group)
+    return sorted(int(c) for c in rng.choice(np.asarray(ids), n, replace=False))
+
+
 def make_schedule(seed: int, train_ids: list[int], rounds: int, fraction: float) -> list[list[int]]:
     """The cohort of every round, drawn up front from (seed, round): identical for every method."""
     m = max(1, int(round(fraction * len(train_ids))))
@@ -216,7 +237,10 @@ def run_method(
                           params_personal=sum(sd[k].numel() for k in personal))
     server = algo.init_server(model, seeding.generator(seed, "server_init"))
     train_ids = dataset.train_ids
-    store = {cid: new_client(algo, cid, server, seed) for cid in train_ids}
+    # A client's state is kept once it has trained; until then it reads as init_client from the
+    # initial server (a copy: no method's aggregate can change it), as if made at the start.
+    initial = {k: v.clone() for k, v in server.items()}
+    store = ClientStore(budget_bytes(run.state_budget_gb), default=lambda cid: new_client(algo, cid, initial, seed))
     schedule = make_schedule(seed, train_ids, run.rounds, run.fraction)
     cumulative = 0
     # A local update's footprint depends on the model, the method and the client's data size, not
@@ -273,10 +297,15 @@ def run_method(
         metrics.update(reduce_client_metrics(client_metrics))
         metrics.update({k: float(v) for k, v in agg_metrics.items()})
         if rnd % run.eval_every == 0 or rnd == run.rounds:
-            # Only the final evaluation personalizes the never-sampled clients (module docstring).
-            fresh = never_trained if rnd == run.rounds else ()
+            # Only the final evaluation personalizes the never-sampled clients (module docstring),
+            # and only evaluations before it may score a sample (--eval-clients).
+            last = rnd == run.rounds
+            fresh = never_trained if last else ()
+            n = None if last else run.eval_clients
             per_client: dict = {}
-            metrics.update(evaluate(algo, spec, server, store, dataset, backend, seed, rnd, fresh, per_client))
+            metrics.update(evaluate(algo, spec, server, store, dataset, backend, seed, rnd, fresh, per_client,
+                                    clients=eval_sample(seed, rnd, train_ids, n, 0),
+                                    unseen=eval_sample(seed, rnd, dataset.unseen, n, 1)))
             if rnd == run.rounds:
                 result.clients = client_rows(per_client, fresh, dataset.unseen)
         metrics["time/round_s"] = time.perf_counter() - t0
@@ -288,6 +317,7 @@ def run_method(
                 rnd, server, store, cumulative, peak_of, trained, result.history, result.ledger,
                 getattr(result, "clients", None), wall_before + time.perf_counter() - t_start, ident))
     result.wall_s = wall_before + time.perf_counter() - t_start
+    store.close()  # removes spilled states from disk
     return result
 
 
@@ -300,8 +330,12 @@ def client_rows(per_client: dict[int, dict[str, float]], never_trained, unseen) 
 
 
 def evaluate(algo, spec: MethodSpec, server, store, dataset: FederatedDataset, backend, seed: int,
-             rnd: int, never_trained=(), per_client: dict | None = None) -> dict[str, float]:
+             rnd: int, never_trained=(), per_client: dict | None = None, clients=None,
+             unseen=None) -> dict[str, float]:
     """Personalized accuracy of every training client (and held-out clients, personalized first).
+
+    `clients`, `unseen`: the training and held-out clients to score (client-id order; None: all of
+    them), a sample drawn by `eval_sample` in evaluations before the last round.
 
     `never_trained`: training clients that take the held-out path this time (init_client from this
     round's server, `personalize`, `evaluate`; their stored state is ignored and not changed). They
@@ -311,12 +345,14 @@ def evaluate(algo, spec: MethodSpec, server, store, dataset: FederatedDataset, b
     """
     cache = EncodeCache()
     fresh = frozenset(never_trained)
-    seen_ids = [cid for cid in dataset.train_ids if cid not in fresh]
-    fresh_ids = sorted(fresh | set(dataset.unseen))  # one batch, in client-id order
+    train_ids = dataset.train_ids if clients is None else list(clients)
+    held = list(dataset.unseen) if unseen is None else list(unseen)
+    seen_ids = [cid for cid in train_ids if cid not in fresh]
+    fresh_ids = sorted(fresh | set(held))  # one batch, in client-id order
     with blame(spec.name, rnd):
         jobs = [Job(cid, cache.encode(algo.broadcast(server, cid, rnd)), store[cid]) for cid in seen_ids]
     evals = {res.cid: res.metrics for res in client_results(backend, Kind.EVALUATE, spec, jobs, seed, rnd)}
-    unseen = {}
+    held_evals = {}
     if fresh_ids:
         with blame(spec.name, rnd):
             # Such a client starts from the current server at every evaluation: `new_client` draws
@@ -324,12 +360,12 @@ def evaluate(algo, spec: MethodSpec, server, store, dataset: FederatedDataset, b
             jobs = [Job(cid, cache.encode(algo.broadcast(server, cid, rnd)), new_client(algo, cid, server, seed))
                     for cid in fresh_ids]
         for res in client_results(backend, Kind.EVALUATE_UNSEEN, spec, jobs, seed, rnd, never_trained=fresh):
-            (evals if res.cid in fresh else unseen)[res.cid] = res.metrics
+            (evals if res.cid in fresh else held_evals)[res.cid] = res.metrics
     if per_client is not None:
         per_client.update(evals)
-        per_client.update(unseen)
+        per_client.update(held_evals)
     # Reduce in client-id order so Serial and Ray runs are bit-identical.
-    out = accuracy_metrics([evals[cid] for cid in dataset.train_ids])
-    if dataset.unseen:
-        out["acc/unseen"] = accuracy_metrics([unseen[cid] for cid in dataset.unseen])["acc/mean"]
+    out = accuracy_metrics([evals[cid] for cid in train_ids])
+    if held:
+        out["acc/unseen"] = accuracy_metrics([held_evals[cid] for cid in held])["acc/mean"]
     return out

@@ -26,6 +26,8 @@ STREAMS = {
     "server_init": "(): Method.init_server (bench/engine.py)",
     "client_init": "(cid): Method.init_client, training and held-out clients (bench/engine.py)",
     "schedule": "(rnd): the round's cohort (bench/engine.py)",
+    "eval_sample": "(rnd, group): the clients an evaluation before the last round scores with "
+                   "--eval-clients; group 0 training clients, 1 held-out clients (bench/engine.py)",
     "local": "(rnd, cid): Method.local_update (bench/backends.py)",
     "eval": "(rnd, cid): Method.evaluate, e.g. fine-tuning before testing (bench/backends.py)",
     "personalize": "(rnd, cid): Method.personalize of a held-out client (bench/backends.py)",

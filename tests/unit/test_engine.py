@@ -160,9 +160,10 @@ def test_the_driver_never_builds_on_the_actors_device(tiny):
 
 def test_every_stream_is_drawn_once_per_ids_except_client_init_of_late_joiners(tiny, monkeypatch):
     """Each (stream, ids) is drawn once per run, with one exception: `engine.new_client`, the one call
-    site of ("client_init", cid), draws it again whenever a client joins from a later server: a
-    held-out client at every evaluation, a training client never sampled at the final evaluation
-    (the same numbers each time).
+    site of ("client_init", cid), draws it whenever a client's state is made: a training client's
+    each time it is read before the client first trained (the store keeps no untrained state, see
+    bench/store.py), a held-out client at every evaluation, a training client never sampled at the
+    final evaluation (the same numbers each time).
 
     A never-sampled client's final evaluation is the held-out path: ("personalize", rnd, cid) and
     ("global", 2, rnd, cid) instead of ("global", 1, rnd, cid); ("eval", rnd, cid) either way.
@@ -182,10 +183,15 @@ def test_every_stream_is_drawn_once_per_ids_except_client_init_of_late_joiners(t
     engine.run_method(cfg, "fedrep", 0, ds, SerialBackend())
 
     expected = collections.Counter([("init",), ("server_init",), ("schedule", 1), ("schedule", 2)])
-    expected.update(("client_init", c) for c in ds.train_ids)
+    first = {c: min((r for r, cohort in enumerate(schedule, 1) if c in cohort), default=None) for c in ds.train_ids}
     for rnd in (1, 2):  # both rounds are evaluated (eval_every=1)
         fresh = never if rnd == 2 else []  # only the final evaluation personalizes the never-sampled
         expected.update(("local", rnd, c) for c in schedule[rnd - 1])
+        # A training client not trained yet reads as init_client: at its first local update, and at
+        # an evaluation that finds it untrained (the final one sends the never-sampled the other way).
+        expected.update(("client_init", c) for c in ds.train_ids if first[c] == rnd)
+        expected.update(("client_init", c) for c in ds.train_ids
+                        if (first[c] is None or first[c] > rnd) and c not in fresh)
         expected.update(("eval", rnd, c) for c in ds.train_ids + list(ds.unseen))
         expected.update(("personalize", rnd, c) for c in list(ds.unseen) + fresh)
         expected.update(("client_init", c) for c in list(ds.unseen) + fresh)
@@ -197,8 +203,9 @@ def test_every_stream_is_drawn_once_per_ids_except_client_init_of_late_joiners(t
     assert len(ds.unseen) == 2 and set(ds.unseen).isdisjoint(ds.train_ids)
     assert len(never) >= 1  # 4 training clients, 2 per round: this seed leaves some unsampled
     assert drawn == expected, (drawn - expected, expected - drawn)
-    assert {k: n for k, n in drawn.items() if n > 1} == \
-        {**{("client_init", c): 2 for c in ds.unseen}, **{("client_init", c): 2 for c in never}}
+    late = [c for c in ds.train_ids if first[c] == 2]  # read untrained by round 1's evaluation, then trained
+    assert late and {k: n for k, n in drawn.items() if n > 1} == \
+        {("client_init", c): 2 for c in [*ds.unseen, *never, *late]}
 
 
 def test_failure_names_method_round_and_place():
