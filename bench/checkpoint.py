@@ -253,10 +253,9 @@ class RunCheckpoints:
         from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
         self.client, self.run_id = client, run_id
-        repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
+        repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri)
         # A local artifact store: write in place (atomically). Anything else: stage, then upload.
         self.local = repo.artifact_dir if isinstance(repo, LocalArtifactRepository) else None
-        self._downloads: tempfile.TemporaryDirectory | None = None
 
     def save(self, state: LoopState) -> None:
         if self.local is not None:
@@ -280,7 +279,8 @@ class RunCheckpoints:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         try:
-            get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri).delete_artifacts(ARTIFACT_DIR)
+            get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri,
+                                    tracking_uri=self.client.tracking_uri).delete_artifacts(ARTIFACT_DIR)
         except Exception:  # noqa: BLE001 - many artifact stores cannot delete; the file is only dead weight
             pass
 
@@ -291,8 +291,10 @@ class RunCheckpoints:
             return Checkpoint(path) if os.path.exists(path) else None
         if ARTIFACT_PATH not in {a.path for a in self.client.list_artifacts(self.run_id, ARTIFACT_DIR)}:
             return None
-        self._downloads = tempfile.TemporaryDirectory(prefix="fedeq-ckpt-")  # lives as long as this object
-        return Checkpoint(self.client.download_artifacts(self.run_id, ARTIFACT_PATH, self._downloads.name))
+        downloads = tempfile.TemporaryDirectory(prefix="fedeq-ckpt-")
+        ck = Checkpoint(self.client.download_artifacts(self.run_id, ARTIFACT_PATH, downloads.name))
+        ck.downloads = downloads  # the local copy lives (and is removed) with the Checkpoint that reads it
+        return ck
 
 
 def identity(method: str, seed: int, rounds: int, fingerprint: str) -> dict:

@@ -131,3 +131,56 @@ def test_resume_refuses_in_one_line_with_exit_2(runs):
             code = bench_run_module.main(argv)
         lines = err.getvalue().strip().splitlines()
         assert code == 2 and len(lines) == 1 and message in lines[0], (argv, err.getvalue())
+
+
+@pytest.fixture
+def http_store(tmp_path):
+    """An `mlflow server` process (SQLite behind it, artifacts served by it) on a free local port."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(tmp_path / "server.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                                 f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "served"),
+                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_checkpoints_go_through_an_mlflow_server_when_its_artifacts_are_not_local(http_store):
+    from mlflow.tracking import MlflowClient
+
+    from tests.unit.test_checkpoint import loop_state
+
+    client = MlflowClient(tracking_uri=http_store)
+    run_id = client.create_run(client.create_experiment("remote")).info.run_id
+    ckpts = checkpoint.RunCheckpoints(client, run_id)
+    assert ckpts.local is None  # mlflow-artifacts:/...: staged locally, then uploaded
+    assert ckpts.load() is None
+    for rnd in (2, 4):  # the second upload replaces the first
+        ckpts.save(loop_state(rnd=rnd))
+        ck = checkpoint.RunCheckpoints(client, run_id).load()
+        assert ck.round == rnd and [cid for cid, _ in ck.clients()] == [0, 3, 5]
+        assert ck.server()["body.w"].equal(loop_state().server["body.w"])
+    assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == [checkpoint.ARTIFACT_PATH]
+    ckpts.remove()
+    assert checkpoint.RunCheckpoints(client, run_id).load() is None
