@@ -279,6 +279,13 @@ def read_toml(path, what: str = "config file", where: str = "presets are in conf
             return tomllib.load(f)
     except FileNotFoundError:
         raise BenchError(f"{what} {str(path)!r} not found ({where})") from None
+    except IsADirectoryError:
+        raise BenchError(f"{what} {str(path)!r} is a folder; give a .toml file ({where})") from None
+    except PermissionError:
+        raise BenchError(f"{what} {str(path)!r} cannot be read (permission denied)") from None
+    except UnicodeDecodeError as e:
+        raise BenchError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                         f"TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise BenchError(f"{what} {str(path)!r} is not valid TOML: {e}") from None
 

@@ -184,3 +184,15 @@ def test_help_default_names_the_environment(monkeypatch):
     p = cli.Parser(prog="t")
     cli.add_config_flags(p, C.RunConfig, ["experiment"])
     assert "(default: env-exp, from $MLFLOW_EXPERIMENT_NAME)" in " ".join(p.format_help().split())
+
+
+def test_unreadable_preset_files_are_one_line(tmp_path):
+    """A Latin-1 file, a folder: one BenchError line each (a non-UTF-8 file was a UnicodeDecodeError
+    traceback)."""
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b"[run]\nrounds = 3  # \xe9t\xe9\n")
+    with pytest.raises(BenchError, match=r"config file '.*latin1.toml' is not UTF-8 text \(byte 20: b'\\xe9'\); "
+                                         r"TOML files are UTF-8"):
+        C.load_toml(str(latin1))
+    with pytest.raises(BenchError, match=r"config file '.*' is a folder; give a .toml file"):
+        C.load_toml(str(tmp_path))
