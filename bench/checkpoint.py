@@ -104,23 +104,11 @@ def write(path: str, state: LoopState) -> None:
     A crash (kill -9, power loss) at any point leaves `path` as it was (or absent) or the new file,
     whole; at worst a stray `.latest.fqck.*.tmp` is left beside it, which nothing reads.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_records(f, state)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from fedeq_bench.datasets.cache import atomic_write
+
+    atomic_write(path, lambda f: _write_records(f, state))  # temp file beside it, fsync, os.replace
     # The rename itself is durable only once the directory is synced (POSIX).
-    dfd = os.open(folder, os.O_RDONLY)
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:

@@ -133,6 +133,16 @@ def test_resume_refuses_in_one_line_with_exit_2(runs):
         assert code == 2 and len(lines) == 1 and message in lines[0], (argv, err.getvalue())
 
 
+def test_checkpoint_every_is_validated(tmp_path, capsys):
+    from fedeq_bench.bench import run as bench_run_module
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert bench_run_module.main(["--checkpoint-every", "-1", "--backend", "serial", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: checkpoint_every must be >= 0 (0: no checkpoints), got -1"]
+    assert not (tmp_path / "mlflow.db").exists()  # rejected before anything was recorded
+
+
 @pytest.fixture
 def http_store(tmp_path):
     """An `mlflow server` process (SQLite behind it, artifacts served by it) on a free local port."""
