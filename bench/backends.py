@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import os
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict, deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -26,7 +27,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from fedeq_bench.bench import cluster, memory, wire
+from fedeq_bench.bench import cluster, faults, memory, wire
 from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.types import ClientTensors, MethodSpec, State
@@ -96,6 +97,16 @@ class Worker:
     # Ray actors call this once; Serial sets threads around each call instead (see SerialBackend).
     def pin_threads(self) -> None:
         torch.set_num_threads(self.threads)
+
+    def hello(self) -> dict:
+        """A Ray actor's first call: pins its threads and says who it is, `{"version", "node", "pid"}`.
+
+        The driver refuses a worker whose version differs from its own (faults.check_version).
+        """
+        import ray
+
+        self.pin_threads()
+        return {"version": faults.project_version(), "node": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
     def resolved_device(self) -> str:
         if self.device:
@@ -237,8 +248,9 @@ class SerialBackend:
 class RayBackend:
     """A pool of Ray actors, each one an edge node serving whichever clients it is handed.
 
-    Uses `ray.util.ActorPool.map`, which yields results in submission order: the engine aggregates in
-    client-id order whatever order the actors finish in.
+    Results come back in job order: the engine aggregates in client-id order whatever order the
+    actors finish in. An actor that dies mid-call is replaced and its clients' work redone, bit for
+    bit (bench/faults.py); every actor must run the driver's version of fedeq-bench.
     """
 
     name = "ray"
@@ -247,40 +259,46 @@ class RayBackend:
                  gpus_per_client: float = 0.0, device: str | None = None):
         cluster.check_request(cpus_per_client, gpus_per_client)  # before starting Ray, which cannot help
         import ray
-        from ray.util import ActorPool
 
         self._ray = ray
         self._started_here = cluster.connect(address)
+        self._actor_cls = ray.remote(Worker).options(num_cpus=cpus_per_client, num_gpus=gpus_per_client)
+        self._actor_args = (cluster.threads_per_actor(cpus_per_client), device)
+        self._version = faults.project_version()
+        self._spawned: list = []  # every actor started, replacements too; shared with `split` parts; close() kills all
+        self.actors: list = []
+        self._dataset_key, self._device = None, None
+        self._puts: dict[str, Any] = {}  # dataset key -> object ref, shared with `split` parts
         try:
             capacity = cluster.actor_capacity(cluster.node_resources(), cpus_per_client, gpus_per_client)
             n = cluster.pool_size(workers, capacity)
+            self.actors = [self._spawn() for _ in range(n)]
+            for report in ray.get([a.hello.remote() for a in self.actors]):
+                faults.check_version(self._version, report)
         except BenchError:
-            self._shutdown()
+            self.close()
             raise
-        actor_cls = ray.remote(Worker).options(num_cpus=cpus_per_client, num_gpus=gpus_per_client)
-        self.actors = [actor_cls.remote(cluster.threads_per_actor(cpus_per_client), device) for _ in range(n)]
-        ray.get([a.pin_threads.remote() for a in self.actors])
-        self.pool = ActorPool(self.actors)
         self.workers = n
-        self._dataset_key = None
-        self._puts: dict[str, Any] = {}  # dataset key -> object ref, shared with `split` parts
+
+    def _spawn(self):
+        actor = self._actor_cls.remote(*self._actor_args)
+        self._spawned.append(actor)
+        return actor
 
     def split(self, n: int) -> list["RayBackend"]:
         """`n` backends over disjoint parts of this pool, for `n` runs at once (a sweep's parallel
-        trials): each part has its own ActorPool (which one thread at a time may use) and at least one
-        actor; results do not depend on how many actors serve a run. They share the Ray connection and
-        the datasets put so far; `close()` this backend, not its parts."""
+        trials): each part has at least one actor, and one thread at a time may use it; results do not
+        depend on how many actors serve a run. They share the Ray connection and the datasets put so
+        far; `close()` this backend, not its parts."""
         if not 1 <= n <= len(self.actors):
             raise BenchError(f"{n} runs at once need at least {n} Ray actors; the pool has {len(self.actors)} "
                              f"(raise --workers, lower --cpus-per-client, or run fewer at once)")
-        from ray.util import ActorPool
-
         parts = []
         for i in range(n):
             part = object.__new__(RayBackend)
             part.__dict__.update(self.__dict__)
             part.actors = self.actors[i::n]
-            part.pool, part.workers = ActorPool(part.actors), len(part.actors)
+            part.workers = len(part.actors)
             part._dataset_key, part._started_here = None, False
             parts.append(part)
         return parts
@@ -290,14 +308,17 @@ class RayBackend:
             ref = self._puts.get(key)
             if ref is None:  # once per dataset; actors read client arrays zero-copy from it
                 ref = self._puts[key] = self._ray.put(dataset)
-            devices = self._ray.get([a.set_dataset.remote(key, ref) for a in self.actors])
-            self._dataset_key = key
-            self._device = devices[0]
+            self._dataset_key = key  # first: a replacement started below loads it too
+            for actor, call in [(a, a.set_dataset.remote(key, ref)) for a in self.actors]:
+                try:
+                    self._device = self._ray.get(call)
+                except faults.actor_deaths():
+                    self._replace(actor)
         return self._device
 
     def run(self, kind: Kind, spec: MethodSpec, jobs: list[Job], seed: int, rnd: int,
             measure: frozenset = frozenset()) -> Iterable[Result]:
-        """`Worker.run` for every job on the pool; results in job order.
+        """`Worker.run` for every job on the pool; results in job order, as they become ready.
 
         Clients go to actors in contiguous chunks, CHUNKS_PER_WORKER per actor and call: one Ray
         call per chunk instead of one per client (a call costs ~1 ms, a 1 MB object ~2 ms on this
@@ -313,20 +334,98 @@ class RayBackend:
             sent.append(dataclasses.replace(job, payload=ref))
         n = min(len(sent), self.workers * CHUNKS_PER_WORKER)
         bounds = [round(i * len(sent) / n) for i in range(n + 1)] if n else [0]
-        chunks = [sent[a:b] for a, b in zip(bounds, bounds[1:])]
-        out = self.pool.map(lambda actor, chunk: actor.run_chunk.remote(kind, spec, chunk, seed, rnd, measure),
-                            chunks)
+        chunks = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]  # positions in `jobs`
+
+        def call(actor, chunk: list[int]):
+            return actor.run_chunk.remote(kind, spec, [sent[p] for p in chunk], seed, rnd, measure)
+
         # A generator: the engine decodes one chunk's results while actors still work on the next.
-        return (r for part in out for r in part)
+        return self._results(call, chunks, [job.cid for job in jobs], WORK_OF[kind])
+
+    def _results(self, call, chunks: list[list[int]], cids: list[int], what: str) -> Iterable[Result]:
+        """Each idle actor takes the next chunk; yields every job's Result in job order.
+
+        Our own loop rather than Ray's ActorPool: `ActorPool.map` raises on the first dead actor and
+        is unusable afterwards, with the lost chunk's work gone. Here a dead actor is replaced
+        (`_replace`) and its chunk goes back to the front of the queue, one job per chunk, so a
+        client whose work kills its actor again and again is the one named (faults.killed).
+        """
+        ray, deaths_of = self._ray, faults.actor_deaths()
+        waiting = deque(chunks)
+        idle = list(self.actors)
+        running: dict[Any, tuple[Any, list[int]]] = {}  # object ref -> (actor, chunk)
+        ready: dict[int, Result] = {}
+        deaths: Counter[int] = Counter()  # job position -> deaths of actors that were running it
+        nxt = 0
+        while True:
+            while idle and waiting:
+                actor, chunk = idle.pop(0), waiting.popleft()
+                running[self._submit(call, actor, chunk)] = (actor, chunk)
+            while nxt in ready:
+                yield ready.pop(nxt)
+                nxt += 1
+            if nxt == len(cids):
+                return
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            actor, chunk = running.pop(ref)
+            try:
+                ready.update(zip(chunk, ray.get(ref)))
+                idle.append(actor)
+                continue
+            except deaths_of:
+                pass
+            fresh = self._replace(actor)
+            if fresh is not None:
+                idle.append(fresh)
+            deaths.update(chunk)
+            if len(chunk) > 1:  # whose work killed it is unknown: redo each job alone
+                waiting.extendleft([p] for p in reversed(chunk))
+            elif deaths[chunk[0]] > faults.MAX_ACTOR_RETRIES:
+                ready[chunk[0]] = Result(cids[chunk[0]], error=faults.killed(what, deaths[chunk[0]]))
+            else:
+                waiting.appendleft(chunk)
+
+    def _submit(self, call, actor, chunk: list[int]):
+        """The one place a chunk goes to an actor (the actor-fault tests kill the actor right here)."""
+        return call(actor, chunk)
+
+    def _replace(self, dead):
+        """A fresh actor with `dead`'s resources and this backend's dataset, in its place; None when
+        none starts within faults.ACTOR_START_TIMEOUT_S (a cluster that lost a node may have no room)
+        and other actors remain."""
+        ray = self._ray
+        ray.kill(dead)  # an unavailable actor might come back; it must not serve anyone again
+        self.actors.remove(dead)
+        actor = self._spawn()
+        calls = [actor.hello.remote()]
+        if self._dataset_key is not None:
+            calls.append(actor.set_dataset.remote(self._dataset_key, self._puts[self._dataset_key]))
+        try:
+            report, *device = ray.get(calls, timeout=faults.ACTOR_START_TIMEOUT_S)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnschedulableError, *faults.actor_deaths()):
+            ray.kill(actor)
+            if not self.actors:
+                raise BenchError(f"every Ray actor died and no new one started within "
+                                 f"{faults.ACTOR_START_TIMEOUT_S:g} s; is the cluster still up (`ray status`)?")
+            return None
+        faults.check_version(self._version, report)
+        self._device = device[0] if device else self._device
+        self.actors.append(actor)
+        return actor
 
     def close(self):
-        for a in self.actors:
+        for a in self._spawned:
             self._ray.kill(a)
         self._shutdown()
 
     def _shutdown(self):
         if self._started_here:
             self._ray.shutdown()
+
+
+WORK_OF = {Kind.TRAIN: "local update", Kind.EVALUATE: "evaluation",
+           Kind.EVALUATE_UNSEEN: "personalization and evaluation"}
+"""What a job of each kind runs, for the error naming a client whose work keeps killing its actor."""
 
 
 def make_backend(run) -> SerialBackend | RayBackend:
