@@ -1,6 +1,7 @@
-"""`python -m bench.run --resume PARENT_RUN_ID` as a user runs it: a run killed with SIGKILL after
-round 3 of its second method, resumed, ends with the metrics, ledger and summary of an uninterrupted
-run of the same command, bit for bit, in the same MLflow runs. And the one-line refusals."""
+"""`python -m bench.run --resume PARENT_RUN_ID` as a user runs it: a run killed with SIGKILL (after
+round 3 of its second method; after round 1 of its first, before any checkpoint), resumed, ends with
+the metrics, ledger and summary of an uninterrupted run of the same command, bit for bit, in the same
+MLflow runs. Checkpoints through an `mlflow server`. And the one-line refusals."""
 import json
 import os
 import signal
@@ -11,11 +12,17 @@ from fedeq_bench.bench import checkpoint
 from fedeq_bench.bench.experiment import TEST_KILL_ENV
 from tests.integration.test_cli import bench_run, runs_of
 
-# 2 methods x 6 rounds on 6 synthetic clients, a checkpoint every 2 rounds. Killed after fedrep's
-# round 3: fedavg has FINISHED, fedrep's last checkpoint is round 2, and round 3 is logged already.
+# 2 methods x 6 rounds on 6 synthetic clients, half of them per round, a checkpoint every 2 rounds.
 ARGS = ["--methods", "fedavg,fedrep", "--dataset", "synthetic", "--clients", "6", "--rounds", "6",
         "--fraction", "0.5", "--backend", "serial", "--checkpoint-every", "2", "--quiet", "--no-report"]
-KILL_AT = "fedrep:0:3"
+# Where the test hook kills the process (experiment.TEST_KILL_ENV: METHOD:SEED:ROUND).
+KILLS = {
+    # fedavg has FINISHED; fedrep's last checkpoint is round 2, and its round 3 is logged already.
+    "late": "fedrep:0:3",
+    # fedavg's round 1 is logged but it has no checkpoint yet (it restarts at round 1 in the same
+    # child run); fedrep has no child run yet (it starts afresh under the same parent).
+    "early": "fedavg:0:1",
+}
 MACHINE_METRICS = {"time/round_s", "mem/peak_rss_bytes"}  # measure the machine: differ in any two runs
 
 
@@ -44,63 +51,71 @@ def artifact(client, run, path, dst):
         return f.read()
 
 
+def killed_then_resumed(d, kill_at):
+    """The command killed at `kill_at`, what it left, then `--resume`d."""
+    uri = store(d)
+    killed = bench_run([*ARGS, "--tracking-uri", uri], d, env={TEST_KILL_ENV: kill_at})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    client, parent, children = parent_and_children(uri)
+    left = {"parent": parent.info.status, "ids": {m: c.info.run_id for m, c in children.items()}}
+    for m, c in children.items():
+        ck = checkpoint.RunCheckpoints(client, c.info.run_id).load()
+        left[m] = (c.info.status, ck and ck.round,
+                   sorted(x.step for x in client.get_metric_history(c.info.run_id, "loss/train")))
+    resumed = bench_run(["--resume", parent.info.run_id, "--tracking-uri", uri, "--quiet", "--no-report"], d)
+    return {"uri": uri, "parent": parent.info.run_id, "left": left, "resumed": resumed}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """An uninterrupted run (a), and the same command killed then resumed (b)."""
+    """An uninterrupted run ("whole"), and the same command killed then resumed at each of KILLS."""
     base = tmp_path_factory.mktemp("resume")
-    a, b = base / "a", base / "b"
-    uri_a, uri_b = store(a), store(b)
-    whole = bench_run([*ARGS, "--tracking-uri", uri_a], a)
+    whole = bench_run([*ARGS, "--tracking-uri", store(base / "whole")], base / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
-
-    killed = bench_run([*ARGS, "--tracking-uri", uri_b], b, env={TEST_KILL_ENV: KILL_AT})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    client, parent, children = parent_and_children(uri_b)
-    left = {"parent": parent.info.status, **{m: c.info.status for m, c in children.items()},
-            "fedrep_checkpoint": checkpoint.RunCheckpoints(client, children["fedrep"].info.run_id).load().round,
-            "fedrep_steps": sorted(m.step for m in client.get_metric_history(children["fedrep"].info.run_id,
-                                                                             "loss/train")),
-            "ids": {m: c.info.run_id for m, c in children.items()}}
-
-    resumed = bench_run(["--resume", parent.info.run_id, "--tracking-uri", uri_b, "--quiet", "--no-report"], b)
-    return {"a": uri_a, "b": uri_b, "dir": base, "whole": whole, "resumed": resumed, "left": left,
-            "parent_b": parent.info.run_id}
+    out = {"whole": {"uri": store(base / "whole"), "proc": whole}}
+    for name, kill_at in KILLS.items():
+        out[name] = killed_then_resumed(base / name, kill_at)
+    return out
 
 
-def test_the_kill_left_a_finished_method_and_a_checkpoint_to_continue(runs):
-    left = runs["left"]
+def test_a_kill_leaves_runs_running_with_what_they_had_logged_and_checkpointed(runs):
     # kill -9 gives no process a chance to end its runs: they stay RUNNING.
-    assert (left["parent"], left["fedavg"], left["fedrep"]) == ("RUNNING", "FINISHED", "RUNNING")
-    assert left["fedrep_checkpoint"] == 2  # written after rounds 2, 4, 6: round 2 was the last before the kill
-    assert left["fedrep_steps"] == [1, 2, 3]
+    late, early = runs["late"]["left"], runs["early"]["left"]
+    assert late["parent"] == early["parent"] == "RUNNING"
+    # (status, checkpoint round, rounds logged); checkpoints after rounds 2, 4, 6.
+    assert late["fedavg"] == ("FINISHED", 6, [1, 2, 3, 4, 5, 6])
+    assert late["fedrep"] == ("RUNNING", 2, [1, 2, 3])
+    assert early["fedavg"] == ("RUNNING", None, [1]) and "fedrep" not in early
 
 
-def test_resume_continues_the_same_runs_and_equals_an_uninterrupted_run_bit_for_bit(runs, tmp_path):
-    resumed = runs["resumed"]
+@pytest.mark.parametrize("name", list(KILLS))
+def test_resume_continues_the_same_runs_and_equals_an_uninterrupted_run_bit_for_bit(runs, tmp_path, name):
+    resumed = runs[name]["resumed"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Traceback" not in resumed.stderr
-    client_a, parent_a, kids_a = parent_and_children(runs["a"])
-    client_b, parent_b, kids_b = parent_and_children(runs["b"])
-    # The same parent and child runs, ended as an uninterrupted invocation ends them.
-    assert parent_b.info.run_id == runs["parent_b"] and parent_b.info.status == "FINISHED"
-    assert {m: c.info.run_id for m, c in kids_b.items()} == runs["left"]["ids"]
-    assert {c.info.status for c in kids_b.values()} == {"FINISHED"}
+    client_a, parent_a, kids_a = parent_and_children(runs["whole"]["uri"])
+    client_b, parent_b, kids_b = parent_and_children(runs[name]["uri"])
+    # The same parent and child runs (one more where none had started), ended as an uninterrupted
+    # invocation ends them.
+    assert parent_b.info.run_id == runs[name]["parent"] and parent_b.info.status == "FINISHED"
+    assert runs[name]["left"]["ids"].items() <= {m: c.info.run_id for m, c in kids_b.items()}.items()
+    assert sorted(kids_b) == ["fedavg", "fedrep"] and {c.info.status for c in kids_b.values()} == {"FINISHED"}
     for method in ("fedavg", "fedrep"):
         a, b = kids_a[method], kids_b[method]
         ha, hb = histories(client_a, a), histories(client_b, b)
-        assert ha == hb, method  # every round of every metric, one value per round: rounds 3's was not logged twice
+        assert ha == hb, method  # every metric, every round, one value per round: none logged twice
         assert all([s for s, _ in h] == [1, 2, 3, 4, 5, 6] for h in hb.values())
         assert a.data.params == b.data.params
-        for name in ("ledger.csv", "clients.csv"):
-            assert artifact(client_a, a, name, tmp_path / "a" / method) == \
-                artifact(client_b, b, name, tmp_path / "b" / method), (method, name)
+        for art in ("ledger.csv", "clients.csv"):
+            assert artifact(client_a, a, art, tmp_path / "a" / method) == \
+                artifact(client_b, b, art, tmp_path / "b" / method), (method, art)
     # The summary is the uninterrupted run's, but for the wall-clock seconds.
     sa, sb = (json.loads(artifact(c, p, "summary.json", tmp_path / n))
               for c, p, n in ((client_a, parent_a, "sa"), (client_b, parent_b, "sb")))
     assert [{k: v for k, v in r.items() if k != "wall_s"} for r in sa] == \
         [{k: v for k, v in r.items() if k != "wall_s"} for r in sb]
     table = lambda out: [line.rsplit("|", 2)[0] for line in out.splitlines() if line.startswith("|")]  # noqa: E731
-    assert table(runs["whole"].stdout) == table(resumed.stdout) and len(table(resumed.stdout)) == 4
+    assert table(runs["whole"]["proc"].stdout) == table(resumed.stdout) and len(table(resumed.stdout)) == 4
     # A finished invocation keeps no checkpoints (nothing can resume it; they hold every client state).
     for client, kids in ((client_a, kids_a), (client_b, kids_b)):
         for c in kids.values():
@@ -109,7 +124,7 @@ def test_resume_continues_the_same_runs_and_equals_an_uninterrupted_run_bit_for_
 
 
 def test_resume_refuses_in_one_line_with_exit_2(runs):
-    uri_a, uri_b = runs["a"], runs["b"]
+    uri_a = runs["whole"]["uri"]
     _, parent_a, kids_a = parent_and_children(uri_a)
     cases = [
         (["--resume", "0123456789abcdef", "--tracking-uri", uri_a], "no run '0123456789abcdef'"),
