@@ -479,6 +479,10 @@ def recorded_config(tracking_uri: str, parent_id: str, overrides: dict | None = 
         raise BenchError(f"--resume continues run {parent_id} with the config recorded on it; "
                          f"{', '.join('--' + k.replace('_', '-') for k in bad)} would change its results "
                          f"(with --resume give only {', '.join('--' + k.replace('_', '-') for k in RESUME_KEYS)})")
+    import logging
+
+    for name in ("mlflow", "alembic"):  # as Tracker does: no INFO lines (database migrations) on stderr
+        logging.getLogger(name).setLevel(logging.WARNING)
     client = MlflowClient(tracking_uri=tracking_uri)
     parent = _parent_run(client, tracking_uri, parent_id)
     cfg = C.default_config()

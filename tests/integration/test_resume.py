@@ -92,7 +92,7 @@ def test_a_kill_leaves_runs_running_with_what_they_had_logged_and_checkpointed(r
 def test_resume_continues_the_same_runs_and_equals_an_uninterrupted_run_bit_for_bit(runs, tmp_path, name):
     resumed = runs[name]["resumed"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Traceback" not in resumed.stderr
+    assert resumed.stderr == ""  # --quiet: no progress bars, no log lines
     client_a, parent_a, kids_a = parent_and_children(runs["whole"]["uri"])
     client_b, parent_b, kids_b = parent_and_children(runs[name]["uri"])
     # The same parent and child runs (one more where none had started), ended as an uninterrupted
@@ -209,3 +209,38 @@ def test_checkpoints_go_through_an_mlflow_server_when_its_artifacts_are_not_loca
     assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == [checkpoint.ARTIFACT_PATH]
     ckpts.remove()
     assert checkpoint.RunCheckpoints(client, run_id).load() is None
+
+
+def test_resume_refuses_a_run_whose_process_still_runs(tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
+    from fedeq_bench.bench import run as bench_run_module
+    from tests.integration.test_cli import ROOT
+
+    uri = store(tmp_path)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.Popen([sys.executable, "-m", "bench.run", "--methods", "fedrep", "--rounds", "500",
+                             "--backend", "serial", "--tracking-uri", uri, "--quiet", "--no-report"], cwd=tmp_path,
+                            env={**base, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline, parent = time.time() + 120, None
+        while parent is None and time.time() < deadline:  # until its parent run is in the store
+            time.sleep(1)
+            try:
+                _, runs = runs_of(uri)
+                parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+            except Exception:  # no database, no experiment, no run yet
+                pass
+        assert parent is not None and parent.data.tags["bench.pid"] == str(proc.pid)
+        capsys.readouterr()  # what this test's own MLflow client logged while polling
+        assert bench_run_module.main(["--resume", parent.info.run_id, "--tracking-uri", uri]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"is still RUNNING in process {proc.pid} on this host" in err[0], err
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=60)
+        finally:
+            proc.kill()
