@@ -14,7 +14,9 @@ design, so it costs what the whole federation costs and is not a per-round figur
 Columns: `data MB` RSS added by generating and holding the dataset (all clients' samples: it grows
 with the federation, idle clients included, since it is the data); `load s` its generation time;
 `train s/round` the median round without evaluation, `eval s/round` with it (the first round, with
-its one-off start-up, is left out); `states` the client states kept at the end (in memory + on
+its one-off start-up, is left out); `samples/round` the median number of training samples in a
+round's cohort (clients' sizes are heavy-tailed, LogNormal(4, 2) + 50: a round's time follows
+them, whichever clients the schedule draws); `states` the client states kept at the end (in memory + on
 disk) and their MB; `RSS growth MB` the largest RSS during the rounds minus the RSS before the
 first; `peak RSS MB` the process's high-water mark (`ru_maxrss`, data generation included).
 """
@@ -99,6 +101,8 @@ def measure(method: str, clients: int, cohort: int = COHORT, rounds: int = ROUND
     except _Stop:
         pass
     times = [(rnd, h["time/round_s"]) for rnd, h in enumerate(history, 1)]
+    cohorts = engine.make_schedule(seed, ds.train_ids, rounds + 1, cfg.run.fraction)[1:rounds]
+    samples = statistics.median(sum(ds.clients[c].num_train for c in cohort) for cohort in cohorts)
     train = [t for rnd, t in times[1:] if rnd % eval_every]
     evald = [t for rnd, t in times[1:] if not rnd % eval_every]
     store = stores[0] if stores else None
@@ -106,7 +110,7 @@ def measure(method: str, clients: int, cohort: int = COHORT, rounds: int = ROUND
         "method": method, "clients": clients, "cohort": cohort, "eval_clients": eval_clients if "eval_clients" in keys
         else None, "load_s": load_s, "data_mb": (rss_data - rss0) / 1e6,
         "train_s": statistics.median(train) if train else float("nan"),
-        "eval_s": statistics.median(evald) if evald else float("nan"),
+        "eval_s": statistics.median(evald) if evald else float("nan"), "samples": samples,
         "states": len(store) if store is not None else None,
         "states_mb": (store.mem_bytes + store.disk_bytes) / 1e6 if store is not None else None,
         "on_disk": store.stats()["on_disk"] if store is not None else None,
@@ -127,7 +131,7 @@ def fmt_row(r: dict) -> str:
     states = "-" if r["states"] is None else f"{r['states']} ({r['states_mb']:.1f} MB" + (
         f", {r['on_disk']} on disk)" if r["on_disk"] else ")")
     return (f"| {r['method']} | {r['clients']:,} | {r['data_mb']:.0f} | {r['load_s']:.1f} | {r['train_s']:.3f} "
-            f"| {r['eval_s']:.3f} | {states} | {r['rss_growth_mb']:.1f} | {r['peak_rss_mb']:.0f} |")
+            f"| {r['eval_s']:.3f} | {r['samples']:.0f} | {states} | {r['rss_growth_mb']:.1f} | {r['peak_rss_mb']:.0f} |")
 
 
 def scale_table(clients=CLIENTS, methods=METHODS, **kw) -> str:
@@ -139,9 +143,9 @@ def scale_table(clients=CLIENTS, methods=METHODS, **kw) -> str:
     lines = [f"synthetic, serial backend, 1 thread; {cohort} clients trained per round, evaluation every {every} "
              f"rounds on {sample} sampled clients; rounds 2..{rounds} (medians), final round not run"
              + (f"; --state-budget-gb {budget}" if budget is not None else "") + f"; {os.cpu_count()} CPUs",
-             "| method | clients | data MB | load s | train s/round | eval s/round | states kept | RSS growth MB "
-             "| peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| method | clients | data MB | load s | train s/round | eval s/round | samples/round | states kept "
+             "| RSS growth MB | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     return "\n".join(lines + [fmt_row(r) for r in rows])
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -124,13 +124,16 @@ def get_dataset(spec: str, cfg, args: DataArgs) -> FederatedDataset:
 
 def build_federated(
     name: str,
-    raw: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    raw: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
     num_classes: int,
     args: DataArgs,
     partition: str,
     default_models: dict[str, str] | None = None,
 ) -> FederatedDataset:
-    """Per-client (train_x, train_y, test_x, test_y) -> FederatedDataset with val split and unseen set."""
+    """Per-client (train_x, train_y, test_x, test_y) -> FederatedDataset with val split and unseen set.
+
+    `raw` is read once, in client order: a generator (datasets/synthetic.py) need not hold every
+    client's arrays at once while they are copied."""
     if not 0.0 <= args.val_frac < 1.0:
         raise BenchError(f"val_frac must be in [0, 1), got {args.val_frac}")
     if not 0.0 <= args.frac_unseen < 1.0:
