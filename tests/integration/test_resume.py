@@ -11,6 +11,7 @@ import pytest
 from fedeq_bench.bench import checkpoint
 from fedeq_bench.bench.experiment import TEST_KILL_ENV
 from tests.integration.test_cli import bench_run, runs_of
+from tests.integration.test_mlflow_server import mlflow_server  # noqa: F401 - a fixture: a real `mlflow server`
 
 # 2 methods x 6 rounds on 6 synthetic clients, half of them per round, a checkpoint every 2 rounds.
 ARGS = ["--methods", "fedavg,fedrep", "--dataset", "synthetic", "--clients", "6", "--rounds", "6",
@@ -158,45 +159,12 @@ def test_checkpoint_every_is_validated(tmp_path, capsys):
     assert not (tmp_path / "mlflow.db").exists()  # rejected before anything was recorded
 
 
-@pytest.fixture
-def http_store(tmp_path):
-    """An `mlflow server` process (SQLite behind it, artifacts served by it) on a free local port."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with open(tmp_path / "server.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                                 f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "served"),
-                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-2000:]
-                time.sleep(0.5)
-        yield uri
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def test_checkpoints_go_through_an_mlflow_server_when_its_artifacts_are_not_local(http_store):
+def test_checkpoints_go_through_an_mlflow_server_when_its_artifacts_are_not_local(mlflow_server):
     from mlflow.tracking import MlflowClient
 
     from tests.unit.test_checkpoint import loop_state
 
-    client = MlflowClient(tracking_uri=http_store)
+    client = MlflowClient(tracking_uri=mlflow_server[0])
     run_id = client.create_run(client.create_experiment("remote")).info.run_id
     ckpts = checkpoint.RunCheckpoints(client, run_id)
     assert ckpts.local is None  # mlflow-artifacts:/...: staged locally, then uploaded

@@ -158,12 +158,14 @@ def comparable(res):
     return history, res.ledger.entries, res.clients
 
 
-@pytest.mark.parametrize("method", METHODS.names())
-def test_every_method_resumed_from_a_checkpoint_equals_the_uninterrupted_run(tiny, tmp_path, method):
+@pytest.mark.parametrize("method, budget", [(m, None) for m in METHODS.names()] +
+                         [(m, 0.0) for m in ("ditto", "fedeq", "fedrep")])
+def test_every_method_resumed_from_a_checkpoint_equals_the_uninterrupted_run(tiny, tmp_path, method, budget):
     # 3 rounds, half the clients per round (so some are never sampled before the end), a held-out
     # client, evaluation every 2 rounds: a checkpoint after each round, then resume from rounds 1 and 2.
+    # budget 0: every client state lives on disk (bench/store.py), is written from there and restored there.
     cfg = tiny_config(tiny, methods=method, rounds=3, fraction=0.5, frac_unseen=0.2, eval_every=2,
-                      checkpoint_every=1)
+                      checkpoint_every=1, state_budget_gb=budget)
     ds = load_dataset(cfg, 0)
     paths = {}
 
