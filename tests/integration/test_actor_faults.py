@@ -11,11 +11,10 @@ import sys
 import pytest
 import torch
 
-from fedeq_bench.bench import cluster, engine, faults
+from fedeq_bench.bench import engine, faults
 from fedeq_bench.bench.backends import RayBackend, SerialBackend, Worker
 from fedeq_bench.bench.experiment import load_dataset
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.methods import METHODS
 from fedeq_bench.methods.fedavg import FedAvg
 from tests.helpers import tiny_config, write_tiny_npz
 
@@ -30,43 +29,54 @@ METHOD = "fedrep"
 
 pytestmark = pytest.mark.ray
 
-# A method whose local update kills its own process for client 3 in round 2, as the kernel's
-# out-of-memory killer would: imported by every process (driver and Ray workers) via sitecustomize.
-OOM_PLUGIN = """
-import os, signal, torch
-import fedeq_bench.methods
-from fedeq_bench.methods.base import register_method
-from fedeq_bench.methods.fedavg import FedAvg
+# Other work may commit to this checkout while these tests run, which changes its git commit between
+# the driver's start and a (replacement) worker's. So every process here reports this version from
+# $FEDEQ_BENCH_VERSION; test_every_worker_reports_the_git_commit checks the git path on its own.
+VERSION = "0.1.0+actor-fault-tests"
 
-@register_method('oom')
-class Oom(FedAvg):
+
+class OomFedAvg(FedAvg):
+    """FedAvg whose local update kills its own process for client 1 in round 2, as the kernel's
+    out-of-memory killer would. bench.run gets it as `oom` from OOM_PLUGIN."""
+
     def init_client(self, cid, server, rng):
-        return {'cid': torch.tensor(cid)}
+        return {"cid": torch.tensor(cid)}
 
     def broadcast(self, server, cid, rnd):
-        return {**server, 'round': torch.tensor(rnd)}
+        return {**server, "round": torch.tensor(rnd)}
 
     def local_update(self, down, state, data, rng):
-        if int(down['round']) == 2 and int(state['cid']) == 3:
+        if int(down["round"]) == 2 and int(state["cid"]) == 1:
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().local_update({k: v for k, v in down.items() if k != 'round'}, state, data, rng)
+        return super().local_update({k: v for k, v in down.items() if k != "round"}, state, data, rng)
 
     def evaluate(self, down, state, data, rng):
-        return super().evaluate({k: v for k, v in down.items() if k != 'round'}, state, data, rng)
+        return super().evaluate({k: v for k, v in down.items() if k != "round"}, state, data, rng)
+
+
+# bench.run's driver and its Ray workers import it via sitecustomize; Ray's own agents (also Python,
+# and started with the same environment) skip it, which keeps torch out of them and the test short.
+OOM_PLUGIN = """
+import sys
+if 'oom' in sys.argv or sys.argv[0].endswith('default_worker.py'):
+    from fedeq_bench.methods.base import register_method
+    from tests.integration.test_actor_faults import OomFedAvg
+    Oom = register_method('oom')(type('Oom', (OomFedAvg,), {}))
 """
 
 
 def test_a_client_that_keeps_killing_its_actor_fails_the_run_with_one_line(tmp_path):
-    """Client 3 shares round 2's third chunk with client 2 (5 clients in 4 chunks: [0] [1] [2, 3] [4]);
-    that chunk is redone one client per call, client 2 alone succeeds, client 3 alone kills its actor
+    """Client 1 shares round 2's first chunk with client 0 (6 clients in 4 chunks: [0, 1] [2] [3] [4, 5]);
+    that chunk is redone one client per call, client 0 alone succeeds, client 1 alone kills its actor
     MAX_ACTOR_RETRIES more times: 1 + 3 = 4 deaths, then one line naming method, round and client."""
     # Runs first, before this module starts its own Ray: bench.run starts (and stops) one of its own.
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    npz = write_tiny_npz(tmp_path / "t.npz", clients=5)
+    npz = write_tiny_npz(tmp_path / "t.npz", clients=6)
     (tmp_path / "plug").mkdir()
     (tmp_path / "plug" / "sitecustomize.py").write_text(OOM_PLUGIN)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PYTHONPATH"] = f"{tmp_path / 'plug'}:{ROOT}"
+    env[faults.VERSION_ENV] = VERSION
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--methods", "oom", "--rounds", "3",
                            "--dataset", f"npz:{npz}", "--backend", "ray", "--workers", "2",
                            "--tracking-uri", uri, "--quiet", "--no-report"],
@@ -76,7 +86,7 @@ def test_a_client_that_keeps_killing_its_actor_fails_the_run_with_one_line(tmp_p
 
     deaths = 1 + faults.MAX_ACTOR_RETRIES
     assert proc.stderr.strip().splitlines() == [
-        f"error: oom: round 2, client 3: its local update killed its Ray actor {deaths} times (out of memory?)"]
+        f"error: oom: round 2, client 1: its local update killed its Ray actor {deaths} times (out of memory?)"]
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("fedeq-bench").experiment_id])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}  # parent + the oom child
@@ -86,13 +96,17 @@ def test_a_client_that_keeps_killing_its_actor_fails_the_run_with_one_line(tmp_p
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray for the in-process tests; each test makes (and closes) its own 2-actor pool."""
+    """One local Ray for the in-process tests, its workers and this driver reporting VERSION; each
+    test makes (and closes) its own 2-actor pool."""
     import ray
 
-    started = cluster.connect(None)
+    mp = pytest.MonkeyPatch()
+    mp.setenv(faults.VERSION_ENV, VERSION)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore", faults.VERSION_ENV: VERSION}})
     yield ray
-    if started:
-        ray.shutdown()
+    ray.shutdown()
+    mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -155,64 +169,29 @@ def test_an_actor_killed_mid_round_is_replaced_and_the_run_is_bit_identical(how,
         backend.close()
 
 
-class OomFedAvg(FedAvg):
-    """FedAvg whose local update kills its own process for client 1 in round 2: OOM_PLUGIN's method
-    for in-process use. It stands in for `fedavg` in the registry only while a test runs; Ray's
-    workers import it from this module."""
-
-    def init_client(self, cid, server, rng):
-        return {"cid": torch.tensor(cid)}
-
-    def broadcast(self, server, cid, rnd):
-        return {**server, "round": torch.tensor(rnd)}
-
-    def local_update(self, down, state, data, rng):
-        if int(down["round"]) == 2 and int(state["cid"]) == 1:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return super().local_update({k: v for k, v in down.items() if k != "round"}, state, data, rng)
-
-    def evaluate(self, down, state, data, rng):
-        return super().evaluate({k: v for k, v in down.items() if k != "round"}, state, data, rng)
-
-
-def test_the_retry_bound_names_the_client_whose_update_kills_its_actor(ray_session, setup, monkeypatch):
-    """The first test in-process: 6 clients in 4 chunks, [0, 1] [2] [3] [4, 5]; client 1's update kills
-    the first chunk's actor, then its own alone MAX_ACTOR_RETRIES times, each on a fresh actor."""
-    npz, _, ds, _ = setup
-    cfg = tiny_config(npz, methods="fedavg", rounds=2)
-    monkeypatch.setitem(METHODS._items, "fedavg", OomFedAvg)
-    backend = RayBackend(workers=2)
-    try:
-        started = len(backend._spawned)
-        with pytest.raises(BenchError) as e:
-            engine.run_method(cfg, "fedavg", 0, ds, backend)
-        assert len(backend._spawned) - started == 1 + faults.MAX_ACTOR_RETRIES  # one replacement per death
-    finally:
-        backend.close()
-    assert str(e.value) == (f"fedavg: round 2, client 1: its local update killed its Ray actor "
-                            f"{1 + faults.MAX_ACTOR_RETRIES} times (out of memory?)")
-
-
-def test_every_worker_reports_the_drivers_version(ray_session):
-    """The normal path: a checkout's workers all report its git commit, as the driver does."""
-    backend = RayBackend(workers=2)
-    try:
-        reports = ray_session.get([a.hello.remote() for a in backend.actors])
-    finally:
-        backend.close()
+def test_every_worker_reports_the_git_commit(ray_session, monkeypatch):
+    """The normal path: a worker of this checkout (not told a version) reports its git commit, which
+    is what the driver reports; RayBackend's construction in the other tests is the equal-version path."""
     from fedeq_bench.bench.tracking import git_commit
 
-    assert [r["version"] for r in reports] == [git_commit()] * 2 == [faults.project_version()] * 2
+    monkeypatch.delenv(faults.VERSION_ENV)
+    unset = {"env_vars": {faults.VERSION_ENV: ""}}  # empty: not set, for project_version
+    actor = ray_session.remote(Worker).options(num_cpus=1, runtime_env=unset).remote(1, None)
+    try:
+        report = ray_session.get(actor.hello.remote())
+    finally:
+        ray_session.kill(actor)
+    assert report["version"] == faults.project_version() == git_commit() != "unknown"
+    assert report["node"] == ray_session.util.get_node_ip_address() and report["pid"] != os.getpid()
 
 
 def test_a_driver_of_another_version_is_refused_with_one_line(ray_session, monkeypatch):
-    """The workers were started from this checkout; a driver that says it runs 0.0.1 is refused."""
-    workers_version = faults.project_version()
-    monkeypatch.setenv(faults.VERSION_ENV, "0.0.1")  # this process only: Ray's workers are already forked
+    """The workers report VERSION; a driver that says it runs 0.0.1 is refused, and its actors go."""
+    monkeypatch.setenv(faults.VERSION_ENV, "0.0.1")  # this process only: Ray's workers have VERSION
     with pytest.raises(BenchError) as e:
         RayBackend(workers=2)
     node = ray_session.util.get_node_ip_address()
-    assert str(e.value) == (f"Ray worker on node {node} runs fedeq-bench {workers_version}, the driver 0.0.1; "
+    assert str(e.value) == (f"Ray worker on node {node} runs fedeq-bench {VERSION}, the driver 0.0.1; "
                             "install the same commit on every node")
 
 
@@ -231,4 +210,4 @@ def test_a_replacement_actor_of_another_version_fails_the_run(ray_session, setup
     finally:
         backend.close()
     assert str(e.value) == (f"Ray worker on node {ray.util.get_node_ip_address()} runs fedeq-bench 0.0.1-stale, "
-                            f"the driver {faults.project_version()}; install the same commit on every node")
+                            f"the driver {VERSION}; install the same commit on every node")
