@@ -273,8 +273,8 @@ class RayBackend:
             capacity = cluster.actor_capacity(cluster.node_resources(), cpus_per_client, gpus_per_client)
             n = cluster.pool_size(workers, capacity)
             self.actors = [self._spawn() for _ in range(n)]
-            for report in ray.get([a.hello.remote() for a in self.actors]):
-                faults.check_version(self._version, report)
+            for actor, report in zip(self.actors, ray.get([a.hello.remote() for a in self.actors])):
+                self._check_version(actor, report)
         except BenchError:
             self.close()
             raise
@@ -284,6 +284,15 @@ class RayBackend:
         actor = self._actor_cls.remote(*self._actor_args)
         self._spawned.append(actor)
         return actor
+
+    def _check_version(self, actor, report: dict) -> None:
+        """Refuse `actor` (its `hello()` report) if it runs another fedeq-bench than this driver."""
+        if report["version"] != self._version:
+            # A commit to this checkout between the two reports changes both: ask both once more, so
+            # only a real difference (a stale node) is refused.
+            self._version = faults.project_version()
+            report = self._ray.get(actor.hello.remote())
+        faults.check_version(self._version, report)
 
     def split(self, n: int) -> list["RayBackend"]:
         """`n` backends over disjoint parts of this pool, for `n` runs at once (a sweep's parallel
@@ -408,7 +417,7 @@ class RayBackend:
                 raise BenchError(f"every Ray actor died and no new one started within "
                                  f"{faults.ACTOR_START_TIMEOUT_S:g} s; is the cluster still up (`ray status`)?")
             return None
-        faults.check_version(self._version, report)
+        self._check_version(actor, report)
         self._device = device[0] if device else self._device
         self.actors.append(actor)
         return actor

@@ -195,6 +195,16 @@ def test_a_driver_of_another_version_is_refused_with_one_line(ray_session, monke
                             "install the same commit on every node")
 
 
+def test_a_commit_between_the_drivers_report_and_a_workers_is_no_mismatch(ray_session, monkeypatch):
+    """The driver read its version before a commit, the workers after: both are asked again, agree,
+    and the pool starts."""
+    answers = iter(["0.1.0+before-a-commit"])
+    monkeypatch.setattr(faults, "project_version", lambda: next(answers, VERSION))  # the driver's only
+    backend = RayBackend(workers=2)
+    backend.close()
+    assert backend._version == VERSION and next(answers, None) is None
+
+
 def test_a_replacement_actor_of_another_version_fails_the_run(ray_session, setup):
     """A replacement that lands on a stale node (here: an actor created with $FEDEQ_BENCH_VERSION set)
     stops the run with the version line rather than training with other code."""
