@@ -10,7 +10,8 @@ A job carries everything a client needs: the encoded downlink (bytes, decoded on
 method sees only what was sent) and the client's state (owned by the engine's client store, never
 kept on a worker: one actor serves many clients); (seed, round, client id) name its random stream.
 The dataset is put in Ray's object store once per dataset; each distinct downlink payload is put
-once per call and shared by every client that receives it.
+once per call and shared by every client that receives it. Because a job carries everything, a Ray
+actor that dies mid-call is replaced and its jobs redone with the same bits (bench/faults.py).
 """
 from __future__ import annotations
 
@@ -358,6 +359,9 @@ class RayBackend:
         is unusable afterwards, with the lost chunk's work gone. Here a dead actor is replaced
         (`_replace`) and its chunk goes back to the front of the queue, one job per chunk, so a
         client whose work kills its actor again and again is the one named (faults.killed).
+        Nor Ray's own `max_restarts` / `max_task_retries`: a restarted actor reruns only `__init__`
+        (no dataset, no version check), and a retry that keeps failing ends in Ray's traceback,
+        naming no client.
         """
         ray, deaths_of = self._ray, faults.actor_deaths()
         waiting = deque(chunks)
