@@ -28,7 +28,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from fedeq_bench.bench import cluster, faults, memory, wire
+from fedeq_bench.bench import cluster, divergence, faults, memory, wire
 from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.types import ClientTensors, MethodSpec, State
@@ -165,6 +165,7 @@ class Worker:
             with meter:
                 up, state, metrics = method.local_update(down, job.state, data,
                                                          seeding.generator(seed, "local", rnd, cid))
+            divergence.check_update(up, state, metrics)
             # A numpy buffer, not bytes: Ray moves it out-of-band (no pickling copy into the object store).
             return Result(cid, metrics, np.frombuffer(wire.encode(up), dtype=np.uint8), state,
                           meter.peak_bytes if metered else 0, memory.peak_rss_bytes())

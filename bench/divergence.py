@@ -36,6 +36,15 @@ def first_nonfinite(tree: Any, prefix: str = "") -> str | None:
     return None
 
 
-def describe(where: str, name: str) -> str:
-    """The message after 'method: round r, client c: '."""
-    return f"diverged: non-finite {where} ({name}); lower the learning rate or the penalty"
+def describe(name: str, after: str) -> str:
+    """The message after 'method: round r, client c: ' (or '..., server: ')."""
+    return f"diverged: non-finite {name} after the {after}; lower the learning rate or the penalty"
+
+
+def check_update(up, state, metrics) -> None:
+    """A local update's uplink, new client state and reported loss must be finite (BenchError)."""
+    from fedeq_bench.core.errors import BenchError
+
+    bad = first_nonfinite({"uplink": up, "state": state, "loss": metrics.get("loss", 0.0)})
+    if bad is not None:
+        raise BenchError(describe(bad, "local update"))

@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from fedeq_bench.bench import checkpoint, wire
+from fedeq_bench.bench import checkpoint, divergence, wire
 from fedeq_bench.bench.backends import Job, Kind, Result
 from fedeq_bench.bench.config import Config, resolve_method
 from fedeq_bench.bench.store import ClientStore, budget_bytes
@@ -282,6 +282,9 @@ def run_method(
         replies.sort(key=lambda r: r[0])
         with blame(method, rnd):
             server, agg_metrics = algo.aggregate(server, replies, rnd)
+        bad = divergence.first_nonfinite(server)
+        if bad is not None:
+            raise failure(method, rnd, divergence.describe(f"server state {bad}", "aggregate"))
         cumulative += up_bytes + down_bytes
         peak_train = max(peak_of[c] for c in cohort)
         losses = [m["loss"] for m in client_metrics if "loss" in m]
