@@ -13,10 +13,12 @@ design, so it costs what the whole federation costs and is not a per-round figur
 
 Columns: `data MB` RSS added by generating and holding the dataset (all clients' samples: it grows
 with the federation, idle clients included, since it is the data); `load s` its generation time;
-`train s/round` the median round without evaluation, `eval s/round` with it (the first round, with
-its one-off start-up, is left out); `samples/round` the median number of training samples in a
+`train s/round` the median time of a round's local updates, `eval s` of an evaluation (rounds 2 on:
+the first pays one-off start-up); `samples/round` the median number of training samples in a
 round's cohort (clients' sizes are heavy-tailed, LogNormal(4, 2) + 50: a round's time follows
-them, whichever clients the schedule draws); `states` the client states kept at the end (in memory + on
+them, whichever clients the schedule draws); `engine ms/round` the median time of a round outside
+the clients' work (local updates, evaluation): schedule, broadcast, encoding, aggregation, the client store,
+choosing the evaluation sample, i.e. what would grow if idle clients cost anything; `states` the client states kept at the end (in memory + on
 disk) and their MB; `RSS growth MB` the largest RSS during the rounds minus the RSS before the
 first; `peak RSS MB` the process's high-water mark (`ru_maxrss`, data generation included).
 """
@@ -61,7 +63,7 @@ def measure(method: str, clients: int, cohort: int = COHORT, rounds: int = ROUND
 
     from fedeq_bench.bench import config as C
     from fedeq_bench.bench import engine
-    from fedeq_bench.bench.backends import SerialBackend
+    from fedeq_bench.bench.backends import Kind, SerialBackend
     from fedeq_bench.bench.experiment import load_dataset
     from fedeq_bench.bench.memory import peak_rss_bytes
 
@@ -87,30 +89,44 @@ def measure(method: str, clients: int, cohort: int = COHORT, rounds: int = ROUND
                 stores.append(self)
 
         engine.ClientStore = Seen
-    history, rss_max = [], [rss_bytes()]
+    history, rss_max, spent = [], [rss_bytes()], {"train": 0.0, "eval": 0.0}
+
+    class Timed(SerialBackend):
+        """Seconds of clients' work, training and evaluation apart."""
+
+        def run(self, kind, *a, **kw):
+            t = time.perf_counter()
+            try:
+                return super().run(kind, *a, **kw)  # a list: the clients' work is done on return
+            finally:
+                spent["train" if kind is Kind.TRAIN else "eval"] += time.perf_counter() - t
+
+    rows = []  # (round, train s, eval s, engine s)
 
     def on_round(rnd, metrics):
         history.append(metrics)
+        rows.append((rnd, spent["train"], spent["eval"], metrics["time/round_s"] - spent["train"] - spent["eval"]))
+        spent.update(train=0.0, eval=0.0)
         rss_max.append(rss_bytes())
         if rnd == rounds:
             raise _Stop
 
     rss_start = rss_bytes()
     try:
-        engine.run_method(cfg, method, seed, ds, SerialBackend(threads=1), on_round)
+        engine.run_method(cfg, method, seed, ds, Timed(threads=1), on_round)
     except _Stop:
         pass
-    times = [(rnd, h["time/round_s"]) for rnd, h in enumerate(history, 1)]
     cohorts = engine.make_schedule(seed, ds.train_ids, rounds + 1, cfg.run.fraction)[1:rounds]
     samples = statistics.median(sum(ds.clients[c].num_train for c in cohort) for cohort in cohorts)
-    train = [t for rnd, t in times[1:] if rnd % eval_every]
-    evald = [t for rnd, t in times[1:] if not rnd % eval_every]
+    steady = rows[1:]  # round 1 pays one-off start-up (building the method, first touches)
+    evald = [ev for rnd, _, ev, _ in steady if rnd % eval_every == 0]
     store = stores[0] if stores else None
     return {
         "method": method, "clients": clients, "cohort": cohort, "eval_clients": eval_clients if "eval_clients" in keys
         else None, "load_s": load_s, "data_mb": (rss_data - rss0) / 1e6,
-        "train_s": statistics.median(train) if train else float("nan"),
+        "train_s": statistics.median(tr for _, tr, _, _ in steady),
         "eval_s": statistics.median(evald) if evald else float("nan"), "samples": samples,
+        "engine_ms": 1e3 * statistics.median(en for _, _, _, en in steady),
         "states": len(store) if store is not None else None,
         "states_mb": (store.mem_bytes + store.disk_bytes) / 1e6 if store is not None else None,
         "on_disk": store.stats()["on_disk"] if store is not None else None,
@@ -131,7 +147,7 @@ def fmt_row(r: dict) -> str:
     states = "-" if r["states"] is None else f"{r['states']} ({r['states_mb']:.1f} MB" + (
         f", {r['on_disk']} on disk)" if r["on_disk"] else ")")
     return (f"| {r['method']} | {r['clients']:,} | {r['data_mb']:.0f} | {r['load_s']:.1f} | {r['train_s']:.3f} "
-            f"| {r['eval_s']:.3f} | {r['samples']:.0f} | {states} | {r['rss_growth_mb']:.1f} | {r['peak_rss_mb']:.0f} |")
+            f"| {r['eval_s']:.3f} | {r['engine_ms']:.1f} | {r['samples']:.0f} | {states} | {r['rss_growth_mb']:.1f} | {r['peak_rss_mb']:.0f} |")
 
 
 def scale_table(clients=CLIENTS, methods=METHODS, **kw) -> str:
@@ -143,9 +159,9 @@ def scale_table(clients=CLIENTS, methods=METHODS, **kw) -> str:
     lines = [f"synthetic, serial backend, 1 thread; {cohort} clients trained per round, evaluation every {every} "
              f"rounds on {sample} sampled clients; rounds 2..{rounds} (medians), final round not run"
              + (f"; --state-budget-gb {budget}" if budget is not None else "") + f"; {os.cpu_count()} CPUs",
-             "| method | clients | data MB | load s | train s/round | eval s/round | samples/round | states kept "
-             "| RSS growth MB | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | clients | data MB | load s | train s/round | eval s | engine ms/round | samples/round "
+             "| states kept | RSS growth MB | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     return "\n".join(lines + [fmt_row(r) for r in rows])
 
 
