@@ -2,9 +2,8 @@
 
 `connect` starts a local Ray (sized to this machine), attaches to one already running here (`ray start
 --head`, or $RAY_ADDRESS), or joins the cluster at `--address` (`auto`, `HOST:PORT`, `ray://HOST:PORT`),
-failing fast with one line when nobody listens there. `start` does the same in a background thread,
-so Ray's processes come up while the caller loads data and imports MLflow; the next `connect` for
-that address waits for it (RayBackend calls `connect` and does not need to know).
+failing fast with one line when nobody listens there. `Background` runs such a start (with the
+actors' start after it: a whole RayBackend) in a thread while the caller loads data and imports MLflow.
 `actor_capacity` and `pool_size` are pure arithmetic over the nodes' resources, so the errors a user
 sees for a resource request that cannot be met are unit-tested without starting Ray. RayBackend
 (bench/backends.py) calls them in that order.
@@ -112,7 +111,15 @@ class _DropSigtermWarning(logging.Filter):
         return not str(record.msg).startswith(SIGTERM_WARNING)
 
 
-def _connect(address: str | None) -> bool:
+def connect(address: str | None) -> bool:
+    """Join the Ray cluster at `address`; None: attach to a running local instance (`running_instance`)
+    or start a local Ray with this machine's CPUs.
+
+    Returns whether this call initialized Ray in this process (the caller then calls ray.shutdown(),
+    which stops a Ray it started and only detaches from a running one); False when Ray was already
+    initialized, whoever did it. Called from a thread other than the main one, it must stay alive
+    while Ray is used (see `Background`).
+    """
     import ray
 
     _quiet_ray_loggers()
@@ -137,68 +144,47 @@ def _connect(address: str | None) -> bool:
     return True
 
 
-class Connecting:
-    """`connect(address)` running in a thread; `wait()` returns its result or raises its error."""
+class Background:
+    """`fn()` in a thread, for work that overlaps the caller's (starting Ray and its actors while the
+    data loads); `result()` returns its value or raises its error, `discard(undo)` gives it up.
 
-    def __init__(self, address: str | None):
-        self.address = address
-        self._started: bool | None = None
+    The thread is a daemon that stays parked once `fn` returns: Ray starts its processes (GCS,
+    raylet, agents) with PR_SET_PDEATHSIG, which Linux sends when the *thread* that forked them ends,
+    not the process, so a thread that returned would take the local Ray down with it. At exit, Ray's
+    own atexit hook stops them; `result` and `discard` wait for `fn`, so no caller leaves mid-start.
+    """
+
+    def __init__(self, fn, name: str = "background"):
+        self._fn = fn
+        self._value = None
         self._error: BaseException | None = None
-        # Not a daemon: an interpreter that exits mid-start waits for it, then Ray's atexit hook stops it.
-        self._thread = threading.Thread(target=self._run, name="ray-connect")
-        self._thread.start()
+        self._taken = False
+        self._done = threading.Event()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
 
     def _run(self) -> None:
         try:
-            self._started = _connect(self.address)
+            self._value = self._fn()
         except BaseException as e:  # handed to whoever waits
             self._error = e
+        finally:
+            self._done.set()
+        threading.Event().wait()  # parked for the life of the process (see the class doc)
 
-    def wait(self) -> bool:
-        self._thread.join()
+    def result(self):
+        self._done.wait()
+        self._taken = True
         if self._error is not None:
             raise self._error
-        return bool(self._started)
+        return self._value
 
-    def cancel(self) -> None:
-        """The caller gave up before using Ray (bad data, say): undo a start that is still ours."""
-        with _lock:
-            if _pending.get(self.address) is not self:
-                return  # `connect` took it: the backend owns the connection now
-            del _pending[self.address]
-        self._thread.join()
-        if self._started:
-            import ray
-
-            ray.shutdown()
-
-
-_lock = threading.Lock()
-_pending: dict[str | None, Connecting] = {}
-
-
-def start(address: str | None) -> Connecting:
-    """Begin `connect(address)` in the background and return its handle; `connect(address)` waits
-    for it. Nothing is recorded and no error is raised here: a bad address fails in `connect`."""
-    with _lock:
-        if address not in _pending:
-            _pending[address] = Connecting(address)
-        return _pending[address]
-
-
-def connect(address: str | None) -> bool:
-    """Join the Ray cluster at `address`; None: attach to a running local instance (`running_instance`)
-    or start a local Ray with this machine's CPUs.
-
-    Returns whether this call initialized Ray in this process (the caller then calls ray.shutdown(),
-    which stops a Ray it started and only detaches from a running one); False when Ray was already
-    initialized, whoever did it. Waits for a `start(address)` under way.
-    """
-    with _lock:
-        pending = _pending.pop(address, None)
-    if pending is not None:
-        return pending.wait()
-    return _connect(address)
+    def discard(self, undo) -> None:
+        """The caller gave up (bad data, Ctrl-C): wait for `fn`, then `undo(value)` if it succeeded
+        and nobody took its value. Its error, if any, is dropped: the caller's own error wins."""
+        self._done.wait()
+        if not self._taken and self._error is None:
+            self._taken = True
+            undo(self._value)
 
 
 def node_resources() -> list[dict[str, float]]:

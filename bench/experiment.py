@@ -297,8 +297,22 @@ def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = No
     from fedeq_bench.bench.tracking import Tracker, git_commit, package_versions
 
     run = cfg.run
-    datasets = load_checked(cfg)
-    backend = make_backend(run)
+    starting = None
+    if run.backend == "ray":
+        # Ray and its actors start in the background while the data loads and MLflow is imported
+        # (bench/cluster.py: Background). A bad --address is still raised before anything is recorded.
+        from fedeq_bench.bench.cluster import Background
+
+        starting = Background(lambda: make_backend(run), name="ray-start")
+    try:
+        datasets = load_checked(cfg)
+        if starting is not None:
+            _import_tracking(run.tracking_uri)
+        backend = starting.result() if starting is not None else make_backend(run)
+    except BaseException:
+        if starting is not None:
+            starting.discard(lambda b: b.close())  # stop the Ray nobody will use
+        raise
     closed = False
     try:
         tracker = Tracker(run.tracking_uri, run.experiment)
@@ -333,6 +347,19 @@ def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = No
         if not closed:
             backend.close()
     return rows, parent
+
+
+def _import_tracking(uri: str) -> None:
+    """Import MLflow's client (and its database store for a database URI) without opening a store:
+    a second or two of imports that overlap Ray's start, while a bad --address still leaves no
+    database behind."""
+    import mlflow.tracking  # noqa: F401
+
+    if uri.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql"):
+        try:
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+        except ImportError:  # moved in another MLflow version: the store imports it when opened
+            pass
 
 
 def report(cfg, parent: str, report_dir: str = "reports"):

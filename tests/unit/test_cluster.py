@@ -133,34 +133,39 @@ def test_a_live_address_file_is_attached_to_and_a_stale_one_ignored(tmp_path):
 # -- starting in the background ------------------------------------------------------------------
 
 
-def test_connect_waits_for_a_background_start_of_the_same_address(monkeypatch):
-    calls = []
+def test_background_hands_over_its_value_or_its_error():
+    import threading
 
-    def fake_connect(address):
-        calls.append(address)
-        return True
+    where = []
+    job = cluster.Background(lambda: where.append(threading.current_thread().name) or "backend", name="ray-start")
+    assert job.result() == "backend" and where == ["ray-start"]               # ran in its own thread
+    undone = []
+    job.discard(undone.append)
+    assert undone == []                                                         # taken: the caller owns it
 
-    monkeypatch.setattr(cluster, "_connect", fake_connect)
-    handle = cluster.start("10.0.0.1:6379")
-    assert cluster.start("10.0.0.1:6379") is handle                            # one start per address
-    assert cluster.connect("10.0.0.1:6379") is True                            # the background result
-    assert calls == ["10.0.0.1:6379"]
-    handle.cancel()                                                             # the backend owns it now: no-op
-    assert cluster.connect("10.0.0.1:6379") is True and len(calls) == 2        # nothing pending: connects itself
+    def refused():
+        raise BenchError("cannot reach a Ray cluster at '127.0.0.1:1'")
 
-
-def test_a_background_error_is_raised_by_connect(monkeypatch):
-    def refused(address):
-        raise BenchError(f"cannot reach a Ray cluster at {address!r}")
-
-    monkeypatch.setattr(cluster, "_connect", refused)
-    cluster.start("127.0.0.1:1")
     with pytest.raises(BenchError, match="cannot reach a Ray cluster at '127.0.0.1:1'"):
-        cluster.connect("127.0.0.1:1")
+        cluster.Background(refused).result()
 
 
-def test_cancel_forgets_a_start_nobody_used(monkeypatch):
-    monkeypatch.setattr(cluster, "_connect", lambda address: False)  # Ray was already up: nothing to stop
-    handle = cluster.start(None)
-    handle.cancel()
-    assert None not in cluster._pending
+def test_discard_undoes_a_value_nobody_took_and_drops_an_error():
+    undone = []
+    cluster.Background(lambda: "backend").discard(undone.append)
+    assert undone == ["backend"]                                                # closed, as the caller gave up
+
+    def refused():
+        raise BenchError("refused")
+
+    cluster.Background(refused).discard(undone.append)                          # nothing raised, nothing undone
+    assert undone == ["backend"]
+
+
+def test_the_background_thread_outlives_its_work():
+    """Ray's processes die with the thread that forked them (PR_SET_PDEATHSIG): it must not end."""
+    import threading
+
+    job = cluster.Background(lambda: None, name="ray-start-parked")
+    job.result()
+    assert any(t.name == "ray-start-parked" and t.is_alive() and t.daemon for t in threading.enumerate())

@@ -34,7 +34,11 @@ def test_cluster_files_pass_rays_schema_and_install_the_project(name):
     import ray
 
     assert re.search(rf'"ray\[default\]=={re.escape(ray.__version__)}"', setup), setup
-    assert cfg["file_mounts"] == {"~/fedeq-bench": "."}
+    # The checkout, and Ray's auth token (token authentication is on: a node without it cannot join,
+    # as `ray up ray_cluster.local.yaml` against this machine showed).
+    assert cfg["file_mounts"] == {"~/fedeq-bench": ".", "~/.ray/auth_token": "~/.ray/auth_token"}
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert all("RAY_AUTH_MODE=token" in c for c in cfg[key] if "ray start" in c)
     assert any("mlflow server" in c and "--backend-store-uri sqlite:///" in c for c in cfg["head_start_ray_commands"])
     assert any("ray start --head --port=6379" in c for c in cfg["head_start_ray_commands"])
     assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in cfg["worker_start_ray_commands"])
