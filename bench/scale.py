@@ -67,7 +67,8 @@ def measure(method: str, clients: int, cohort: int = COHORT, rounds: int = ROUND
     from fedeq_bench.bench.experiment import load_dataset
     from fedeq_bench.bench.memory import peak_rss_bytes
 
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the driver too, like the clients (SerialBackend(threads=1)): one core's figures
     keys = {f.name for f in dataclasses.fields(C.RunConfig)}
     over = {"methods": method, "dataset": "synthetic", "clients": clients, "rounds": rounds + 1,
             "fraction": cohort / clients, "eval_every": eval_every, "backend": "serial",
@@ -80,10 +81,10 @@ def measure(method: str, clients: int, cohort: int = COHORT, rounds: int = ROUND
     load_s = time.perf_counter() - t0
     rss_data = rss_bytes()
 
-    # The store the engine makes, to read how many states it kept (a measurement hook, this process only).
-    stores = []
-    if hasattr(engine, "ClientStore"):
-        class Seen(engine.ClientStore):
+    # The store the engine makes, to read how many states it kept (a measurement hook, put back below).
+    stores, real_store = [], getattr(engine, "ClientStore", None)
+    if real_store is not None:
+        class Seen(real_store):
             def __init__(self, *a, **kw):
                 super().__init__(*a, **kw)
                 stores.append(self)
@@ -116,6 +117,10 @@ def measure(method: str, clients: int, cohort: int = COHORT, rounds: int = ROUND
         engine.run_method(cfg, method, seed, ds, Timed(threads=1), on_round)
     except _Stop:
         pass
+    finally:
+        if real_store is not None:
+            engine.ClientStore = real_store
+        torch.set_num_threads(threads)
     cohorts = engine.make_schedule(seed, ds.train_ids, rounds + 1, cfg.run.fraction)[1:rounds]
     samples = statistics.median(sum(ds.clients[c].num_train for c in cohort) for cohort in cohorts)
     steady = rows[1:]  # round 1 pays one-off start-up (building the method, first touches)

@@ -173,3 +173,15 @@ def test_a_budget_that_forces_spills_changes_no_metric(tiny, method, monkeypatch
         assert same(a, b)
     assert plain.ledger.entries == spilled.ledger.entries
     assert plain.clients == spilled.clients
+
+
+def test_the_scale_benchmark_counts_the_states_of_trained_clients_only():
+    # A smoke run of bench/scale.py's measurement (`python -m bench.perf --scale`), in this process.
+    from fedeq_bench.bench import scale
+
+    r = scale.measure("fedrep", 40, cohort=4, rounds=3, eval_every=2, eval_clients=5)
+    # Rounds 1..3 of 4 clients each: at most 12 clients trained, so at most 12 states of 40 clients.
+    assert 4 <= r["states"] <= 3 * 4 and r["states_mb"] > 0 and r["on_disk"] == 0
+    assert r["train_s"] > 0 and r["eval_s"] > 0 and r["engine_ms"] >= 0 and r["samples"] > 0
+    assert engine.ClientStore is ClientStore  # the measurement hook is put back
+    assert scale.fmt_row(r).startswith("| fedrep | 40 |")
