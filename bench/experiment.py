@@ -85,12 +85,17 @@ def load_dataset(cfg, seed: int):
 
 
 def check_models(cfg, dataset) -> None:
-    """Build each method's model once on the driver so a mismatch fails before anything is recorded."""
-    from fedeq_bench.bench.config import resolve_method
-    from fedeq_bench.methods.nets import build_model
+    """Build each method's model on the driver and run two real training samples through it
+    (`nets.probe`), so a model that cannot take this data fails before anything is recorded."""
+    import torch
 
-    for m in cfg.run.methods:
-        build_model(resolve_method(cfg, m, dataset.default_models).model, dataset.input_shape, dataset.num_classes)
+    from fedeq_bench.bench.config import resolve_method
+    from fedeq_bench.methods.nets import probe
+
+    first = next(c for c in dataset.clients if len(c.train_y))
+    x = torch.from_numpy(first.train_x[:2].copy())  # as a worker hands it to the model (datasets stay read-only)
+    for model in dict.fromkeys(resolve_method(cfg, m, dataset.default_models).model for m in cfg.run.methods):
+        probe(model, dataset.input_shape, dataset.num_classes, x)
 
 
 def load_checked(cfg) -> dict:
@@ -296,7 +301,10 @@ def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = No
     from fedeq_bench.bench.backends import make_backend
     from fedeq_bench.bench.tracking import Tracker, git_commit, package_versions
 
+    from fedeq_bench.bench.tracking import check_store
+
     run = cfg.run
+    check_store(run.tracking_uri)  # an unreachable or read-only store: one line before Ray or data start
     starting = None
     if run.backend == "ray":
         # Ray and its actors start in the background while the data loads and MLflow is imported

@@ -81,10 +81,15 @@ def test_every_method_runs_two_rounds_on_ray_and_mlflow_has_every_metric(tmp_pat
     (["--config", "/nonexistent.toml"], "not found"),
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     (["--fraction", "0"], "fraction must be in (0, 1]"),
+    # Passed the build-only model check, then died in round 1 with an IndexError.
+    (["--methods", "fedavg", "--model", "transformer8"],
+     "model 'transformer8' cannot take this dataset's samples (shape (60,), dtype torch.float32): IndexError"),
+    # Argparse takes the last --tracking-uri: MLflow's client retried this port for minutes, silently.
+    (["--tracking-uri", "http://127.0.0.1:9"], "cannot reach the MLflow tracking server at http://127.0.0.1:9 ("),
 ])
 def test_bad_input_is_one_line_exit_2_and_records_nothing(tmp_path, args, fragment):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = bench_run([*args, "--backend", "serial", "--tracking-uri", uri, "--quiet"], tmp_path, timeout=120)
+    proc = bench_run(["--backend", "serial", "--tracking-uri", uri, "--quiet", *args], tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
