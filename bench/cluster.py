@@ -126,13 +126,18 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     kw: dict = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+    shown = address
     if not address:
         found = running_instance()
         if found:
-            address, why = found
-            sys.stderr.write(f"ray: attaching to the running Ray instance at {address} ({why})\n")
+            shown, why = found
+            sys.stderr.write(f"ray: attaching to the running Ray instance at {shown} ({why})\n")
+            # "auto", which Ray resolves to the same instance (same order): Ray turns its token
+            # authentication on only for an instance it finds itself, never for an explicit address,
+            # and `ray start --head` starts one with it on.
+            address = "auto"
     if address:
-        check_reachable(address)
+        check_reachable(shown)
         kw["address"] = address
     else:
         # "local": a new instance even if Ray's address file names one (checked above: not answering).
@@ -140,7 +145,9 @@ def connect(address: str | None) -> bool:
     try:
         ray.init(**kw, runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
     except ConnectionError as e:
-        raise BenchError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
+        raise BenchError(f"cannot connect to the Ray cluster at {shown!r}: {e} (a cluster with token "
+                         "authentication, Ray's default, needs RAY_AUTH_MODE=token and its token in "
+                         "~/.ray/auth_token)") from None
     return True
 
 

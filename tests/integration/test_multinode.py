@@ -137,6 +137,9 @@ def test_auto_environment_and_a_running_instance_reach_the_cluster(two_nodes, ti
     if how == "address file":
         with open(os.path.join(tmp, "ray", "ray_current_cluster")) as f:
             assert f.read().strip() == cluster.address
+        # Ray turns token authentication on for an instance it finds this way when ~/.ray/auth_token
+        # exists (`ray start --head` runs with it on); this test cluster runs without it.
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     else:
         monkeypatch.setenv("RAY_ADDRESS", cluster.address)
     backend = RayBackend(address="auto" if how == "auto" else None)
