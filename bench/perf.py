@@ -3,6 +3,11 @@
 The workload, and what the ratio measures, is described in bench/workloads.py. Targets: 1 worker
 within 1.3x of the plain loop; 2 workers on 2 cores faster than it.
 
+`python -m bench.perf --whole`: also the whole-process table (bench/workloads.py, whole_process_table):
+each command timed from process start to exit, imports, Ray's start and MLflow's store included, next
+to the plain loop as a script; Ray both starting its own instance and attached to a running
+`ray start --head`. Targets (issue 12): 1 worker within 1.5x of the plain loop, 2 workers below 1.2x.
+
 `python -m bench.perf --method fedeq`: seconds per FeDEQ local update on deq_mlp and deq_resnet_s
 (the reference's stopping rule and Anderson, and the earlier rel/torchdeq/no-cache form) next to a
 FedRep update on the paired explicit model at equal epochs (bench/workloads.py, fedeq_update_table).
@@ -27,6 +32,9 @@ def main(argv=None) -> int:
     p.add_argument("--method", choices=("fedavg", "fedeq"), default="fedavg",
                    help="fedavg: the harness-overhead table (default); fedeq: seconds per FeDEQ local update")
     p.add_argument("--repeats", type=int, default=3, help="--method fedeq: timed updates per row (median)")
+    p.add_argument("--whole", action="store_true",
+                   help="also time whole processes (plain script, bench.run serial and Ray, Ray attached to a "
+                        "running `ray start --head`), start to exit")
     p.add_argument("--scale", action="store_true",
                    help="round time and memory against the number of clients (bench/scale.py)")
     p.add_argument("--clients", default="100,1000,10000", help="--scale: comma list of federation sizes")
@@ -60,6 +68,11 @@ def main(argv=None) -> int:
 
     try:
         print(overhead_table(args.rounds, args.warmup, args.lr, args.batch_size, workers))
+        if args.whole:
+            from fedeq_bench.bench.workloads import whole_process_table
+
+            print()
+            print(whole_process_table(args.rounds, args.lr, args.batch_size, workers))
     except KeyboardInterrupt:
         cli.fail("interrupted")
         return cli.EXIT_INTERRUPTED

@@ -124,11 +124,17 @@ def overhead_table(rounds: int = 30, warmup: int = 5, lr: float = 0.05, batch_si
             cpus = max(1, ncpu // w)
             rows.append((f"harness, Ray, {w} worker{'s' if w > 1 else ''} x {cpus} CPU{'s' if cpus > 1 else ''}",
                          steady(harness(path, rounds, lr, batch_size, "ray", w, cpus), warmup)))
-    lines = [f"FedAvg, mlp, {CLIENTS} clients x {N_TRAIN} samples, all clients, 1 epoch, batch {batch_size}, "
-             f"{rounds} rounds; steady state = median of rounds {warmup + 1}..{rounds - 1}; {os.cpu_count()} CPUs",
-             f"| {'setup':<48} | s/round | ratio to plain |",
-             f"|{'-' * 50}|---------|----------------|"]
-    lines += [f"| {name:<48} | {t:7.3f} | {t / base:14.2f} |" for name, t in rows]
+    return ratio_table(f"FedAvg, mlp, {CLIENTS} clients x {N_TRAIN} samples, all clients, 1 epoch, batch {batch_size}, "
+                       f"{rounds} rounds; steady state = median of rounds {warmup + 1}..{rounds - 1}; "
+                       f"{os.cpu_count()} CPUs", "setup", "s/round", rows, 48, ".3f")
+
+
+def ratio_table(title: str, first: str, unit: str, rows: list[tuple[str, float]], width: int, fmt: str) -> str:
+    """A Markdown table of (name, seconds) rows with each row's ratio to the first (the plain loop)."""
+    base = rows[0][1]
+    lines = [title, f"| {first:<{width}} | {unit} | ratio to plain |",
+             f"|{'-' * (width + 2)}|{'-' * (len(unit) + 2)}|----------------|"]
+    lines += [f"| {name:<{width}} | {t:{len(unit)}{fmt}} | {t / base:14.2f} |" for name, t in rows]
     return "\n".join(lines)
 
 
@@ -219,3 +225,118 @@ def fedeq_update_table(models: tuple[str, ...] = ("deq_mlp", "deq_resnet_s"), re
         return "\n".join(lines)
     finally:
         torch.set_num_threads(prev)
+
+
+# -- Whole process (issue 12) ---------------------------------------------------------------------
+# The same workload timed as a user meets it: each command a fresh process, from `python` to exit,
+# so imports, Ray's start, MLflow's store and the final evaluation count. The plain loop is a script
+# doing only its training (torch imported, data loaded, 30 rounds, exit).
+PLAIN_SCRIPT = ("import sys\nfrom fedeq_bench.bench.workloads import plain_loop\n"
+                "plain_loop(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]))\n")
+
+
+def bench_run_args(npz_path: str, rounds: int, lr: float, batch: int, uri: str) -> list[str]:
+    """`python -m bench.run` flags of the workload (the module docstring's; no report, no bars)."""
+    return ["--methods", "fedavg", "--dataset", f"npz:{npz_path}", "--model", "mlp", "--rounds", str(rounds),
+            "--fraction", "1", "--local-epochs", "1", "--batch-size", str(batch), "--lr", str(lr),
+            "--val-frac", "0", "--eval-every", str(rounds), "--tracking-uri", uri, "--quiet", "--no-report"]
+
+
+def timed_process(argv: list[str], env: dict[str, str], cwd: str) -> float:
+    """Wall seconds of one process, start to exit; a failure raises with its stderr's end."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:4])} ... exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return wall
+
+
+def start_ray_head(env: dict[str, str], cpus: int):
+    """`ray start --head --block` in its own process group (RAY_TMPDIR in `env` keeps it private);
+    returns the Popen once its address file is written. `stop_ray_head` ends exactly this one
+    (never `ray stop`, which stops every Ray instance of this user on the machine)."""
+    import subprocess
+    import sys
+
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    address_file = os.path.join(env["RAY_TMPDIR"], "ray", "ray_current_cluster")
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--num-cpus={cpus}", "--port=0",
+                             "--include-dashboard=false"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not os.path.exists(address_file):
+        if head.poll() is not None or time.time() > deadline:
+            stop_ray_head(head, env["RAY_TMPDIR"])
+            raise RuntimeError("`ray start --head` did not come up")
+        time.sleep(0.2)
+    return head
+
+
+def stop_ray_head(head, temp_dir: str | None = None) -> None:
+    """SIGTERM to the head's process group (`--block` tears its node down), then SIGKILL to any
+    process left whose command line names this head's private temp dir (Ray starts some of its
+    node's processes in sessions of their own)."""
+    import signal
+
+    try:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+    except Exception:
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except OSError:
+            pass
+    if not temp_dir:
+        return
+    marker = os.path.join(temp_dir, "ray", "session").encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker in f.read():
+                    os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def whole_process_table(rounds: int = 30, lr: float = 0.05, batch_size: int = 32,
+                        workers: tuple[int, ...] = (1, 2), attach: bool = True) -> str:
+    """Seconds from process start to exit: the plain loop as a script, `bench.run` on the serial
+    backend, on Ray starting its own instance, and attached to a running `ray start --head`
+    (`attach`). The Markdown table `python -m bench.perf --whole` prints."""
+    import sys
+
+    from fedeq_bench.bench.tracking import Tracker
+
+    ncpu = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="wp", dir="/tmp") as d:  # short: Ray's socket paths
+        path = write_fmnist_like(os.path.join(d, "fmnist_like.npz"))
+        uri = f"sqlite:///{d}/mlflow.db"
+        Tracker(uri, "fedeq-bench")  # the store and experiment exist, as after a user's first run
+        # A private Ray temp dir: no run attaches to another Ray instance on this machine by accident.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+        env["RAY_TMPDIR"] = d
+        run = [sys.executable, "-m", "bench.run", *bench_run_args(path, rounds, lr, batch_size, uri)]
+        rows = [("plain PyTorch loop (a script)",
+                 timed_process([sys.executable, "-c", PLAIN_SCRIPT, path, str(rounds), str(lr), str(batch_size)],
+                               env, d))]
+        rows.append(("bench.run --backend serial", timed_process([*run, "--backend", "serial"], env, d)))
+        for w in workers:
+            cpus = max(1, ncpu // w)
+            rows.append((f"bench.run, Ray {w} worker{'s' if w > 1 else ''} x {cpus} CPU, starting Ray",
+                         timed_process([*run, "--workers", str(w), "--cpus-per-client", str(cpus)], env, d)))
+        if attach:
+            head = start_ray_head(env, ncpu)
+            try:
+                for w in workers:
+                    cpus = max(1, ncpu // w)
+                    rows.append((f"bench.run, Ray {w} worker{'s' if w > 1 else ''} x {cpus} CPU, attached to "
+                                 "`ray start --head`",
+                                 timed_process([*run, "--workers", str(w), "--cpus-per-client", str(cpus)], env, d)))
+            finally:
+                stop_ray_head(head, d)
+    return ratio_table(f"Whole process (start to exit), FedAvg, mlp, {CLIENTS} clients x {N_TRAIN} samples, all "
+                       f"clients, 1 epoch, batch {batch_size}, {rounds} rounds, final evaluation, no report; "
+                       f"{ncpu} CPUs", "command", "wall s", rows, 66, ".1f")
