@@ -43,6 +43,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(c, env, tmp) -> None:
+    """Tear a test cluster down: this process's Ray connection, the cluster's nodes, its environment
+    and temp dir."""
+    if ray.is_initialized():
+        ray.shutdown()
+    c.shutdown()
+    env.undo()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
     """(cluster, Ray Client port, the cluster's RAY_TMPDIR): a head and a worker node, 1 CPU each."""
@@ -65,11 +75,7 @@ def two_nodes():
         c.wait_for_nodes()
         yield c, client_port, tmp
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        c.shutdown()
-        env.undo()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop(c, env, tmp)
 
 
 @pytest.fixture(scope="module")
@@ -129,19 +135,39 @@ def test_cpus_per_client_sizes_the_pool_per_node(two_nodes):
     assert not ray.is_initialized()  # the failed backend detached again
 
 
-@pytest.mark.parametrize("how", ["auto", "RAY_ADDRESS", "address file"])
-def test_auto_environment_and_a_running_instance_reach_the_cluster(two_nodes, tiny, how, monkeypatch):
-    """--address auto with $RAY_ADDRESS (what `ray job submit` sets), no --address with $RAY_ADDRESS,
-    and no --address with only the address file the head wrote (as `ray start --head` does)."""
+ATTACH = """
+import ray
+from fedeq_bench.bench.backends import RayBackend
+b = RayBackend(address=None)
+nodes = {ray.get(a.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())) for a in b.actors}
+print(b.workers, len(nodes))
+b.close()
+"""
+
+
+def test_no_address_attaches_through_the_address_file_a_head_wrote(two_nodes):
+    """No --address and no $RAY_ADDRESS: the address file the head wrote (as `ray start --head` does)
+    leads to the running cluster. In a fresh process told the cluster's auth mode: whether this test
+    cluster runs with Ray's token authentication depends on what this pytest process started before
+    (Ray keeps the mode a process first used), and a driver attaching through the address file turns
+    token auth on when ~/.ray/auth_token exists; an in-process attach with the other mode hangs."""
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
     cluster, _, tmp = two_nodes
-    if how == "address file":
-        with open(os.path.join(tmp, "ray", "ray_current_cluster")) as f:
-            assert f.read().strip() == cluster.address
-        # Ray turns token authentication on for an instance it finds this way when ~/.ray/auth_token
-        # exists (`ray start --head` runs with it on); this test cluster runs without it.
-        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    else:
-        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    with open(os.path.join(tmp, "ray", "ray_current_cluster")) as f:
+        assert f.read().strip() == cluster.address
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # RAY_TMPDIR=tmp: from the fixture
+    env.update(PYTHONPATH=ROOT, RAY_AUTH_MODE="token" if is_token_auth_enabled() else "disabled")
+    proc = subprocess.run([sys.executable, "-c", ATTACH], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["2", "2"]  # two actors, one on each node
+
+
+@pytest.mark.parametrize("how", ["auto", "RAY_ADDRESS"])
+def test_auto_environment_and_a_running_instance_reach_the_cluster(two_nodes, tiny, how, monkeypatch):
+    """--address auto with $RAY_ADDRESS (what `ray job submit` sets), and no --address with $RAY_ADDRESS."""
+    cluster, _, tmp = two_nodes
+    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
     backend = RayBackend(address="auto" if how == "auto" else None)
     try:
         assert backend.workers == 2 and len({node_of(a) for a in backend.actors}) == 2
@@ -233,8 +259,4 @@ def test_gpu_actors_train_on_cuda_on_the_gpu_node(tiny):
             backend.close()
         same_numbers(engine.run_method(cfg, "fedrep", 0, ds, SerialBackend(device="cuda")), on_ray)
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        c.shutdown()
-        env.undo()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop(c, env, tmp)
