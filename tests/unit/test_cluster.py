@@ -69,12 +69,19 @@ def test_threads_are_whole_cpus_at_least_one():
     assert [cluster.threads_per_actor(c) for c in (0.25, 0.5, 1.0, 2.0, 4.0)] == [1, 1, 1, 2, 4]
 
 
-def test_reachability_accepts_a_listener_and_rejects_a_closed_port():
+def closed_after_listening(address) -> int:
+    """A local port: `check_reachable(address(port))` passes while something listens on it; the port
+    is returned closed, so the same address must then be refused."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
-        cluster.check_reachable(f"127.0.0.1:{port}")
+        cluster.check_reachable(address(port))
+    return port
+
+
+def test_reachability_accepts_a_listener_and_rejects_a_closed_port():
+    port = closed_after_listening(lambda p: f"127.0.0.1:{p}")
     # The same port, now closed: refused at once rather than after Ray's minutes of retries.
     with pytest.raises(BenchError) as e:
         cluster.check_reachable(f"127.0.0.1:{port}", timeout=2.0)
@@ -91,11 +98,7 @@ def test_a_ray_client_address_probes_its_server():
     assert cluster.client_target("ray://head:10002") == "head:10002"
     assert cluster.client_target("ray://head") == "head:10001"                  # Ray Client's default port
     assert cluster.client_target("head:6379") is None
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        port = server.getsockname()[1]
-        cluster.check_reachable(f"ray://127.0.0.1:{port}")
+    port = closed_after_listening(lambda p: f"ray://127.0.0.1:{p}")
     with pytest.raises(BenchError) as e:
         cluster.check_reachable(f"ray://127.0.0.1:{port}", timeout=2.0)
     assert str(e.value).startswith(f"cannot reach a Ray cluster at 'ray://127.0.0.1:{port}' (")
