@@ -376,15 +376,14 @@ def report(cfg, parent: str, report_dir: str = "reports"):
     Returns bench.report's ReportPaths."""
     import os
 
-    from mlflow.tracking import MlflowClient
-
     from fedeq_bench.bench import report as R
     from fedeq_bench.bench.report.markdown import slug
+    from fedeq_bench.bench.tracking import open_client
 
     run = cfg.run
     out = os.path.join(report_dir, f"{slug(run.experiment, 60)}-{parent[:8]}")
     paths = R.build(run.tracking_uri, run.experiment, runs=[parent], out=out)
-    R.log_artifacts(paths, MlflowClient(tracking_uri=run.tracking_uri), parent)
+    R.log_artifacts(paths, open_client(run.tracking_uri), parent)
     return paths
 
 
@@ -504,9 +503,8 @@ def recorded_config(tracking_uri: str, parent_id: str, overrides: dict | None = 
     BenchError (one line) for an unknown run, a run that is not a comparison parent, a finished one,
     one whose process still runs, or an override that would change the results.
     """
-    from mlflow.tracking import MlflowClient
-
     from fedeq_bench.bench import config as C
+    from fedeq_bench.bench.tracking import open_client
 
     overrides = dict(overrides or {})
     bad = sorted(set(overrides) - set(RESUME_KEYS))
@@ -514,11 +512,7 @@ def recorded_config(tracking_uri: str, parent_id: str, overrides: dict | None = 
         raise BenchError(f"--resume continues run {parent_id} with the config recorded on it; "
                          f"{', '.join('--' + k.replace('_', '-') for k in bad)} would change its results "
                          f"(with --resume give only {', '.join('--' + k.replace('_', '-') for k in RESUME_KEYS)})")
-    import logging
-
-    for name in ("mlflow", "alembic"):  # as Tracker does: no INFO lines (database migrations) on stderr
-        logging.getLogger(name).setLevel(logging.WARNING)
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = open_client(tracking_uri)  # MLflow's INFO lines silenced there, as for every store
     parent = _parent_run(client, tracking_uri, parent_id)
     cfg = C.default_config()
     sections = {"run", *cfg.methods, *cfg.datasets}

@@ -71,6 +71,13 @@ OBJECTIVES = {
 """`--objective` names: (metric, direction). acc: final validation accuracy; bytes: every byte sent up
 and down over the run; memory: the run's peak training memory of a local update. Each is the mean over
 seeds."""
+COLUMN = {"acc": "acc/val", "bytes": "MB sent", "memory": "peak train MB"}
+"""How each objective is shown (Pareto table, figure): bytes and memory in MB (`shown`)."""
+
+
+def shown(objective: str, value: float) -> float:
+    """An objective's value as COLUMN shows it: bytes and memory in MB, accuracy as is."""
+    return value / 1e6 if objective in ("bytes", "memory") else value
 TEST_METRICS = ("acc/mean", "acc/weighted", "acc/bottom10", "acc/unseen")
 """Metrics a trial does not log: on the validation view they would be validation figures."""
 OBJECTIVE = "acc/val"
@@ -460,14 +467,12 @@ def pareto_rows(study, objectives, space) -> list[dict[str, Any]]:
     for t in study.best_trials:
         row: dict[str, Any] = {"trial": t.number}
         for o, v in zip(objectives, t.values):
-            row[COLUMN[o]] = v / 1e6 if o in ("bytes", "memory") else v
+            row[COLUMN[o]] = shown(o, v)
         row.update(best_values(t, space))
         rows.append(row)
     rows.sort(key=lambda r: (-r[COLUMN["acc"]], r["trial"]))
     return rows
 
-
-COLUMN = {"acc": "acc/val", "bytes": "MB sent", "memory": "peak train MB"}
 
 
 def pareto_table(rows) -> str:
@@ -525,8 +530,7 @@ def log_figures(tracker, run_id: str, study, objectives=("acc",)) -> None:
     if multi:
         plots.append(("pareto_front", vis.plot_pareto_front,
                       {"target_names": [COLUMN[o] for o in objectives],
-                       "targets": lambda t: tuple(v / 1e6 if o in ("bytes", "memory") else v
-                                                  for o, v in zip(objectives, t.values))}))
+                       "targets": lambda t: tuple(shown(o, v) for o, v in zip(objectives, t.values))}))
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for fname, plot, kwargs in plots:

@@ -152,9 +152,14 @@ def open_client(uri: str):
     happens under an exclusive lock on `<db>.lock` beside the database; everything that opens a store
     (bench.run, bench.sweep, bench.report, the tests that watch a running store) comes through here."""
     import fcntl
+    import logging
 
     from mlflow.tracking import MlflowClient
 
+    # MLflow and alembic log INFO lines (database migrations) on stderr; warnings still show.
+    # Set after importing mlflow, which configures its loggers on import.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     path = sqlite_path(uri)
     if not path or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         client = MlflowClient(tracking_uri=uri)
@@ -172,14 +177,8 @@ def open_client(uri: str):
 
 class Tracker:
     def __init__(self, uri: str, experiment: str):
-        import logging
-
         import mlflow
 
-        # MLflow and alembic log INFO lines (database migrations) on stderr; warnings still show.
-        # Set after importing mlflow, which configures its loggers on import.
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
         self._mlflow = mlflow
         self.uri = uri
         check_store(uri)

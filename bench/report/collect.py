@@ -28,18 +28,12 @@ PAGE = 1000  # runs per search_runs page (MLflow's default maximum)
 def client_for(tracking_uri: str):
     """An MlflowClient on an existing store. A missing SQLite file is bad input: opening it would create
     an empty store (and a typo would leave `mlflow.db` files behind)."""
-    import logging
+    from fedeq_bench.bench.tracking import open_client, sqlite_path
 
-    from fedeq_bench.bench.tracking import open_client
-
-    # As in bench/tracking.py: MLflow and alembic log INFO lines (migrations) on stderr; warnings still show.
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    if tracking_uri.startswith("sqlite:///"):
-        path = tracking_uri[len("sqlite:///"):].split("?")[0]  # sqlite:///rel.db, sqlite:////abs/path.db
-        if path and path != ":memory:" and not os.path.exists(path):
-            raise BenchError(f"no MLflow store at {tracking_uri!r} ({path} does not exist); "
-                             f"give the --tracking-uri that bench.run recorded to")
+    path = sqlite_path(tracking_uri)  # sqlite:///rel.db, sqlite:////abs/path.db; '' for other stores
+    if path and not os.path.exists(path):
+        raise BenchError(f"no MLflow store at {tracking_uri!r} ({path} does not exist); "
+                         f"give the --tracking-uri that bench.run recorded to")
     try:
         return open_client(tracking_uri)
     except Exception as e:  # an unreachable server or an unusable store is bad input, not a bug
