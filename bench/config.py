@@ -15,12 +15,17 @@ library caller (a sweep, a test) gets the same defaults as the command line.
 
 The dataclasses are the one source of truth: the command-line flags are generated from the fields
 of `RunConfig` and the docstring under each (`field_docs`), so `--help` says what the code says.
+Every numeric field of every section declares its valid range where it is defined
+(`lr: float = ranged(0.05, gt=0)`, core/ranges.py). `apply` checks each value it sets against it
+once typed (finite floats, ints only, within bounds), whichever level set it: a flag, `--set`, a
+preset's [run] or [method] table, a sweep bound; `check_config` checks a whole config the same way.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
 import inspect
+import math
 import os
 import textwrap
 import tomllib
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fedeq_bench.core.errors import BenchError, choices
+from fedeq_bench.core.ranges import check, check_fields, range_of, ranged
 
 
 @dataclass(frozen=True)
@@ -40,38 +46,38 @@ class RunConfig:
     """Dataset name, or `npz:PATH` for your own per-client split."""
     model: str | None = None
     """One network for every method; None: the dataset's pairing (DEQ model for FeDEQ, explicit for the rest)."""
-    rounds: int = 30
+    rounds: int = ranged(30, ge=1)
     """Communication rounds; more rounds cost time and bytes linearly."""
-    clients: int | None = None
+    clients: int | None = ranged(None, ge=1)
     """Number of clients; None: the dataset's default (30 for synthetic, all clients of an npz file)."""
-    fraction: float = 1.0
+    fraction: float = ranged(1.0, gt=0, le=1)
     """Fraction of training clients sampled each round; lowering it cuts per-round bytes and time."""
-    local_epochs: int = 1
+    local_epochs: int = ranged(1, ge=0)
     """Local epochs per round (a method may override: `fedrep.local_epochs`)."""
-    batch_size: int = 32
+    batch_size: int = ranged(32, ge=1)
     """Mini-batch size of local SGD."""
-    lr: float = 0.05
+    lr: float = ranged(0.05, gt=0)
     """SGD learning rate of local training."""
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = ranged((0,), ge=0)
     """Seeds; each one reruns every method on data, init and schedule drawn from it."""
     partition: str | None = None
     """How samples are split over clients: `dirichlet:ALPHA`, `shards:K` or `natural`; None: the dataset's default."""
-    val_frac: float = 0.1
+    val_frac: float = ranged(0.1, ge=0, lt=1)
     """Fraction of each client's training data held out as validation (what sweeps optimize)."""
-    frac_unseen: float = 0.0
+    frac_unseen: float = ranged(0.0, ge=0, lt=1)
     """Fraction of clients held out of training and personalized after it (acc/unseen)."""
     data_dir: str | None = None
     """Directory searched first for file-based datasets."""
-    eval_every: int = 1
+    eval_every: int = ranged(1, ge=1)
     """Evaluate every N rounds (the last round is always evaluated); raising it saves time."""
-    eval_clients: int | None = None
+    eval_clients: int | None = ranged(None, ge=1)
     """Evaluate a sample of N training clients (and N held-out ones) in evaluated rounds before the
     last, the same sample for every method (stream `eval_sample`); acc/* of those rounds are then
     estimates. The last round evaluates every client. None: every client every evaluated round."""
-    state_budget_gb: float | None = None
+    state_budget_gb: float | None = ranged(None, ge=0)
     """GB (10^9 bytes) of client states kept in memory; past it the least recently used are written
     to a temporary directory and read back bit for bit (same results, slower). None: no limit."""
-    checkpoint_every: int = 10
+    checkpoint_every: int = ranged(10, ge=0)
     """Write a resumable checkpoint into each child run's artifacts every N rounds and after the last
     (`--resume PARENT_RUN_ID` continues from it); 0: none. Raising it saves I/O, redoes more rounds."""
     memory_every_round: bool = False
@@ -79,13 +85,13 @@ class RunConfig:
     footprint changes between rounds)."""
     backend: Literal["ray", "serial"] = "ray"
     """`ray`: clients run on Ray actors (edge nodes); `serial`: in this process (bit-identical)."""
-    workers: int | None = None
+    workers: int | None = ranged(None, ge=1)
     """Ray actors; None: as many as the cluster's CPUs (GPUs) allow at the per-client size."""
     address: str | None = None
     """Ray cluster address (`auto` after `ray up`); None: start a local Ray instance."""
-    cpus_per_client: float = 1.0
+    cpus_per_client: float = ranged(1.0, ge=0)
     """CPUs per actor (also torch threads per local update in both backends); fractions allowed."""
-    gpus_per_client: float = 0.0
+    gpus_per_client: float = ranged(0.0, ge=0)
     """GPUs per actor; fractions allowed (0.25 packs four actors on a GPU)."""
     device: Literal["cpu", "cuda"] | None = None
     """Training device; None: cuda when Ray gives the actor a GPU, else cpu."""
@@ -213,7 +219,10 @@ def coerce(value: Any, tp, key: str) -> Any:
         if isinstance(value, bool):
             raise bad
         if isinstance(value, (int, float)):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int beyond float's range is inf as a float, as "1e400" is
+                return math.inf
         if isinstance(value, str):
             try:
                 return float(value)
@@ -252,7 +261,11 @@ def apply(config: Config, overrides: dict[str, Any]) -> Config:
         if name not in hints:
             prefix = "" if label == "run" else f"{label}."
             raise BenchError(f"unknown key {key!r}; {label} keys: {choices(prefix + k for k in hints)}")
-        new = dataclasses.replace(target, **{name: coerce(value, hints[name], key)})
+        typed = coerce(value, hints[name], key)
+        rng = range_of(target.__dataclass_fields__[name])
+        if rng is not None:
+            check(key, typed, hints[name], rng)
+        new = dataclasses.replace(target, **{name: typed})
         if label == "run":
             run = new
         elif label in methods:
@@ -260,6 +273,15 @@ def apply(config: Config, overrides: dict[str, Any]) -> Config:
         else:
             datasets[label] = new
     return Config(run=run, methods=methods, datasets=datasets)
+
+
+def check_config(config: Config) -> None:
+    """Every ranged field of every section within its range (a BenchError line if not), keys written
+    as `--set` takes them: `lr`, `fedavg.lr`, `synthetic.alpha`. `apply` already checked what it set;
+    this covers a config built or replaced in code (a library caller, a sweep's trial)."""
+    check_fields(config.run)
+    for name, section in (*config.methods.items(), *config.datasets.items()):
+        check_fields(section, f"{name}.")
 
 
 def parse_set(items: list[str]) -> dict[str, str]:

@@ -22,6 +22,7 @@ from fedeq_bench.core.errors import BenchError
 
 def validate(cfg):
     """Check names and ranges; expand `all`. Returns the config with concrete methods."""
+    from fedeq_bench.bench.config import check_config
     from fedeq_bench.core.errors import unknown
     from fedeq_bench.datasets.base import DATASETS, split_dataset_name
     from fedeq_bench.methods import METHODS
@@ -45,25 +46,10 @@ def validate(cfg):
     for mod in models:
         if mod and mod not in MODELS:
             raise unknown("model", mod, MODELS.names())
-    checks = [
-        (run.rounds >= 1, f"rounds must be >= 1, got {run.rounds}"),
-        (0 < run.fraction <= 1, f"fraction must be in (0, 1], got {run.fraction}"),
-        (run.clients is None or run.clients >= 1, f"clients must be >= 1, got {run.clients}"),
-        (run.local_epochs >= 0, f"local_epochs must be >= 0, got {run.local_epochs}"),
-        (run.batch_size >= 1, f"batch_size must be >= 1, got {run.batch_size}"),
-        (run.lr > 0, f"lr must be > 0, got {run.lr}"),
-        (run.eval_every >= 1, f"eval_every must be >= 1, got {run.eval_every}"),
-        (run.eval_clients is None or run.eval_clients >= 1, f"eval_clients must be >= 1, got {run.eval_clients}"),
-        (run.state_budget_gb is None or run.state_budget_gb >= 0,
-         f"state_budget_gb must be >= 0 (0: every client state on disk), got {run.state_budget_gb}"),
-        (run.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: no checkpoints), got {run.checkpoint_every}"),
-        (len(run.seeds) >= 1, "seeds is empty; give e.g. --seeds 0,1,2"),
-        (run.workers is None or run.workers >= 1, f"workers must be >= 1, got {run.workers}"),
-        (run.cpus_per_client >= 0 and run.gpus_per_client >= 0, "cpus/gpus per client must be >= 0"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise BenchError(msg)
+    # Ranges (finite floats, ints, bounds) are declared with each field; one rule checks them all.
+    check_config(cfg)
+    if not run.seeds:
+        raise BenchError("seeds is empty; give e.g. --seeds 0,1,2")
     if run.device == "cuda":
         import torch
 

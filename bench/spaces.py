@@ -7,8 +7,10 @@
     max_iter = {low = 5, high = 40, step = 5}           #   fedeq.max_iter
 
 An entry has `low` and `high` (optional `log`, `step`) or `choices`, nothing else. Every bound and
-choice goes through `config.apply`, the code behind `--set`, so an unknown key or a wrong type fails
-with the same one-line BenchError; whether a range is int or float is the field's type as `apply`
+choice goes through `config.apply`, the code behind `--set`, so an unknown key, a wrong type or a
+value outside the field's declared range (`fedeq.rho = {low = 0, ...}`: rho must be > 0; nan and inf
+never pass) fails with the same one-line BenchError; a range is an interval, so with both ends valid
+every value drawn between them is too. Whether a range is int or float is the field's type as `apply`
 coerces it (an int bound on a float field such as `lr` is a float range, a float bound on an int field
 is an error). `suggest(trial, space)` draws one value per key from an Optuna trial and returns
 `{--set key: value}`, ready for `config.apply`.
@@ -166,11 +168,12 @@ def _dist(label: str, key: str, entry: Any, cfg: C.Config) -> Dist:
         raise bad(f"unknown field {_choices(map(repr, extra))}; an entry has {', '.join(ENTRY_FIELDS)}")
 
     def check(value):
-        """The value as `--set key=value` would type it (the same one-line BenchError if not)."""
+        """The value as `--set key=value` would type and range-check it (the same one-line BenchError if not)."""
         try:
             return _get(C.apply(cfg, {key: value}), key)
         except BenchError as e:
-            raise bad(str(e)) from None
+            msg = str(e)  # `fedeq.rho must be ...` names the key already: not `fedeq.rho: fedeq.rho must`
+            raise (BenchError(f"search space {label!r}: {msg}") if msg.startswith(key + " ") else bad(msg)) from None
 
     if "choices" in entry:
         if set(entry) - {"choices"}:

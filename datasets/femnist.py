@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.ranges import ranged
 from fedeq_bench.datasets.base import DataArgs, FederatedDataset, build_federated, register_dataset
 from fedeq_bench.datasets.leaf import find_source, leaf_layout, merge, rank_users, read_leaf_files, read_split
 from fedeq_bench.datasets.partition import require_natural
@@ -66,7 +67,7 @@ class FemnistConfig:
     """LEAF femnist data directory (train/ and test/, or all_data/; or their `data` parent); also
     `--dataset femnist:DIR`. Empty: look for `femnist/` in DataArgs.data_dir, then $BENCH_DATA_DIR.
     A relative path is looked up in DataArgs.data_dir first."""
-    train_frac: float = 0.8
+    train_frac: float = ranged(0.8, gt=0, lt=1)
     """Fraction of each writer's samples (the first ones) in its training split when only
     all_data/ exists; raising it gives more training and fewer test samples. Must be in (0, 1)."""
     invert: bool = False

@@ -76,6 +76,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.ranges import ranged
 from fedeq_bench.datasets.base import DataArgs, FederatedDataset, build_federated, register_dataset
 from fedeq_bench.datasets.leaf import find_source, leaf_layout, merge, rank_users, read_leaf_files, read_split
 from fedeq_bench.datasets.partition import require_natural
@@ -109,17 +110,17 @@ class ShakespeareConfig:
     all_data/); also `--dataset shakespeare:PATH`. Empty: look for tinyshakespeare.txt or a LEAF
     `shakespeare/` directory in DataArgs.data_dir, then $BENCH_DATA_DIR. A relative path is looked
     up in DataArgs.data_dir first."""
-    min_samples: int = 64
+    min_samples: int = ranged(64, ge=2)
     """Drop roles with fewer train + test windows (LEAF's `-k`); raising it keeps fewer, larger
     roles. Must be >= 2."""
-    max_samples_per_client: int = 2000
+    max_samples_per_client: int = ranged(2000, ge=0)  # and 0 or >= min_samples: _validate
     """Cap on a client's train + test windows, evenly spaced in time (0: no cap, LEAF's full
     stride-1 data); lowering it makes rounds faster. Must be 0 or >= min_samples."""
     targets: str = "all"
     """`all`: one label per position, y = the window shifted by one character, (N, 80): position t
     predicts the character after x[t], as the FeDEQ reference trains its transformers (per-token
     loss and accuracy over all 80 positions). `last`: LEAF's next character only, y of shape (N,)."""
-    train_frac: float = 0.8
+    train_frac: float = ranged(0.8, gt=0, lt=1)
     """Fraction of a role's windows in its training split (the first ones in time; the FedAvg
     paper's 0.8); raising it gives more training and fewer test windows. Must be in (0, 1).
     Not used for LEAF train/test directories, which are already split."""

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.ranges import ranged
 from fedeq_bench.core.seeding import numpy_rng
 from fedeq_bench.datasets.base import DataArgs, FederatedDataset, build_federated, register_dataset
 from fedeq_bench.datasets.partition import require_natural
@@ -61,16 +62,16 @@ MIN_SAMPLES = 50
 class SyntheticConfig:
     """Options of the `synthetic` dataset (`--set synthetic.alpha=1`)."""
 
-    alpha: float = 0.5
+    alpha: float = ranged(0.5, ge=0)
     """Std of each user's model-mean u_k (W_k, b_k ~ N(u_k, 1)); raising it spreads users'
     models further apart. Must be >= 0. (u_k shifts all logits equally, so labels do not change.)"""
-    beta: float = 0.5
+    beta: float = ranged(0.5, ge=0)
     """Std of each user's feature-mean centre B_k (v_k ~ N(B_k, 1)); raising it makes users'
     inputs, and hence their label distributions, more different. Must be >= 0."""
     iid: bool = False
     """True: FedProx's iid variant, one shared (W, b) and v_k = B_k * 1; set beta=0 (and alpha=0)
     for Synthetic_IID as the paper runs it. False: each user has its own model and feature mean."""
-    train_frac: float = 0.8
+    train_frac: float = ranged(0.8, gt=0, lt=1)
     """Fraction of each user's samples in its training split (the rest is test); raising it
     gives more training and fewer test samples. Must be in (0, 1)."""
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedeq_bench.core.ranges import ranged
 from fedeq_bench.methods.base import Method, MethodConfig, register_method
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.train import cross_entropy, eval_metrics, load, minibatches, snapshot, with_num_samples
@@ -62,11 +63,11 @@ ALPHA = "alpha"
 
 @dataclass(frozen=True)
 class APFLConfig(MethodConfig):
-    alpha: float = 0.5
+    alpha: float = ranged(0.5, ge=0, le=1)
     """Initial mixing weight of the local model v_i in v_bar_i (0: the global model, 1: purely local)."""
     adaptive_alpha: bool = True
     """Learn alpha_i per client by SGD on the mixture's loss (the paper's adaptive APFL); False keeps it fixed."""
-    alpha_lr: float | None = None
+    alpha_lr: float | None = ranged(None, gt=0)
     """Step size of the alpha update; None: lr (Algorithm 1's single eta_t). Raising it moves alpha faster."""
 
 

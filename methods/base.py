@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fedeq_bench.core import seeding
+from fedeq_bench.core.ranges import ranged
 from fedeq_bench.core.registry import Registry
 from fedeq_bench.core.types import ClientTensors, Message, Metrics, State, Task  # noqa: F401 - re-exported
 
@@ -39,11 +40,11 @@ class MethodConfig:
 
     model: str | None = None
     """Network for this method; None: --model, else the dataset's pairing (DEQ for FeDEQ)."""
-    lr: float | None = None
+    lr: float | None = ranged(None, gt=0)
     """SGD learning rate; None: the run's --lr."""
-    local_epochs: int | None = None
+    local_epochs: int | None = ranged(None, ge=0)
     """Epochs over the client's training data per round; None: the run's --local-epochs."""
-    batch_size: int | None = None
+    batch_size: int | None = ranged(None, ge=1)
     """Mini-batch size; None: the run's --batch-size."""
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedeq_bench.core.ranges import ranged
 from fedeq_bench.methods.base import MethodConfig, register_method
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot, with_num_samples
@@ -48,9 +49,9 @@ V = "v."
 
 @dataclass(frozen=True)
 class DittoConfig(MethodConfig):
-    lam: float = 0.1
+    lam: float = ranged(0.1, ge=0)
     """Proximal weight of the personal objective; raising it pulls v_i toward w (0: purely local v_i)."""
-    personal_epochs: int | None = None
+    personal_epochs: int | None = ranged(None, ge=0)
     """Epochs of the personal step per round; None: local_epochs (the paper's equal step counts).
     Raising it fits v_i closer to the client's data."""
 

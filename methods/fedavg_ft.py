@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedeq_bench.core.ranges import ranged
 from fedeq_bench.methods.base import MethodConfig, register_method
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot, weighted_average
@@ -45,10 +46,10 @@ FT_CLIENTS = "ft_clients"
 
 @dataclass(frozen=True)
 class FedAvgFTConfig(MethodConfig):
-    finetune_epochs: int = 1
+    finetune_epochs: int = ranged(1, ge=0)
     """Epochs of fine-tuning a throwaway copy of w before each evaluation; raising it personalizes
     more (and may overfit small clients); 0 evaluates w itself, as FedAvg."""
-    switch_round: int | None = None
+    switch_round: int | None = ranged(None, ge=1)
     """From this round on, stop aggregating: each client fine-tunes its own persistent copy of the
     final w (local_epochs per round, 0 bytes). None: FedAvg every round."""
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedeq_bench.core.ranges import ranged
 from fedeq_bench.methods.base import MethodConfig, register_method
 from fedeq_bench.methods.partial import PartialSharing
 from fedeq_bench.methods.train import eval_metrics, sgd_epochs
@@ -49,7 +50,7 @@ from fedeq_bench.methods.train import eval_metrics, sgd_epochs
 
 @dataclass(frozen=True)
 class FedBABUConfig(MethodConfig):
-    finetune_epochs: int = 5
+    finetune_epochs: int = ranged(5, ge=0)
     """Epochs of fine-tuning a throwaway copy before each evaluation (the paper's tau_f); raising
     it personalizes more (and may overfit small clients); 0 evaluates (phi, h^0) as trained."""
     finetune_head_only: bool = False

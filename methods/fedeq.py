@@ -54,6 +54,7 @@ from typing import Literal
 
 import torch
 
+from fedeq_bench.core.ranges import ranged
 from fedeq_bench.methods.base import Method, MethodConfig, register_method
 from fedeq_bench.methods.nets import split_names
 from fedeq_bench.core.errors import BenchError
@@ -68,11 +69,11 @@ LAST_COHORT = "last_cohort"
 
 @dataclass(frozen=True)
 class FeDEQConfig(MethodConfig):
-    rho: float = 0.01
+    rho: float = ranged(0.01, gt=0)
     """ADMM penalty; raising it pulls each theta_i closer to the consensus theta (less personal drift)."""
-    personal_epochs: int = 3
+    personal_epochs: int = ranged(3, ge=0)
     """Epochs of head-only SGD per round (step 1); raising it fits w_i closer to local data."""
-    shared_epochs: int = 5
+    shared_epochs: int = ranged(5, ge=0)
     """Epochs of representation SGD on the augmented Lagrangian per round (step 2)."""
     aggregate: Literal["mean", "mean_plus_dual"] = "mean"
     """Server step: `mean` of theta_i (reference code) or `mean_plus_dual` (textbook consensus ADMM)."""
@@ -82,9 +83,9 @@ class FeDEQConfig(MethodConfig):
     """Evaluate with the client's own theta_i (reference) or with the global theta and its own head."""
     solver: Literal["anderson", "broyden", "fixed_point"] = "anderson"
     """Forward fixed-point solver of the DEQ layer."""
-    max_iter: int = 20
+    max_iter: int = ranged(20, ge=1)
     """Forward solver steps at most; raising it lowers residuals at more compute (not more memory)."""
-    tol: float = 1e-3
+    tol: float = ranged(1e-3, gt=0)
     """Forward solver's residual tolerance (in stop_mode's unit); lowering it costs more steps."""
     stop_mode: Literal["abs", "rel"] = "abs"
     """Forward residual: `abs` ||f(z) - z||_2 per example (reference) or `rel` (/ ||f(z)||, looser on large states)."""
@@ -95,7 +96,7 @@ class FeDEQConfig(MethodConfig):
     """Personal step: compute z* once per round and train the head on it, where that is exact (module docstring)."""
     penalty_scale: Literal["none", "tokens"] = "none"
     """`tokens`: divide the ADMM penalty by the batch's non-padding input tokens (reference, Shakespeare)."""
-    dual_init: float = 0.0
+    dual_init: float = ranged(0.0)  # any finite value: a Lagrange multiplier has no sign
     """Initial value of every dual entry (reference `--lam_admm`; 0.001 in its Shakespeare runner)."""
     server_weights: Literal["samples", "uniform"] = "samples"
     """Server average weighted by n_i (`samples`) or uniform over the cohort (reference code)."""
@@ -104,9 +105,9 @@ class FeDEQConfig(MethodConfig):
     b_solver: Literal["gmres", "anderson", "broyden", "fixed_point"] = "gmres"
     """Adjoint solver of the implicit backward: `gmres` (Krylov, one system over the batch) or a
     fixed-point solver (`anderson`: the harness's earlier default; methods/deq/adjoint.py)."""
-    b_max_iter: int = 50
+    b_max_iter: int = ranged(50, ge=1)
     """Vector-Jacobian products at most in the implicit backward's adjoint solve (gmres keeps one vector each)."""
-    b_tol: float = 1e-3
+    b_tol: float = ranged(1e-3, gt=0)
     """Adjoint solve's tolerance on ||J^T g + dL/dz - g|| / ||dL/dz|| (gmres); lowering it costs more VJPs."""
 
 

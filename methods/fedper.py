@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedeq_bench.core.ranges import ranged
 from fedeq_bench.methods.base import MethodConfig, register_method
 from fedeq_bench.methods.partial import PartialSharing
 from fedeq_bench.methods.train import sgd_epochs
@@ -36,7 +37,7 @@ from fedeq_bench.methods.train import sgd_epochs
 
 @dataclass(frozen=True)
 class FedPerConfig(MethodConfig):
-    unseen_head_epochs: int | None = None
+    unseen_head_epochs: int | None = ranged(None, ge=0)
     """Epochs of head-only SGD that adapt a held-out client to the final body; None: local_epochs.
     Raising it fits the new client's head closer to its data (the body never changes)."""
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedeq_bench.core.ranges import ranged
 from fedeq_bench.methods.base import MethodConfig, register_method
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.train import load, sgd_epochs, snapshot, with_num_samples
@@ -26,7 +27,7 @@ from fedeq_bench.methods.train import load, sgd_epochs, snapshot, with_num_sampl
 
 @dataclass(frozen=True)
 class FedProxConfig(MethodConfig):
-    mu: float = 0.01
+    mu: float = ranged(0.01, ge=0)
     """Proximal weight; raising it keeps each w_i closer to the round's global w (less client drift,
     slower local progress); 0 is FedAvg exactly."""
 

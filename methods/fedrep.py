@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedeq_bench.core.ranges import ranged
 from fedeq_bench.methods.base import MethodConfig, register_method
 from fedeq_bench.methods.partial import PartialSharing
 from fedeq_bench.methods.train import sgd_epochs
@@ -24,7 +25,7 @@ from fedeq_bench.methods.train import sgd_epochs
 
 @dataclass(frozen=True)
 class FedRepConfig(MethodConfig):
-    head_epochs: int = 10
+    head_epochs: int = ranged(10, ge=0)
     """Epochs of head-only SGD before the body epochs; raising it fits heads closer to local data."""
 
 

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.ranges import ranged
 from fedeq_bench.methods.base import MethodConfig, register_method
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.nets import features_and_logits, final_linear
@@ -59,15 +60,15 @@ token (Shakespeare: ~10^5), so the (queries x keys) matrix is bounded by chunkin
 
 @dataclass(frozen=True)
 class KNNPerConfig(MethodConfig):
-    k: int = 10
+    k: int = ranged(10, ge=1)
     """Neighbours in the kNN vote; raising it smooths p_kNN toward the client's label distribution."""
-    mix: float = 0.5
+    mix: float = ranged(0.5, ge=0, le=1)
     """Weight lam of p_kNN in the mixture (0: the global model alone, 1: the kNN model alone);
     raising it personalizes more."""
-    temperature: float | None = None
+    temperature: float | None = ranged(None, gt=0)
     """Kernel temperature T over squared distances; raising it weighs far neighbours more (flatter
     vote). None: the reference's T = feature dimension * scale."""
-    scale: float = 1.0
+    scale: float = ranged(1.0, gt=0)
     """The reference's kernel scale, used when temperature is None (T = feature dimension * scale);
     raising it flattens the vote."""
 

@@ -61,13 +61,14 @@ from typing import Literal
 from torch import nn
 
 from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.ranges import ranged
 from fedeq_bench.methods.base import MethodConfig, register_method
 from fedeq_bench.methods.partial import PartialSharing
 
 
 @dataclass(frozen=True)
 class LGFedAvgConfig(MethodConfig):
-    global_layers: int = 2
+    global_layers: int = ranged(2, ge=1)  # the upper end is the model's layer count: global_split
     """Weight layers (Linear/Conv, with biases) shared by all clients, counted from `global_from`;
     raising it shares more (more bytes, less personalization). See the module docstring per model."""
     global_from: Literal["output", "input"] = "output"

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.ranges import ranged
 from fedeq_bench.methods.base import Method, MethodConfig, register_method
 from fedeq_bench.methods.train import (
     cross_entropy,
@@ -68,21 +69,21 @@ THETA = "theta."
 
 @dataclass(frozen=True)
 class PFedMeConfig(MethodConfig):
-    K: int = 5
+    K: int = ranged(5, ge=1)
     """Inner steps per mini-batch solving for theta; raising it solves the proximal problem more
     exactly, at K times the compute."""
-    personal_lr: float = 0.09
+    personal_lr: float = ranged(0.09, gt=0)
     """Step size of the inner (theta) steps; raising it moves theta faster toward the batch's optimum."""
-    eta: float = 0.005
+    eta: float = ranged(0.005, gt=0)
     """Outer step size: w_i <- w_i - eta * lam * (w_i - theta); raising it pulls w_i toward theta
     faster (it contracts while eta * lam < 2). pFedMe's own, not the run's --lr."""
-    lam: float = 15.0
+    lam: float = ranged(15.0, gt=0)
     """Moreau-envelope weight; raising it ties theta_i closer to w_i (less personalization) and
     enlarges the outer step eta * lam."""
-    mu: float = 1e-3
+    mu: float = ranged(1e-3, ge=0)
     """L2 weight on theta in the inner steps (the reference's pFedMeOptimizer); raising it shrinks
     theta toward 0; 0 turns it off."""
-    beta: float = 1.0
+    beta: float = ranged(1.0, gt=0, le=2)  # the paper runs 1 and 2; over-relaxing past 2 overshoots
     """Server mixing weight; 1 takes the weighted mean of the w_i, below 1 keeps part of the old w."""
 
 

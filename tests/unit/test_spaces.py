@@ -101,8 +101,18 @@ def test_run_keys_and_categoricals(tmp_path):
     # Bad ranges.
     ("fedeq.rho = {low = 2, high = 2}", ["fedeq.rho", "low must be below high"]),
     ("fedeq.rho = {low = 3, high = 2}", ["fedeq.rho", "low must be below high"]),
-    ("fedeq.rho = {low = 0, high = 2, log = true}", ["fedeq.rho", "a log range needs low > 0"]),
-    ("fedeq.rho = {low = -1, high = 2, log = true}", ["a log range needs low > 0"]),
+    # dual_init takes any finite number, so the log rule (not the field's range) refuses these.
+    ("fedeq.dual_init = {low = 0, high = 2, log = true}", ["fedeq.dual_init", "a log range needs low > 0"]),
+    ("fedeq.dual_init = {low = -1, high = 2, log = true}", ["a log range needs low > 0"]),
+    # A range leaving the field's declared range (core/ranges.py), at either end, and non-finite bounds.
+    ("fedeq.rho = {low = 0, high = 2}", ["fedeq.rho must be a finite number > 0, got 0.0"]),
+    ("fedeq.rho = {low = -1, high = 2, log = true}", ["fedeq.rho must be a finite number > 0, got -1.0"]),
+    ("fedeq.rho = {low = 1e-3, high = inf, log = true}", ["fedeq.rho must be a finite number > 0, got inf"]),
+    ("fedeq.tol = {low = nan, high = 0.1}", ["fedeq.tol must be a finite number > 0, got nan"]),
+    ("knnper.mix = {low = 0.5, high = 1.5}", ["knnper.mix must be in [0, 1], got 1.5"]),
+    ("fedeq.max_iter = {low = 0, high = 40}", ["fedeq.max_iter must be an integer >= 1, got 0"]),
+    ("pfedme.K = {choices = [5, 0]}", ["pfedme.K must be an integer >= 1, got 0"]),
+    ("lr = {low = 0, high = 0.3}", ["lr must be a finite number > 0, got 0.0"]),
     # Wrong type: float bounds on an int field, a string on a float field, a bad choice.
     ("fedeq.max_iter = {low = 5.0, high = 40.0}", ["fedeq.max_iter expects int"]),
     ('fedeq.rho = {low = "small", high = 2}', ["fedeq.rho expects float, got 'small'"]),
@@ -162,13 +172,13 @@ def test_suggest_draws_typed_values_inside_the_bounds_that_apply_accepts(method)
 
 
 def test_suggest_respects_step(tmp_path):
-    p = write(tmp_path, "fedeq.max_iter = {low = 5, high = 40, step = 5}\nfedeq.rho = {low = 0.0, high = 1.0, step = 0.25}\n")
+    p = write(tmp_path, "fedeq.max_iter = {low = 5, high = 40, step = 5}\nfedeq.rho = {low = 0.25, high = 1.25, step = 0.25}\n")
     space = S.load_space("fedeq", path=p)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     for _ in range(10):
         v = S.suggest(study.ask(), space)
         assert (v["fedeq.max_iter"] - 5) % 5 == 0
-        # 0.25 grid: rho * 4 is a whole number in 0..4.
+        # 0.25 grid: rho * 4 is a whole number in 1..5.
         assert math.isclose(v["fedeq.rho"] * 4, round(v["fedeq.rho"] * 4))
 
 

@@ -1,0 +1,129 @@
+"""The valid range of every numeric config field, declared with the field and checked in one place.
+
+    lr: float = ranged(0.05, gt=0)
+    fraction: float = ranged(1.0, gt=0, le=1)
+    clients: int | None = ranged(None, ge=1)      # None is the field's own "unset", never range-checked
+    dual_init: float = ranged(0.0)                # any finite number, on purpose
+
+`ranged` is `dataclasses.field(default=...)` with a `Range` in its metadata, so the dataclass, its
+defaults and its docstrings stay as they were. `check` is the one rule every config level goes
+through after its value is typed (bench/config.py: a flag, `--set`, a TOML preset, a sweep bound,
+a whole config before a run):
+  * a float field takes finite numbers only: nan, inf, -inf, and 1e400 (which parses to inf) are
+    refused whatever the bounds, because `inf > 0` is true and a NaN compares false both ways;
+  * an int field takes ints only (not 2.5, not true);
+  * the value lies within the bounds; a tuple field (`seeds`) checks each element.
+The message is one line with the key as the user writes it, the rule and the value:
+`fedavg.lr must be a finite number > 0, got nan`, `fraction must be in (0, 1], got 0.0`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from fedeq_bench.core.errors import BenchError
+
+RANGE = "range"
+"""The `dataclasses.field` metadata key that holds a field's `Range`."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Open (`gt`, `lt`) or closed (`ge`, `le`) bounds; None: unbounded on that side."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def __post_init__(self):
+        if (self.gt is not None and self.ge is not None) or (self.lt is not None and self.le is not None):
+            raise ValueError(f"{self}: give one lower bound (gt or ge) and one upper bound (lt or le)")
+
+    def __contains__(self, v) -> bool:
+        return ((self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
+                and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
+
+    def rule(self) -> str:
+        """`> 0`, `>= 1`, `<= 2`, `in (0, 1]`; empty when unbounded."""
+        lo = ("(", self.gt) if self.gt is not None else ("[", self.ge) if self.ge is not None else None
+        hi = (")", self.lt) if self.lt is not None else ("]", self.le) if self.le is not None else None
+        if lo and hi:
+            return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+        if lo:
+            return f"{'>' if lo[0] == '(' else '>='} {lo[1]:g}"
+        if hi:
+            return f"{'<' if hi[0] == ')' else '<='} {hi[1]:g}"
+        return ""
+
+
+def ranged(default, *, gt=None, ge=None, lt=None, le=None):
+    """A dataclass field with a default and its valid range (see the module docstring)."""
+    rng = Range(gt=gt, ge=ge, lt=lt, le=le)
+    for d in default if isinstance(default, tuple) else () if default is None else (default,):
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d not in rng:
+            raise ValueError(f"default {default!r} is outside its own range {rng.rule()!r}")  # a bug in a config class
+    return dataclasses.field(default=default, metadata={RANGE: rng})
+
+
+def range_of(f: dataclasses.Field) -> Range | None:
+    """The field's declared `Range`, or None if it declares none."""
+    return f.metadata.get(RANGE)
+
+
+def numeric_kind(tp) -> type | None:
+    """`int` or `float` for a numeric field type (`float`, `int | None`, `tuple[int, ...]`); None otherwise."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        kinds = {numeric_kind(a) for a in typing.get_args(tp) if a is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else None
+    if origin is tuple:
+        return numeric_kind(typing.get_args(tp)[0])
+    return tp if tp in (int, float) else None
+
+
+def rule(kind: type, rng: Range, many: bool = False) -> str:
+    """What the field takes, for an error: `a finite number > 0`, `in (0, 1]`, `integers >= 0`."""
+    bounds = rng.rule()
+    if kind is int:
+        what = "integers" if many else "an integer"
+        return f"{what} {bounds}".rstrip()
+    if bounds.startswith("in "):  # both ends bounded: the interval itself says "finite"
+        return f"{'each ' if many else ''}{bounds}"
+    what = "finite numbers" if many else "a finite number"
+    return f"{what} {bounds}".rstrip()
+
+
+def check(key: str, value: Any, tp, rng: Range) -> None:
+    """Raise a one-line BenchError unless `value` (already typed as `tp`) is valid for a field of
+    type `tp` declared with range `rng`. None passes: it is an Optional field's "unset"."""
+    kind = numeric_kind(tp)
+    if value is None or kind is None:
+        return
+    many = isinstance(value, tuple)
+    for v in (value if many else (value,)):
+        if kind is int:
+            ok = isinstance(v, int)
+        else:  # an int is finite however large; math.isfinite would overflow on a huge one
+            ok = isinstance(v, int) or (isinstance(v, float) and math.isfinite(v))
+        if isinstance(v, bool) or not ok or v not in rng:
+            raise BenchError(f"{key} must be {rule(kind, rng, many)}, got {v!r}")
+
+
+def check_fields(obj, prefix: str = "") -> None:
+    """`check` every ranged field of the config dataclass instance `obj`, keys written `prefix + name`."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        rng = range_of(f)
+        if rng is not None:
+            check(prefix + f.name, getattr(obj, f.name), hints[f.name], rng)
+
+
+def unranged(cls) -> list[str]:
+    """The numeric fields of config dataclass `cls` that declare no range (a test keeps this empty)."""
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls) if numeric_kind(hints[f.name]) and range_of(f) is None]
