@@ -74,10 +74,10 @@ class RunConfig:
     """Evaluate a sample of N training clients (and N held-out ones) in evaluated rounds before the
     last, the same sample for every method (stream `eval_sample`); acc/* of those rounds are then
     estimates. The last round evaluates every client. None: every client every evaluated round."""
-    state_budget_gb: float | None = ranged(None, ge=0)
+    state_budget_gb: float | None = ranged(None, ge=0, note="0: every client state on disk")
     """GB (10^9 bytes) of client states kept in memory; past it the least recently used are written
     to a temporary directory and read back bit for bit (same results, slower). None: no limit."""
-    checkpoint_every: int = ranged(10, ge=0)
+    checkpoint_every: int = ranged(10, ge=0, note="0: no checkpoints")
     """Write a resumable checkpoint into each child run's artifacts every N rounds and after the last
     (`--resume PARENT_RUN_ID` continues from it); 0: none. Raising it saves I/O, redoes more rounds."""
     memory_every_round: bool = False

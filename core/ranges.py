@@ -3,18 +3,20 @@
     lr: float = ranged(0.05, gt=0)
     fraction: float = ranged(1.0, gt=0, le=1)
     clients: int | None = ranged(None, ge=1)      # None is the field's own "unset", never range-checked
+    checkpoint_every: int = ranged(10, ge=0, note="0: no checkpoints")
     dual_init: float = ranged(0.0)                # any finite number, on purpose
 
 `ranged` is `dataclasses.field(default=...)` with a `Range` in its metadata, so the dataclass, its
-defaults and its docstrings stay as they were. `check` is the one rule every config level goes
-through after its value is typed (bench/config.py: a flag, `--set`, a TOML preset, a sweep bound,
-a whole config before a run):
+defaults and its docstrings stay as they were (and a default outside its own range fails at import).
+`check` is the one rule every config level goes through once its value is typed (bench/config.py:
+a flag, `--set`, a TOML preset, a sweep bound, a whole config before a run):
   * a float field takes finite numbers only: nan, inf, -inf, and 1e400 (which parses to inf) are
     refused whatever the bounds, because `inf > 0` is true and a NaN compares false both ways;
   * an int field takes ints only (not 2.5, not true);
   * the value lies within the bounds; a tuple field (`seeds`) checks each element.
 The message is one line with the key as the user writes it, the rule and the value:
-`fedavg.lr must be a finite number > 0, got nan`, `fraction must be in (0, 1], got 0.0`.
+`fedavg.lr must be a finite number > 0, got nan`, `fraction must be in (0, 1], got 0.0`,
+`rounds must be >= 1, got 0` (an int or finite number outside the bounds: the bounds say it all).
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ class Range:
     ge: float | None = None
     lt: float | None = None
     le: float | None = None
+    note: str = ""
+    """What a special value means, for the error line: `0: no checkpoints`."""
 
     def __post_init__(self):
         if (self.gt is not None and self.ge is not None) or (self.lt is not None and self.le is not None):
@@ -48,7 +52,7 @@ class Range:
         return ((self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
                 and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
 
-    def rule(self) -> str:
+    def bounds(self) -> str:
         """`> 0`, `>= 1`, `<= 2`, `in (0, 1]`; empty when unbounded."""
         lo = ("(", self.gt) if self.gt is not None else ("[", self.ge) if self.ge is not None else None
         hi = (")", self.lt) if self.lt is not None else ("]", self.le) if self.le is not None else None
@@ -61,12 +65,12 @@ class Range:
         return ""
 
 
-def ranged(default, *, gt=None, ge=None, lt=None, le=None):
+def ranged(default, *, gt=None, ge=None, lt=None, le=None, note: str = ""):
     """A dataclass field with a default and its valid range (see the module docstring)."""
-    rng = Range(gt=gt, ge=ge, lt=lt, le=le)
+    rng = Range(gt=gt, ge=ge, lt=lt, le=le, note=note)
     for d in default if isinstance(default, tuple) else () if default is None else (default,):
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d not in rng:
-            raise ValueError(f"default {default!r} is outside its own range {rng.rule()!r}")  # a bug in a config class
+            raise ValueError(f"default {default!r} is outside its own range {rng.bounds()!r}")  # a bug in a config class
     return dataclasses.field(default=default, metadata={RANGE: rng})
 
 
@@ -86,16 +90,19 @@ def numeric_kind(tp) -> type | None:
     return tp if tp in (int, float) else None
 
 
-def rule(kind: type, rng: Range, many: bool = False) -> str:
-    """What the field takes, for an error: `a finite number > 0`, `in (0, 1]`, `integers >= 0`."""
-    bounds = rng.rule()
-    if kind is int:
-        what = "integers" if many else "an integer"
-        return f"{what} {bounds}".rstrip()
-    if bounds.startswith("in "):  # both ends bounded: the interval itself says "finite"
-        return f"{'each ' if many else ''}{bounds}"
-    what = "finite numbers" if many else "a finite number"
-    return f"{what} {bounds}".rstrip()
+def rule(kind: type, rng: Range, many: bool = False, only_bounds: bool = False) -> str:
+    """What the field takes, for an error: `a finite number > 0`, `an integer >= 1`, `in (0, 1]`,
+    `integers >= 0` (a tuple's elements). `only_bounds`: the value has the right kind (an int, a
+    finite float) and only lies outside the bounds, so the bounds alone say what is wrong: `> 0`."""
+    bounds = rng.bounds()
+    if many:
+        what = "integers" if kind is int else "finite numbers"
+    elif (only_bounds and bounds) or (kind is float and bounds.startswith("in ")):
+        what = ""  # (a two-sided interval says finite by itself)
+    else:
+        what = "an integer" if kind is int else "a finite number"
+    text = " ".join(p for p in (what, bounds) if p)
+    return f"{text} ({rng.note})" if rng.note else text
 
 
 def check(key: str, value: Any, tp, rng: Range) -> None:
@@ -106,12 +113,14 @@ def check(key: str, value: Any, tp, rng: Range) -> None:
         return
     many = isinstance(value, tuple)
     for v in (value if many else (value,)):
-        if kind is int:
+        if isinstance(v, bool):
+            ok = False
+        elif kind is int:
             ok = isinstance(v, int)
-        else:  # an int is finite however large; math.isfinite would overflow on a huge one
+        else:  # an int is finite however large (math.isfinite would overflow on a huge one)
             ok = isinstance(v, int) or (isinstance(v, float) and math.isfinite(v))
-        if isinstance(v, bool) or not ok or v not in rng:
-            raise BenchError(f"{key} must be {rule(kind, rng, many)}, got {v!r}")
+        if not ok or v not in rng:
+            raise BenchError(f"{key} must be {rule(kind, rng, many, only_bounds=ok)}, got {v!r}")
 
 
 def check_fields(obj, prefix: str = "") -> None:
