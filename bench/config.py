@@ -58,7 +58,7 @@ class RunConfig:
     """Mini-batch size of local SGD."""
     lr: float = ranged(0.05, gt=0)
     """SGD learning rate of local training."""
-    seeds: tuple[int, ...] = ranged((0,), ge=0)
+    seeds: tuple[int, ...] = ranged((0,), ge=0, le=2**32 - 1)  # numpy's and Optuna's seed range (a sweep's sampler)
     """Seeds; each one reruns every method on data, init and schedule drawn from it."""
     partition: str | None = None
     """How samples are split over clients: `dirichlet:ALPHA`, `shards:K` or `natural`; None: the dataset's default."""

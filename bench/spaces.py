@@ -172,8 +172,10 @@ def _dist(label: str, key: str, entry: Any, cfg: C.Config) -> Dist:
         try:
             return _get(C.apply(cfg, {key: value}), key)
         except BenchError as e:
-            msg = str(e)  # `fedeq.rho must be ...` names the key already: not `fedeq.rho: fedeq.rho must`
-            raise (BenchError(f"search space {label!r}: {msg}") if msg.startswith(key + " ") else bad(msg)) from None
+            msg = str(e)
+            if msg.startswith(key + " "):  # `fedeq.rho must be > 0, got 0.0` names the key already
+                raise BenchError(f"search space {label!r}: {msg}") from None
+            raise bad(msg) from None
 
     if "choices" in entry:
         if set(entry) - {"choices"}:

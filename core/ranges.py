@@ -54,14 +54,17 @@ class Range:
 
     def bounds(self) -> str:
         """`> 0`, `>= 1`, `<= 2`, `in (0, 1]`; empty when unbounded."""
+        def num(x) -> str:  # ints in full (4294967295), floats short (0.001, 1e-08)
+            return str(x) if isinstance(x, int) else f"{x:g}"
+
         lo = ("(", self.gt) if self.gt is not None else ("[", self.ge) if self.ge is not None else None
         hi = (")", self.lt) if self.lt is not None else ("]", self.le) if self.le is not None else None
         if lo and hi:
-            return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+            return f"in {lo[0]}{num(lo[1])}, {num(hi[1])}{hi[0]}"
         if lo:
-            return f"{'>' if lo[0] == '(' else '>='} {lo[1]:g}"
+            return f"{'>' if lo[0] == '(' else '>='} {num(lo[1])}"
         if hi:
-            return f"{'<' if hi[0] == ')' else '<='} {hi[1]:g}"
+            return f"{'<' if hi[0] == ')' else '<='} {num(hi[1])}"
         return ""
 
 
@@ -70,7 +73,8 @@ def ranged(default, *, gt=None, ge=None, lt=None, le=None, note: str = ""):
     rng = Range(gt=gt, ge=ge, lt=lt, le=le, note=note)
     for d in default if isinstance(default, tuple) else () if default is None else (default,):
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d not in rng:
-            raise ValueError(f"default {default!r} is outside its own range {rng.bounds()!r}")  # a bug in a config class
+            # A bug in a config class, raised when its module is imported.
+            raise ValueError(f"default {default!r} is outside its own range {rng.bounds()!r}")
     return dataclasses.field(default=default, metadata={RANGE: rng})
 
 

@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.mark.parametrize("args, preset, line", [
     (["--lr", "inf"], None, "lr must be a finite number > 0, got inf"),
     (["--set", "fedavg.lr=nan"], None, "fedavg.lr must be a finite number > 0, got nan"),
-    (["--methods", "fedeq"], "[run]\nrounds = 2\n\n[fedeq]\nrho = inf\n", "fedeq.rho must be a finite number > 0, got inf"),
+    (["--methods", "fedeq"], "[run]\nrounds = 2\n\n[fedeq]\nrho = inf\n",
+     "fedeq.rho must be a finite number > 0, got inf"),
 ], ids=["flag", "set-method-key", "toml-method-section"])
 def test_a_non_finite_number_is_one_line_exit_2_and_records_nothing(tmp_path, args, preset, line):
     if preset is not None:

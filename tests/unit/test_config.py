@@ -275,7 +275,8 @@ BAD_NUMBERS = [
     (["--fraction", "nan"], "fraction must be in (0, 1], got nan"),
     (["--rounds", "0"], "rounds must be >= 1, got 0"),
     (["--rounds", "2.5"], "rounds expects int, got '2.5'"),
-    (["--seeds", "0,-1"], "seeds must be integers >= 0, got -1"),
+    (["--seeds", "0,-1"], "seeds must be integers in [0, 4294967295], got -1"),
+    (["--seeds", "4294967296"], "seeds must be integers in [0, 4294967295], got 4294967296"),
     (["--val-frac", "1"], "val_frac must be in [0, 1), got 1.0"),
     (["--cpus-per-client=-inf"], "cpus_per_client must be a finite number >= 0, got -inf"),
     (["--state-budget-gb", "nan"],
@@ -349,7 +350,7 @@ BAD_PRESETS = [
     ("[run]\nlr = 1" + "0" * 400 + "\n", "run.lr must be a finite number > 0, got inf"),  # an int past float's range
     ("[run]\nrounds = 2.5\n", "run.rounds expects int, got 2.5"),
     ("[run]\ncheckpoint_every = true\n", "run.checkpoint_every expects int, got True"),
-    ("[run]\nseeds = [0, -1]\n", "run.seeds must be integers >= 0, got -1"),
+    ("[run]\nseeds = [0, -1]\n", "run.seeds must be integers in [0, 4294967295], got -1"),
     ("[fedavg]\nlr = nan\n", "fedavg.lr must be a finite number > 0, got nan"),
     ("[fedeq]\nrho = +inf\n", "fedeq.rho must be a finite number > 0, got inf"),
     ("fedeq.tol = -nan\n", "fedeq.tol must be a finite number > 0, got nan"),  # a dotted key is a table too
