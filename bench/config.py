@@ -278,7 +278,7 @@ def apply(config: Config, overrides: dict[str, Any]) -> Config:
 def check_config(config: Config) -> None:
     """Every ranged field of every section within its range (a BenchError line if not), keys written
     as `--set` takes them: `lr`, `fedavg.lr`, `synthetic.alpha`. `apply` already checked what it set;
-    this covers a config built or replaced in code (a library caller, a sweep's trial)."""
+    this covers a config built or replaced in code (a library caller, a notebook, a test)."""
     check_fields(config.run)
     for name, section in (*config.methods.items(), *config.datasets.items()):
         check_fields(section, f"{name}.")
