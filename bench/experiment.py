@@ -60,11 +60,17 @@ def validate(cfg):
 
 
 def load_dataset(cfg, seed: int):
-    """The federated dataset of `cfg.run` at `seed` (the seed draws the partition and held-out clients)."""
+    """The federated dataset of `cfg.run` at `seed` (the seed draws the partition and held-out clients).
+
+    Refused with one line, before anything is generated or read, when the dataset's own size
+    estimate exceeds the memory available (bench/sizing.py); `get_dataset` checks what the loader
+    returns (labels, lengths, empty clients, finite features: datasets/base.py `check_dataset`)."""
+    from fedeq_bench.bench import sizing
     from fedeq_bench.datasets.base import DataArgs, get_dataset, split_dataset_name
 
     run = cfg.run
     name, _ = split_dataset_name(run.dataset)
+    sizing.check_before_load(cfg, seeds=[seed], whole_run=False)
     args = DataArgs(seed=seed, clients=run.clients, partition=run.partition, val_frac=run.val_frac,
                     frac_unseen=run.frac_unseen, data_dir=run.data_dir)
     return get_dataset(run.dataset, cfg.datasets[name], args)
@@ -86,11 +92,17 @@ def check_models(cfg, dataset) -> None:
 
 def load_checked(cfg) -> dict:
     """`{seed: dataset}` for every seed, each checked against every method's model: all the bad input
-    a run can meet in its data shows up here, before a backend starts or a run is recorded."""
+    a run can meet in its data shows up here, before a backend starts or a run is recorded. So does a
+    run too big for this machine's memory (bench/sizing.py): estimated before any data is made (every
+    seed's data, Ray's copy of it, the client states the methods keep), and again once it is loaded."""
+    from fedeq_bench.bench import sizing
+
+    sizing.check_before_load(cfg)
     datasets = {}
     for seed in cfg.run.seeds:
         datasets[seed] = load_dataset(cfg, seed)
         check_models(cfg, datasets[seed])
+    sizing.check_after_load(cfg, datasets)
     return datasets
 
 

@@ -2,19 +2,24 @@
 
 A loader returns per-client (train_x, train_y, test_x, test_y) arrays; `build_federated` carves the
 per-client validation split, picks the unseen (held-out) clients and fingerprints the result, so
-these steps are identical for every dataset. Arrays are numpy so Ray's object store holds them
+these steps are identical for every dataset. `get_dataset` then checks every loader's output in one
+place (`check_dataset`): labels a model can use, matching lengths, no empty split, finite features.
+A loader may also register a cheap `estimate` of the memory its data will take, which bench/sizing.py
+compares with the memory available before anything is generated or read. Arrays are numpy so Ray's object store holds them
 zero-copy; the engine turns one client's arrays into tensors where that client is trained.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
 
 from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.files import require_dir
 from fedeq_bench.core.registry import Registry
 from fedeq_bench.core.seeding import numpy_rng
 
@@ -80,20 +85,43 @@ Loader = Callable[..., FederatedDataset]
 
 
 @dataclass(frozen=True)
+class DataEstimate:
+    """What a dataset will hold once loaded, estimated without generating or reading its samples."""
+
+    clients: int
+    samples: int
+    """Samples over every client and split."""
+    bytes: int
+    """Bytes of every client's arrays as FederatedDataset holds them (float32 x, int64 y)."""
+    input_shape: tuple[int, ...] | None = None
+    """Per-sample feature shape, where known before loading (sizes the models' client states)."""
+    num_classes: int | None = None
+    default_models: dict[str, str] | None = None
+    """The dataset's model pairing (as FederatedDataset.default_models), where known before loading."""
+
+
+# (its config dataclass instance, DataArgs) -> DataEstimate, or None where it cannot tell cheaply.
+Estimator = Callable[..., "DataEstimate | None"]
+
+
+@dataclass(frozen=True)
 class DatasetEntry:
     loader: Loader
     config: type
     """The dataclass of the dataset's own options (`--set synthetic.alpha=1`)."""
+    estimate: Estimator | None = None
+    """Cheap size estimate before loading (see `estimate_dataset`); None: none is made."""
 
 
 DATASETS: Registry[DatasetEntry] = Registry("dataset")
 
 
-def register_dataset(name: str, config: type):
-    """Register `loader(cfg, args) -> FederatedDataset` under `name` with its config dataclass."""
+def register_dataset(name: str, config: type, estimate: Estimator | None = None):
+    """Register `loader(cfg, args) -> FederatedDataset` under `name` with its config dataclass, and
+    optionally `estimate(cfg, args) -> DataEstimate | None`, which must be cheap (no samples made)."""
 
     def deco(loader: Loader) -> Loader:
-        DATASETS.register(name)(DatasetEntry(loader, config))
+        DATASETS.register(name)(DatasetEntry(loader, config, estimate))
         return loader
 
     return deco
@@ -111,15 +139,34 @@ def split_dataset_name(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-def get_dataset(spec: str, cfg, args: DataArgs) -> FederatedDataset:
-    """Load dataset `spec` (a registered name, or `name:ARG` such as `npz:PATH`)."""
+def _entry_and_config(spec: str, cfg, args: DataArgs):
     name, arg = split_dataset_name(spec)
     entry = DATASETS.get(name)
     if arg is not None:
         if not hasattr(cfg, "path"):
             raise BenchError(f"dataset {name!r} takes no ':' argument (got {spec!r})")
         cfg = dataclasses.replace(cfg, path=arg)
-    return entry.loader(cfg, args)
+    if args.data_dir and os.path.lexists(os.path.expanduser(args.data_dir)):
+        # A file, or a folder that cannot be listed, is one line here. A --data-dir that does not exist
+        # yet is where downloads go; a loader that finds nothing names it among the places it looked.
+        require_dir(os.path.expanduser(args.data_dir), "--data-dir",
+                    "a folder holding the dataset's files (or where downloads go)")
+    return entry, cfg
+
+
+def get_dataset(spec: str, cfg, args: DataArgs) -> FederatedDataset:
+    """Load dataset `spec` (a registered name, or `name:ARG` such as `npz:PATH`), checked by
+    `check_dataset` whichever loader made it."""
+    entry, cfg = _entry_and_config(spec, cfg, args)
+    ds = entry.loader(cfg, args)
+    check_dataset(ds)
+    return ds
+
+
+def estimate_dataset(spec: str, cfg, args: DataArgs) -> DataEstimate | None:
+    """The dataset's own cheap estimate of its size (None where it registered none or cannot tell)."""
+    entry, cfg = _entry_and_config(spec, cfg, args)
+    return entry.estimate(cfg, args) if entry.estimate is not None else None
 
 
 def build_federated(
@@ -140,6 +187,9 @@ def build_federated(
         raise BenchError(f"frac_unseen must be in [0, 1), got {args.frac_unseen}")
     clients = []
     for cid, (tx, ty, sx, sy) in enumerate(raw):
+        # Checked before the casts below, which would turn label 1.5 into 1 and "a" into an error.
+        for split, x, y in (("train", tx, ty), ("test", sx, sy)):
+            _check_dtypes(name, cid, split, np.asarray(x), np.asarray(y))
         tx = np.ascontiguousarray(tx, dtype=np.float32)
         ty = np.ascontiguousarray(ty, dtype=np.int64)
         sx = np.ascontiguousarray(sx, dtype=np.float32)
@@ -154,6 +204,8 @@ def build_federated(
         val_idx, tr_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         clients.append(ClientData(tx[tr_idx], ty[tr_idx], tx[val_idx], ty[val_idx], sx, sy))
     n = len(clients)
+    if n == 0:
+        raise BenchError(f"{name}: the loader produced no clients; a federated dataset needs at least one")
     n_unseen = int(round(args.frac_unseen * n))
     if n_unseen >= n:
         raise BenchError(f"frac_unseen={args.frac_unseen} leaves no training client among {n}")
@@ -170,6 +222,66 @@ def build_federated(
     )
     ds.fingerprint = fingerprint(ds)
     return ds
+
+
+def _check_dtypes(name: str, cid: int, split: str, x: np.ndarray, y: np.ndarray) -> None:
+    """Features a float32 model can take and labels that are whole numbers, before any cast."""
+    if x.dtype.kind not in "biuf":
+        raise BenchError(f"{name}: client {cid} {split}_x has dtype {x.dtype}; features must be numbers (integer or float)")
+    if y.dtype.kind in "biu":
+        return
+    if y.dtype.kind != "f":
+        raise BenchError(f"{name}: client {cid} {split}_y has dtype {y.dtype}; labels must be integers 0..num_classes-1")
+    frac = ~np.isfinite(y) | (y != np.round(y)) if y.size else np.zeros(0, dtype=bool)
+    if frac.any():
+        raise BenchError(f"{name}: client {cid} {split}_y has label {y[frac].flat[0]!r}, not a whole number; "
+                         "labels must be integers 0..num_classes-1 (class ids, not regression targets)")
+
+
+def check_dataset(ds: FederatedDataset) -> None:
+    """What every model needs of every client, whichever loader made the dataset: x float32 and y
+    int64 with one label per sample (len(x) == len(y)), one per-sample shape for all clients, labels
+    in [0, num_classes), finite features (float32: beyond 3.4e38 is inf), and at least one train and
+    one test sample per client. One BenchError line naming the client and the array otherwise; it
+    runs before a backend starts or anything is recorded (a NaN feature would otherwise train
+    silently to chance accuracy, a label >= num_classes fail in round 1, an empty client divide 0/0)."""
+    if not ds.clients:
+        raise BenchError(f"{ds.name}: no clients; a federated dataset needs at least one")
+    if ds.num_classes < 1:
+        raise BenchError(f"{ds.name}: num_classes is {ds.num_classes}; it must be >= 1")
+    first = ds.clients[0]
+    x_shape, y_shape = tuple(first.train_x.shape[1:]), tuple(first.train_y.shape[1:])
+    for cid, c in enumerate(ds.clients):
+        for split in ("train", "val", "test"):
+            x, y = getattr(c, f"{split}_x"), getattr(c, f"{split}_y")
+            where = f"{ds.name}: client {cid} {split}"
+            if x.dtype != np.float32 or y.dtype != np.int64:
+                raise BenchError(f"{where}: arrays are {x.dtype} / {y.dtype}; a loader must give float32 x and int64 y "
+                                 "(build_federated converts them)")
+            if y.ndim < 1 or x.ndim < 1 or x.shape[0] != y.shape[0]:
+                raise BenchError(f"{where}_x has shape {x.shape} but {split}_y has shape {y.shape}; "
+                                 "one label (row) per sample: lengths must match")
+            if tuple(x.shape[1:]) != x_shape:
+                raise BenchError(f"{where}_x has per-sample shape {tuple(x.shape[1:])} but client 0 train_x has "
+                                 f"{x_shape}; every client must share one feature shape")
+            if tuple(y.shape[1:]) != y_shape:
+                raise BenchError(f"{where}_y has per-sample label shape {tuple(y.shape[1:])} but client 0 train_y has "
+                                 f"{y_shape}; every client must share one label shape")
+            if y.size:
+                lo, hi = int(y.min()), int(y.max())
+                if lo < 0 or hi >= ds.num_classes:
+                    bad = lo if lo < 0 else hi
+                    raise BenchError(f"{where}_y has label {bad}; labels must be in [0, {ds.num_classes}) "
+                                     f"(num_classes={ds.num_classes})")
+            if x.size and not np.isfinite(x).all():
+                bad = int((~np.isfinite(x)).sum())
+                raise BenchError(f"{where}_x has {bad} non-finite feature value(s) (NaN, inf, or beyond float32's "
+                                 "3.4e38); features must be finite: clean or scale them")
+        for split in ("train", "test"):
+            if getattr(c, f"{split}_y").shape[0] == 0:
+                raise BenchError(f"{ds.name}: client {cid} has no {split} samples; every client needs at least one "
+                                 f"train and one test sample (an empty {split} split cannot be "
+                                 f"{'trained on' if split == 'train' else 'scored'})")
 
 
 def fingerprint(ds: FederatedDataset) -> str:

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.files import decode_error, one_line, read_bytes, require_dir, require_file
 from fedeq_bench.datasets import cache
 from fedeq_bench.datasets.base import DataArgs, FederatedDataset, register_dataset
 from fedeq_bench.datasets.partition import centralised_spec, federate
@@ -156,7 +157,8 @@ def load_batch(data: bytes, source: str) -> dict:
     except RefusedGlobal:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of a (restricted) unpickler on bad bytes
-        raise BenchError(f"{source} is not a readable CIFAR batch, corrupt or truncated ({type(e).__name__}: {e})") from None
+        raise BenchError(f"{source} is not a readable CIFAR batch, corrupt or truncated "
+                         f"({type(e).__name__}: {one_line(e)})") from None
     if not isinstance(obj, dict):
         raise BenchError(f"{source} holds a {type(obj).__name__}, not a CIFAR batch dict")
     return obj
@@ -199,11 +201,25 @@ def _names(rel: Release) -> tuple[str, ...]:
 def find(rel: Release, data_dir: str | None) -> tuple[str, Path] | None:
     """("dir", folder) holding every batch, or ("tar", tarball), from the search dirs; None if neither."""
     for d in cache.data_dirs(data_dir) + [cache.cache_dir() / "data"]:
-        for folder in (d / rel.folder, d):
-            if all((folder / n).is_file() for n in _names(rel)):
-                return "dir", folder
-        if (d / rel.tarball).is_file():
-            return "tar", d / rel.tarball
+        own = d / rel.folder
+        if own.exists():
+            # The release's own folder: a part missing or of the wrong kind is an error naming it, not a
+            # reason to fall through to another copy (or a download).
+            require_dir(own, f"{rel.title} folder", f"the release's {rel.folder}/ of batch files")
+            present = [n for n in _names(rel) if (own / n).exists() or (own / n).is_symlink()]
+            for n in present:
+                require_file(own / n, f"{rel.title} batch", f"a {rel.title} python batch file")
+            if present and len(present) < len(_names(rel)):
+                missing = ", ".join(n for n in _names(rel) if n not in present)
+                raise BenchError(f"{own} lacks {missing}; {how_to_get(rel)}")
+            if present:
+                return "dir", own
+        # Batches directly in d: only when all are there (`train`, `test` are common names).
+        if all((d / n).is_file() for n in _names(rel)):
+            return "dir", d
+        tar = d / rel.tarball
+        if tar.exists() or tar.is_symlink():
+            return "tar", Path(require_file(tar, f"{rel.title} tarball", f"the release's {rel.tarball}"))
     return None
 
 
@@ -212,10 +228,7 @@ def read_files(rel: Release, kind: str, path: Path) -> dict[str, tuple[bytes, st
     out = {}
     if kind == "dir":
         for n in _names(rel):
-            try:
-                out[n] = ((path / n).read_bytes(), str(path / n))
-            except OSError as e:
-                raise BenchError(f"cannot read {path / n}: {e}") from None
+            out[n] = (read_bytes(path / n, f"{rel.title} batch", f"a {rel.title} python batch file"), str(path / n))
         return out
     try:
         with tarfile.open(path, "r:gz") as tf:
@@ -227,8 +240,12 @@ def read_files(rel: Release, kind: str, path: Path) -> dict[str, tuple[bytes, st
                 out[n] = (f.read(), f"{path}:{member}")
     except KeyError as e:
         raise BenchError(f"{path} lacks {e.args[0]}; is it the {rel.title} python tarball?") from None
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise BenchError(f"{path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        if e.errno is None:  # gzip's BadGzipFile: the bytes, not the system
+            raise BenchError(f"{path} is corrupt or truncated ({type(e).__name__}: {one_line(e)})") from None
+        raise decode_error(e, path, f"{rel.title} tarball", f"the release's {rel.tarball}") from None
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise BenchError(f"{path} is corrupt or truncated ({type(e).__name__}: {one_line(e)})") from None
     return out
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.files import one_line, read_bytes, require_file
 from fedeq_bench.datasets import cache
 from fedeq_bench.datasets.base import DataArgs, FederatedDataset, register_dataset
 from fedeq_bench.datasets.partition import centralised_spec, federate
@@ -77,6 +79,8 @@ RAW_SHA256 = {
     "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
     "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
+
+EXPECTED = "an IDX file of Fashion-MNIST's format, optionally gzipped (NAME or NAME.gz)"
 
 HOW_TO_GET = (
     "install Debian/Ubuntu's package (sudo apt-get install dataset-fashion-mnist), or download "
@@ -121,15 +125,14 @@ def parse_idx(data: bytes, name: str) -> np.ndarray:
 
 def read_member(path: Path) -> bytes:
     """A file's bytes, decompressed when it ends in .gz (gzip checks its CRC32 and length)."""
+    data = read_bytes(path, "Fashion-MNIST file", EXPECTED)  # missing, a folder, unreadable: one line each
+    if path.suffix != ".gz":
+        return data
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+            return f.read()
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise BenchError(f"{path} is corrupt or truncated ({type(e).__name__}: {e})") from None
-    except OSError as e:
-        raise BenchError(f"cannot read {path}: {e}") from None
+        raise BenchError(f"{path} is corrupt or truncated ({type(e).__name__}: {one_line(e)})") from None
 
 
 def _check_release(name: str, path: Path, arr: np.ndarray, data: bytes) -> None:
@@ -170,14 +173,20 @@ def read_arrays(files: dict[str, Path]) -> tuple[np.ndarray, np.ndarray, np.ndar
 # -- finding or fetching the files ----------------------------------------------------------------
 
 def _in_dir(d: Path) -> dict[str, Path] | None:
-    """The four files in `d` (each as NAME or NAME.gz), or None unless all four are there."""
+    """The four files in `d` (each as NAME or NAME.gz), or None when none of them is there. Some but
+    not all, or one that is not a file (a folder of that name), is an error naming them: taking
+    another copy of the data instead would hide the mistake."""
     found = {}
     for name in FILES:
         for cand in (d / name, d / f"{name}.gz"):
-            if cand.is_file():
-                found[name] = cand
+            if cand.exists() or cand.is_symlink():
+                found[name] = Path(require_file(cand, "Fashion-MNIST file", EXPECTED))
                 break
-    return found if len(found) == len(FILES) else None
+    if found and len(found) < len(FILES):
+        missing = [n for n in FILES if n not in found]
+        raise BenchError(f"{d} holds {len(found)} of the 4 Fashion-MNIST files but not {', '.join(missing)} "
+                         f"(as NAME or NAME.gz): add them, or {HOW_TO_GET}")
+    return found or None
 
 
 def search_dirs(data_dir: str | None) -> list[Path]:

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 
 from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.files import read_text, require_dir
 from fedeq_bench.datasets.base import DataArgs
 from fedeq_bench.datasets.cache import DATA_ENV, data_dirs
 
@@ -23,7 +24,10 @@ def leaf_layout(root: str, dataset: str) -> tuple[str, dict[str, list[str]]]:
     def jsons(d: str) -> list[str]:
         if not os.path.isdir(d):
             return []
+        require_dir(d, f"{dataset}: LEAF folder", "a folder of LEAF .json files")  # an unreadable one: one line
         return sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".json"))
+
+    require_dir(root, f"{dataset}: LEAF data folder", "train/ and test/ (or all_data/) of LEAF .json files")
 
     for base in (root, os.path.join(root, "data")):
         train, test = jsons(os.path.join(base, "train")), jsons(os.path.join(base, "test"))
@@ -52,13 +56,13 @@ def read_leaf_files(
     out: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for path in files:
         name = os.path.basename(path)
+        text = read_text(path, f"{dataset}: LEAF file", "UTF-8 LEAF JSON")
         try:
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
+            doc = json.loads(text)
         except json.JSONDecodeError as e:
             raise BenchError(f"{dataset}: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise BenchError(f"{dataset}: cannot read {path} ({type(e).__name__}: {e})") from None
+        except RecursionError:  # `[[[[...` nested deeper than the parser goes
+            raise BenchError(f"{dataset}: {path} is not LEAF JSON (nested too deeply)") from None
         if not isinstance(doc, dict) or not all(k in doc for k in ("users", "num_samples", "user_data")):
             raise BenchError(f"{dataset}: {path} is not LEAF JSON: expected keys users, num_samples, user_data")
         users, counts, data = doc["users"], doc["num_samples"], doc["user_data"]

@@ -21,12 +21,14 @@ from __future__ import annotations
 import os
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.datasets.base import DataArgs, FederatedDataset, build_federated, register_dataset
+from fedeq_bench.core.files import one_line, decode_error, require_file
+from fedeq_bench.datasets.base import DataArgs, DataEstimate, FederatedDataset, build_federated, register_dataset
 from fedeq_bench.datasets.partition import require_natural
 
 _SPLITS = ("train_x", "train_y", "test_x", "test_y")
@@ -43,24 +45,31 @@ class NpzConfig:
     optional scalar num_classes). A relative path is looked up in DataArgs.data_dir first."""
 
 
+EXPECTED = "a .npz archive written by np.savez (train_x_k, train_y_k, test_x_k, test_y_k)"
+
+
 def _resolve(path: str, data_dir: str | None) -> str:
     path = os.path.expanduser(path)
     if data_dir and not os.path.isabs(path):
         candidate = os.path.join(os.path.expanduser(data_dir), path)
-        if os.path.isfile(candidate):
-            return candidate
-    if not os.path.isfile(path):
+        if os.path.exists(candidate):
+            return require_file(candidate, "npz dataset", EXPECTED)
+    if not os.path.lexists(path):
         where = f" (also looked in data_dir {data_dir!r})" if data_dir and not os.path.isabs(path) else ""
         raise BenchError(f"npz dataset file not found: {path!r}{where}")
-    return path
+    return require_file(path, "npz dataset", EXPECTED)  # a folder, a broken link, a device: one line each
 
 
 def _read_all(path: str) -> dict[str, np.ndarray]:
     """Every array of the archive, read eagerly (so the file is closed before returning)."""
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise BenchError(f"npz dataset {path!r} is not a valid .npz archive ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        if e.errno is not None:  # the system's: permission denied, an I/O error
+            raise decode_error(e, path, "npz dataset", EXPECTED) from None
+        raise BenchError(f"npz dataset {path!r} is not a valid .npz archive ({type(e).__name__}: {one_line(e)})") from None
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise BenchError(f"npz dataset {path!r} is not a valid .npz archive ({type(e).__name__}: {one_line(e)})") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         # np.load also reads a bare .npy file; that holds one array, not a partition.
         raise BenchError(f"npz dataset {path!r} is a single .npy array, not an .npz archive (write it with np.savez)")
@@ -69,9 +78,10 @@ def _read_all(path: str) -> dict[str, np.ndarray]:
         for key in loaded.files:
             try:
                 arrays[key] = loaded[key]
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
                 # allow_pickle=False refuses object arrays here; a truncated member fails here too.
-                raise BenchError(f"npz dataset {path!r}: cannot read array {key!r} ({type(e).__name__}: {e})") from None
+                raise BenchError(f"npz dataset {path!r}: cannot read array {key!r} "
+                                 f"({type(e).__name__}: {one_line(e)})") from None
     return arrays
 
 
@@ -165,7 +175,44 @@ def _num_classes(arrays: dict[str, np.ndarray], n: int, path: str) -> int:
     return nc
 
 
-@register_dataset("npz", NpzConfig)
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def estimate_npz(cfg: NpzConfig, args: DataArgs) -> DataEstimate | None:
+    """Bytes the clients' arrays will take (x as float32, y as int64), from the archive's npy headers
+    alone (a few hundred bytes per array, no array read); None when the file cannot tell (the loader
+    then says what is wrong with it)."""
+    if not cfg.path:
+        return None
+    try:
+        path = _resolve(cfg.path, args.data_dir)
+        samples, nbytes, clients = 0, 0, set()
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                m = _KEY.match(info.filename.removesuffix(".npy"))
+                if not m:
+                    continue
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = _HEADER_READERS.get(version)
+                    if read_header is None:
+                        return None
+                    shape, _, _ = read_header(f)
+                n = int(np.prod(shape, dtype=np.int64))
+                nbytes += n * (4 if m.group(1).endswith("_x") else 8)
+                if m.group(1).endswith("_y"):
+                    samples += int(shape[0]) if shape else 0
+                clients.add(int(m.group(2)))
+    except (BenchError, OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
+        return None
+    used = len(clients) if args.clients is None else min(int(args.clients), len(clients))
+    if not clients or used < 1:
+        return None
+    scale = used / len(clients)  # the first `used` clients; their share of the bytes, roughly
+    return DataEstimate(clients=used, samples=int(samples * scale), bytes=int(nbytes * scale))
+
+
+@register_dataset("npz", NpzConfig, estimate=estimate_npz)
 def load_npz(cfg: NpzConfig, args: DataArgs) -> FederatedDataset:
     """Clients 0..N-1 of `cfg.path` (the first `args.clients` of them when that is given)."""
     require_natural("npz", args.partition)  # the file's clients are the split

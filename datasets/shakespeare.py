@@ -80,6 +80,7 @@ from fedeq_bench.core.ranges import ranged
 from fedeq_bench.datasets.base import DataArgs, FederatedDataset, build_federated, register_dataset
 from fedeq_bench.datasets.leaf import find_source, leaf_layout, merge, rank_users, read_leaf_files, read_split
 from fedeq_bench.datasets.partition import require_natural
+from fedeq_bench.core.files import read_text
 
 SEQ_LEN = 80
 """Characters in a window (LEAF's seq_length)."""
@@ -242,11 +243,7 @@ def _role_ids(path: str) -> dict[str, np.ndarray]:
     """Role -> token ids of its LEAF text, from a raw play text file."""
     if path.endswith(".json"):
         raise BenchError(f"shakespeare: {path} is a JSON file; pass LEAF's data directory (train/ and test/, or all_data/)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise BenchError(f"shakespeare: cannot read {path} ({type(e).__name__}: {e})") from None
+    raw = read_text(path, "shakespeare: play text", "UTF-8 play text of `ROLE:` blocks (e.g. tinyshakespeare.txt)")
     roles = parse_play(raw)
     if not roles:
         raise BenchError(f"shakespeare: no `ROLE:` header lines in {path}; expected blocks of `ROLE:` then its lines")
