@@ -71,7 +71,8 @@ class Range:
 def ranged(default, *, gt=None, ge=None, lt=None, le=None, note: str = ""):
     """A dataclass field with a default and its valid range (see the module docstring)."""
     rng = Range(gt=gt, ge=ge, lt=lt, le=le, note=note)
-    for d in default if isinstance(default, tuple) else () if default is None else (default,):
+    values = () if default is None else default if isinstance(default, tuple) else (default,)
+    for d in values:
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d not in rng:
             # A bug in a config class, raised when its module is imported.
             raise ValueError(f"default {default!r} is outside its own range {rng.bounds()!r}")
