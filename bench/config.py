@@ -310,6 +310,10 @@ def read_toml(path, what: str = "config file", where: str = "presets are in conf
                          f"TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise BenchError(f"{what} {str(path)!r} is not valid TOML: {e}") from None
+    except OSError as e:  # the rest: a file in the path's folders, a name too long, an I/O error
+        from fedeq_bench.core.files import decode_error
+
+        raise decode_error(e, path, what, f"a .toml file ({where})") from None
 
 
 def load_toml(path: str) -> dict[str, Any]:

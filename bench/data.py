@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg, seed, args = resolve(argv)
         from fedeq_bench.bench.experiment import describe_data
 
+        if args.plot:  # a plot path that cannot be written is one line before the data is loaded
+            from fedeq_bench.datasets.describe import check_output_path
+
+            check_output_path(args.plot)
+
         print(describe_data(cfg, seed, args.plot))
         return 0
 

@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         resuming = build_parser()[0].parse_args(argv).resume is not None
         cfg, args = resume_config(argv) if resuming else resolve_config(argv)
+        if args.report:  # before the run, not after it: a file named like the folder is one line now
+            from fedeq_bench.core.files import require_output_dir
+            require_output_dir(args.report_dir, "--report-dir")
         from fedeq_bench.bench import experiment
 
         rows, parent = experiment.compare(cfg, command=shlex.join([*PROG.split(), *argv]), quiet=args.quiet,

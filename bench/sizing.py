@@ -97,7 +97,7 @@ def states_in_memory(cfg, n_clients: int, default_models, input_shape, num_class
         total = kept * per
         if run.state_budget_gb is not None:
             total = min(total, int(run.state_budget_gb * GB))
-        if total >= worst[0]:
+        if total > worst[0] or not worst[1]:
             worst = (total, method, per)
     return worst
 
@@ -138,12 +138,13 @@ def refuse_if_too_big(cfg, data: int, data_what: str, states: tuple[int, str, in
                      f"{_gb(available)} is available (MemAvailable); to fit, {', or '.join(fixes)}")
 
 
-def check_before_load(cfg, seeds=None, whole_run: bool = True) -> None:
+def check_before_load(cfg, seeds=None, whole_run: bool = True, available: int | None = -1) -> None:
     """Refuse a run whose data (estimated by the dataset, without generating or reading it) and client
     states cannot fit in the memory available now. `seeds`: the datasets to count (default: every
     seed's, as `load_checked` holds them); `whole_run`: count Ray's copy and client states too (False:
-    only loading the data, as `bench.data describe` does). Datasets without an estimate are checked
-    after loading (`check_after_load`)."""
+    only loading the data, as `bench.data describe` does); `available`: bytes to compare with (-1:
+    this machine's `available_bytes()` now). Datasets without an estimate are checked after loading
+    (`check_after_load`)."""
     from fedeq_bench.datasets.base import DataArgs, estimate_dataset, split_dataset_name
 
     run = cfg.run
@@ -164,19 +165,22 @@ def check_before_load(cfg, seeds=None, whole_run: bool = True) -> None:
             and est.default_models is not None):
         states = states_in_memory(cfg, est.clients, est.default_models, est.input_shape, est.num_classes)
     what = f"{est.samples:,} samples" + (f" x {len(seeds)} seeds" if len(seeds) > 1 else "")
-    refuse_if_too_big(cfg, data, what, states, est.clients, available_bytes(), loaded=False, ray=whole_run)
+    refuse_if_too_big(cfg, data, what, states, est.clients, available_bytes() if available == -1 else available,
+                      loaded=False, ray=whole_run)
 
 
 def dataset_bytes(ds) -> int:
     return sum(a.nbytes for c in ds.clients for a in (c.train_x, c.train_y, c.val_x, c.val_y, c.test_x, c.test_y))
 
 
-def check_after_load(cfg, datasets: dict) -> None:
+def check_after_load(cfg, datasets: dict, available: int | None = -1) -> None:
     """With every seed's dataset in memory: refuse when what the run adds (Ray's copy of the data, the
-    client states of the real client count and model) exceeds the memory still available."""
+    client states of the real client count and model) exceeds the memory still available (`available`
+    as in `check_before_load`)."""
     if not datasets:
         return
     data = sum(dataset_bytes(ds) for ds in datasets.values())
     ds = next(iter(datasets.values()))
     states = states_in_memory(cfg, len(ds.clients), ds.default_models, ds.input_shape, ds.num_classes)
-    refuse_if_too_big(cfg, data, "loaded", states, len(ds.clients), available_bytes(), loaded=True)
+    refuse_if_too_big(cfg, data, "loaded", states, len(ds.clients),
+                      available_bytes() if available == -1 else available, loaded=True)

@@ -127,3 +127,22 @@ def read_text(path, what: str, expected: str = "UTF-8 text") -> str:
     data = read_bytes(path, what, expected)
     with parsing(path, what, expected):
         return data.decode("utf-8")
+
+
+def require_output_dir(path, what: str) -> str:
+    """`path` (as a str) if it is, or can be made as, a folder this user writes into: checked before
+    the work whose results go there, not after it. One line when the path is a file, when a part of it
+    is a file, or when the folder it would be made in (or it itself) is not writable."""
+    p = os.fspath(path)
+    probe = os.path.abspath(p)
+    while not os.path.lexists(probe):  # the nearest part that exists: the folders below it get made
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        which = "is a file" if probe == os.path.abspath(p) else f"lies under the file {probe!r}"
+        raise BenchError(f"{what} {_name(p)} {which}; expected a folder (it is made if missing)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BenchError(f"{what} {_name(p)}: {probe!r} is not writable by this user; give a folder you can write")
+    return p

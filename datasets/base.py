@@ -187,12 +187,14 @@ def build_federated(
         raise BenchError(f"frac_unseen must be in [0, 1), got {args.frac_unseen}")
     clients = []
     for cid, (tx, ty, sx, sy) in enumerate(raw):
-        # Checked before the casts below, which would turn label 1.5 into 1 and "a" into an error.
+        # Checked before the casts below, which would turn label 1.5 into 1 and "a" into an error, and
+        # before the carve, which indexes x by y's length (a longer x would lose rows silently).
         for split, x, y in (("train", tx, ty), ("test", sx, sy)):
-            _check_dtypes(name, cid, split, np.asarray(x), np.asarray(y))
-        tx = np.ascontiguousarray(tx, dtype=np.float32)
+            _check_raw(name, cid, split, np.asarray(x), np.asarray(y))
+        with np.errstate(over="ignore"):  # 1e300 becomes inf here; check_dataset names it
+            tx = np.ascontiguousarray(tx, dtype=np.float32)
+            sx = np.ascontiguousarray(sx, dtype=np.float32)
         ty = np.ascontiguousarray(ty, dtype=np.int64)
-        sx = np.ascontiguousarray(sx, dtype=np.float32)
         sy = np.ascontiguousarray(sy, dtype=np.int64)
         # Validation is carved from training data only, so test never informs a choice.
         perm = numpy_rng(args.seed, "split", cid).permutation(len(ty))
@@ -224,8 +226,12 @@ def build_federated(
     return ds
 
 
-def _check_dtypes(name: str, cid: int, split: str, x: np.ndarray, y: np.ndarray) -> None:
-    """Features a float32 model can take and labels that are whole numbers, before any cast."""
+def _check_raw(name: str, cid: int, split: str, x: np.ndarray, y: np.ndarray) -> None:
+    """One label per sample, features a float32 model can take and labels that are whole numbers,
+    before any cast."""
+    if y.ndim < 1 or x.ndim < 1 or x.shape[0] != y.shape[0]:
+        raise BenchError(f"{name}: client {cid} {split}_x has shape {x.shape} but {split}_y has shape {y.shape}; "
+                         "one label (row) per sample: lengths must match")
     if x.dtype.kind not in "biuf":
         raise BenchError(f"{name}: client {cid} {split}_x has dtype {x.dtype}; features must be numbers (integer or float)")
     if y.dtype.kind in "biu":
@@ -234,7 +240,7 @@ def _check_dtypes(name: str, cid: int, split: str, x: np.ndarray, y: np.ndarray)
         raise BenchError(f"{name}: client {cid} {split}_y has dtype {y.dtype}; labels must be integers 0..num_classes-1")
     frac = ~np.isfinite(y) | (y != np.round(y)) if y.size else np.zeros(0, dtype=bool)
     if frac.any():
-        raise BenchError(f"{name}: client {cid} {split}_y has label {y[frac].flat[0]!r}, not a whole number; "
+        raise BenchError(f"{name}: client {cid} {split}_y has label {float(y[frac].flat[0])}, not a whole number; "
                          "labels must be integers 0..num_classes-1 (class ids, not regression targets)")
 
 

@@ -137,3 +137,21 @@ def test_help_has_the_dataset_flags_only(tmp_path):
         assert flag in text, flag
     for flag in ("--rounds", "--methods", "--tracking-uri", "--backend"):
         assert flag not in text, flag
+
+
+def test_a_dataset_too_big_for_memory_is_refused_before_it_is_generated(tmp_path):
+    """10,000,000 synthetic clients (~1.1 TB): bench/sizing.py refuses from the sample counts alone,
+    in seconds, where generating would be killed by the kernel with no message."""
+    proc = describe(["--dataset", "synthetic", "--clients", "10000000"], tmp_path, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert re.fullmatch(r"error: this run needs about \d+\.\d GB memory \(data \d+\.\d GB \([\d,]+ samples\)\) but only "
+                        r"\S+ [GM]B is available \(MemAvailable\); to fit, lower --clients \(now 10,000,000\)\n",
+                        proc.stderr), proc.stderr
+    assert proc.stdout == "" and cache_files(tmp_path) == []
+
+
+def test_the_plot_path_is_checked_before_the_data_is_read(tmp_path):
+    """A bad --plot is reported even when the data is bad too: it is checked first, in no time."""
+    proc = describe(["--dataset", f"npz:{tmp_path}/missing.npz", "--plot", "nope/labels.png"], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["error: cannot save the plot to 'nope/labels.png': the folder 'nope' does not exist"]

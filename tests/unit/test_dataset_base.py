@@ -110,3 +110,94 @@ def test_dataset_name_lookup():
         get_dataset("nope", SyntheticConfig(), DataArgs(seed=0))
     with pytest.raises(BenchError, match=r"dataset 'synthetic' takes no ':' argument"):
         get_dataset("synthetic:x", SyntheticConfig(), DataArgs(seed=0))
+
+
+# -- every loader's output is checked in one place (issue 13, "data is validated") -------------------
+
+def load_raw(monkeypatch, raw, **kw):
+    """`raw` through get_dataset, as every loader's output goes: a hand-made loader registered as `t`."""
+    from dataclasses import dataclass
+
+    from fedeq_bench.datasets.base import DATASETS, DatasetEntry
+
+    @dataclass(frozen=True)
+    class RawCfg:
+        pass
+
+    monkeypatch.setitem(DATASETS._items, "t", DatasetEntry(lambda cfg, args: build(raw, **kw), RawCfg))
+    return get_dataset("t", RawCfg(), DataArgs(seed=0))
+
+
+def with_change(k: int, part: int, value, n: int = 2):
+    """n clients of client(10) with element `part` (0 train_x, 1 train_y, 2 test_x, 3 test_y) of
+    client k replaced by `value`."""
+    raw = [list(client(10, start=10 * i)) for i in range(n)]
+    raw[k][part] = value
+    return [tuple(r) for r in raw]
+
+
+@pytest.mark.parametrize("raw,msg", [
+    # Labels a 5-class model cannot use (client(...) labels are id % 5, in 0..4).
+    (with_change(1, 1, np.array([0, 1, 2, -1, 4, 0, 1, 2, 3, 4])), r"t: client 1 (train|val)_y has label -1; labels must be in \[0, 5\)"),
+    (with_change(0, 3, np.array([0, 0, 5, 0])), r"t: client 0 test_y has label 5; labels must be in \[0, 5\) \(num_classes=5\)"),
+    (with_change(1, 1, np.arange(10) % 5 + 0.5), r"t: client 1 train_y has label 0\.5, not a whole number"),
+    (with_change(0, 3, np.array([0.0, np.nan, 1.0, 2.0])), r"t: client 0 test_y has label nan, not a whole number"),
+    (with_change(0, 1, np.array(list("abcdeabcde"))), r"t: client 0 train_y has dtype <U1; labels must be integers"),
+    (with_change(1, 0, np.array([["a"] * 3] * 10)), r"t: client 1 train_x has dtype <U1; features must be numbers"),
+    # Shapes: one label per sample, one feature shape and one label shape for all clients.
+    (with_change(1, 1, np.arange(9) % 5), r"t: client 1 train_x has shape \(10, 3\) but train_y has shape \(9,\); "
+                                          r"one label \(row\) per sample"),
+    (with_change(1, 3, np.zeros((4, 2), dtype=np.int64)), r"t: client 1 test_y has per-sample label shape \(2,\) but "
+                                                          r"client 0 train_y has \(\)"),
+    (with_change(1, 2, np.ones((4, 4))), r"t: client 1 test_x has per-sample shape \(4,\) but client 0 train_x has \(3,\)"),
+    # Empty clients.
+    ([client(10), (np.ones((3, 3)), np.zeros(3, int), np.ones((0, 3)), np.zeros(0, int))],
+     r"t: client 1 has no test samples; every client needs at least one train and one test sample"),
+    ([client(10), (np.ones((0, 3)), np.zeros(0, int), np.ones((2, 3)), np.zeros(2, int))],
+     r"t: client 1 has no train samples"),
+    ([], r"t: the loader produced no clients"),
+    # Features the models (float32) cannot train on: NaN, inf, and 1e300 (finite in float64, inf in float32).
+    (with_change(0, 2, np.array([[0, 0, 0], [0, np.nan, 0], [0, 0, 0], [0, 0, 0]])),
+     r"t: client 0 test_x has 1 non-finite feature value\(s\) \(NaN, inf, or beyond float32's 3\.4e38\)"),
+    (with_change(1, 2, np.full((4, 3), 1e300)), r"t: client 1 test_x has 12 non-finite feature value\(s\)"),
+])
+def test_labels_shapes_empty_clients_and_features_a_model_cannot_use_are_one_line(raw, msg, monkeypatch):
+    with pytest.raises(BenchError, match=msg) as e:
+        load_raw(monkeypatch, raw, val_frac=0.2)
+    assert "\n" not in str(e.value)
+
+
+def test_whole_number_float_and_bool_labels_are_accepted_as_classes():
+    x, _, sx, _ = client(6)
+    ds = build([(x, np.array([0.0, 1.0, 2.0, 3.0, 4.0, 0.0]), sx, np.array([True, False, True, False]))], val_frac=0)
+    np.testing.assert_array_equal(ds.clients[0].train_y, [0, 1, 2, 3, 4, 0])
+    np.testing.assert_array_equal(ds.clients[0].test_y, [1, 0, 1, 0])
+    assert ds.clients[0].train_y.dtype == np.int64
+
+
+def test_a_loader_that_bypasses_build_federated_is_checked_by_get_dataset(monkeypatch):
+    """The check sits in get_dataset, so it covers a plugin loader that builds FederatedDataset itself."""
+    from dataclasses import dataclass
+
+    from fedeq_bench.datasets.base import DATASETS, ClientData, DatasetEntry, FederatedDataset
+
+    @dataclass(frozen=True)
+    class HandCfg:
+        pass
+
+    def loader(cfg, args):
+        f = np.zeros((4, 3), dtype=np.float32)
+        good = ClientData(f, np.array([0, 1, 2, 3]), f[:0], np.zeros(0, np.int64), f, np.array([0, 1, 2, 3]))
+        bad = ClientData(f, np.array([0, 1, 7, 3]), f[:0], np.zeros(0, np.int64), f, np.array([0, 1, 2, 3]))
+        return FederatedDataset("hand", [good, bad], num_classes=4, input_shape=(3,))
+
+    monkeypatch.setitem(DATASETS._items, "hand", DatasetEntry(loader, HandCfg))
+    with pytest.raises(BenchError, match=r"^hand: client 1 train_y has label 7; labels must be in \[0, 4\)"):
+        get_dataset("hand", HandCfg(), DataArgs(seed=0))
+
+
+def test_data_dir_that_is_a_file_is_one_line(tmp_path):
+    f = tmp_path / "data.txt"
+    f.write_text("not a folder")
+    with pytest.raises(BenchError, match=r"^--data-dir '.*data\.txt' is a file, not a folder; expected a folder"):
+        get_dataset("synthetic", SyntheticConfig(), DataArgs(seed=0, data_dir=str(f)))

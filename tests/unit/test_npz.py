@@ -246,3 +246,32 @@ def test_large_but_representable_features_still_load(tmp_path):
     arrays = make_clients()
     arrays["test_x_0"][0, 1] = 3e38  # below float32's max: the data is valid (scaling is the user's call)
     assert load(write(tmp_path, arrays)).num_classes == 6
+
+
+def test_size_estimate_reads_only_the_headers_and_is_the_loaded_size(tmp_path):
+    """bench/sizing.py's estimate before loading: from the archive's npy headers, the bytes the
+    clients' arrays take once loaded (x float32, y int64), here exact (float64 x and int32 y on disk)."""
+    from fedeq_bench.bench.sizing import dataset_bytes
+    from fedeq_bench.datasets.npz import estimate_npz
+
+    path = write(tmp_path, make_clients())  # (20 + 5) + (13 + 4) + (31 + 7) = 80 samples of 5 features
+    est = estimate_npz(NpzConfig(path=path), DataArgs(seed=0))
+    assert (est.clients, est.samples, est.bytes) == (3, 80, 80 * (5 * 4 + 8))
+    assert est.bytes == dataset_bytes(load(path))
+    assert estimate_npz(NpzConfig(path=str(tmp_path / "nope.npz")), DataArgs(seed=0)) is None  # the loader says why
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (lambda a: a.update(train_x_1=np.full_like(a["train_x_1"], np.nan)), "train_x_1 (client 1) has 65 non-finite"),
+    (lambda a: a.update(test_y_0=np.full_like(a["test_y_0"], 9), num_classes=np.int64(6)),
+     "test_y_0 has label 9 >= num_classes=6; labels must be in [0, 6)"),
+    (lambda a: a.update(train_y_2=a["train_y_2"][:-1]), "train_x_2 has 31 samples but train_y_2 has 30"),
+    (lambda a: a.update(train_y_1=a["train_y_1"] + 0.5), "train_y_1 has dtype float64; labels must be an integer dtype"),
+    (lambda a: a.update(test_x_2=a["test_x_2"][:0], test_y_2=a["test_y_2"][:0]), "client 2 has no test samples"),
+])
+def test_bad_arrays_name_the_key_and_the_client(tmp_path, change, fragment):
+    arrays = make_clients()
+    change(arrays)
+    with pytest.raises(BenchError) as e:
+        load(write(tmp_path, arrays))
+    assert fragment in str(e.value) and "\n" not in str(e.value)
