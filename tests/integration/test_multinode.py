@@ -180,8 +180,14 @@ def test_auto_environment_and_a_running_instance_reach_the_cluster(two_nodes, ti
         backend.close()
 
 
-def test_ray_client_address_equals_the_serial_run(two_nodes, tiny):
-    need_ray_extras(client=True)  # a skip without grpcio, a failure under CI
+@pytest.fixture(scope="module")
+def ray_client():
+    """Ray Client installed: a skip without grpcio, a failure under CI. Module-scoped and named first,
+    so it is checked before the cluster starts."""
+    need_ray_extras(client=True)
+
+
+def test_ray_client_address_equals_the_serial_run(ray_client, two_nodes, tiny):
     _, client_port, _ = two_nodes
     cfg = tiny_config(tiny, methods="fedrep", rounds=2, fraction=1.0)
     ds = load_dataset(cfg, 0)
