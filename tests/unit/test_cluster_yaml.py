@@ -52,3 +52,17 @@ def test_the_local_file_names_its_machines():
     # Ray's local provider keeps every listed worker: min = max = the number of worker IPs.
     node_type = prepare_config(cfg)["available_node_types"]["local.cluster.node"]
     assert node_type["min_workers"] == node_type["max_workers"] == len(provider["worker_ips"])
+
+
+@pytest.mark.parametrize("name", ["ray_cluster.yaml", "ray_cluster.local.yaml"])
+def test_the_flow_in_the_comments_submits_jobs_with_token_auth(name):
+    """`ray job submit` (and `ray job logs`) against a cluster with Ray's token authentication fail with
+    an AuthenticationError unless RAY_AUTH_MODE=token is set where they run (seen against a real
+    `ray start --head`: tests/integration/test_ray_client_and_jobs.py runs the flow)."""
+    with open(os.path.join(ROOT, name)) as f:
+        flow = [line for line in f if line.startswith("#")]
+    text = "".join(flow)
+    assert "ray get-auth-token --generate" in text
+    auth = next(i for i, line in enumerate(flow) if "export RAY_AUTH_MODE=token" in line)
+    jobs = [i for i, line in enumerate(flow) if "ray job " in line and "--address http://127.0.0.1:8265" in line]
+    assert jobs and min(jobs) > auth
