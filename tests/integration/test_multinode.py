@@ -200,6 +200,36 @@ def test_ray_client_address_equals_the_serial_run(ray_client, two_nodes, tiny):
     same_numbers(engine.run_method(cfg, "fedrep", 0, ds, SerialBackend()), on_ray)
 
 
+def test_an_actor_killed_under_ray_client_is_replaced_bit_for_bit(ray_client, two_nodes, tiny):
+    """The actor-fault path (bench/faults.py: ray.wait, the death exceptions, ray.kill, a replacement
+    started with the dataset's object reference) through Ray Client, whose API is a proxy of Ray's:
+    one actor killed after round 2's first chunk went to it, one replacement, the serial numbers."""
+    _, client_port, _ = two_nodes
+    cfg = tiny_config(tiny, methods="fedrep", rounds=2, fraction=1.0)
+    ds = load_dataset(cfg, 0)
+    backend = RayBackend(address=f"ray://127.0.0.1:{client_port}")
+    try:
+        # 7 clients on 2 actors: 4 chunks per call; calls 1-4 are round 1's updates, 5-8 its
+        # evaluation, 9-12 round 2's updates.
+        count, submit, killed = iter(range(1, 100)), backend._submit, []
+
+        def hooked(call, actor, chunk):
+            ref = submit(call, actor, chunk)
+            if next(count) == 10:
+                killed.append(actor)
+                ray.kill(actor)
+            return ref
+
+        backend._submit = hooked
+        started = len(backend._spawned)
+        on_ray = engine.run_method(cfg, "fedrep", 0, ds, backend)
+        assert len(killed) == 1 and killed[0] not in backend.actors
+        assert len(backend._spawned) == started + 1 and backend.workers == len(backend.actors) == 2
+    finally:
+        backend.close()
+    same_numbers(engine.run_method(cfg, "fedrep", 0, ds, SerialBackend()), on_ray)
+
+
 def test_an_unreachable_ray_client_address_is_one_line(two_nodes):
     port = free_port()  # nobody listens: refused at once, not after Ray Client's retries
     with pytest.raises(BenchError, match=rf"cannot reach a Ray cluster at 'ray://127.0.0.1:{port}'"):
