@@ -10,7 +10,8 @@ a few hundred MB, are not, so the check refuses only what cannot fit):
              exact, from its sample counts; npz: from the archive's array headers); after loading,
              the arrays' nbytes.
     Ray      the Ray backend puts each dataset into the object store once (shared memory): one copy
-             more of the data.
+             more of the data (not counted through Ray Client, `--address ray://...`, whose store is
+             the cluster's).
     states   client states kept by the engine's client store (bench/store.py): a client's state once
              it has trained, so min(training clients, rounds x cohort) + held-out clients, times the
              bytes one state holds (`state_bytes_per_client`), for the method keeping the most
@@ -114,7 +115,9 @@ def refuse_if_too_big(cfg, data: int, data_what: str, states: tuple[int, str, in
     if available is None:
         return
     run = cfg.run
-    ray_copy = data if ray and run.backend == "ray" else 0
+    # Through Ray Client (ray://) the object store is the cluster's, not this machine's.
+    local_store = run.backend == "ray" and not (run.address or "").startswith("ray://")
+    ray_copy = data if ray and local_store else 0
     state_total, method, per = states
     need = (0 if loaded else data) + ray_copy + state_total
     if need <= available:

@@ -2,6 +2,7 @@
 
 It imports nothing of the project (tests/unit/test_layers.py enforces the layers):
     errors.py    BenchError, one-line messages with the valid choices
+    files.py     reading user-given paths: one BenchError line per way a path can be wrong
     registry.py  name -> object registries that fail helpfully
     seeding.py   named random streams derived from (seed, stream, *ids)
     types.py     Message, State, Metrics, ClientTensors, Task, MethodSpec

@@ -5,8 +5,9 @@ per-client validation split, picks the unseen (held-out) clients and fingerprint
 these steps are identical for every dataset. `get_dataset` then checks every loader's output in one
 place (`check_dataset`): labels a model can use, matching lengths, no empty split, finite features.
 A loader may also register a cheap `estimate` of the memory its data will take, which bench/sizing.py
-compares with the memory available before anything is generated or read. Arrays are numpy so Ray's object store holds them
-zero-copy; the engine turns one client's arrays into tensors where that client is trained.
+compares with the memory available before anything is generated or read. Arrays are numpy so Ray's
+object store holds them zero-copy; the engine turns one client's arrays into tensors where that
+client is trained.
 """
 from __future__ import annotations
 
@@ -233,11 +234,13 @@ def _check_raw(name: str, cid: int, split: str, x: np.ndarray, y: np.ndarray) ->
         raise BenchError(f"{name}: client {cid} {split}_x has shape {x.shape} but {split}_y has shape {y.shape}; "
                          "one label (row) per sample: lengths must match")
     if x.dtype.kind not in "biuf":
-        raise BenchError(f"{name}: client {cid} {split}_x has dtype {x.dtype}; features must be numbers (integer or float)")
+        raise BenchError(f"{name}: client {cid} {split}_x has dtype {x.dtype}; "
+                         "features must be numbers (integer or float)")
     if y.dtype.kind in "biu":
         return
     if y.dtype.kind != "f":
-        raise BenchError(f"{name}: client {cid} {split}_y has dtype {y.dtype}; labels must be integers 0..num_classes-1")
+        raise BenchError(f"{name}: client {cid} {split}_y has dtype {y.dtype}; "
+                         "labels must be integers 0..num_classes-1")
     frac = ~np.isfinite(y) | (y != np.round(y)) if y.size else np.zeros(0, dtype=bool)
     if frac.any():
         raise BenchError(f"{name}: client {cid} {split}_y has label {float(y[frac].flat[0])}, not a whole number; "

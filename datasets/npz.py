@@ -60,6 +60,10 @@ def _resolve(path: str, data_dir: str | None) -> str:
     return require_file(path, "npz dataset", EXPECTED)  # a folder, a broken link, a device: one line each
 
 
+def _not_npz(path: str, e: BaseException) -> BenchError:
+    return BenchError(f"npz dataset {path!r} is not a valid .npz archive ({type(e).__name__}: {one_line(e)})")
+
+
 def _read_all(path: str) -> dict[str, np.ndarray]:
     """Every array of the archive, read eagerly (so the file is closed before returning)."""
     try:
@@ -67,9 +71,9 @@ def _read_all(path: str) -> dict[str, np.ndarray]:
     except OSError as e:
         if e.errno is not None:  # the system's: permission denied, an I/O error
             raise decode_error(e, path, "npz dataset", EXPECTED) from None
-        raise BenchError(f"npz dataset {path!r} is not a valid .npz archive ({type(e).__name__}: {one_line(e)})") from None
+        raise _not_npz(path, e) from None
     except (ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise BenchError(f"npz dataset {path!r} is not a valid .npz archive ({type(e).__name__}: {one_line(e)})") from None
+        raise _not_npz(path, e) from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         # np.load also reads a bare .npy file; that holds one array, not a partition.
         raise BenchError(f"npz dataset {path!r} is a single .npy array, not an .npz archive (write it with np.savez)")

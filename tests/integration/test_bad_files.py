@@ -6,15 +6,13 @@ calls: config.from_cli, experiment.validate, experiment.load_checked), and a few
 bench.run` processes: exit code 2, one `error: ` line, no Traceback, no MLflow database made."""
 from __future__ import annotations
 
-import gzip
-import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fedeq_bench.bench import config as C
@@ -29,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
 """Root reads a chmod 000 file anyway (CI runs tests as root): those members are skipped there, and
 the folder-where-a-file-is-expected members cover the same failure to read."""
+LEAF_EMPTY = '{"users": [], "num_samples": [], "user_data": {}}'
 FMNIST = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
@@ -44,7 +43,7 @@ def load(dataset=None, data_dir=None, config=None, sets=()):
     return load_checked(validate(C.from_cli(config, flags, list(sets))))
 
 
-def leaf_dir(d: Path, train_text: str | bytes, test_text: str | bytes = '{"users": [], "num_samples": [], "user_data": {}}'):
+def leaf_dir(d: Path, train_text: str | bytes, test_text: str | bytes = LEAF_EMPTY) -> Path:
     for side, text in (("train", train_text), ("test", test_text)):
         (d / side).mkdir(parents=True, exist_ok=True)
         f = d / side / "a.json"
@@ -70,103 +69,120 @@ def unreadable(p: Path) -> Path:
     return p
 
 
+def cut(p: Path, keep: int) -> Path:
+    p.write_bytes(p.read_bytes()[:keep])
+    return p
+
+
+def as_folder(p: Path) -> Path:
+    """A folder where the dataset expects the file `p`."""
+    p.unlink()
+    p.mkdir()
+    return p
+
+
+CIFAR = "cifar-10-batches-py"
+NO_DOWNLOAD = ["cifar10.download=false"]
+
+
+def after(*_made, run):
+    """`run`, once the arguments before it (the files a case makes) are made: cases stay one expression."""
+    return run
+
+
+spaces = __import__("fedeq_bench.bench.spaces", fromlist=["load_space"])
+no_root = pytest.mark.skipif(ROOT_USER, reason="root reads a chmod 000 file or folder")
+
 # (id, make(tmp_path) -> thunk raising BenchError, regex its message must match). The regexes name the path.
 CASES = [
     # --dataset npz:PATH
     ("npz missing", lambda t: lambda: load(f"npz:{t}/nope.npz"), r"npz dataset file not found: '.*nope\.npz'"),
-    ("npz is a folder", lambda t: (t / "d.npz").mkdir() or (lambda: load(f"npz:{t}/d.npz")),
+    ("npz is a folder", lambda t: after((t / "d.npz").mkdir(), run=lambda: load(f"npz:{t}/d.npz")),
      r"npz dataset '.*d\.npz' is a folder; expected a \.npz archive"),
-    ("npz truncated", lambda t: (lambda p=truncated_npz(t): lambda: load(f"npz:{p}"))(),
+    ("npz truncated", lambda t: after(p := truncated_npz(t), run=lambda: load(f"npz:{p}")),
      r"npz dataset '.*cut\.npz' is not a valid \.npz archive \(BadZipFile"),
-    ("npz is a zip, not an npz", lambda t: (zipfile.ZipFile(t / "z.npz", "w").close() or
-                                            (lambda: load(f"npz:{t}/z.npz"))),
+    ("npz is a zip, not an npz", lambda t: after(zipfile.ZipFile(t / "z.npz", "w").close(),
+                                                 run=lambda: load(f"npz:{t}/z.npz")),
      r"npz dataset '.*z\.npz' has no client arrays"),
-    ("npz garbage bytes", lambda t: (t / "g.npz").write_bytes(os.urandom(512)) and (lambda: load(f"npz:{t}/g.npz")),
+    ("npz garbage bytes", lambda t: after((t / "g.npz").write_bytes(os.urandom(512)), run=lambda: load(f"npz:{t}/g.npz")),
      r"npz dataset '.*g\.npz' is not a valid \.npz archive"),
-    ("npz member not an array", lambda t: (lambda p=npz_with_garbage_member(t): lambda: load(f"npz:{p}"))(),
+    ("npz member not an array", lambda t: after(p := npz_with_garbage_member(t), run=lambda: load(f"npz:{p}")),
      r"npz dataset '.*g\.npz': cannot read array 'train_x_0'"),
-    pytest.param("npz unreadable", lambda t: (lambda p=unreadable(Path(write_tiny_npz(t / "u.npz"))):
-                                              lambda: load(f"npz:{p}"))(),
-                 r"npz dataset '.*u\.npz' cannot be read \(permission denied\)",
-                 marks=pytest.mark.skipif(ROOT_USER, reason="root reads a chmod 000 file")),
+    pytest.param("npz unreadable", lambda t: after(p := unreadable(Path(write_tiny_npz(t / "u.npz"))),
+                                                   run=lambda: load(f"npz:{p}")),
+                 r"npz dataset '.*u\.npz' cannot be read \(permission denied\)", marks=no_root),
     # --dataset shakespeare:FILE (or a LEAF folder)
     ("shakespeare missing", lambda t: lambda: load(f"shakespeare:{t}/play.txt"),
      r"shakespeare data not found: '.*play\.txt'"),
-    ("shakespeare not UTF-8", lambda t: (t / "p.txt").write_bytes(b"ROMEO:\nO \xff\xfe Juliet\n") and
-     (lambda: load(f"shakespeare:{t}/p.txt")),
+    ("shakespeare not UTF-8", lambda t: after((t / "p.txt").write_bytes(b"ROMEO:\nO \xff\xfe Juliet\n"),
+                                              run=lambda: load(f"shakespeare:{t}/p.txt")),
      r"shakespeare: play text '.*p\.txt' is not UTF-8 text \(byte 9: b'\\xff'\); expected UTF-8 play text"),
-    ("shakespeare folder without LEAF JSON", lambda t: (t / "s").mkdir() or (lambda: load(f"shakespeare:{t}/s")),
+    ("shakespeare folder without LEAF JSON", lambda t: after((t / "s").mkdir(), run=lambda: load(f"shakespeare:{t}/s")),
      r"shakespeare: no LEAF JSON under '.*s': expected train/\*\.json and test/\*\.json"),
-    ("shakespeare LEAF invalid JSON", lambda t: leaf_dir(t / "s", "{oops") and (lambda: load(f"shakespeare:{t}/s")),
+    ("shakespeare LEAF invalid JSON", lambda t: after(leaf_dir(t / "s", "{oops"), run=lambda: load(f"shakespeare:{t}/s")),
      r"shakespeare: .*train/a\.json is not valid JSON \(Expecting property name"),
-    pytest.param("shakespeare unreadable", lambda t: (t / "p.txt").write_text("ROMEO:\nhi\n") and
-                 unreadable(t / "p.txt") and (lambda: load(f"shakespeare:{t}/p.txt")),
-                 r"shakespeare: play text '.*p\.txt' cannot be read \(permission denied\)",
-                 marks=pytest.mark.skipif(ROOT_USER, reason="root reads a chmod 000 file")),
+    pytest.param("shakespeare unreadable", lambda t: after((t / "p.txt").write_text("ROMEO:\nhi\n"), unreadable(t / "p.txt"),
+                                                           run=lambda: load(f"shakespeare:{t}/p.txt")),
+                 r"shakespeare: play text '.*p\.txt' cannot be read \(permission denied\)", marks=no_root),
     # --dataset femnist:DIR
     ("femnist missing", lambda t: lambda: load(f"femnist:{t}/fem"), r"femnist data not found: '.*fem'"),
-    ("femnist is a file", lambda t: (t / "fem").write_text("x") and (lambda: load(f"femnist:{t}/fem")),
+    ("femnist is a file", lambda t: after((t / "fem").write_text("x"), run=lambda: load(f"femnist:{t}/fem")),
      r"femnist: '.*fem' is not a directory; expected LEAF's femnist data directory"),
-    ("femnist LEAF invalid JSON", lambda t: leaf_dir(t / "fem", '{"users": [1,') and (lambda: load(f"femnist:{t}/fem")),
+    ("femnist LEAF invalid JSON", lambda t: after(leaf_dir(t / "fem", '{"users": [1,'), run=lambda: load(f"femnist:{t}/fem")),
      r"femnist: .*fem/train/a\.json is not valid JSON"),
-    ("femnist LEAF JSON not UTF-8", lambda t: leaf_dir(t / "fem", b'{"users": ["\xe9"]}') and
-     (lambda: load(f"femnist:{t}/fem")),
+    ("femnist LEAF JSON not UTF-8", lambda t: after(leaf_dir(t / "fem", b'{"users": ["\xe9"]}'),
+                                                    run=lambda: load(f"femnist:{t}/fem")),
      r"femnist: LEAF file '.*train/a\.json' is not UTF-8 text \(byte 12: b'\\xe9'\)"),
-    ("femnist LEAF file is a folder", lambda t: (leaf_dir(t / "fem", "{}"), (t / "fem/train/b.json").mkdir()) and
-     (lambda: load(f"femnist:{t}/fem")),
-     r"femnist: .*train/a\.json is not LEAF JSON|femnist: LEAF file '.*b\.json' is a folder"),
-    pytest.param("femnist unreadable folder", lambda t: (leaf_dir(t / "fem", "{}"), unreadable(t / "fem/train")) and
-                 (lambda: load(f"femnist:{t}/fem")),
-                 r"femnist: LEAF folder '.*fem/train' cannot be read \(permission denied\)",
-                 marks=pytest.mark.skipif(ROOT_USER, reason="root lists a chmod 000 folder")),
+    ("femnist LEAF file is a folder", lambda t: after(leaf_dir(t / "fem", LEAF_EMPTY), (t / "fem/train/b.json").mkdir(),
+                                                      run=lambda: load(f"femnist:{t}/fem")),
+     r"femnist: LEAF file '.*train/b\.json' is a folder; expected UTF-8 LEAF JSON"),
+    pytest.param("femnist unreadable folder", lambda t: after(leaf_dir(t / "fem", LEAF_EMPTY), unreadable(t / "fem/train"),
+                                                              run=lambda: load(f"femnist:{t}/fem")),
+                 r"femnist: LEAF folder '.*fem/train' cannot be read \(permission denied\)", marks=no_root),
     # --data-dir, and the files a dataset finds in it
-    ("data-dir is a file", lambda t: (t / "dd").write_text("x") and (lambda: load("fmnist", f"{t}/dd")),
+    ("data-dir is a file", lambda t: after((t / "dd").write_text("x"), run=lambda: load("fmnist", f"{t}/dd")),
      r"--data-dir '.*dd' is a file, not a folder"),
-    ("fmnist garbage .gz", lambda t: (write_idx_set(t / "fm"), (t / "fm" / f"{FMNIST[1]}.gz").write_bytes(os.urandom(64)))
-     and (lambda: load("fmnist", f"{t}/fm")),
+    ("fmnist garbage .gz", lambda t: after(write_idx_set(t / "fm"), (t / "fm" / f"{FMNIST[1]}.gz").write_bytes(os.urandom(64)),
+                                           run=lambda: load("fmnist", f"{t}/fm")),
      r".*fm/train-labels-idx1-ubyte\.gz is corrupt or truncated \(BadGzipFile"),
-    ("fmnist truncated .gz", lambda t: (write_idx_set(t / "fm"),
-                                        (t / "fm" / f"{FMNIST[0]}.gz").write_bytes((t / "fm" / f"{FMNIST[0]}.gz").read_bytes()[:200]))
-     and (lambda: load("fmnist", f"{t}/fm")),
+    ("fmnist truncated .gz", lambda t: after(write_idx_set(t / "fm"), cut(t / "fm" / f"{FMNIST[0]}.gz", 200),
+                                             run=lambda: load("fmnist", f"{t}/fm")),
      r".*fm/train-images-idx3-ubyte\.gz is corrupt or truncated \(EOFError"),
-    ("fmnist garbage IDX", lambda t: (write_idx_set(t / "fm", gz=False), (t / "fm" / FMNIST[2]).write_bytes(b"\xff" * 99))
-     and (lambda: load("fmnist", f"{t}/fm")),
+    ("fmnist garbage IDX", lambda t: after(write_idx_set(t / "fm", gz=False), (t / "fm" / FMNIST[2]).write_bytes(b"\xff" * 99),
+                                           run=lambda: load("fmnist", f"{t}/fm")),
      r".*fm/t10k-images-idx3-ubyte is not an IDX file \(bad magic number ffffffff\)"),
-    ("fmnist folder where a file is expected", lambda t: (write_idx_set(t / "fm"), (t / "fm" / f"{FMNIST[3]}.gz").unlink(),
-                                                          (t / "fm" / f"{FMNIST[3]}.gz").mkdir()) and
-     (lambda: load("fmnist", f"{t}/fm")),
+    ("fmnist folder where a file is expected", lambda t: after(write_idx_set(t / "fm"), as_folder(t / "fm" / f"{FMNIST[3]}.gz"),
+                                                               run=lambda: load("fmnist", f"{t}/fm")),
      r"Fashion-MNIST file '.*fm/t10k-labels-idx1-ubyte\.gz' is a folder; expected an IDX file"),
-    ("fmnist some files missing", lambda t: (write_idx_set(t / "fm"), (t / "fm" / f"{FMNIST[0]}.gz").unlink()) and
-     (lambda: load("fmnist", f"{t}/fm")),
+    ("fmnist some files missing", lambda t: after(write_idx_set(t / "fm"), (t / "fm" / f"{FMNIST[0]}.gz").unlink(),
+                                                  run=lambda: load("fmnist", f"{t}/fm")),
      r".*fm holds 3 of the 4 Fashion-MNIST files but not train-images-idx3-ubyte"),
-    ("cifar garbage batch", lambda t: (write_cifar10(t / "c"), (t / "c/cifar-10-batches-py/data_batch_2").write_bytes(b"\x80\x02garbage"))
-     and (lambda: load("cifar10", f"{t}/c", sets=["cifar10.download=false"])),
+    ("cifar garbage batch", lambda t: after(write_cifar10(t / "c"), (t / "c" / CIFAR / "data_batch_2").write_bytes(b"\x80\x02??"),
+                                            run=lambda: load("cifar10", f"{t}/c", sets=NO_DOWNLOAD)),
      r".*data_batch_2 is not a readable CIFAR batch, corrupt or truncated"),
-    ("cifar garbage tarball", lambda t: ((t / "c").mkdir(), (t / "c/cifar-10-python.tar.gz").write_bytes(os.urandom(300)))
-     and (lambda: load("cifar10", f"{t}/c", sets=["cifar10.download=false"])),
+    ("cifar garbage tarball", lambda t: after((t / "c").mkdir(), (t / "c/cifar-10-python.tar.gz").write_bytes(os.urandom(300)),
+                                              run=lambda: load("cifar10", f"{t}/c", sets=NO_DOWNLOAD)),
      r".*c/cifar-10-python\.tar\.gz is corrupt or truncated"),
-    ("cifar batch is a folder", lambda t: (write_cifar10(t / "c"), (t / "c/cifar-10-batches-py/test_batch").unlink(),
-                                           (t / "c/cifar-10-batches-py/test_batch").mkdir())
-     and (lambda: load("cifar10", f"{t}/c", sets=["cifar10.download=false"])),
+    ("cifar batch is a folder", lambda t: after(write_cifar10(t / "c"), as_folder(t / "c" / CIFAR / "test_batch"),
+                                                run=lambda: load("cifar10", f"{t}/c", sets=NO_DOWNLOAD)),
      r"CIFAR-10 batch '.*test_batch' is a folder; expected a CIFAR-10 python batch file"),
-    ("cifar batch missing", lambda t: (write_cifar10(t / "c"), (t / "c/cifar-10-batches-py/data_batch_4").unlink())
-     and (lambda: load("cifar10", f"{t}/c", sets=["cifar10.download=false"])),
+    ("cifar batch missing", lambda t: after(write_cifar10(t / "c"), (t / "c" / CIFAR / "data_batch_4").unlink(),
+                                            run=lambda: load("cifar10", f"{t}/c", sets=NO_DOWNLOAD)),
      r".*cifar-10-batches-py lacks data_batch_4; download"),
     # --config FILE and --space FILE (bench/config.py read_toml)
-    ("config not UTF-8", lambda t: (t / "c.toml").write_bytes(b"[run]\nrounds = 2 # \xff\n") and
-     (lambda: load(config=f"{t}/c.toml")), r"config file '.*c\.toml' is not UTF-8 text \(byte 19"),  # "[run]\n" + "rounds = 2 # " = 6 + 13 bytes
-    ("config under a file", lambda t: (t / "f").write_text("x") and (lambda: load(config=f"{t}/f/c.toml")),
+    ("config not UTF-8", lambda t: after((t / "c.toml").write_bytes(b"[run]\nrounds = 2 # \xff\n"),
+                                         run=lambda: load(config=f"{t}/c.toml")),
+     r"config file '.*c\.toml' is not UTF-8 text \(byte 19"),  # "[run]\n" + "rounds = 2 # " = 6 + 13 bytes
+    ("config under a file", lambda t: after((t / "f").write_text("x"), run=lambda: load(config=f"{t}/f/c.toml")),
      r"config file '.*f/c\.toml': a part of the path is a file, not a folder"),
-    ("space is a folder", lambda t: (t / "sp.toml").mkdir() or
-     (lambda: __import__("fedeq_bench.bench.spaces", fromlist=["x"]).load_space("fedavg", f"{t}/sp.toml")),
+    ("space is a folder", lambda t: after((t / "sp.toml").mkdir(), run=lambda: spaces.load_space("fedavg", f"{t}/sp.toml")),
      r"search space '.*sp\.toml' is a folder"),
-    ("space missing", lambda t: lambda: __import__("fedeq_bench.bench.spaces", fromlist=["x"]).load_space("fedavg", f"{t}/no.toml"),
-     r"search space '.*no\.toml' not found"),
+    ("space missing", lambda t: lambda: spaces.load_space("fedavg", f"{t}/no.toml"), r"search space '.*no\.toml' not found"),
     # --report-dir (bench.run checks it before running; bench.report --out when writing)
-    ("report-dir is a file", lambda t: (t / "r").write_text("x") and (lambda: require_output_dir(t / "r", "--report-dir")),
+    ("report-dir is a file", lambda t: after((t / "r").write_text("x"), run=lambda: require_output_dir(t / "r", "--report-dir")),
      r"--report-dir '.*r' is a file; expected a folder"),
-    ("report-dir under a file", lambda t: (t / "r").write_text("x") and
-     (lambda: require_output_dir(t / "r/a/b", "--report-dir")),
+    ("report-dir under a file", lambda t: after((t / "r").write_text("x"),
+                                                run=lambda: require_output_dir(t / "r/a/b", "--report-dir")),
      r"--report-dir '.*r/a/b' lies under the file '.*r'; expected a folder"),
 ]
 
@@ -178,7 +194,7 @@ def test_a_bad_path_is_one_line_naming_it(tmp_path, name, make, pattern):
         thunk()
     msg = str(e.value)
     assert "\n" not in msg, msg
-    assert __import__("re").search(pattern, msg), msg
+    assert re.search(pattern, msg), msg
 
 
 def test_the_helpers_name_the_case(tmp_path):
@@ -233,6 +249,6 @@ def test_bench_run_one_line_exit_2_no_traceback_nothing_recorded(tmp_path, setup
     proc = bench_run(args(setup(tmp_path)), tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and __import__("re").fullmatch(line, lines[0]), proc.stderr
+    assert len(lines) == 1 and re.fullmatch(line, lines[0]), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()  # rejected before anything was recorded
