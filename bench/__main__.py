@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from fedeq_bench.bench import cli
+
 COMMANDS = {
     "run": "compare methods on a task, recorded in MLflow",
     "data": "look at a federated dataset (describe)",
@@ -36,4 +38,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_now(main())

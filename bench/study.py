@@ -60,6 +60,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from fedeq_bench.bench import cli
 from fedeq_bench.core.errors import BenchError, choices
 
 PRUNERS = ("median", "hyperband", "none")
@@ -303,6 +304,7 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
 
     run = cfg.run
     optuna.logging.set_verbosity(optuna.logging.WARNING if quiet else optuna.logging.INFO)
+    _quiet_interrupts(optuna.logging.get_logger("optuna"))
     space = method_space(cfg, method, opts)
     objectives = tuple(opts.objectives)
     multi = len(objectives) > 1
@@ -545,6 +547,25 @@ def log_figures(tracker, run_id: str, study, objectives=("acc",)) -> None:
                 plt.close("all")
 
 
+class _DropInterrupts:
+    """A logging filter: Optuna logs a trial stopped by Ctrl-C or SIGTERM as failed, with the
+    KeyboardInterrupt's traceback; the CLI says it was interrupted in one line instead."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, KeyboardInterrupt) or cli.interrupt_requested():
+            return False
+        return True
+
+
+def _quiet_interrupts(logger) -> None:
+    """On the handlers of Optuna's library logger: records of its child loggers (where Optuna logs a
+    failed trial) pass the handlers, not the parent logger's own filters."""
+    for h in logger.handlers:
+        if not any(isinstance(f, _DropInterrupts) for f in h.filters):
+            h.addFilter(_DropInterrupts())
+
+
 # -- several studies ------------------------------------------------------------------------------
 
 
@@ -577,7 +598,8 @@ def sweep(cfg, opts: SweepOptions, command: str = "", quiet: bool = True, datase
     real = experiment.load_checked(cfg) if datasets is None else datasets
     views = {s: validation_view(ds) for s, ds in real.items()}
     tracker = Tracker(run.tracking_uri, run.experiment)
-    backend = make_backend(run)
+    with cli.handlers_kept():  # ray.init on the main thread replaces SIGTERM's handler (exit 130, KILLED)
+        backend = make_backend(run)
     outcomes = []
     try:
         parts = backend.split(opts.n_jobs) if opts.n_jobs > 1 else backend
@@ -586,7 +608,8 @@ def sweep(cfg, opts: SweepOptions, command: str = "", quiet: bool = True, datase
             outcomes.append(run_study(cfg, m, opts, tracker, parts, views, real if opts.final_test else None,
                                       several, command, quiet, storage))
     finally:
-        backend.close()
+        with cli.deferred_signals():  # a Ctrl-C inside ray.shutdown would leave Ray's processes behind
+            backend.close()
     path = write_tuned(cfg, outcomes, opts.tuned_out)
     return outcomes, path
 

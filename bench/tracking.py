@@ -17,6 +17,10 @@ MLflow has no PRUNED status. A pruned run ends KILLED, not FINISHED: it stopped 
 its last metrics are those of an unfinished run, so anything that trusts `status = 'FINISHED'` (a
 report, `search_runs`) must not take them for a completed result. The `pruned` tag tells a pruned
 run from one a user interrupted (filter with `tags.pruned = 'true'`).
+
+Every write to the store runs with Ctrl-C and SIGTERM deferred to its end (bench/cli.py,
+`deferred_signals`): an interrupt raised inside an MLflow call can leave its database session unusable,
+and the KILLED status written next would then fail and leave the run RUNNING.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import sys
 import time
 from typing import Iterator
 
+from fedeq_bench.bench.cli import deferred_signals, interrupt_requested
 from fedeq_bench.core.errors import BenchError
 
 PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
@@ -48,7 +53,7 @@ def status_for(exc: BaseException | None) -> str:
     """The status a run ends with when its block exits with `exc` (None: normally)."""
     if exc is None:
         return "FINISHED"
-    if isinstance(exc, KeyboardInterrupt):
+    if isinstance(exc, KeyboardInterrupt) or interrupt_requested():  # a library may wrap the interrupt
         return "KILLED"
     return "PRUNED" if is_pruned(exc) else "FAILED"
 
@@ -222,7 +227,8 @@ class Tracker:
         tags["mlflow.runName"] = name
         if parent:
             tags["mlflow.parentRunId"] = parent
-        run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
+        with deferred_signals():  # never a created run whose id is lost to a Ctrl-C
+            run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
         try:
             self.log_params(run_id, params)
         except BaseException as e:  # a run is never left RUNNING, even if logging its params fails
@@ -235,28 +241,32 @@ class Tracker:
 
         items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(items), PARAM_BATCH):
-            self.client.log_batch(run_id, params=items[i : i + PARAM_BATCH])
+            with deferred_signals():
+                self.client.log_batch(run_id, params=items[i : i + PARAM_BATCH])
 
     def log_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in sorted(metrics.items())])
+        with deferred_signals():
+            self.client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in sorted(metrics.items())])
 
     def log_text(self, run_id: str, text: str, path: str) -> None:
-        self.client.log_text(run_id, text, path)
+        with deferred_signals():
+            self.client.log_text(run_id, text, path)
 
     def log_json(self, run_id: str, obj, path: str) -> None:
-        self.client.log_text(run_id, json.dumps(obj, indent=2, sort_keys=True), path)
+        self.log_text(run_id, json.dumps(obj, indent=2, sort_keys=True), path)
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         """status: FINISHED, FAILED, KILLED, or PRUNED (recorded as KILLED + tag `pruned=true`)."""
         if status not in STATUSES:
             raise ValueError(f"run status {status!r}; choose from {', '.join(STATUSES)}")
-        if status == "PRUNED":
-            self.client.set_tag(run_id, "pruned", "true")
-            status = "KILLED"
-        self.client.set_terminated(run_id, status=status)
+        with deferred_signals():  # a status write cut in half would leave the run RUNNING
+            if status == "PRUNED":
+                self.client.set_tag(run_id, "pruned", "true")
+                status = "KILLED"
+            self.client.set_terminated(run_id, status=status)
 
     def end_quietly(self, run_id: str, status: str) -> None:
         """`end`, on a path that is already failing: never mask the original error with a store error."""
