@@ -98,11 +98,10 @@ def load_checked(cfg) -> dict:
     from fedeq_bench.bench import sizing
 
     sizing.check_before_load(cfg)
-    datasets = {}
-    for seed in cfg.run.seeds:
-        datasets[seed] = load_dataset(cfg, seed)
-        check_models(cfg, datasets[seed])
-    sizing.check_after_load(cfg, datasets)
+    datasets = {seed: load_dataset(cfg, seed) for seed in cfg.run.seeds}
+    sizing.check_after_load(cfg, datasets)  # before check_models builds a model that may not fit
+    for ds in datasets.values():
+        check_models(cfg, ds)
     return datasets
 
 

@@ -16,6 +16,7 @@ a few hundred MB, are not, so the check refuses only what cannot fit):
              it has trained, so min(training clients, rounds x cohort) + held-out clients, times the
              bytes one state holds (`state_bytes_per_client`), for the method keeping the most
              (methods run one after another); at most --state-budget-gb in memory, the rest on disk.
+    model    MODEL_COPIES copies of that method's whole model (built on the meta device to size it).
 
 The memory available is MemAvailable of /proc/meminfo (psutil's figure where psutil is installed);
 where neither exists the check is skipped.
@@ -65,6 +66,11 @@ def kept_states(run, n_clients: int) -> int:
 def state_bytes_per_client(cfg, method: str, default_models: dict[str, str], input_shape, num_classes: int) -> int:
     """Bytes one client's state holds for `method`: its personal part of the model, plus
     SHARED_STATE_COPIES shared parts. The model is built on torch's meta device: shapes, no memory."""
+    return _method_bytes(cfg, method, default_models, input_shape, num_classes)[0]
+
+
+def _method_bytes(cfg, method: str, default_models, input_shape, num_classes: int) -> tuple[int, int]:
+    """(bytes of one client's state, bytes of the whole model) of `method` on this task."""
     import torch
 
     from fedeq_bench.bench.config import resolve_method
@@ -85,21 +91,29 @@ def state_bytes_per_client(cfg, method: str, default_models: dict[str, str], inp
     shared, personal = algo.param_split(net)
     sd = net.state_dict()
     size = lambda names: sum(sd[k].numel() * sd[k].element_size() for k in names)  # noqa: E731
-    return size(personal) + SHARED_STATE_COPIES.get(method, 0) * size(shared)
+    return size(personal) + SHARED_STATE_COPIES.get(method, 0) * size(shared), size(sd)
 
 
-def states_in_memory(cfg, n_clients: int, default_models, input_shape, num_classes) -> tuple[int, str, int]:
-    """(bytes of client states in memory, the method keeping most, bytes per client of that method)."""
+MODEL_COPIES = 6
+"""Whole-model copies a run holds besides the client states: the initial model, the server state and
+its initial copy (new clients start from it), the method's scratch network, and a local update's
+gradients and messages. Negligible for the models shipped (resnet34: 6 x 31 MB); it is what refuses
+a model made huge by its data (an npz whose labels are ids up to 10^9 gives 10^9 classes)."""
+
+
+def states_in_memory(cfg, n_clients: int, default_models, input_shape, num_classes) -> tuple[int, str, int, int]:
+    """(bytes of client states in memory, the method needing most, bytes per client of its state,
+    bytes of its model). "Most": states plus MODEL_COPIES models (methods run one after another)."""
     run = cfg.run
     kept = kept_states(run, n_clients)
-    worst = (0, "", 0)
+    worst, worst_need = (0, "", 0, 0), -1
     for method in run.methods:
-        per = state_bytes_per_client(cfg, method, default_models, input_shape, num_classes)
+        per, model = _method_bytes(cfg, method, default_models, input_shape, num_classes)
         total = kept * per
         if run.state_budget_gb is not None:
             total = min(total, int(run.state_budget_gb * GB))
-        if total > worst[0] or not worst[1]:
-            worst = (total, method, per)
+        if total + MODEL_COPIES * model > worst_need:
+            worst, worst_need = (total, method, per, model), total + MODEL_COPIES * model
     return worst
 
 
@@ -107,7 +121,7 @@ def _gb(n: float) -> str:
     return f"{n / GB:.1f} GB" if n >= 0.05 * GB else f"{n / 1e6:.0f} MB"
 
 
-def refuse_if_too_big(cfg, data: int, data_what: str, states: tuple[int, str, int], n_clients: int,
+def refuse_if_too_big(cfg, data: int, data_what: str, states: tuple[int, str, int, int], n_clients: int,
                       available: int | None, loaded: bool, ray: bool = True) -> None:
     """One BenchError line when data (+ Ray's copy, with `ray` and the Ray backend) + states exceed
     `available`: the estimate, what is available, and what to lower. `loaded`: the data is in memory
@@ -118,8 +132,8 @@ def refuse_if_too_big(cfg, data: int, data_what: str, states: tuple[int, str, in
     # Through Ray Client (ray://) the object store is the cluster's, not this machine's.
     local_store = run.backend == "ray" and not (run.address or "").startswith("ray://")
     ray_copy = data if ray and local_store else 0
-    state_total, method, per = states
-    need = (0 if loaded else data) + ray_copy + state_total
+    state_total, method, per, model = states
+    need = (0 if loaded else data) + ray_copy + state_total + MODEL_COPIES * model
     if need <= available:
         return
     parts = [] if loaded else [f"data {_gb(data)} ({data_what})"]
@@ -129,6 +143,12 @@ def refuse_if_too_big(cfg, data: int, data_what: str, states: tuple[int, str, in
         budget = "" if run.state_budget_gb is None else f", capped by --state-budget-gb {run.state_budget_gb}"
         parts.append(f"{method} client states {_gb(state_total)} ({kept_states(run, n_clients):,} clients x "
                      f"{per / 1e3:,.0f} kB{budget})")
+    if MODEL_COPIES * model >= 0.05 * need:
+        parts.append(f"{method}'s model {_gb(model)} x {MODEL_COPIES} copies")
+    if MODEL_COPIES * model > need / 2:  # the model itself: the client count is not the problem
+        raise BenchError(f"this run needs about {_gb(need)} {'more ' if loaded else ''}memory ({' + '.join(parts)}) "
+                         f"but only {_gb(available)} is available (MemAvailable); to fit, choose a smaller --model, "
+                         "or check the labels: the model has one output per class (labels 0..num_classes-1)")
     fixes = [f"lower --clients (now {n_clients:,})"]
     if state_total and (run.state_budget_gb is None or run.state_budget_gb * GB > available / 4):
         fixes.append("give --state-budget-gb N (client states past N GB go to disk)")
@@ -163,7 +183,7 @@ def check_before_load(cfg, seeds=None, whole_run: bool = True, available: int | 
         data += est.bytes
     if est is None:
         return
-    states = (0, "", 0)
+    states = (0, "", 0, 0)
     if (whole_run and est.input_shape is not None and est.num_classes is not None
             and est.default_models is not None):
         states = states_in_memory(cfg, est.clients, est.default_models, est.input_shape, est.num_classes)

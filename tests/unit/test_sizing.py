@@ -108,12 +108,14 @@ def test_fmnist_50_clients_every_method_fits_after_loading():
     from fedeq_bench.methods.nets import build_model
 
     cnn = sum(v.nbytes for v in build_model("cnn", (1, 28, 28), 10).state_dict().values())  # 6.65 MB
-    total, method, per = sizing.states_in_memory(cfg, 50, ds.default_models, ds.input_shape, ds.num_classes)
-    assert per == cnn and total == 50 * cnn  # the whole cnn, kept by Ditto, APFL, pFedMe, Local, FedAvg-FT
+    total, method, per, model = sizing.states_in_memory(cfg, 50, ds.default_models, ds.input_shape, ds.num_classes)
+    assert per == model == cnn and total == 50 * cnn  # the whole cnn, kept by Ditto, APFL, pFedMe, Local, FedAvg-FT
     sizing.check_after_load(cfg, {0: ds}, available=2 * GB)
-    # Ray's copy: 50 x 1,400 samples x (784 x 4 + 8) bytes = 0.22 GB; states 50 x 6.65 MB = 0.33 GB.
+    # Ray's copy: 50 x 1,400 samples x (784 x 4 + 8) bytes = 0.22 GB; states 50 x 6.65 MB = 0.33 GB;
+    # 6 copies of the cnn, 0.04 GB: 0.59 GB.
     with pytest.raises(BenchError, match=r"needs about 0\.6 GB more memory \(Ray object-store copy 0\.2 GB \+ apfl "
-                                         r"client states 0\.3 GB \(50 clients x 6,653 kB\)\) but only 0\.5 GB"):
+                                         r"client states 0\.3 GB \(50 clients x 6,653 kB\) \+ apfl's model 7 MB x 6 "
+                                         r"copies\) but only 0\.5 GB"):
         sizing.check_after_load(cfg, {0: ds}, available=GB // 2)
 
 
@@ -128,3 +130,30 @@ def test_load_checked_refuses_ten_million_clients_before_generating_anything():
 def test_available_bytes_reads_this_machine():
     got = sizing.available_bytes()
     assert got is None or got > 0
+
+
+def test_a_model_made_huge_by_its_labels_is_refused_before_it_is_built(tmp_path):
+    """An npz whose labels are ids up to 10^9 (no num_classes key: max label + 1 classes) would make
+    an mlp with a 200 x 10^9 output layer, 804 GB: refused with the model named, before check_models
+    builds it (it would be killed, or take the machine down, first)."""
+    from tests.helpers import write_tiny_npz
+
+    path = write_tiny_npz(tmp_path / "ids.npz", clients=2)
+    arrays = dict(np.load(path))
+    arrays["train_y_1"] = arrays["train_y_1"].copy()
+    arrays["train_y_1"][0] = 10**9
+    np.savez(path, **arrays)
+    cfg = cfg_of(dataset=f"npz:{path}", backend="serial")
+    # (200 + 1) x (10^9 + 1) x 4 bytes of the output layer: 804 GB.
+    with pytest.raises(BenchError, match=r"^this run needs about \d+\.\d GB more memory \(fedavg's model 804\.0 GB "
+                                         r"x 6 copies\) but only .* is available .*; to fit, choose a smaller "
+                                         r"--model, or check the labels"):
+        load_checked(cfg)
+
+
+def test_ray_client_does_not_count_an_object_store_copy_here():
+    near = cfg_of(clients=100_000)
+    far = cfg_of(clients=100_000, address="ray://head:10001")
+    with pytest.raises(BenchError, match="Ray object-store copy"):
+        sizing.check_before_load(near, available=20 * GB)
+    sizing.check_before_load(far, available=20 * GB)  # 11.2 GB of data here; the store is the cluster's
