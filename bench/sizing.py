@@ -81,13 +81,12 @@ def _method_bytes(cfg, method: str, default_models, input_shape, num_classes: in
 
     mcfg = resolve_method(cfg, method, default_models)
     shape, classes = tuple(int(d) for d in input_shape), int(num_classes)
-    with seeding.GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
-        try:
-            with torch.device("meta"):
-                net, device = build_model(mcfg.model, shape, classes), "meta"
-        except Exception:  # noqa: BLE001 - a model meta tensors cannot build: build it for real
-            net, device = build_model(mcfg.model, shape, classes), "cpu"
-    algo = METHODS.get(method)(mcfg, Task(mcfg.model, shape, classes, device), net=net)
+    try:
+        with seeding.GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]), torch.device("meta"):
+            net = build_model(mcfg.model, shape, classes)
+    except Exception:  # noqa: BLE001 - a model that does not fit this data: check_models says why
+        return 0, 0
+    algo = METHODS.get(method)(mcfg, Task(mcfg.model, shape, classes, "meta"), net=net)
     shared, personal = algo.param_split(net)
     sd = net.state_dict()
     size = lambda names: sum(sd[k].numel() * sd[k].element_size() for k in names)  # noqa: E731
