@@ -172,7 +172,7 @@ def check_before_load(cfg, seeds=None, whole_run: bool = True, available: int | 
     run = cfg.run
     seeds = list(run.seeds if seeds is None else seeds)
     name, _ = split_dataset_name(run.dataset)
-    data, est = 0, None
+    data, samples, est = 0, 0, None
     for seed in seeds:
         args = DataArgs(seed=seed, clients=run.clients, partition=run.partition, val_frac=run.val_frac,
                         frac_unseen=run.frac_unseen, data_dir=run.data_dir)
@@ -180,13 +180,14 @@ def check_before_load(cfg, seeds=None, whole_run: bool = True, available: int | 
         if est is None:
             return
         data += est.bytes
+        samples += est.samples
     if est is None:
         return
     states = (0, "", 0, 0)
     if (whole_run and est.input_shape is not None and est.num_classes is not None
             and est.default_models is not None):
         states = states_in_memory(cfg, est.clients, est.default_models, est.input_shape, est.num_classes)
-    what = f"{est.samples:,} samples" + (f" x {len(seeds)} seeds" if len(seeds) > 1 else "")
+    what = f"{samples:,} samples" + (f" over {len(seeds)} seeds, all held at once" if len(seeds) > 1 else "")
     refuse_if_too_big(cfg, data, what, states, est.clients, available_bytes() if available == -1 else available,
                       loaded=False, ray=whole_run)
 

@@ -230,6 +230,7 @@ def read_files(rel: Release, kind: str, path: Path) -> dict[str, tuple[bytes, st
         for n in _names(rel):
             out[n] = (read_bytes(path / n, f"{rel.title} batch", f"a {rel.title} python batch file"), str(path / n))
         return out
+    member = ""
     try:
         with tarfile.open(path, "r:gz") as tf:
             for n in _names(rel):
@@ -238,8 +239,8 @@ def read_files(rel: Release, kind: str, path: Path) -> dict[str, tuple[bytes, st
                 if f is None:
                     raise KeyError(member)
                 out[n] = (f.read(), f"{path}:{member}")
-    except KeyError as e:
-        raise BenchError(f"{path} lacks {e.args[0]}; is it the {rel.title} python tarball?") from None
+    except KeyError:  # tarfile's own says "filename '...' not found": name the member once
+        raise BenchError(f"{path} lacks {member}; is it the {rel.title} python tarball?") from None
     except OSError as e:
         if e.errno is None:  # gzip's BadGzipFile: the bytes, not the system
             raise BenchError(f"{path} is corrupt or truncated ({type(e).__name__}: {one_line(e)})") from None

@@ -80,7 +80,7 @@ from fedeq_bench.core.ranges import ranged
 from fedeq_bench.datasets.base import DataArgs, FederatedDataset, build_federated, register_dataset
 from fedeq_bench.datasets.leaf import find_source, leaf_layout, merge, rank_users, read_leaf_files, read_split
 from fedeq_bench.datasets.partition import require_natural
-from fedeq_bench.core.files import read_text
+from fedeq_bench.core.files import read_text, require_file
 
 SEQ_LEN = 80
 """Characters in a window (LEAF's seq_length)."""
@@ -283,6 +283,8 @@ def load_shakespeare(cfg: ShakespeareConfig, args: DataArgs) -> FederatedDataset
         for role, ids in _role_ids(path).items():
             sides[role] = _time_sides(text_windows(ids), cfg.train_frac)
     else:
+        if not os.path.isdir(path):  # a device or a pipe: neither play text nor a LEAF folder
+            require_file(path, "shakespeare data", "play text (a file) or a LEAF folder")
         layout, files = leaf_layout(path, "shakespeare")
         if layout == "split":
             for user, (train, test) in read_split(files, "shakespeare", _windows_of_strings).items():

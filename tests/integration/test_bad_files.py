@@ -6,8 +6,10 @@ calls: config.from_cli, experiment.validate, experiment.load_checked), and a few
 bench.run` processes: exit code 2, one `error: ` line, no Traceback, no MLflow database made."""
 from __future__ import annotations
 
+import io
 import os
 import re
+import tarfile
 import subprocess
 import sys
 import zipfile
@@ -69,6 +71,16 @@ def unreadable(p: Path) -> Path:
     return p
 
 
+def tarball_of(path: Path, name: str) -> Path:
+    """A valid .tar.gz holding one small file `name` (not the release's batches)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tf:
+        info = tarfile.TarInfo(name)
+        info.size = 5
+        tf.addfile(info, io.BytesIO(b"hello"))
+    return path
+
+
 def cut(p: Path, keep: int) -> Path:
     p.write_bytes(p.read_bytes()[:keep])
     return p
@@ -106,6 +118,8 @@ CASES = [
      r"npz dataset '.*z\.npz' has no client arrays"),
     ("npz garbage bytes", lambda t: after((t / "g.npz").write_bytes(os.urandom(512)), run=lambda: load(f"npz:{t}/g.npz")),
      r"npz dataset '.*g\.npz' is not a valid \.npz archive"),
+    ("npz is a device", lambda t: lambda: load("npz:/dev/null"),
+     r"npz dataset '/dev/null' is not a regular file \(a device or pipe\)"),
     ("npz member not an array", lambda t: after(p := npz_with_garbage_member(t), run=lambda: load(f"npz:{p}")),
      r"npz dataset '.*g\.npz': cannot read array 'train_x_0'"),
     pytest.param("npz unreadable", lambda t: after(p := unreadable(Path(write_tiny_npz(t / "u.npz"))),
@@ -163,6 +177,9 @@ CASES = [
     ("cifar garbage tarball", lambda t: after((t / "c").mkdir(), (t / "c/cifar-10-python.tar.gz").write_bytes(os.urandom(300)),
                                               run=lambda: load("cifar10", f"{t}/c", sets=NO_DOWNLOAD)),
      r".*c/cifar-10-python\.tar\.gz is corrupt or truncated"),
+    ("cifar tarball without the batches", lambda t: after(tarball_of(t / "c/cifar-10-python.tar.gz", "notes.txt"),
+                                                          run=lambda: load("cifar10", f"{t}/c", sets=NO_DOWNLOAD)),
+     r".*cifar-10-python\.tar\.gz lacks cifar-10-batches-py/data_batch_1; is it the CIFAR-10 python tarball\?"),
     ("cifar batch is a folder", lambda t: after(write_cifar10(t / "c"), as_folder(t / "c" / CIFAR / "test_batch"),
                                                 run=lambda: load("cifar10", f"{t}/c", sets=NO_DOWNLOAD)),
      r"CIFAR-10 batch '.*test_batch' is a folder; expected a CIFAR-10 python batch file"),

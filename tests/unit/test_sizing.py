@@ -157,3 +157,14 @@ def test_ray_client_does_not_count_an_object_store_copy_here():
     with pytest.raises(BenchError, match="Ray object-store copy"):
         sizing.check_before_load(near, available=20 * GB)
     sizing.check_before_load(far, available=20 * GB)  # 11.2 GB of data here; the store is the cluster's
+
+
+def test_every_seed_is_counted_since_load_checked_holds_them_all():
+    one = estimate_dataset("synthetic", SyntheticConfig(), DataArgs(seed=0, clients=10_000))
+    three = sum(estimate_dataset("synthetic", SyntheticConfig(), DataArgs(seed=s, clients=10_000)).bytes for s in range(3))
+    cfg = cfg_of(clients=10_000, seeds="0,1,2", backend="serial")
+    sizing.check_before_load(cfg, available=three + GB)  # fits (states of fedavg: none)
+    with pytest.raises(BenchError, match=r"samples over 3 seeds, all held at once\)\) but only .*; to fit, lower "
+                                         r"--clients \(now 10,000\), or run fewer seeds at once \(now 3"):
+        sizing.check_before_load(cfg, available=three - 1)
+    assert 2.5 * one.bytes < three < 3.5 * one.bytes  # three draws of about 4.5M samples
