@@ -1,0 +1,80 @@
+"""bench/cli.py's signal handling and exit, in isolation (the whole commands: test_signals.py)."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from fedeq_bench.bench import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def handlers(monkeypatch):
+    """run_guarded installs process-wide handlers: put pytest's back, and forget interrupts seen."""
+    saved = {s: signal.getsignal(s) for s in cli.STOP_SIGNALS}
+    monkeypatch.setattr(cli, "_INTERRUPTS", [])
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+def test_a_signal_inside_deferred_signals_waits_for_the_block_to_finish(handlers):
+    signal.signal(signal.SIGINT, cli._raise_interrupt)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with cli.deferred_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("after the signal")  # without the deferral, KeyboardInterrupt comes first
+    assert done == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is cli._raise_interrupt  # the handler is back
+    assert cli.interrupt_requested()
+
+
+def test_no_signal_no_interrupt(handlers):
+    with cli.deferred_signals():
+        pass
+    assert not cli.interrupt_requested()
+
+
+@pytest.mark.parametrize("wrapped", [RuntimeError, ValueError])
+def test_an_interrupt_a_library_wraps_in_its_own_error_is_still_exit_130(handlers, capsys, wrapped):
+    def work():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # run_guarded made SIGTERM an interrupt
+        except KeyboardInterrupt:
+            raise wrapped("SchemaError: ... KeyboardInterrupt")  # what pydantic does to it
+        return 0
+
+    assert cli.run_guarded(work, "interrupted (test)") == cli.EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "error: interrupted (test)\n"
+
+
+def test_without_an_interrupt_another_error_keeps_its_traceback(handlers):
+    def work():
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.run_guarded(work)
+
+
+def test_exit_now_joins_threads_runs_atexit_and_flushes(tmp_path):
+    code = f"""
+import atexit, sys, threading, time
+sys.path.insert(0, {ROOT!r})
+from fedeq_bench.bench import cli
+atexit.register(lambda: open({str(tmp_path / 'atexit')!r}, 'w').write('ran'))
+def late():
+    time.sleep(0.3)
+    open({str(tmp_path / 'thread')!r}, 'w').write('joined')
+threading.Thread(target=late).start()
+sys.stdout.write('no newline, still flushed')
+cli.exit_now(3)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "no newline, still flushed"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "thread").read_text() == "joined"
