@@ -294,6 +294,7 @@ def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = No
     continues from its last checkpoint, one never started starts; the summary is as an uninterrupted
     invocation writes it.
     """
+    from fedeq_bench.bench import cli
     from fedeq_bench.bench import config as C
     from fedeq_bench.bench.backends import make_backend
     from fedeq_bench.bench.tracking import Tracker, git_commit, package_versions
@@ -310,13 +311,15 @@ def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = No
 
         starting = Background(lambda: make_backend(run), name="ray-start")
     try:
-        datasets = load_checked(cfg)
-        if starting is not None:
-            _import_tracking(run.tracking_uri)
-        backend = starting.result() if starting is not None else make_backend(run)
+        with cli.handlers_kept():  # Ray starting in the background installs its own (bench/cli.py)
+            datasets = load_checked(cfg)
+            if starting is not None:
+                _import_tracking(run.tracking_uri)
+            backend = starting.result() if starting is not None else make_backend(run)
     except BaseException:
         if starting is not None:
-            starting.discard(lambda b: b.close())  # stop the Ray nobody will use
+            with cli.deferred_signals():  # a second Ctrl-C must not leave the starting Ray behind
+                starting.discard(lambda b: b.close())  # stop the Ray nobody will use
         raise
     closed = False
     try:
@@ -343,14 +346,16 @@ def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = No
 
             results = [one(method, seed) for seed in run.seeds for method in run.methods]
             closed = True
-            backend.close()  # free Ray's workers before the (quick) summary
+            with cli.deferred_signals():  # a Ctrl-C inside ray.shutdown would leave Ray's processes behind
+                backend.close()  # free Ray's workers before the (quick) summary
             rows = summarize(results)
             tracker.log_text(parent, format_table(rows) + "\n", "summary.md")
             tracker.log_json(parent, rows, "summary.json")
         drop_checkpoints(tracker.client, parent)
     finally:
         if not closed:
-            backend.close()
+            with cli.deferred_signals():
+                backend.close()
     return rows, parent
 
 
