@@ -18,8 +18,9 @@ a few hundred MB, are not, so the check refuses only what cannot fit):
              (methods run one after another); at most --state-budget-gb in memory, the rest on disk.
     model    MODEL_COPIES copies of that method's whole model (built on the meta device to size it).
 
-The memory available is MemAvailable of /proc/meminfo (psutil's figure where psutil is installed);
-where neither exists the check is skipped.
+The memory available is MemAvailable of /proc/meminfo (psutil's figure where psutil is installed),
+capped by what this process's cgroup has left under its memory limit (a container, a batch slot);
+where none of these exists the check is skipped.
 """
 from __future__ import annotations
 
@@ -37,20 +38,41 @@ the engine really keeps)."""
 
 def available_bytes() -> int | None:
     """Memory the system can still give without swapping: psutil's `available`, else /proc/meminfo's
-    MemAvailable; None where neither can be read (the check is then skipped)."""
+    MemAvailable, and no more than this process's cgroup (a container, a batch job's slot) has left
+    under its limit; None where none of these can be read (the check is then skipped)."""
+    system = None
     try:
         import psutil  # type: ignore[import-not-found]
 
-        return int(psutil.virtual_memory().available)
+        system = int(psutil.virtual_memory().available)
     except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # reported in kB (KiB)
-    except (OSError, ValueError, IndexError):
-        pass
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        system = int(line.split()[1]) * 1024  # reported in kB (KiB)
+        except (OSError, ValueError, IndexError):
+            pass
+    group = _cgroup_left()
+    known = [v for v in (system, group) if v is not None]
+    return min(known) if known else None
+
+
+def _cgroup_left() -> int | None:
+    """Bytes left under the memory limit of this process's cgroup (v2, else v1); None: no limit."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1 writes 2^63 - page for "none"
+            return None
+        return max(int(limit) - usage, 0)
     return None
 
 
