@@ -50,6 +50,12 @@ def validate(cfg):
     check_config(cfg)
     if not run.seeds:
         raise BenchError("seeds is empty; give e.g. --seeds 0,1,2")
+    if not run.experiment.strip():
+        raise BenchError(f"--experiment {run.experiment!r} is empty; give a name (the default is fedeq-bench)")
+    if run.backend == "ray":  # --address and $RAY_ADDRESS: their form, and that a Ray answers there
+        from fedeq_bench.bench.cluster import target
+
+        target(run.address)
     if run.device == "cuda":
         import torch
 

@@ -115,20 +115,57 @@ def sqlite_path(uri: str) -> str:
 
 
 def check_store(uri: str) -> None:
-    """Refuse, in seconds and with one line, a store MLflow would retry for minutes or fail on later:
-    an HTTP server that does not accept connections, a SQLite file in a missing folder, or one that
-    cannot be written (a read-only file or filesystem)."""
+    """Refuse, in seconds and with one line, a store MLflow would retry for minutes or fail on later
+    with a message about something else: an empty URI, a scheme MLflow has no store for, an HTTP
+    server or database server that does not accept connections, a SQLite file in a missing folder,
+    one that is a folder, or one that cannot be written (a read-only file or filesystem), and a file
+    store (a folder) that is a file, or that this MLflow refuses without MLFLOW_ALLOW_FILE_STORE."""
     import socket
     from urllib.parse import urlparse
 
+    # MLflow's tracking-store schemes (its _tracking_store_registry; a database scheme may name a
+    # driver: postgresql+psycopg2). A test compares this list with the installed MLflow's.
+    schemes = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
+               "databricks-uc", "uc")
+    db_ports = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+    valid = ("give sqlite:///PATH (the default: sqlite:///mlflow.db), http(s)://HOST:PORT (an mlflow server), "
+             "postgresql://, mysql:// or mssql:// (a database server)")
+    if not uri.strip():
+        raise BenchError(f"--tracking-uri {uri!r} is empty; {valid}")
+    if uri.split(":", 1)[0] in ("databricks", "databricks-uc", "uc"):
+        return  # Databricks' hosted store (`databricks` alone, or `databricks://PROFILE`): its client checks it
     parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    scheme = parsed.scheme.split("+")[0]
+    if scheme not in schemes:
+        raise BenchError(f"--tracking-uri {uri!r}: MLflow has no tracking store for scheme {parsed.scheme!r}; {valid}")
+    if scheme in ("http", "https") or scheme in db_ports:
         try:
-            socket.create_connection((parsed.hostname or "", port), timeout=STORE_CONNECT_TIMEOUT_S).close()
+            port = parsed.port or db_ports.get(scheme) or (443 if scheme == "https" else 80)
+        except ValueError:
+            raise BenchError(f"--tracking-uri {uri!r}: the port is not a number in 0..65535") from None
+        if not parsed.hostname:
+            raise BenchError(f"--tracking-uri {uri!r} names no host; {valid}")
+        server = "MLflow tracking server" if scheme in ("http", "https") else f"{scheme} database server"
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=STORE_CONNECT_TIMEOUT_S).close()
         except OSError as e:
-            raise BenchError(f"cannot reach the MLflow tracking server at {uri} ({e.strerror or e}); start it "
-                             f"(mlflow server ...) or give another --tracking-uri") from None
+            start = "(mlflow server ...) " if scheme in ("http", "https") else ""
+            raise BenchError(f"cannot reach the {server} at {uri} ({e.strerror or e}); start it {start}"
+                             f"or give another --tracking-uri") from None
+        return
+    if scheme in ("", "file"):  # a file store: a folder of runs (./mlruns)
+        folder = parsed.path if scheme == "file" else uri
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise BenchError(f"--tracking-uri {uri!r}: {folder} is a file, and a file store is a folder; for a "
+                             f"SQLite database give sqlite:///{folder}")
+        try:
+            from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+        except ImportError:  # an MLflow without the switch takes file stores
+            return
+        if not MLFLOW_ALLOW_FILE_STORE.get():
+            raise BenchError(f"--tracking-uri {uri!r} is a file store, which this MLflow refuses unless "
+                             f"MLFLOW_ALLOW_FILE_STORE=true; give sqlite:///mlflow.db (what `mlflow migrate-filestore` "
+                             f"converts an old ./mlruns to)")
         return
     path = sqlite_path(uri)
     if not path:
@@ -136,6 +173,9 @@ def check_store(uri: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise BenchError(f"MLflow store {uri!r}: the folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise BenchError(f"MLflow store {uri!r}: {path} is a folder, not a SQLite database file; give "
+                         f"sqlite:///{os.path.join(path, 'mlflow.db')}")
     for target in ([path] if os.path.exists(path) else []) + [folder]:
         if not os.access(target, os.W_OK):
             raise BenchError(f"MLflow store {uri!r}: {target} is not writable (a read-only file or filesystem); "

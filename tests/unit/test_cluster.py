@@ -1,7 +1,10 @@
-"""bench/cluster.py: actor sizing from a cluster's node resources, and the reachability check.
+"""bench/cluster.py: actor sizing from a cluster's node resources, the address checks and the
+reachability probe.
 
-Everything here is pure arithmetic or a socket: no test starts Ray (tests/integration covers that).
+Everything here is pure arithmetic, a socket or a gRPC server: no test starts Ray (tests/integration
+covers that: test_bad_addresses, test_network_exposure).
 """
+import os
 import socket
 
 import pytest
@@ -69,40 +72,115 @@ def test_threads_are_whole_cpus_at_least_one():
     assert [cluster.threads_per_actor(c) for c in (0.25, 0.5, 1.0, 2.0, 4.0)] == [1, 1, 1, 2, 4]
 
 
-def closed_after_listening(address) -> int:
-    """A local port: `check_reachable(address(port))` passes while something listens on it; the port
-    is returned closed, so the same address must then be refused."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        port = server.getsockname()[1]
-        cluster.check_reachable(address(port))
-    return port
+FORMS = cluster.ADDRESS_FORMS
 
 
-def test_reachability_accepts_a_listener_and_rejects_a_closed_port():
-    port = closed_after_listening(lambda p: f"127.0.0.1:{p}")
-    # The same port, now closed: refused at once rather than after Ray's minutes of retries.
+@pytest.mark.parametrize("address, target", [
+    ("head:6379", "head:6379"),
+    ("10.0.0.5:6379", "10.0.0.5:6379"),
+    ("[::1]:6379", "[::1]:6379"),
+    ("ray://head", "head:10001"),                                               # Ray Client's default port
+    ("ray://head:10002", "head:10002"),
+    ("ray://[fe80::1]", "[fe80::1]:10001"),
+    ("auto", None),                                                             # no host: resolved by `target`
+    ("local", None),
+])
+def test_the_address_forms_ray_takes_and_the_host_port_each_dials(address, target):
+    assert cluster.check_address(address) == target
+
+
+@pytest.mark.parametrize("address, why", [
+    ("not_an_address", "no port (a head's GCS listens on 6379: HOST:6379)"),   # Ray: ValueError traceback
+    ("head:99999", "port '99999' is not a number in 1..65535"),
+    ("head:0", "port '0' is not a number in 1..65535"),
+    ("head:abc", "port 'abc' is not a number in 1..65535"),
+    ("head:\u0663", "port '\u0663' is not a number in 1..65535"),                # an Arabic-Indic 3: isdigit() is true
+    (":6379", "no host before the ':'"),
+    ("::1:6379", "an IPv6 address goes in brackets: [::1]:6379"),
+    ("[::1:6379", "an IPv6 address needs its closing ']'"),
+    ("[head]:6379", "'head' is not an IPv6 address"),
+    ("he ad:6379", "'he ad' is not a host name or IP address"),
+    ("ray://head:1/x", "port '1/x' is not a number in 1..65535"),
+    ("ray://:10001", "no host before the ':'"),
+    ("foo://head:1", "unknown scheme 'foo://'"),                                # Ray: RuntimeError, no module foo
+    ("", "empty (omit --address to start a local Ray)"),
+])
+def test_an_address_of_the_wrong_form_is_one_line_naming_the_valid_forms(address, why):
+    with pytest.raises(BenchError) as e:
+        cluster.check_address(address)
+    assert str(e.value) == f"--address {address!r}: {why}; give {FORMS}"
+
+
+def test_an_http_address_is_the_jobs_api_and_says_how_to_submit():
+    with pytest.raises(BenchError) as e:
+        cluster.check_address("http://head:8265")
+    assert str(e.value).startswith("--address 'http://head:8265' is an HTTP address (the dashboard's Jobs API, "
+                                   "port 8265), which bench.run does not speak: submit the run with `ray job submit "
+                                   "--address http://head:8265 -- python -m bench.run ...`")
+    with pytest.raises(BenchError, match="'https://head:443' is an HTTP address"):
+        cluster.check_address("https://head:443")
+
+
+@pytest.fixture
+def grpc_server():
+    """A real gRPC server (grpcio, in the dev extra through Ray Client's) on a free local port."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port
+    server.stop(None)
+
+
+def test_reachability_accepts_a_grpc_server_and_refuses_a_closed_port(grpc_server):
+    cluster.check_reachable(f"127.0.0.1:{grpc_server}", timeout=2.0)
+    cluster.check_reachable(f"ray://127.0.0.1:{grpc_server}", timeout=2.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]                                               # bound, never listening: refused
     with pytest.raises(BenchError) as e:
         cluster.check_reachable(f"127.0.0.1:{port}", timeout=2.0)
-    assert str(e.value).startswith(f"cannot reach a Ray cluster at '127.0.0.1:{port}' (")
-    assert "ray up ray_cluster.yaml" in str(e.value)
+    assert str(e.value) == (f"cannot reach a Ray cluster at '127.0.0.1:{port}' (Connection refused); start one "
+                            "with `ray up ray_cluster.yaml` (then --address auto on its head node, or HEAD:6379) "
+                            "or omit --address to start a local Ray")
+    with pytest.raises(BenchError) as e:
+        cluster.check_reachable(f"ray://127.0.0.1:{port}", timeout=2.0)
+    assert "(its Ray Client server listens on 10001)" in str(e.value)
 
 
-@pytest.mark.parametrize("address", ["auto", "local", "head"])
-def test_addresses_ray_resolves_itself_are_not_probed(address):
+def test_a_port_that_accepts_but_speaks_no_grpc_is_refused_in_the_timeout():
+    """What Ray retried for 13 minutes (measured) before: a listener that is no GCS."""
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()                                                              # accepts (backlog), never answers
+        port = s.getsockname()[1]
+        start = time.monotonic()
+        with pytest.raises(BenchError) as e:
+            cluster.check_reachable(f"127.0.0.1:{port}", timeout=1.0)
+        assert time.monotonic() - start < 1.0 + 0.5
+    assert str(e.value).startswith(f"'127.0.0.1:{port}' accepts connections but no gRPC server answers there "
+                                   "within 1 s: not a Ray GCS (port 6379 by default)")
+
+
+def test_a_bad_form_is_refused_before_any_dial():
+    with pytest.raises(BenchError, match="port '99999'"):
+        cluster.check_reachable("127.0.0.1:99999", timeout=0.001)
+
+
+@pytest.mark.parametrize("address", ["auto", "local"])
+def test_addresses_ray_resolves_itself_are_not_dialled(address):
     cluster.check_reachable(address, timeout=0.001)  # no host:port to dial: nothing raised
 
 
-def test_a_ray_client_address_probes_its_server():
+def test_a_ray_client_address_dials_its_server():
     assert cluster.client_target("ray://head:10002") == "head:10002"
-    assert cluster.client_target("ray://head") == "head:10001"                  # Ray Client's default port
+    assert cluster.client_target("ray://head") == "head:10001"
     assert cluster.client_target("head:6379") is None
-    port = closed_after_listening(lambda p: f"ray://127.0.0.1:{p}")
-    with pytest.raises(BenchError) as e:
-        cluster.check_reachable(f"ray://127.0.0.1:{port}", timeout=2.0)
-    assert str(e.value).startswith(f"cannot reach a Ray cluster at 'ray://127.0.0.1:{port}' (")
-    assert "ray start --head" in str(e.value)
 
 
 # -- attaching to a running instance -------------------------------------------------------------
@@ -117,20 +195,66 @@ def test_ray_address_in_the_environment_wins():
     assert cluster.running_instance({"RAY_ADDRESS": "10.0.0.1:6379"}) == ("10.0.0.1:6379", "$RAY_ADDRESS")
 
 
+def test_ray_address_in_the_environment_is_checked_like_the_flag(tmp_path):
+    with pytest.raises(BenchError) as e:
+        cluster.running_instance({"RAY_ADDRESS": "not_an_address"})
+    assert str(e.value).startswith("$RAY_ADDRESS 'not_an_address': no port")
+    # `local` there means a new local Ray; `auto` names nothing, so the address file is looked for.
+    assert cluster.running_instance({"RAY_ADDRESS": "local", "RAY_TMPDIR": str(tmp_path)}) is None
+    assert cluster.running_instance({"RAY_ADDRESS": "auto", "RAY_TMPDIR": str(tmp_path)}) is None
+
+
 def test_a_live_address_file_is_attached_to_and_a_stale_one_ignored(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
     env = {"RAY_TMPDIR": str(tmp_path)}
     assert cluster.running_instance(env) is None                                # no file: start one
-    with socket.socket() as gcs:
-        gcs.bind(("127.0.0.1", 0))
-        gcs.listen()
-        address = f"127.0.0.1:{gcs.getsockname()[1]}"
+    gcs = grpc.server(ThreadPoolExecutor(max_workers=1))                       # a gRPC server, as a GCS is
+    address = f"127.0.0.1:{gcs.add_insecure_port('127.0.0.1:0')}"
+    gcs.start()
+    try:
         write_address_file(tmp_path, address)
         found = cluster.running_instance(env)
         assert found is not None and found[0] == address and "ray start --head" in found[1]
         # $TMPDIR is Ray's fallback for its temp dir, as in Ray's own lookup.
         assert cluster.running_instance({"TMPDIR": str(tmp_path)})[0] == address
+        assert cluster.target("auto", env) == ("auto", address, found[1])      # joined as "auto" (token auth)
+        assert cluster.target(None, env) == ("auto", address, found[1])
+        assert cluster.target("local", env) == (None, None, "a new local Ray")  # whatever runs
+    finally:
+        gcs.stop(None)
     # The instance died without `ray stop` (which removes the file): nobody answers, start our own.
     assert cluster.running_instance(env) is None
+    assert cluster.target(None, env) == (None, None, "a new local Ray")
+
+
+def test_auto_with_no_ray_on_this_machine_is_refused(tmp_path):
+    """Ray's own `auto` would fall back to any GCS process it finds (another user's local Ray)."""
+    with pytest.raises(BenchError) as e:
+        cluster.target("auto", {"RAY_TMPDIR": str(tmp_path)})
+    assert str(e.value).startswith("--address auto: no Ray runs on this machine (no $RAY_ADDRESS, and no live "
+                                   "`ray start --head` recorded)")
+
+
+def test_an_explicit_address_is_checked_and_dialled_by_target(grpc_server):
+    assert cluster.target(f"127.0.0.1:{grpc_server}", {}) == (f"127.0.0.1:{grpc_server}",) * 2 + ("--address",)
+    with pytest.raises(BenchError, match="unknown scheme"):
+        cluster.target("foo://x", {})
+
+
+def test_loopback_only_is_put_back_after_the_start(monkeypatch):
+    from ray._private import ray_constants
+
+    monkeypatch.delenv(cluster.LOOPBACK_ENV, raising=False)
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    with cluster.loopback_only():
+        assert ray_constants.ENABLE_RAY_CLUSTER is False and os.environ[cluster.LOOPBACK_ENV] == "0"
+        from ray._private.services import resolve_ip_for_localhost
+
+        assert resolve_ip_for_localhost("127.0.0.1") == "127.0.0.1"            # not the routable address
+    assert ray_constants.ENABLE_RAY_CLUSTER is before and cluster.LOOPBACK_ENV not in os.environ
 
 
 # -- starting in the background ------------------------------------------------------------------
