@@ -61,13 +61,14 @@ def free_ports(n: int) -> list[int]:
 
 class LocalCluster:
     """`ray start --head --block` and one `ray start --address --block` worker node, each in its own
-    process group, sharing a private RAY_TMPDIR; 1 CPU each."""
+    process group, sharing a private RAY_TMPDIR; 1 CPU each. `start()` them, `stop()` them (also after
+    a failed start)."""
 
     def __init__(self):
         self.tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Unix socket paths <= 107 bytes
         self.cwd = os.path.join(self.tmp, "head")  # the head's working directory, and so its jobs'
         os.makedirs(self.cwd)
-        self.client_port, self.dashboard_port, head_agent, worker_agent = free_ports(4)
+        self.client_port, self.dashboard_port, *self.agent_ports = free_ports(4)  # agents: head, worker
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
         self.env = {**base, "RAY_TMPDIR": self.tmp, "RAY_AUTH_MODE": "token",
@@ -75,25 +76,27 @@ class LocalCluster:
                     # As ray_cluster.yaml starts Ray: this venv first on PATH, so a job's `python` is its.
                     "PATH": f"{BIN}:{base.get('PATH', '')}"}
         self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> None:
         # Every port a second Ray instance on this machine would otherwise share with this one is
         # chosen here: the dashboard agent's HTTP port is fixed (52365) by default, and the job API
         # answers "No available agent to submit job" when another instance holds it.
         self._start([RAY, "start", "--head", "--block", "--port=0", "--num-cpus=1", "--disable-usage-stats",
                      "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                     f"--dashboard-port={self.dashboard_port}", f"--dashboard-agent-listen-port={head_agent}",
+                     f"--dashboard-port={self.dashboard_port}", f"--dashboard-agent-listen-port={self.agent_ports[0]}",
                      f"--ray-client-server-port={self.client_port}"])
         address_file = os.path.join(self.tmp, "ray", "ray_current_cluster")
         self._wait(lambda: os.path.exists(address_file), "`ray start --head` wrote no address")
         with open(address_file) as f:
             self.gcs = f.read().strip()
         self._start([RAY, "start", f"--address={self.gcs}", "--block", "--num-cpus=1", "--disable-usage-stats",
-                     f"--dashboard-agent-listen-port={worker_agent}"])
-        self._wait(lambda: len(self.nodes()) == 2, "the worker node did not join")
+                     f"--dashboard-agent-listen-port={self.agent_ports[1]}"])
+        self._wait(lambda: len(self.nodes(starting=True)) == 2, "the worker node did not join")
 
     def _start(self, cmd):
-        log = open(os.path.join(self.tmp, f"node{len(self.procs)}.log"), "w")
-        self.procs.append(subprocess.Popen(cmd, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
+        with open(os.path.join(self.tmp, f"node{len(self.procs)}.log"), "w") as log:
+            self.procs.append(subprocess.Popen(cmd, env=self.env, cwd=self.cwd, stdout=log,
+                                               stderr=subprocess.STDOUT, start_new_session=True))
 
     def _wait(self, ready, what: str, timeout: float = 180) -> None:
         deadline = time.time() + timeout
@@ -107,18 +110,24 @@ class LocalCluster:
         return subprocess.run([RAY, *args], env=self.env, cwd=self.tmp, capture_output=True, text=True,
                               timeout=timeout)
 
-    def state(self, what: str, *filters: str) -> list[dict]:
-        proc = self.cli("list", what, "--address", self.dashboard, "--detail", "--format", "json",
-                        "--limit", "10000", *[x for f in filters for x in ("--filter", f)], timeout=60)
+    def state(self, what: str, *filters: str, starting: bool = False) -> list[dict]:
+        """`ray list WHAT` from Ray's state API; `starting`: [] while the dashboard does not answer yet."""
+        proc = self.cli("list", what, "--address", self.dashboard, "--detail", "--format", "json", "--limit",
+                        "10000", "--timeout", "120", *[x for f in filters for x in ("--filter", f)], timeout=180)
+        if starting and proc.returncode != 0:
+            return []
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         # None yet is not JSON: "No resource in the cluster".
-        return json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.startswith("[") else []
+        return json.loads(proc.stdout) if proc.stdout.startswith("[") else []
 
-    def nodes(self) -> list[str]:
-        return [n["node_id"] for n in self.state("nodes", "state=ALIVE")]
+    def nodes(self, starting: bool = False) -> list[str]:
+        return [n["node_id"] for n in self.state("nodes", "state=ALIVE", starting=starting)]
 
     def worker_actors(self) -> dict[str, str]:
-        """Every fedeq-bench Worker actor this cluster ever ran (dead ones too): actor id -> node id."""
-        return {a["actor_id"]: a["node_id"] for a in self.state("actors", "class_name=Worker")}
+        """Every edge-node actor this cluster ever ran (dead ones too): actor id -> node id. Nothing but
+        these tests uses this cluster, so that is every actor but Ray's own job supervisors (whatever
+        name bench/backends.py gives its actor class)."""
+        return {a["actor_id"]: a["node_id"] for a in self.state("actors", "class_name!=JobSupervisor")}
 
     def submit(self, sid: str, *entrypoint: str) -> subprocess.CompletedProcess:
         """`ray job submit` of `entrypoint`, waiting for the job to end (the CLI tails its logs)."""
@@ -126,11 +135,12 @@ class LocalCluster:
 
     def stop(self) -> None:
         """SIGTERM to each node's process group (`--block` tears its node down), SIGKILL to what is
-        left of it, then to any process whose command line names this cluster's temp dir (Ray starts
-        some of a node's processes in sessions of their own)."""
+        left of it after 5 s (a `--block` process here often outlived its node's teardown), then to any
+        process whose command line names this cluster's temp dir (Ray starts some of a node's
+        processes in sessions of their own)."""
         for p in self.procs:
             _signal_group(p, signal.SIGTERM)
-        deadline = time.time() + 15
+        deadline = time.time() + 5
         for p in self.procs:
             try:
                 p.wait(timeout=max(0.1, deadline - time.time()))
@@ -160,6 +170,7 @@ def cluster():
     need_ray_extras(client=True, jobs=True)
     c = LocalCluster()
     try:
+        c.start()
         yield c
     finally:
         c.stop()
@@ -201,7 +212,7 @@ def test_bench_run_through_ray_client_equals_the_serial_run(cluster, serial, tmp
            "--cpus-per-client", "0.5", "--tracking-uri", uri]
     env = {**cluster.env, "PYTHONPATH": ROOT}
     env.pop("RAY_TMPDIR")  # a machine outside the cluster: nothing of it but the address and the token
-    for attempt in range(2):
+    for _ in range(2):
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         if proc.returncode == 0 or CLIENT_SERVER_RACE not in proc.stderr:
             break
@@ -249,9 +260,9 @@ def test_ray_job_submit_runs_a_parallel_sweep(cluster, tmp_path):
 
     uri, storage, tuned = f"sqlite:///{tmp_path}/sweep.db", f"sqlite:///{tmp_path}/optuna.db", tmp_path / "tuned.toml"
     before = cluster.worker_actors()
-    proc = cluster.submit("sweep", "python", "-m", "bench.sweep", "--method", "fedavg", "--trials", "2", "--n-jobs", "2",
-                          "--dataset", "synthetic", "--clients", "6", "--rounds", "2", "--address", "auto",
-                          "--tracking-uri", uri, "--storage", storage, "--tuned-out", str(tuned))
+    proc = cluster.submit("sweep", "python", "-m", "bench.sweep", "--method", "fedavg", "--trials", "2",
+                          "--n-jobs", "2", "--dataset", "synthetic", "--clients", "6", "--rounds", "2",
+                          "--address", "auto", "--tracking-uri", uri, "--storage", storage, "--tuned-out", str(tuned))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Job 'sweep' succeeded" in out, out[-3000:]
     assert "fedavg: study 'fedavg-synthetic', 2 trials" in out
