@@ -258,29 +258,30 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, workers: int | None = None, address: str | None = None, cpus_per_client: float = 1.0,
-                 gpus_per_client: float = 0.0, device: str | None = None):
-        cluster.check_request(cpus_per_client, gpus_per_client)  # before starting Ray, which cannot help
+                 gpus_per_client: float = 0.0, device: str | None = None, pool=None):
+        """Connect and start the actors (bench/actor.py: `start_pool`), or take a `pool` started with
+        these arguments already (`compare` starts one before loading torch and the data)."""
+        from fedeq_bench.bench import actor as A
+
+        if pool is None:
+            pool = A.start_pool(workers, address, cpus_per_client, gpus_per_client, device)
         import ray
 
         self._ray = ray
-        self._started_here = cluster.connect(address)
-        self._actor_cls = ray.remote(Worker).options(num_cpus=cpus_per_client, num_gpus=gpus_per_client)
-        self._actor_args = (cluster.threads_per_actor(cpus_per_client), device)
+        self._started_here = pool.started_here
+        self._actor_cls, self._actor_args = pool.actor_cls, pool.actor_args
         self._version = faults.project_version()
-        self._spawned: list = []  # every actor started, replacements too; shared with `split` parts; close() kills all
-        self.actors: list = []
+        self._spawned: list = list(pool.actors)  # every actor started, replacements too; shared with `split` parts; close() kills all
+        self.actors: list = list(pool.actors)
         self._dataset_key, self._device = None, None
         self._puts: dict[str, Any] = {}  # dataset key -> object ref, shared with `split` parts
         try:
-            capacity = cluster.actor_capacity(cluster.node_resources(), cpus_per_client, gpus_per_client)
-            n = cluster.pool_size(workers, capacity)
-            self.actors = [self._spawn() for _ in range(n)]
-            for actor, report in zip(self.actors, ray.get([a.hello.remote() for a in self.actors])):
+            for actor, report in zip(self.actors, pool.reports):
                 self._check_version(actor, report)
         except BenchError:
             self.close()
             raise
-        self.workers = n
+        self.workers = len(self.actors)
 
     def _spawn(self):
         actor = self._actor_cls.remote(*self._actor_args)

@@ -285,7 +285,8 @@ def clients_csv(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = None) -> tuple[list[dict], str]:
+def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = None,
+            early=None) -> tuple[list[dict], str]:
     """What `python -m bench.run` does: every method x seed of a validated config, recorded in MLflow.
 
     Order matters for what a failure leaves behind: all data is loaded and every model checked, then
@@ -299,33 +300,47 @@ def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = No
     FINISHED is taken from its final checkpoint, one KILLED, FAILED or left RUNNING (kill -9)
     continues from its last checkpoint, one never started starts; the summary is as an uninterrupted
     invocation writes it.
+
+    `early`: the actor pool bench.run started from its flags before loading the config and torch
+    (bench/actor.py: `early_pool`). compare owns it from the call on: it is used if this config asks
+    for the same pool, and stopped otherwise or on any error.
     """
+    from fedeq_bench.bench import actor as A
     from fedeq_bench.bench import cli
     from fedeq_bench.bench import config as C
-    from fedeq_bench.bench.backends import make_backend
-    from fedeq_bench.bench.tracking import Tracker, git_commit, package_versions
-
-    from fedeq_bench.bench.tracking import check_store
+    from fedeq_bench.bench.backends import RayBackend, make_backend
+    from fedeq_bench.bench.cluster import Background
+    from fedeq_bench.bench.tracking import Tracker, check_store, git_commit, package_versions
 
     run = cfg.run
-    check_store(run.tracking_uri)  # an unreachable or read-only store: one line before Ray or data start
     starting = None
-    if run.backend == "ray":
-        # Ray and its actors start in the background while the data loads and MLflow is imported
-        # (bench/cluster.py: Background). A bad --address is still raised before anything is recorded.
-        from fedeq_bench.bench.cluster import Background
 
-        starting = Background(lambda: make_backend(run), name="ray-start")
+    def stop(pool):
+        pool.close()
+
     try:
+        if early is not None and (run.backend != "ray" or early.keys != A.pool_keys(run)):
+            with cli.deferred_signals():  # not the pool this config asks for: stopped before another starts
+                early.discard(stop)
+            early = None
+        check_store(run.tracking_uri)  # an unreachable or read-only store: one line before Ray or data start
+        if run.backend == "ray":
+            # Ray and its actors start in the background while the data loads and MLflow is imported
+            # (bench/cluster.py: Background), or started already (`early`, from bench.run's flags).
+            # A bad --address is still raised before anything is recorded.
+            starting, early = early or Background(lambda: A.start_pool(
+                run.workers, run.address, run.cpus_per_client, run.gpus_per_client, run.device), name="ray-start"), None
         with cli.handlers_kept():  # Ray starting in the background installs its own (bench/cli.py)
             datasets = load_checked(cfg)
             if starting is not None:
                 _import_tracking(run.tracking_uri)
-            backend = starting.result() if starting is not None else make_backend(run)
+            backend = (RayBackend(run.workers, run.address, run.cpus_per_client, run.gpus_per_client, run.device,
+                                  pool=starting.result()) if starting is not None else make_backend(run))
     except BaseException:
-        if starting is not None:
-            with cli.deferred_signals():  # a second Ctrl-C must not leave the starting Ray behind
-                starting.discard(lambda b: b.close())  # stop the Ray nobody will use
+        for bg in (starting, early):
+            if bg is not None:
+                with cli.deferred_signals():  # a second Ctrl-C must not leave the starting Ray behind
+                    bg.discard(stop)  # stop the Ray nobody will use
         raise
     closed = False
     try:

@@ -18,6 +18,7 @@ import shlex
 import sys
 
 from fedeq_bench.bench import cli
+from fedeq_bench.bench.actor import early_pool
 from fedeq_bench.core.errors import BenchError
 
 PROG = "python -m bench.run"
@@ -72,15 +73,30 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
 
     def work() -> int:
-        resuming = build_parser()[0].parse_args(argv).resume is not None
-        cfg, args = resume_config(argv) if resuming else resolve_config(argv)
-        if args.report:  # before the run, not after it: a file named like the folder is one line now
-            from fedeq_bench.core.files import require_output_dir
-            require_output_dir(args.report_dir, "--report-dir")
-        from fedeq_bench.bench import experiment
-
+        parser, keys = build_parser()
+        first = parser.parse_args(argv)
+        resuming = first.resume is not None
+        # Ray and its actors start now, from the flags, while torch, the config and the data load
+        # (bench/actor.py: early_pool); compare adopts the pool or stops it.
+        early = None if resuming else early_pool(first.config, cli.config_flags(first, keys), first.set)
+        try:
+            cfg, args = resume_config(argv) if resuming else resolve_config(argv)
+            if args.report:  # before the run, not after it: a file named like the folder is one line now
+                from fedeq_bench.core.files import require_output_dir
+                require_output_dir(args.report_dir, "--report-dir")
+            from fedeq_bench.bench import experiment
+        except BaseException as e:
+            if early is None:
+                raise
+            if isinstance(e, BenchError):  # said now; the exit waits for the Ray started early to stop
+                cli.fail(str(e))
+            with cli.deferred_signals():  # a second Ctrl-C must not leave the starting Ray behind
+                early.discard(lambda pool: pool.close())
+            if isinstance(e, BenchError):
+                return cli.EXIT_BAD_INPUT
+            raise
         rows, parent = experiment.compare(cfg, command=shlex.join([*PROG.split(), *argv]), quiet=args.quiet,
-                                          resume=args.resume)
+                                          resume=args.resume, early=early)
         print(experiment.format_table(rows))
         print("\n" + experiment.recorded_line(cfg, parent))
         if args.report:
