@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fedeq_bench.bench import cluster
+from fedeq_bench.bench import cluster, faults
 from fedeq_bench.core.errors import BenchError
 
 POOL_KEYS = ("backend", "address", "workers", "cpus_per_client", "gpus_per_client", "device")
@@ -76,7 +76,8 @@ def start_pool(workers: int | None, address: str | None, cpus_per_client: float,
     try:
         capacity = cluster.actor_capacity(cluster.node_resources(), cpus_per_client, gpus_per_client)
         pool.actors = [actor_cls.remote(*pool.actor_args) for _ in range(cluster.pool_size(workers, capacity))]
-        pool.reports = ray.get([a.hello.remote() for a in pool.actors])
+        # An actor killed while it starts is replaced (bench/faults.py), not a traceback.
+        pool.actors, pool.reports = faults.greet(pool.actors, lambda: actor_cls.remote(*pool.actor_args))
     except BaseException:
         pool.close()
         raise

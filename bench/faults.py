@@ -8,6 +8,10 @@ as an undisturbed run. A chunk of several clients that kills its actor is redone
 call, so a client whose own work keeps killing its actor is named: after MAX_ACTOR_RETRIES redos the
 run fails with `fedavg: round 2, client 3: its local update killed its Ray actor 4 times (out of memory?)`.
 
+An actor can also die while the pool starts, before it answers its first call (killed, or out of
+memory while it imports torch): `greet` replaces it the same way, and names the place after
+MAX_ACTOR_RETRIES deaths there.
+
 Every actor also says which fedeq-bench it runs when it starts (`project_version`); a worker whose
 version differs from the driver's is refused with one line. A stale node would otherwise break
 Serial == Ray silently: the driver's and the workers' code would disagree on what a client does.
@@ -15,6 +19,7 @@ Serial == Ray silently: the driver's and the workers' code would disagree on wha
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 from fedeq_bench.core.errors import BenchError
 
@@ -71,3 +76,35 @@ def check_version(driver: str, report: dict) -> None:
 def killed(what: str, deaths: int) -> str:
     """A client's error when its work killed its actor once more than MAX_ACTOR_RETRIES allows."""
     return f"its {what} killed its Ray actor {deaths} times (out of memory?)"
+
+
+def greet(actors: list, spawn) -> tuple[list, list[dict]]:
+    """(actors, their `hello()` reports) of a starting pool, in the order given. An actor that dies
+    before it answers is killed for good and replaced by `spawn()`; one more death than
+    MAX_ACTOR_RETRIES at the same place fails the start with one line, every actor stopped."""
+    import ray
+
+    actors = list(actors)
+    reports: list = [None] * len(actors)
+    deaths: Counter[int] = Counter()
+    pending = {actor.hello.remote(): i for i, actor in enumerate(actors)}
+    try:
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ref)
+            try:
+                reports[i] = ray.get(ref)
+                continue
+            except actor_deaths():
+                deaths[i] += 1
+            ray.kill(actors[i])  # an unavailable actor might come back; it must not serve anyone
+            if deaths[i] > MAX_ACTOR_RETRIES:
+                raise BenchError(f"a Ray actor died {deaths[i]} times before it could start (killed, or out of "
+                                 f"memory while importing torch?); see the worker logs (`ray logs`)")
+            actors[i] = spawn()
+            pending[actors[i].hello.remote()] = i
+    except BaseException:
+        for actor in actors:
+            ray.kill(actor)
+        raise
+    return actors, reports

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedeq_bench.bench import engine, faults
-from fedeq_bench.bench.backends import RayBackend, SerialBackend, Worker
+from fedeq_bench.bench.backends import WORK_OF, Kind, RayBackend, SerialBackend, Worker
 from fedeq_bench.bench.experiment import load_dataset
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.methods.fedavg import FedAvg
@@ -54,30 +54,45 @@ class OomFedAvg(FedAvg):
         return super().evaluate({k: v for k, v in down.items() if k != "round"}, state, data, rng)
 
 
+class OomEvalFedAvg(OomFedAvg):
+    """The same kill in its evaluation instead (client 1, round 2); bench.run gets it as `oom_eval`."""
+
+    def local_update(self, down, state, data, rng):
+        return FedAvg.local_update(self, {k: v for k, v in down.items() if k != "round"}, state, data, rng)
+
+    def evaluate(self, down, state, data, rng):
+        if int(down["round"]) == 2 and int(state["cid"]) == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().evaluate(down, state, data, rng)
+
+
 # bench.run's driver and its Ray workers import it via sitecustomize; Ray's own agents (also Python,
 # and started with the same environment) skip it, which keeps torch out of them and the test short.
 OOM_PLUGIN = """
 import sys
-if 'oom' in sys.argv or sys.argv[0].endswith('default_worker.py'):
+if {'oom', 'oom_eval'} & set(sys.argv) or sys.argv[0].endswith('default_worker.py'):
     from fedeq_bench.methods.base import register_method
-    from tests.integration.test_actor_faults import OomFedAvg
+    from tests.integration.test_actor_faults import OomEvalFedAvg, OomFedAvg
     Oom = register_method('oom')(type('Oom', (OomFedAvg,), {}))
+    OomEval = register_method('oom_eval')(type('OomEval', (OomEvalFedAvg,), {}))
 """
 
 
-def test_a_client_that_keeps_killing_its_actor_fails_the_run_with_one_line(tmp_path):
+@pytest.mark.parametrize("method, kind", [("oom", Kind.TRAIN), ("oom_eval", Kind.EVALUATE)])
+def test_a_client_that_keeps_killing_its_actor_fails_the_run_with_one_line(tmp_path, method, kind):
     """Client 1 shares round 2's first chunk with client 0 (6 clients in 4 chunks: [0, 1] [2] [3] [4, 5]);
     that chunk is redone one client per call, client 0 alone succeeds, client 1 alone kills its actor
-    MAX_ACTOR_RETRIES more times: 1 + 3 = 4 deaths, then one line naming method, round and client."""
+    MAX_ACTOR_RETRIES more times: 1 + 3 = 4 deaths, then one line naming method, round and client,
+    whether the kill is in its local update or its evaluation."""
     # Runs first, before this module starts its own Ray: bench.run starts (and stops) one of its own.
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     npz = write_tiny_npz(tmp_path / "t.npz", clients=6)
     (tmp_path / "plug").mkdir()
     (tmp_path / "plug" / "sitecustomize.py").write_text(OOM_PLUGIN)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = f"{tmp_path / 'plug'}:{ROOT}"
     env[faults.VERSION_ENV] = VERSION
-    proc = subprocess.run([sys.executable, "-m", "bench.run", "--methods", "oom", "--rounds", "3",
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--methods", method, "--rounds", "3",
                            "--dataset", f"npz:{npz}", "--backend", "ray", "--workers", "2",
                            "--tracking-uri", uri, "--quiet", "--no-report"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
@@ -86,12 +101,84 @@ def test_a_client_that_keeps_killing_its_actor_fails_the_run_with_one_line(tmp_p
 
     deaths = 1 + faults.MAX_ACTOR_RETRIES
     assert proc.stderr.strip().splitlines() == [
-        f"error: oom: round 2, client 1: its local update killed its Ray actor {deaths} times (out of memory?)"]
+        f"error: {method}: round 2, {engine.client_label(1, kind)}: its {WORK_OF[kind]} killed its Ray actor {deaths} "
+        "times (out of memory?)"]  # client 1 or `client 1 (evaluation)`; its local update or its evaluation
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("fedeq-bench").experiment_id])
-    assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}  # parent + the oom child
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}  # parent + the method's child
     child = [r for r in runs if "mlflow.parentRunId" in r.data.tags][0]
     assert [m.step for m in client.get_metric_history(child.info.run_id, "bytes/up")] == [1]
+
+
+def actor_titles(root_pid: int) -> dict[int, str]:
+    """{pid: title} of the actor processes under `root_pid`: Ray titles them ray::CLASS, and
+    ray::CLASS.METHOD while they run a call."""
+    import ray  # noqa: F401 - puts Ray's bundled psutil on sys.path
+    import psutil
+
+    try:
+        procs = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return {}
+    titles = {}
+    for p in procs:
+        try:
+            title = (p.cmdline()[:1] or [""])[0].split()
+        except psutil.Error:
+            continue
+        if title and title[0].startswith("ray::") and title[0].split(".")[0] not in (
+                "ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent"):
+            titles[p.pid] = title[0]
+    return titles
+
+
+@pytest.mark.parametrize("when", ["starting", "mid-call"])
+def test_kill_9_of_an_actor_process_is_survived(tmp_path, when):
+    """What a user does (or the kernel's OOM killer): SIGKILL to one of bench.run's two actor processes,
+    as soon as both exist (`starting`: before they answer their first call, while they import torch)
+    or once one runs a chunk of clients (`mid-call`). A replacement starts and the run ends FINISHED
+    with every round; both ended with a 99-line ActorDiedError before. That the redo gives the
+    undisturbed numbers is the in-process tests' part."""
+    import time
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    npz = write_tiny_npz(tmp_path / "t.npz", clients=6)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=ROOT, **{faults.VERSION_ENV: VERSION})
+    rounds = 40
+    proc = subprocess.Popen([sys.executable, "-m", "bench.run", "--methods", "fedavg", "--rounds", str(rounds),
+                             "--dataset", f"npz:{npz}", "--backend", "ray", "--workers", "2",
+                             "--tracking-uri", uri, "--quiet", "--no-report"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed, title, later = None, None, set()
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            titles = actor_titles(proc.pid)
+            if killed is None:
+                ready = [p for p, t in titles.items() if t.endswith(".run_chunk")] if when == "mid-call" else (
+                    sorted(titles) if len(titles) == 2 else [])
+                if ready:
+                    killed, title = ready[0], titles[ready[0]]
+                    os.kill(killed, signal.SIGKILL)
+            else:
+                later |= set(titles) - {killed}
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed is not None, "no actor process seen"
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "ActorDiedError" not in err, err[-3000:]
+    assert len(later) >= 2, (title, later)  # the survivor and the replacement
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("fedeq-bench").experiment_id])
+    assert {r.info.status for r in runs} == {"FINISHED"} and len(runs) == 2
+    child = [r for r in runs if "mlflow.parentRunId" in r.data.tags][0]
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "acc/mean")] == list(range(1, rounds + 1))
 
 
 @pytest.fixture(scope="module")
@@ -118,17 +205,25 @@ def setup(tmp_path_factory):
     return npz, cfg, ds, engine.run_method(cfg, METHOD, 0, ds, SerialBackend())
 
 
-def arm(backend, at: int, kill):
-    """Call `kill(actor)` right after the `at`-th chunk (counted over the whole run) goes to `actor`."""
-    count, submit = itertools.count(1), backend._submit
+def arm(backend, at: int, kill) -> list:
+    """Call `kill(actor)` right after the `at`-th chunk (counted over the whole run) goes to `actor`.
+    Returns the list that then holds the Kind of the call that chunk belonged to."""
+    count, submit, run = itertools.count(1), backend._submit, backend.run
+    kinds, killed_in = [], []
+
+    def running(kind, *args, **kw):
+        kinds.append(kind)
+        return run(kind, *args, **kw)
 
     def hooked(call, actor, chunk):
         ref = submit(call, actor, chunk)
         if next(count) == at:
+            killed_in.append(kinds[-1])
             kill(actor)
         return ref
 
-    backend._submit = hooked
+    backend.run, backend._submit = running, hooked
+    return killed_in
 
 
 def assert_same_run(a, b):
@@ -140,9 +235,11 @@ def assert_same_run(a, b):
 
 
 # 6 clients on 2 actors: 4 chunks per call. Chunks 1-4 are round 1's updates, 5-8 its evaluation,
-# 9-12 round 2's updates: the 10th goes to an actor mid-round 2, with round 1's state in the jobs.
-@pytest.mark.parametrize("how", ["ray.kill", "kill -9"])
-def test_an_actor_killed_mid_round_is_replaced_and_the_run_is_bit_identical(how, ray_session, setup):
+# 9-12 round 2's updates: the 10th goes to an actor mid-round 2, with round 1's state in the jobs;
+# the 6th to one evaluating round 1 (evaluation's jobs carry the clients' states too).
+@pytest.mark.parametrize("how, at", [("ray.kill", 10), ("kill -9", 10), ("kill -9", 6)],
+                         ids=["ray.kill-update", "kill-9-update", "kill-9-evaluation"])
+def test_an_actor_killed_mid_round_is_replaced_and_the_run_is_bit_identical(how, at, ray_session, setup):
     ray = ray_session
     _, cfg, ds, serial = setup
     backend = RayBackend(workers=2)
@@ -157,9 +254,10 @@ def test_an_actor_killed_mid_round_is_replaced_and_the_run_is_bit_identical(how,
             else:
                 os.kill(pid_of[actor], signal.SIGKILL)
 
-        arm(backend, 10, kill)
+        killed_in = arm(backend, at, kill)
         started = len(backend._spawned)
         result = engine.run_method(cfg, METHOD, 0, ds, backend)
+        assert killed_in == [Kind.EVALUATE if at == 6 else Kind.TRAIN]
         assert len(killed) == 1 and killed[0] not in backend.actors
         assert len(backend._spawned) == started + 1 and len(backend.actors) == 2  # one replacement
         new = [a for a in backend.actors if a not in pid_of][0]
