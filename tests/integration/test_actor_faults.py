@@ -319,3 +319,44 @@ def test_a_replacement_actor_of_another_version_fails_the_run(ray_session, setup
         backend.close()
     assert str(e.value) == (f"Ray worker on node {ray.util.get_node_ip_address()} runs fedeq-bench 0.0.1-stale, "
                             f"the driver {VERSION}; install the same commit on every node")
+
+
+class DiesAtStart:
+    """An actor whose process dies in its first call while `marker` does not exist yet (it creates
+    it), or in every first call when `always`: an actor killed while it starts."""
+
+    def __init__(self, marker: str, always: bool):
+        self.marker, self.always = marker, always
+
+    def hello(self) -> dict:
+        if self.always or not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {"pid": os.getpid()}
+
+
+@pytest.mark.parametrize("always", [False, True])
+def test_an_actor_killed_while_the_pool_starts_is_replaced_or_named(ray_session, tmp_path, always):
+    """faults.greet, what bench/actor.py's start_pool waits with: one death at a place is replaced;
+    1 + MAX_ACTOR_RETRIES deaths at the same place end the start with one line."""
+    ray = ray_session
+    cls = ray.remote(DiesAtStart).options(num_cpus=1)
+    spawned = []
+
+    def spawn():
+        spawned.append(cls.remote(str(tmp_path / "started"), always))
+        return spawned[-1]
+
+    first = spawn()
+    if not always:
+        actors, reports = faults.greet([first], spawn)
+        assert len(spawned) == 2 and actors == [spawned[1]]                     # one replacement, in place
+        assert reports[0]["pid"] == ray.get(actors[0].hello.remote())["pid"]
+        ray.kill(actors[0])
+        return
+    with pytest.raises(BenchError) as e:
+        faults.greet([first], spawn)
+    deaths = 1 + faults.MAX_ACTOR_RETRIES
+    assert str(e.value) == (f"a Ray actor died {deaths} times before it could start (killed, or out of memory "
+                            "while importing torch?); see the worker logs (`ray logs`)")
+    assert len(spawned) == deaths
