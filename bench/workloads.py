@@ -291,14 +291,24 @@ def stop_ray_head(head, temp_dir: str | None = None) -> None:
             pass
     if not temp_dir:
         return
-    marker = os.path.join(temp_dir, "ray", "session").encode()
+    for pid in pids_naming(os.path.join(temp_dir, "ray", "session")):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def pids_naming(text: str) -> list[int]:
+    """The processes whose command line contains `text` (e.g. a Ray instance's private temp dir)."""
+    found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if marker in f.read():
-                    os.kill(int(pid), signal.SIGKILL)
+                if text.encode() in f.read():
+                    found.append(int(pid))
         except OSError:
             pass
+    return found
 
 
 def whole_process_table(rounds: int = 30, lr: float = 0.05, batch_size: int = 32,

@@ -30,6 +30,7 @@ import time
 
 import pytest
 
+from fedeq_bench.bench.workloads import pids_naming
 from tests.integration.ray_extras import need_ray_extras
 
 ray = pytest.importorskip("ray")
@@ -147,12 +148,9 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 pass
             _signal_group(p, signal.SIGKILL)
-        marker = os.path.join(self.tmp, "ray").encode()
-        for pid in filter(str.isdigit, os.listdir("/proc")):
+        for pid in pids_naming(os.path.join(self.tmp, "ray")):
             try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if marker in f.read():
-                        os.kill(int(pid), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
         subprocess.run(["rm", "-rf", self.tmp], check=False)

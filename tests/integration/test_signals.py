@@ -19,6 +19,7 @@ import time
 import pytest
 
 from fedeq_bench.bench.tracking import TEST_SIGNAL_ENV
+from fedeq_bench.bench.workloads import pids_naming
 
 pytestmark = pytest.mark.ray
 
@@ -58,15 +59,7 @@ def rows(db, sql):
 
 def ray_processes(tmp):
     """Processes whose command line names this test's private Ray temp dir (its GCS, raylet, workers)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if os.path.join(tmp, "ray").encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
+    return pids_naming(os.path.join(tmp, "ray"))
 
 
 def finish(proc, tmp):
