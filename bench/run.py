@@ -85,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                 from fedeq_bench.core.files import require_output_dir
                 require_output_dir(args.report_dir, "--report-dir")
             from fedeq_bench.bench import experiment
+
+            if early is not None:  # said at once, not after the early Ray has started and stopped
+                from fedeq_bench.bench.tracking import check_store
+
+                check_store(cfg.run.tracking_uri)
         except BaseException as e:
             if early is None:
                 raise
