@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", default="1,2", help="comma list of Ray worker counts to measure")
     p.add_argument("--method", choices=("fedavg", "fedeq"), default="fedavg",
                    help="fedavg: the harness-overhead table (default); fedeq: seconds per FeDEQ local update")
-    p.add_argument("--repeats", type=int, default=3, help="--method fedeq: timed updates per row (median)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed repeats per row, the median shown (--method fedeq: updates; --whole: processes)")
     p.add_argument("--whole", action="store_true",
                    help="also time whole processes (plain script, bench.run serial and Ray, Ray attached to a "
                         "running `ray start --head`), start to exit")
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
             from fedeq_bench.bench.workloads import whole_process_table
 
             print()
-            print(whole_process_table(args.rounds, args.lr, args.batch_size, workers))
+            print(whole_process_table(args.rounds, args.lr, args.batch_size, workers, repeats=args.repeats))
     except KeyboardInterrupt:
         cli.fail("interrupted")
         return cli.EXIT_INTERRUPTED

@@ -312,10 +312,13 @@ def pids_naming(text: str) -> list[int]:
 
 
 def whole_process_table(rounds: int = 30, lr: float = 0.05, batch_size: int = 32,
-                        workers: tuple[int, ...] = (1, 2), attach: bool = True) -> str:
+                        workers: tuple[int, ...] = (1, 2), attach: bool = True, repeats: int = 3) -> str:
     """Seconds from process start to exit: the plain loop as a script, `bench.run` on the serial
     backend, on Ray starting its own instance, and attached to a running `ray start --head`
-    (`attach`). The Markdown table `python -m bench.perf --whole` prints."""
+    (`attach`). Each command runs `repeats` times, the commands interleaved (one of each, then again),
+    and the table shows the median: on 2 cores one busy moment (the plain loop's 2 threads are the
+    most sensitive) moves a single run by seconds. The head runs throughout, in its own temp dir, so
+    every command meets the same machine. The Markdown table `python -m bench.perf --whole` prints."""
     import sys
 
     from fedeq_bench.bench.tracking import Tracker
@@ -325,28 +328,30 @@ def whole_process_table(rounds: int = 30, lr: float = 0.05, batch_size: int = 32
         path = write_fmnist_like(os.path.join(d, "fmnist_like.npz"))
         uri = f"sqlite:///{d}/mlflow.db"
         Tracker(uri, "fedeq-bench")  # the store and experiment exist, as after a user's first run
-        # A private Ray temp dir: no run attaches to another Ray instance on this machine by accident.
+        # Private Ray temp dirs: a run attaches to the head only when told its temp dir, never by accident.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
         env["RAY_TMPDIR"] = d
+        head_env = {**env, "RAY_TMPDIR": os.path.join(d, "h")}
+        os.makedirs(head_env["RAY_TMPDIR"])
         run = [sys.executable, "-m", "bench.run", *bench_run_args(path, rounds, lr, batch_size, uri)]
-        rows = [("plain PyTorch loop (a script)",
-                 timed_process([sys.executable, "-c", PLAIN_SCRIPT, path, str(rounds), str(lr), str(batch_size)],
-                               env, d))]
-        rows.append(("bench.run --backend serial", timed_process([*run, "--backend", "serial"], env, d)))
-        for w in workers:
-            cpus = max(1, ncpu // w)
-            rows.append((f"bench.run, Ray {w} worker{'s' if w > 1 else ''} x {cpus} CPU, starting Ray",
-                         timed_process([*run, "--workers", str(w), "--cpus-per-client", str(cpus)], env, d)))
-        if attach:
-            head = start_ray_head(env, ncpu)
-            try:
-                for w in workers:
-                    cpus = max(1, ncpu // w)
-                    rows.append((f"bench.run, Ray {w} worker{'s' if w > 1 else ''} x {cpus} CPU, attached to "
-                                 "`ray start --head`",
-                                 timed_process([*run, "--workers", str(w), "--cpus-per-client", str(cpus)], env, d)))
-            finally:
-                stop_ray_head(head, d)
+        commands = [("plain PyTorch loop (a script)",
+                     [sys.executable, "-c", PLAIN_SCRIPT, path, str(rounds), str(lr), str(batch_size)], env),
+                    ("bench.run --backend serial", [*run, "--backend", "serial"], env)]
+        for how, where in [("starting Ray", env)] + ([("attached to `ray start --head`", head_env)] if attach else []):
+            for w in workers:
+                cpus = max(1, ncpu // w)
+                commands.append((f"bench.run, Ray {w} worker{'s' if w > 1 else ''} x {cpus} CPU, {how}",
+                                 [*run, "--workers", str(w), "--cpus-per-client", str(cpus)], where))
+        head = start_ray_head(head_env, ncpu) if attach else None
+        try:
+            times: dict[str, list[float]] = {label: [] for label, _, _ in commands}
+            for _ in range(repeats):
+                for label, argv, where in commands:
+                    times[label].append(timed_process(argv, where, d))
+        finally:
+            if head is not None:
+                stop_ray_head(head, head_env["RAY_TMPDIR"])
+    rows = [(label, statistics.median(t)) for label, t in times.items()]
     return ratio_table(f"Whole process (start to exit), FedAvg, mlp, {CLIENTS} clients x {N_TRAIN} samples, all "
                        f"clients, 1 epoch, batch {batch_size}, {rounds} rounds, final evaluation, no report; "
-                       f"{ncpu} CPUs", "command", "wall s", rows, 66, ".1f")
+                       f"{ncpu} CPUs; median of {repeats} interleaved runs", "command", "wall s", rows, 66, ".1f")
