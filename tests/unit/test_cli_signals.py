@@ -70,6 +70,9 @@ def late():
     time.sleep(0.3)
     open({str(tmp_path / 'thread')!r}, 'w').write('joined')
 threading.Thread(target=late).start()
+from concurrent.futures import ThreadPoolExecutor
+pool = ThreadPoolExecutor(1)  # its worker thread ends only when told at exit (a hang if not)
+pool.submit(print, end="")
 sys.stdout.write('no newline, still flushed')
 cli.exit_now(3)
 """
