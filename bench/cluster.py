@@ -295,6 +295,12 @@ class _DropSigtermWarning(logging.Filter):
         return not str(record.msg).startswith(SIGTERM_WARNING)
 
 
+CLIENT_SERVER_RACE = "Starting Ray client server failed"
+"""Ray Client's proxy starts one server per connection, on the first port of 23000-23999 it finds
+free; under load, or with another Ray Client on the machine taking that port between the proxy's check
+and the server's start, the connection fails with this message. A second try gets another server."""
+
+
 def connect(address: str | None) -> bool:
     """Join the Ray cluster at `address` (`auto`, `HOST:PORT`, `ray://HOST[:PORT]`); None: attach to a
     running local instance (`running_instance`) or start a local Ray with this machine's CPUs, bound
@@ -321,7 +327,12 @@ def connect(address: str | None) -> bool:
     if address is None:
         sys.stderr.write(f"ray: attaching to the running Ray instance at {shown} ({why})\n")
     try:
-        ray.init(address=init_address, **kw)
+        try:
+            ray.init(address=init_address, **kw)
+        except ConnectionError as e:
+            if not (init_address.startswith("ray://") and CLIENT_SERVER_RACE in str(e)):
+                raise
+            ray.init(address=init_address, **kw)  # once more: the proxy's own start failed (see CLIENT_SERVER_RACE)
     except ConnectionError as e:
         raise BenchError(f"cannot connect to the Ray cluster at {shown!r}: {e} (a cluster with token "
                          "authentication, Ray's default, needs RAY_AUTH_MODE=token and its token in "
