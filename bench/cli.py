@@ -36,6 +36,7 @@ def run_guarded(work: typing.Callable[[], int], interrupted: str = "interrupted"
     """A command's body with the exits every CLI shares: SIGTERM handled as Ctrl-C, a BenchError as one
     line and exit 2, an interrupt as `interrupted` and exit 130; any other exception is a bug and keeps
     its traceback. `work` returns the exit code (0)."""
+    _INTERRUPTS.clear()  # this command's interrupts only (a notebook may call several)
     sigterm_as_interrupt()
     signal.signal(signal.SIGINT, _raise_interrupt)
     # Ray's C++ core installs a failure signal handler (absl's) for SIGTERM too, when `ray.init`
