@@ -268,11 +268,10 @@ class RayBackend:
         import ray
 
         self._ray = ray
-        self._started_here = pool.started_here
+        self._pool = pool  # its `actors`: every one started, replacements too (shared with `split` parts)
         self._actor_cls, self._actor_args = pool.actor_cls, pool.actor_args
         self._version = faults.project_version()
-        self._spawned: list = list(pool.actors)  # every actor started, replacements too; shared with `split` parts; close() kills all
-        self.actors: list = list(pool.actors)
+        self.actors: list = list(pool.actors)  # the ones serving now
         self._dataset_key, self._device = None, None
         self._puts: dict[str, Any] = {}  # dataset key -> object ref, shared with `split` parts
         try:
@@ -283,9 +282,14 @@ class RayBackend:
             raise
         self.workers = len(self.actors)
 
+    @property
+    def _spawned(self) -> list:
+        """Every actor this pool started, replacements too: what `close()` stops."""
+        return self._pool.actors
+
     def _spawn(self):
         actor = self._actor_cls.remote(*self._actor_args)
-        self._spawned.append(actor)
+        self._pool.actors.append(actor)
         return actor
 
     def _check_version(self, actor, report: dict) -> None:
@@ -311,7 +315,8 @@ class RayBackend:
             part.__dict__.update(self.__dict__)
             part.actors = self.actors[i::n]
             part.workers = len(part.actors)
-            part._dataset_key, part._started_here = None, False
+            # The same actor list; a part never stops the Ray its whole started.
+            part._dataset_key, part._pool = None, dataclasses.replace(self._pool, started_here=False)
             parts.append(part)
         return parts
 
@@ -429,13 +434,7 @@ class RayBackend:
         return actor
 
     def close(self):
-        for a in self._spawned:
-            self._ray.kill(a)
-        self._shutdown()
-
-    def _shutdown(self):
-        if self._started_here:
-            self._ray.shutdown()
+        self._pool.close()
 
 
 WORK_OF = {Kind.TRAIN: "local update", Kind.EVALUATE: "evaluation",

@@ -65,18 +65,20 @@ def validate(cfg):
     return dataclasses.replace(cfg, run=dataclasses.replace(run, methods=methods))
 
 
-def load_dataset(cfg, seed: int):
+def load_dataset(cfg, seed: int, sized: bool = False):
     """The federated dataset of `cfg.run` at `seed` (the seed draws the partition and held-out clients).
 
     Refused with one line, before anything is generated or read, when the dataset's own size
-    estimate exceeds the memory available (bench/sizing.py); `get_dataset` checks what the loader
+    estimate exceeds the memory available (bench/sizing.py; `sized`: the caller has estimated it
+    already, as `load_checked` does for every seed at once); `get_dataset` checks what the loader
     returns (labels, lengths, empty clients, finite features: datasets/base.py `check_dataset`)."""
     from fedeq_bench.bench import sizing
     from fedeq_bench.datasets.base import DataArgs, get_dataset, split_dataset_name
 
     run = cfg.run
     name, _ = split_dataset_name(run.dataset)
-    sizing.check_before_load(cfg, seeds=[seed], whole_run=False)
+    if not sized:
+        sizing.check_before_load(cfg, seeds=[seed], whole_run=False)
     args = DataArgs(seed=seed, clients=run.clients, partition=run.partition, val_frac=run.val_frac,
                     frac_unseen=run.frac_unseen, data_dir=run.data_dir)
     return get_dataset(run.dataset, cfg.datasets[name], args)
@@ -103,8 +105,8 @@ def load_checked(cfg) -> dict:
     seed's data, Ray's copy of it, the client states the methods keep), and again once it is loaded."""
     from fedeq_bench.bench import sizing
 
-    sizing.check_before_load(cfg)
-    datasets = {seed: load_dataset(cfg, seed) for seed in cfg.run.seeds}
+    sizing.check_before_load(cfg)  # every seed's data, more than each load_dataset would count
+    datasets = {seed: load_dataset(cfg, seed, sized=True) for seed in cfg.run.seeds}
     sizing.check_after_load(cfg, datasets)  # before check_models builds a model that may not fit
     for ds in datasets.values():
         check_models(cfg, ds)
