@@ -48,7 +48,11 @@ The caching allocator keeps an exact high-water mark. On enter we reset it and r
     peak = max_memory_allocated - baseline + bytes of params/buffers of the modules that ran
 
 The last term adds back the model, which is normally already on the device before the update
-starts (and so sits in the baseline). It assumes exactly that: parameters created inside the
+starts (and so sits in the baseline). Before its first baseline on a device, a thread runs one tiny
+matmul forward and backward (`warm_cuda`): cuBLAS allocates a workspace per handle and stream
+through the caching allocator on first use (32 MiB on an H200; one for this thread, one for
+autograd's device thread), and without the warm-up the first method metered in a process was
+charged ~68 MB that the next one was not. It assumes exactly that: parameters created inside the
 context would be counted twice. On CUDA only the forward pre-hook is installed;
 `grad_bytes`, `optimizer_bytes` and `peak_saved_bytes` stay 0 (the allocator already covers them).
 
@@ -69,6 +73,7 @@ Caveats
 from __future__ import annotations
 
 import sys
+import threading
 import weakref
 from functools import partial
 from typing import Any, Iterable, Iterator
@@ -225,6 +230,23 @@ def _unpack(saved: _Saved) -> torch.Tensor:
     return t
 
 
+_warmed: set[tuple[int, int]] = set()  # (thread, device index) whose cuBLAS workspaces exist
+
+
+def warm_cuda(device: torch.device) -> None:
+    """Allocate what the first CUDA matmuls of this thread allocate once (cuBLAS and cuBLASLt
+    workspaces for this thread's and autograd's handles), so a meter's baseline already holds them."""
+    key = (threading.get_ident(), device.index or 0)
+    if key in _warmed or not torch.cuda.is_available():
+        return
+    with torch.enable_grad():
+        w = torch.ones(8, 8, device=device, requires_grad=True)
+        # mm and addmm (Linear with a bias: cuBLASLt), forward and backward (autograd's thread)
+        (torch.nn.functional.linear(w, w, w[0]) @ w).sum().backward()
+    torch.cuda.synchronize(device)
+    _warmed.add(key)
+
+
 class MemoryMeter:
     """with MemoryMeter(device) as m: <one local update>;  m.peak_bytes
 
@@ -278,6 +300,7 @@ class MemoryMeter:
                     for m in root.modules():
                         self._on_forward(m, None)
             if self._cuda:
+                warm_cuda(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
                 self._cuda_baseline = torch.cuda.memory_allocated(self.device)
             else:

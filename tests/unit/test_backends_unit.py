@@ -146,3 +146,72 @@ def test_the_method_cache_keeps_only_the_most_recently_used():
     for s in specs:
         worker.method(s)
     assert len(worker._methods) == n and list(worker._methods) == specs[-n:]
+
+
+def data_worker(device, n_clients=4, n=6):
+    rng = np.random.default_rng(0)
+    clients = []
+    for _ in range(n_clients):
+        x, y = rng.normal(size=(n, 4)).astype(np.float32), rng.integers(0, 3, size=n)
+        clients.append(ClientData(x, y, x[:1], y[:1], x, y))
+    worker = Worker(1, device)
+    worker.set_dataset("tiny", FederatedDataset("tiny", clients, 3, (4,)))
+    return worker, clients
+
+
+# One client's bytes on a device: train, val and test x (6x4, 1x4, 6x4 float32) and y (6, 1, 6 int64):
+# (24 + 4 + 24) * 4 + (6 + 1 + 6) * 8 = 208 + 104 = 312.
+CLIENT_BYTES = 312
+
+
+def test_client_data_on_a_device_is_cached_up_to_a_byte_bound_least_recently_used_first(monkeypatch):
+    # "meta" stands for CUDA here: a non-CPU device whose tensors are copies (shape and size, no data).
+    monkeypatch.setattr(backends, "DEVICE_DATA_CACHE_BYTES", 2 * CLIENT_BYTES + 100)  # room for two clients
+    worker, _ = data_worker("meta")
+    first = {c: worker._client(c, "meta") for c in (0, 1)}
+    assert backends._nbytes(first[0]) == CLIENT_BYTES and worker._tensor_bytes == 2 * CLIENT_BYTES
+    assert worker._client(0, "meta") is first[0]       # a hit; 0 is now the most recently used
+    worker._client(2, "meta")                          # a third client: drops the least recently used, 1
+    assert list(worker._tensors) == [0, 2] and worker._tensor_bytes == 2 * CLIENT_BYTES
+    assert worker._client(1, "meta") is not first[1]   # dropped: copied again (dropping 0 in turn)
+    assert list(worker._tensors) == [2, 1]
+    worker.set_dataset("other", worker.dataset)        # a new dataset: nothing of the old one is kept
+    assert not worker._tensors and worker._tensor_bytes == 0
+
+
+def test_a_client_larger_than_the_bound_is_copied_for_each_use_and_drops_nothing(monkeypatch):
+    monkeypatch.setattr(backends, "DEVICE_DATA_CACHE_BYTES", CLIENT_BYTES + 100)
+    worker, _ = data_worker("meta")
+    worker._client(0, "meta")
+    monkeypatch.setattr(backends, "DEVICE_DATA_CACHE_BYTES", CLIENT_BYTES - 1)  # now every client is too big
+    big = worker._client(1, "meta")
+    assert big.train_x.shape == (6, 4) and worker._client(1, "meta") is not big
+    assert list(worker._tensors) == [0] and worker._tensor_bytes == CLIENT_BYTES  # 0 is kept, nothing added
+
+
+def test_client_data_on_cpu_is_every_client_as_views_of_the_shared_arrays(monkeypatch):
+    monkeypatch.setattr(backends, "DEVICE_DATA_CACHE_BYTES", 0)  # the bound is for device copies only
+    worker, clients = data_worker("cpu")
+    got = [worker._client(c, "cpu") for c in range(4)]
+    assert list(worker._tensors) == [0, 1, 2, 3] and worker._tensor_bytes == 0
+    assert all(np.shares_memory(t.train_x.numpy(), c.train_x) for t, c in zip(got, clients))  # no copy
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_worker_holds_at_most_the_bound_of_client_data_on_the_gpu(monkeypatch):
+    # 200 clients against a bound of 1 MB: the GPU holds 10 clients' data however many the worker
+    # touched, and each client's tensors equal its CPU data.
+    monkeypatch.setattr(backends, "DEVICE_DATA_CACHE_BYTES", 10**6)
+    worker, clients = data_worker("cuda", n_clients=200, n=2000)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    per_client = backends._nbytes(worker._client(0, "cuda"))
+    assert per_client == (2000 * 4 + 4 + 2000 * 4) * 4 + (2000 + 1 + 2000) * 8  # 64,016 + 32,008 = 96,024
+    for c in range(200):
+        t = worker._client(c, "cuda")
+        assert t.train_x.is_cuda and torch.equal(t.train_x.cpu(), torch.from_numpy(clients[c].train_x))
+    del t
+    held = torch.cuda.memory_allocated() - before
+    assert len(worker._tensors) == 10**6 // per_client == 10 and worker._tensor_bytes == 10 * per_client
+    # The allocator rounds each of a client's 6 tensors up to 512 bytes; all 200 would be 19.2 MB.
+    assert 10 * per_client <= held <= 10 * per_client + 10 * 6 * 512

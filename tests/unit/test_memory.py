@@ -7,6 +7,7 @@ backward is PyTorch's choice; each test states what torch 2.13 saves, as observe
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -330,6 +331,7 @@ def test_cuda_arithmetic_with_a_fake_allocator(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: None)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: stats["allocated"])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: stats["max"])
+    monkeypatch.setattr(memory, "warm_cuda", lambda device: None)  # real matmuls: test_cuda_first_meter_...
     before = _global_hook_counts()
     with MemoryMeter("cuda") as m:
         assert _global_hook_counts() == (before[0] + 1, before[1], before[2])
@@ -355,6 +357,35 @@ def test_cuda_real_allocator():
     assert m.param_bytes == params
     # allocator growth holds at least grads + momentum (2 * params); the allocator rounds up
     assert m.peak_bytes >= 3 * params
+
+
+FIRST_METER = """
+import torch
+from torch import nn
+from fedeq_bench.bench.memory import MemoryMeter
+lin = nn.Linear(64, 64).cuda()
+x = torch.randn(32, 64, device="cuda")
+peaks = []
+for _ in range(2):
+    lin.zero_grad(set_to_none=True)  # each update allocates its grads, as a local update's first step does
+    with MemoryMeter("cuda", modules=[lin]) as m:
+        lin(x).sum().backward()
+    peaks.append(m.peak_bytes)
+print(peaks[0], peaks[1])
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_first_meter_in_a_process_is_not_charged_cublas_workspaces():
+    # A fresh process: its first matmuls allocate cuBLAS workspaces (32 MiB each on an H200). The
+    # first meter must read about what the second reads: params 64*64+64 floats (16,640 B), the
+    # grads (16,640 B) and activations, well under 1 MB; before warm_cuda the first read ~68 MB.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", FIRST_METER], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])})
+    assert out.returncode == 0, out.stderr
+    first, second = map(int, out.stdout.split())
+    assert 2 * 16_640 <= min(first, second) and max(first, second) < 10**6
 
 
 # ------------------------------------------------------------------------------------- RSS
