@@ -312,10 +312,12 @@ def pids_naming(text: str) -> list[int]:
 
 
 def whole_process_table(rounds: int = 30, lr: float = 0.05, batch_size: int = 32,
-                        workers: tuple[int, ...] = (1, 2), attach: bool = True, repeats: int = 3) -> str:
+                        workers: tuple[int, ...] = (1, 2), attach: bool = True, repeats: int = 3,
+                        serial: bool = True, starting: bool = True) -> str:
     """Seconds from process start to exit: the plain loop as a script, `bench.run` on the serial
     backend, on Ray starting its own instance, and attached to a running `ray start --head`
-    (`attach`). Each command runs `repeats` times, the commands interleaved (one of each, then again),
+    (`attach`; `serial` and `starting` drop those rows); for each worker count both the machine's CPUs shared out (`--cpus-per-client
+    cpus // N`, like the plain loop's threads) and `--workers N` as typed (one CPU, one thread each). Each command runs `repeats` times, the commands interleaved (one of each, then again),
     and the table shows the median: on 2 cores one busy moment (the plain loop's 2 threads are the
     most sensitive) moves a single run by seconds. The head runs throughout, in its own temp dir, so
     every command meets the same machine. The Markdown table `python -m bench.perf --whole` prints."""
@@ -335,11 +337,15 @@ def whole_process_table(rounds: int = 30, lr: float = 0.05, batch_size: int = 32
         os.makedirs(head_env["RAY_TMPDIR"])
         run = [sys.executable, "-m", "bench.run", *bench_run_args(path, rounds, lr, batch_size, uri)]
         commands = [("plain PyTorch loop (a script)",
-                     [sys.executable, "-c", PLAIN_SCRIPT, path, str(rounds), str(lr), str(batch_size)], env),
-                    ("bench.run --backend serial", [*run, "--backend", "serial"], env)]
-        for how, where in [("starting Ray", env)] + ([("attached to `ray start --head`", head_env)] if attach else []):
-            for w in workers:
-                cpus = max(1, ncpu // w)
+                     [sys.executable, "-c", PLAIN_SCRIPT, path, str(rounds), str(lr), str(batch_size)], env)]
+        if serial:
+            commands.append(("bench.run --backend serial", [*run, "--backend", "serial"], env))
+        modes = ([("starting Ray", env)] if starting else []) + \
+            ([("attached to `ray start --head`", head_env)] if attach else [])
+        for how, where in modes:
+            # Each worker count with the machine's CPUs shared out, and `--workers N` alone (its default
+            # --cpus-per-client 1: one thread per actor) where that differs.
+            for w, cpus in dict.fromkeys((w, c) for w in workers for c in (max(1, ncpu // w), 1)):
                 commands.append((f"bench.run, Ray {w} worker{'s' if w > 1 else ''} x {cpus} CPU, {how}",
                                  [*run, "--workers", str(w), "--cpus-per-client", str(cpus)], where))
         head = start_ray_head(head_env, ncpu) if attach else None
