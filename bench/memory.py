@@ -48,13 +48,13 @@ The caching allocator keeps an exact high-water mark. On enter we reset it and r
     peak = max_memory_allocated - baseline + bytes of params/buffers of the modules that ran
 
 The last term adds back the model, which is normally already on the device before the update
-starts (and so sits in the baseline). Before its first baseline on a device, a thread runs one tiny
-matmul forward and backward (`warm_cuda`): cuBLAS allocates a workspace per handle and stream
-through the caching allocator on first use (32 MiB on an H200; one for this thread, one for
-autograd's device thread), and without the warm-up the first method metered in a process was
-charged ~68 MB that the next one was not. It assumes exactly that: parameters created inside the
+starts (and so sits in the baseline). It assumes exactly that: parameters created inside the
 context would be counted twice. On CUDA only the forward pre-hook is installed;
 `grad_bytes`, `optimizer_bytes` and `peak_saved_bytes` stay 0 (the allocator already covers them).
+Before its first baseline on a device, a thread runs one tiny matmul forward and backward
+(`warm_cuda`): cuBLAS allocates a workspace per handle and stream through the caching allocator on
+first use (32 MiB on an H200; one for this thread, one for autograd's device thread), and without
+the warm-up the first method metered in a process was charged ~68 MB that the next one was not.
 
 Caveats
 -------
