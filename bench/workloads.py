@@ -319,9 +319,9 @@ def whole_process_table(rounds: int = 30, lr: float = 0.05, batch_size: int = 32
     (`attach`; `serial` and `starting` drop those rows); for each worker count both the machine's
     CPUs shared out (`--cpus-per-client cpus // N`, like the plain loop's threads) and `--workers N`
     as typed (one CPU, one thread each). Each command runs `repeats` times, the commands interleaved
-    (one of each, then again), and the table shows the median: on 2 cores one busy moment (the plain loop's 2 threads are the
-    most sensitive) moves a single run by seconds. The head runs throughout, in its own temp dir, so
-    every command meets the same machine. The Markdown table `python -m bench.perf --whole` prints."""
+    (one of each, then again), and the table shows the median: on 2 cores one busy moment (the
+    plain loop's 2 threads are the most sensitive) moves a single run by seconds. The head runs
+    throughout, in its own temp dir, so every command meets the same machine. The Markdown table `python -m bench.perf --whole` prints."""
     import sys
 
     from fedeq_bench.bench.tracking import Tracker
