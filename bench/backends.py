@@ -183,7 +183,8 @@ class Worker:
         down = wire.decode(job.payload)
         if kind is Kind.TRAIN:
             metered = cid in measure
-            meter = memory.MemoryMeter(spec.task.device, modules=[method.net]) if metered else nullcontext()
+            meter = memory.MemoryMeter(spec.task.device, modules=[method.net],
+                                       live=spec.task.cpu_memory == "live") if metered else nullcontext()
             with meter:
                 up, state, metrics = method.local_update(down, job.state, data,
                                                          seeding.generator(seed, "local", rnd, cid))

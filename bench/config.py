@@ -83,6 +83,10 @@ class RunConfig:
     memory_every_round: bool = False
     """Meter every local update's memory, not only each client's first (slower; for methods whose
     footprint changes between rounds)."""
+    cpu_memory: Literal["parts", "live"] = "parts"
+    """How a local update's peak memory is metered on CPU: `parts`, params + grads + optimizer state +
+    saved-for-backward tensors; `live`, every tensor operators allocate (what the CUDA allocator
+    sees; 2-3x slower metered updates; use it to compare methods' memory on CPU). bench/memory.py."""
     backend: Literal["ray", "serial"] = "ray"
     """`ray`: clients run on Ray actors (edge nodes); `serial`: in this process (bit-identical)."""
     workers: int | None = ranged(None, ge=1)

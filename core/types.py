@@ -23,6 +23,8 @@ class Task:
     input_shape: tuple[int, ...]
     num_classes: int
     device: str = "cpu"
+    cpu_memory: str = "parts"
+    """How the worker meters a local update's memory on CPU (`--cpu-memory`); methods ignore it."""
 
 
 @dataclass
