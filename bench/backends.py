@@ -183,8 +183,9 @@ class Worker:
         down = wire.decode(job.payload)
         if kind is Kind.TRAIN:
             metered = cid in measure
-            meter = memory.MemoryMeter(spec.task.device, modules=[method.net],
-                                       live=spec.task.cpu_memory == "live") if metered else nullcontext()
+            live = spec.task.cpu_memory == "live"
+            meter = memory.MemoryMeter(spec.task.device, modules=_networks(method) if live else [method.net],
+                                       live=live) if metered else nullcontext()
             with meter:
                 up, state, metrics = method.local_update(down, job.state, data,
                                                          seeding.generator(seed, "local", rnd, cid))
@@ -232,6 +233,14 @@ def _ray_gpu_ids():
         return ray.get_gpu_ids() if ray.is_initialized() else []
     except Exception:
         return []
+
+
+def _networks(method) -> list[torch.nn.Module]:
+    """Every network a method object holds: its scratch net, and any it keeps between updates (APFL's
+    mixed copy). With `--cpu-memory live`, one built inside the first update is counted as allocated
+    there and as parameters in every later one, so a client's figure does not depend on whether its
+    worker had run the method before (Serial == Ray, a resumed run == an uninterrupted one)."""
+    return [v for v in vars(method).values() if isinstance(v, torch.nn.Module)]
 
 
 def _nbytes(t: ClientTensors) -> int:

@@ -83,10 +83,11 @@ class RunConfig:
     memory_every_round: bool = False
     """Meter every local update's memory, not only each client's first (slower; for methods whose
     footprint changes between rounds)."""
-    cpu_memory: Literal["parts", "live"] = "parts"
-    """How a local update's peak memory is metered on CPU: `parts`, params + grads + optimizer state +
-    saved-for-backward tensors; `live`, every tensor operators allocate (what the CUDA allocator
-    sees; 2-3x slower metered updates; use it to compare methods' memory on CPU). bench/memory.py."""
+    cpu_memory: Literal["live", "parts"] = "live"
+    """How a local update's peak memory is metered on CPU: `live`, every tensor operators allocate
+    while it is alive (what the CUDA allocator sees); `parts`, params + grads + optimizer state +
+    saved-for-backward tensors only (metered updates 2-3x faster; misses a DEQ solver's no-grad
+    working set: FeDEQ 9.8x low). bench/memory.py."""
     backend: Literal["ray", "serial"] = "ray"
     """`ray`: clients run on Ray actors (edge nodes); `serial`: in this process (bit-identical)."""
     workers: int | None = ranged(None, ge=1)

@@ -8,8 +8,8 @@ through global hooks while it is active:
         method.local_update(...)
     record({PEAK_TRAIN_METRIC: m.peak_bytes, PEAK_RSS_METRIC: peak_rss_bytes()})
 
-Definition on CPU (and any device that is not CUDA)
-----------------------------------------------------
+Definition on CPU, parts (`live=False`, `--cpu-memory parts`; any device that is not CUDA)
+--------------------------------------------------------------------------------------------
 The CPU allocator keeps no peak statistic, and the process RSS mixes the update with everything
 else the worker holds (datasets, other clients' models, allocator caches, the Python heap).
 So we count the parts that dominate training memory, from the tensors themselves:
@@ -40,21 +40,21 @@ are 0. The four maxima can occur at different moments, so the sum is a slight up
 the true simultaneous peak, but it is deterministic, device-independent and it moves with what a
 method changes (more iterations under autograd, bigger optimizer state, frozen parts).
 
-Definition on CPU with `live=True` (`--cpu-memory live`)
---------------------------------------------------------
+Definition on CPU, live (`live=True`, `--cpu-memory live`: bench's runs use it by default)
+-------------------------------------------------------------------------------------------
 The parts above leave out tensors that no backward needs: a DEQ solver's iterates and Anderson
 history (built under `no_grad`), a proximal term's temporaries, the returned state. For FeDEQ those
 are most of the update (on an H200 the CUDA allocator read 9.8x the parts' count). With `live=True`
-a `TorchDispatchMode` sees every operator call; each CPU storage an operator returns that none of
-its inputs holds is new, its bytes join a live counter, and a `weakref.finalize` on the storage
-takes them off when the storage is freed (a storage's Python object lives as long as the storage,
+a `TorchDispatchMode` sees every operator call. An operator whose schema says no output aliases
+an input (not in place, not `out=`, not a view) returned new storages: their bytes join a live
+counter, and a `weakref.finalize` on each storage takes them off when the storage is freed (a storage's Python object lives as long as the storage,
 so the finalizer fires at the real free). Then
 
     peak = bytes of params/buffers of the modules that ran + peak of the live counter
 
 which is what the CUDA definition below measures, less allocator rounding and the scratch a kernel
-allocates inside itself. It costs 2.2-3.2x the metered update's time (FedRep on `mlp`, FeDEQ), so
-it is an option; the breakdown properties (`grad_bytes`, ...) stay 0.
+allocates inside itself. It costs 2.2-3.2x the metered update's time (FedRep on `mlp`, FeDEQ), which
+`--cpu-memory parts` saves; the breakdown properties (`grad_bytes`, ...) stay 0 with `live=True`.
 
 Definition on CUDA
 ------------------

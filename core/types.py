@@ -23,7 +23,7 @@ class Task:
     input_shape: tuple[int, ...]
     num_classes: int
     device: str = "cpu"
-    cpu_memory: str = "parts"
+    cpu_memory: str = "live"
     """How the worker meters a local update's memory on CPU (`--cpu-memory`); methods ignore it."""
 
 

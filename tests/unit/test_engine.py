@@ -293,12 +293,12 @@ def test_a_bug_keeps_its_type_and_traceback_and_says_where(tiny, monkeypatch):
     assert e.value.__notes__ == ["in fedavg: round 1, client 0 (train)"]  # fraction 1: client 0 first
 
 
-def test_cpu_memory_live_reaches_the_worker_and_changes_only_the_memory_metric(tiny):
+def test_cpu_memory_reaches_the_worker_and_changes_only_the_memory_metric(tiny):
     # --cpu-memory travels in the Task of the method's spec to the worker that meters the update.
     # FedAvg's update also allocates its uplink copy and temporaries the parts count leaves out, so
-    # live reads more; every other number is the same run's.
-    parts, _ = run(tiny, "fedavg")
-    live, _ = run(tiny, "fedavg", cpu_memory="live")
+    # live (the default) reads more; every other number is the same run's.
+    parts, _ = run(tiny, "fedavg", cpu_memory="parts")
+    live, _ = run(tiny, "fedavg")
     key = "mem/peak_train_bytes"
     for a, b in zip(parts.history, live.history):
         assert {k: v for k, v in a.items() if k not in {key, "time/round_s", "mem/peak_rss_bytes"}} == \
