@@ -313,7 +313,6 @@ def test_sequential_uses_are_independent():
 
 
 # ----------------------------------------------------------------------------------- CUDA
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CUDA-less error")
 # ------------------------------------------------------------------ live=True (--cpu-memory live)
 def test_live_counts_every_storage_operators_allocate_while_it_is_alive():
     lin = nn.Linear(10, 10)  # params (100 + 10) * 4 = 440 bytes, before the meter (as a method's net)
@@ -378,6 +377,7 @@ def test_live_fedeq_update_counts_the_solver_working_set_the_parts_leave_out():
     assert live.peak_bytes > 2 * parts.peak_bytes
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CUDA-less error")
 def test_cuda_meter_without_cuda_raises_clearly():
     before = _global_hook_counts()
     with pytest.raises(RuntimeError, match="CUDA is not available"):
