@@ -46,9 +46,10 @@ The parts above leave out tensors that no backward needs: a DEQ solver's iterate
 history (built under `no_grad`), a proximal term's temporaries, the returned state. For FeDEQ those
 are most of the update (on an H200 the CUDA allocator read 9.8x the parts' count). With `live=True`
 a `TorchDispatchMode` sees every operator call. An operator whose schema says no output aliases
-an input (not in place, not `out=`, not a view) returned new storages: their bytes join a live
-counter, and a `weakref.finalize` on each storage takes them off when the storage is freed (a storage's Python object lives as long as the storage,
-so the finalizer fires at the real free). Then
+an input (not in place, not `out=`, not a view; `_unsafe_view` is a view its schema does not
+declare) returned new storages: their bytes join a live counter, and a `weakref.finalize` on each
+storage takes them off when the storage is freed (a storage's Python object lives as long as the
+storage, so the finalizer fires at the real free). Then
 
     peak = bytes of params/buffers of the modules that ran + peak of the live counter
 
@@ -269,8 +270,10 @@ class _LiveStorages(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         aliases = _ALIASING.get(func)
         if aliases is None:
-            # In-place ops, out= and views return (part of) an input: their schema says so.
-            aliases = _ALIASING[func] = any(r.alias_info is not None for r in func._schema.returns)
+            # In-place ops, out= and views return (part of) an input: their schema says so, except
+            # _unsafe_view's (a view declared as a new tensor, for autograd's sake).
+            aliases = _ALIASING[func] = (any(r.alias_info is not None for r in func._schema.returns)
+                                         or func._schema.name == "aten::_unsafe_view")
         if aliases:
             return out
         for t in tree_leaves(out):
