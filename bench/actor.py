@@ -88,6 +88,11 @@ def pool_keys(run) -> dict:
     return {k: getattr(run, k) for k in POOL_KEYS}
 
 
+def start_pool_for(run) -> Pool:
+    """`start_pool` with a RunConfig's pool keys."""
+    return start_pool(run.workers, run.address, run.cpus_per_client, run.gpus_per_client, run.device)
+
+
 def early_pool(config_file: str | None, flags: dict, sets: list[str]):
     """`start_pool` in a `cluster.Background` from the flags alone, or None.
 
@@ -107,11 +112,6 @@ def early_pool(config_file: str | None, flags: dict, sets: list[str]):
         return None
     if run.backend != "ray":
         return None
-    keys = pool_keys(run)
-
-    def start() -> Pool:
-        return start_pool(run.workers, run.address, run.cpus_per_client, run.gpus_per_client, run.device)
-
-    started = cluster.Background(start, name="ray-start")
-    started.keys = keys
+    started = cluster.Background(lambda: start_pool_for(run), name="ray-start")
+    started.keys = pool_keys(run)
     return started

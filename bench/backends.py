@@ -297,8 +297,8 @@ class RayBackend:
 
     def __init__(self, workers: int | None = None, address: str | None = None, cpus_per_client: float = 1.0,
                  gpus_per_client: float = 0.0, device: str | None = None, pool=None):
-        """Connect and start the actors (bench/actor.py: `start_pool`), or take a `pool` started with
-        these arguments already (`compare` starts one before loading torch and the data)."""
+        """Connect and start the actors (bench/actor.py: `start_pool`), or take a `pool` started already
+        (`compare` starts one before loading torch and the data; the other arguments are then unused)."""
         from fedeq_bench.bench import actor as A
 
         if pool is None:
@@ -485,4 +485,6 @@ def make_backend(run) -> SerialBackend | RayBackend:
     if run.backend == "serial":
         device = run.device or ("cuda" if run.gpus_per_client > 0 and torch.cuda.is_available() else "cpu")
         return SerialBackend(cluster.threads_per_actor(run.cpus_per_client), device)
-    return RayBackend(run.workers, run.address, run.cpus_per_client, run.gpus_per_client, run.device)
+    from fedeq_bench.bench.actor import start_pool_for
+
+    return RayBackend(pool=start_pool_for(run))

@@ -317,32 +317,27 @@ def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = No
     run = cfg.run
     starting = None
 
-    def stop(pool):
-        pool.close()
-
     try:
         if early is not None and (run.backend != "ray" or early.keys != A.pool_keys(run)):
             with cli.deferred_signals():  # not the pool this config asks for: stopped before another starts
-                early.discard(stop)
+                early.discard(A.Pool.close)
             early = None
         check_store(run.tracking_uri)  # an unreachable or read-only store: one line before Ray or data start
         if run.backend == "ray":
             # Ray and its actors start in the background while the data loads and MLflow is imported
             # (bench/cluster.py: Background), or started already (`early`, from bench.run's flags).
             # A bad --address is still raised before anything is recorded.
-            starting, early = early or Background(lambda: A.start_pool(
-                run.workers, run.address, run.cpus_per_client, run.gpus_per_client, run.device), name="ray-start"), None
+            starting, early = early or Background(lambda: A.start_pool_for(run), name="ray-start"), None
         with cli.handlers_kept():  # Ray starting in the background installs its own (bench/cli.py)
             datasets = load_checked(cfg)
             if starting is not None:
                 _import_tracking(run.tracking_uri)
-            backend = (RayBackend(run.workers, run.address, run.cpus_per_client, run.gpus_per_client, run.device,
-                                  pool=starting.result()) if starting is not None else make_backend(run))
+            backend = RayBackend(pool=starting.result()) if starting is not None else make_backend(run)
     except BaseException:
         for bg in (starting, early):
             if bg is not None:
                 with cli.deferred_signals():  # a second Ctrl-C must not leave the starting Ray behind
-                    bg.discard(stop)  # stop the Ray nobody will use
+                    bg.discard(A.Pool.close)  # stop the Ray nobody will use
         raise
     closed = False
     try:

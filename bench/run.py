@@ -18,7 +18,7 @@ import shlex
 import sys
 
 from fedeq_bench.bench import cli
-from fedeq_bench.bench.actor import early_pool
+from fedeq_bench.bench.actor import Pool, early_pool
 from fedeq_bench.core.errors import BenchError
 
 PROG = "python -m bench.run"
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(e, BenchError):  # said now; the exit waits for the Ray started early to stop
                 cli.fail(str(e))
             with cli.deferred_signals():  # a second Ctrl-C must not leave the starting Ray behind
-                early.discard(lambda pool: pool.close())
+                early.discard(Pool.close)
             if isinstance(e, BenchError):
                 return cli.EXIT_BAD_INPUT
             raise
