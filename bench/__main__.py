@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from fedeq_bench.bench import cli
+from bench import cli
 
 COMMANDS = {
     "run": "compare methods on a task, recorded in MLflow",
@@ -20,7 +20,7 @@ COMMANDS = {
     "sweep": "tune a method's hyperparameters with Optuna (validation objective)",
     "report": "HTML and Markdown comparison report from the runs in MLflow",
 }
-MODULES = {"report": "report.__main__"}
+MODULES = {"report": "report.__main__", "perf": "perf.__main__"}
 """Commands whose main is not in bench/<command>.py (a package's is in its __main__.py)."""
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         sys.stderr.write(f"error: unknown command {cmd!r}; choose from {', '.join(sorted(COMMANDS))}\n")
         return 2
-    return importlib.import_module(f"fedeq_bench.bench.{MODULES.get(cmd, cmd)}").main(rest)
+    return importlib.import_module(f"bench.{MODULES.get(cmd, cmd)}").main(rest)
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, names=None) -> list[s
     `config.coerce`, so a wrong type reads as every other config error (`rounds expects int, got
     '1.5'`); booleans are `--flag` / `--no-flag`. Returns the field names, for `config_flags`.
     """
-    from fedeq_bench.bench import config as C
+    from bench import config as C
 
     docs = C.field_docs(cls)
     hints = typing.get_type_hints(cls)

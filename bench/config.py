@@ -87,7 +87,7 @@ class RunConfig:
     """How a local update's peak memory is metered on CPU: `live`, every tensor operators allocate
     while it is alive (what the CUDA allocator sees); `parts`, params + grads + optimizer state +
     saved-for-backward tensors only (metered updates 2-3x faster; misses a DEQ solver's no-grad
-    working set: FeDEQ 9.8x low). bench/memory.py."""
+    working set: FeDEQ 9.8x low). bench/loop/memory.py."""
     backend: Literal["ray", "serial"] = "ray"
     """`ray`: clients run on Ray actors (edge nodes); `serial`: in this process (bit-identical)."""
     workers: int | None = ranged(None, ge=1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from fedeq_bench.bench import cli
+from bench import cli
 from fedeq_bench.core.errors import BenchError
 
 # The run keys (bench/config.py RunConfig) that shape a dataset; their flags are generated from
@@ -20,7 +20,7 @@ DATA_KEYS = ("dataset", "clients", "partition", "val_frac", "frac_unseen", "data
 
 
 def build_parser() -> tuple[cli.Parser, list[str]]:
-    from fedeq_bench.bench.config import RunConfig
+    from bench.config import RunConfig
 
     p = cli.Parser(prog="python -m bench.data", description=__doc__.strip().splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -35,8 +35,8 @@ def build_parser() -> tuple[cli.Parser, list[str]]:
 
 def resolve(argv: list[str] | None = None):
     """(Config, seed, args) from argv, validated as bench.run validates it (raises BenchError)."""
-    from fedeq_bench.bench import config as C
-    from fedeq_bench.bench.experiment import validate
+    from bench import config as C
+    from bench.experiment import validate
 
     parser, keys = build_parser()
     args = parser.parse_args(argv)
@@ -51,7 +51,7 @@ def resolve(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         cfg, seed, args = resolve(argv)
-        from fedeq_bench.bench.experiment import describe_data
+        from bench.experiment import describe_data
 
         if args.plot:  # a plot path that cannot be written is one line before the data is loaded
             from fedeq_bench.datasets.describe import check_output_path

@@ -6,7 +6,7 @@
 
 Every flag is a run key of bench/config.py's RunConfig (its help is the field's docstring); --set
 reaches any run, method or dataset key. Precedence: defaults < environment (MLFLOW_TRACKING_URI,
-MLFLOW_EXPERIMENT_NAME) < --config FILE < flags < --set. The work is bench/experiment.py's `compare`.
+MLFLOW_EXPERIMENT_NAME) < --config FILE < flags < --set. The work is bench/experiment/'s `compare`.
 
 --resume takes the config recorded on the parent run (its params), so it combines only with flags
 that do not change results (experiment.RESUME_KEYS: --tracking-uri to find the run, --backend,
@@ -17,8 +17,8 @@ from __future__ import annotations
 import shlex
 import sys
 
-from fedeq_bench.bench import cli
-from fedeq_bench.bench.actor import Pool, early_pool
+from bench import cli
+from bench.loop.actor import Pool, early_pool
 from fedeq_bench.core.errors import BenchError
 
 PROG = "python -m bench.run"
@@ -26,7 +26,7 @@ PROG = "python -m bench.run"
 
 def build_parser() -> tuple[cli.Parser, list[str]]:
     """The parser, and the run keys it has flags for (every RunConfig field)."""
-    from fedeq_bench.bench.config import RunConfig
+    from bench.config import RunConfig
 
     p = cli.Parser(prog=PROG, description=__doc__.strip().splitlines()[0],
                    epilog="Precedence: defaults < MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME < --config < flags < --set.")
@@ -45,8 +45,8 @@ def build_parser() -> tuple[cli.Parser, list[str]]:
 
 def resolve_config(argv: list[str] | None = None):
     """Parse argv into a validated Config (no side effects; raises BenchError on bad input)."""
-    from fedeq_bench.bench import config as C
-    from fedeq_bench.bench.experiment import validate
+    from bench import config as C
+    from bench.experiment import validate
 
     parser, keys = build_parser()
     args = parser.parse_args(argv)
@@ -56,8 +56,8 @@ def resolve_config(argv: list[str] | None = None):
 def resume_config(argv: list[str]):
     """`--resume PARENT`: the config recorded on that parent run, with the few flags allowed beside it
     (raises BenchError, one line, for anything else or a run that cannot be resumed)."""
-    from fedeq_bench.bench import config as C
-    from fedeq_bench.bench.experiment import recorded_config
+    from bench import config as C
+    from bench.experiment import recorded_config
 
     parser, keys = build_parser()
     args = parser.parse_args(argv)
@@ -69,7 +69,9 @@ def resume_config(argv: list[str]):
     return recorded_config(uri, args.resume, typed), args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, on_round=None) -> int:
+    """The command; `on_round(method, seed, round, metrics)` is `experiment.compare`'s (tests use it to
+    inject a fault at a known round of a real command)."""
     argv = sys.argv[1:] if argv is None else list(argv)
 
     def work() -> int:
@@ -77,17 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         first = parser.parse_args(argv)
         resuming = first.resume is not None
         # Ray and its actors start now, from the flags, while torch, the config and the data load
-        # (bench/actor.py: early_pool); compare adopts the pool or stops it.
+        # (bench/loop/actor.py: early_pool); compare adopts the pool or stops it.
         early = None if resuming else early_pool(first.config, cli.config_flags(first, keys), first.set)
         try:
             cfg, args = resume_config(argv) if resuming else resolve_config(argv)
             if args.report:  # before the run, not after it: a file named like the folder is one line now
                 from fedeq_bench.core.files import require_output_dir
                 require_output_dir(args.report_dir, "--report-dir")
-            from fedeq_bench.bench import experiment
+            from bench import experiment
 
             if early is not None:  # said at once, not after the early Ray has started and stopped
-                from fedeq_bench.bench.tracking import check_store
+                from bench.tracking import check_store
 
                 check_store(cfg.run.tracking_uri)
         except BaseException as e:
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 return cli.EXIT_BAD_INPUT
             raise
         rows, parent = experiment.compare(cfg, command=shlex.join([*PROG.split(), *argv]), quiet=args.quiet,
-                                          resume=args.resume, early=early)
+                                          resume=args.resume, early=early, on_round=on_round)
         print(experiment.format_table(rows))
         print("\n" + experiment.recorded_line(cfg, parent))
         if args.report:

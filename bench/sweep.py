@@ -9,22 +9,22 @@
 Every RunConfig flag of bench.run works here too (--config, --set as well). One Optuna study per
 method, resumed by the same command; each trial is an MLflow child run of the study's parent run.
 The best values go to configs/tuned/<dataset>.toml (`bench.run --config` loads it). The work is
-bench/study.py's `sweep`.
+bench/tuning/study.py's `sweep`.
 """
 from __future__ import annotations
 
 import shlex
 import sys
 
-from fedeq_bench.bench import cli
+from bench import cli
 from fedeq_bench.core.errors import BenchError
 
 PROG = "python -m bench.sweep"
 
 
 def build_parser() -> tuple[cli.Parser, list[str]]:
-    from fedeq_bench.bench.config import RunConfig
-    from fedeq_bench.bench.study import PRUNERS
+    from bench.config import RunConfig
+    from bench.tuning.study import PRUNERS
 
     p = cli.Parser(prog=PROG, description=__doc__.strip().splitlines()[0])
     p.add_argument("--method", default=None, help="the method to tune (or --methods a,b,c / all: one study each)")
@@ -51,9 +51,9 @@ def build_parser() -> tuple[cli.Parser, list[str]]:
 
 def resolve(argv: list[str]):
     """Parse argv into (validated Config, SweepOptions, args); raises BenchError on bad input."""
-    from fedeq_bench.bench import config as C
-    from fedeq_bench.bench.experiment import validate
-    from fedeq_bench.bench.study import SweepOptions, parse_objectives
+    from bench import config as C
+    from bench.experiment import validate
+    from bench.tuning.study import SweepOptions, parse_objectives
 
     parser, keys = build_parser()
     args = parser.parse_args(argv)
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         cfg, opts, args = resolve(argv)
-        from fedeq_bench.bench import experiment, study
+        from bench import experiment
+        from bench.tuning import study
 
         outcomes, tuned = study.sweep(cfg, opts, command=shlex.join([*PROG.split(), *argv]), quiet=args.quiet)
         print(study.format_outcomes(outcomes))

@@ -7,3 +7,8 @@ It imports nothing of the project (tests/unit/test_layers.py enforces the layers
     seeding.py   named random streams derived from (seed, stream, *ids)
     types.py     Message, State, Metrics, ClientTensors, Task, MethodSpec
 """
+
+if __name__ != "fedeq_bench.core":  # the checkout's folder imported by its folder name
+    raise ImportError(f"this is fedeq-bench's core/ folder; import it as fedeq_bench.core "
+                      f"(imported as {__name__!r}, every module would load twice, with two registries)")
+

@@ -22,18 +22,18 @@ STREAMS = {
     "data": "(): generating a synthetic dataset or partitioning a real one (datasets/)",
     "split": "(cid): carving a client's validation split (datasets/base.py)",
     "unseen": "(): choosing the clients held out of training (datasets/base.py)",
-    "init": "(): the initial network's weights (bench/engine.py)",
-    "server_init": "(): Method.init_server (bench/engine.py)",
-    "client_init": "(cid): Method.init_client, training and held-out clients (bench/engine.py)",
-    "schedule": "(rnd): the round's cohort (bench/engine.py)",
+    "init": "(): the initial network's weights (bench/loop/engine.py)",
+    "server_init": "(): Method.init_server (bench/loop/engine.py)",
+    "client_init": "(cid): Method.init_client, training and held-out clients (bench/loop/engine.py)",
+    "schedule": "(rnd): the round's cohort (bench/loop/engine.py)",
     "eval_sample": "(rnd, group): the clients an evaluation before the last round scores with "
-                   "--eval-clients; group 0 training clients, 1 held-out clients (bench/engine.py)",
-    "local": "(rnd, cid): Method.local_update (bench/backends.py)",
-    "eval": "(rnd, cid): Method.evaluate, e.g. fine-tuning before testing (bench/backends.py)",
-    "personalize": "(rnd, cid): Method.personalize of a held-out client (bench/backends.py)",
+                   "--eval-clients; group 0 training clients, 1 held-out clients (bench/loop/engine.py)",
+    "local": "(rnd, cid): Method.local_update (bench/loop/backends.py)",
+    "eval": "(rnd, cid): Method.evaluate, e.g. fine-tuning before testing (bench/loop/backends.py)",
+    "personalize": "(rnd, cid): Method.personalize of a held-out client (bench/loop/backends.py)",
     "global": "(kind, rnd, cid): torch's global generator during one client job, for model code that "
-              "draws from it, such as dropout (bench/backends.py)",
-    "perf": "(): the generated workload of bench/workloads.py and tests/perf",
+              "draws from it, such as dropout (bench/loop/backends.py)",
+    "perf": "(): the generated workload of bench/perf/workloads.py and tests/perf",
 }
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 Message = dict[str, torch.Tensor]
-"""What crosses the (simulated) network: a flat name -> tensor dict, encoded by bench/wire.py."""
+"""What crosses the (simulated) network: a flat name -> tensor dict, encoded by bench/loop/wire.py."""
 State = dict[str, torch.Tensor]
 """A server's or one client's explicit state (a client's never leaves the engine's client store)."""
 Metrics = dict[str, float]

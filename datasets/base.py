@@ -4,7 +4,7 @@ A loader returns per-client (train_x, train_y, test_x, test_y) arrays; `build_fe
 per-client validation split, picks the unseen (held-out) clients and fingerprints the result, so
 these steps are identical for every dataset. `get_dataset` then checks every loader's output in one
 place (`check_dataset`): labels a model can use, matching lengths, no empty split, finite features.
-A loader may also register a cheap `estimate` of the memory its data will take, which bench/sizing.py
+A loader may also register a cheap `estimate` of the memory its data will take, which bench/experiment/sizing.py
 compares with the memory available before anything is generated or read. Arrays are numpy so Ray's
 object store holds them zero-copy; the engine turns one client's arrays into tensors where that
 client is trained.

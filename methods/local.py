@@ -9,7 +9,7 @@ FeDEQ, arXiv 2309.15659): what a client gets from its own data alone, at zero by
     Server: nothing; it keeps w^0 only to hand every new client the same starting model
     Eval:   own_i.   Held out: own <- w^0, one round of local training (local_epochs), evaluate.
 
-Both messages are empty dicts, and bench/wire.py does not send an empty message (0 bytes), so
+Both messages are empty dicts, and bench/loop/wire.py does not send an empty message (0 bytes), so
 `bytes/up`, `bytes/down` and `bytes/cumulative` are exactly 0. A client trains only in the rounds the
 shared schedule samples it, so it does the same amount of local work as in every other method.
 """

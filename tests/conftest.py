@@ -18,8 +18,8 @@ def report_store(tmp_path_factory):
     one held out, 3 rounds, evaluated every round), seeds 0 and 1, serial backend. Returns
     {"uri", "experiment", "parent", "rows", "command", "dir"}. Built once per session (about 20 s).
     """
-    from fedeq_bench.bench import config as C
-    from fedeq_bench.bench import experiment
+    from bench import config as C
+    from bench import experiment
 
     d = tmp_path_factory.mktemp("report_store")
     uri = f"sqlite:///{d}/mlflow.db"

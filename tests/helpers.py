@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedeq_bench.bench import config as C
+from bench import config as C
 
 
 def write_tiny_npz(path, clients=5, n_train=20, n_test=8, d=4, classes=3, seed=0):

@@ -27,7 +27,7 @@ class ReportPaths:
 
 
 def default_out(name: str) -> str:
-    from fedeq_bench.bench.report.markdown import slug
+    from bench.report.markdown import slug
 
     return os.path.join("reports", slug(name, 100))
 
@@ -38,7 +38,7 @@ def build(tracking_uri: str, experiment: str, runs=None, out: str | None = None,
     and write the report to `out` (default reports/<experiment> or reports/<study>). `target`: the
     fraction of the best method's final accuracy that the MB-to-target column measures up to.
     Raises BenchError on bad input (unknown experiment, run or study; no runs)."""
-    from fedeq_bench.bench.report import collect, figures, html, markdown, tables
+    from bench.report import collect, figures, html, markdown, tables
 
     if not 0 < target <= 1:
         raise BenchError(f"--target is a fraction of the best final accuracy, in (0, 1]; got {target}")

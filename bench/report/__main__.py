@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import sys
 
-from fedeq_bench.bench import cli
+from bench import cli
 
 PROG = "python -m bench.report"
 
 
 def build_parser() -> cli.Parser:
-    from fedeq_bench.bench import config as C
+    from bench import config as C
 
     env = C.env_defaults()
     uri = env.get("tracking_uri", C.RunConfig.tracking_uri)
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
 
     def work() -> int:
-        from fedeq_bench.bench import report
+        from bench import report
 
         args = build_parser().parse_args(argv)
         runs = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else None

@@ -4,10 +4,10 @@
     data = collect("sqlite:///mlflow.db", "fedeq-bench", ["3f2a...", ...])  # these parent runs
     data = collect_sweep("sqlite:///mlflow.db", "fedeq-bench", "fedeq-synthetic")
 
-What `bench.run` leaves in MLflow (bench/experiment.py `compare`): a parent run tagged
+What `bench.run` leaves in MLflow (bench/experiment/ `compare`): a parent run tagged
 `kind=comparison` whose params are the resolved config, `command`, `git_commit` and `version.*`;
 under it one child run per method x seed (tag `mlflow.parentRunId`) with its params, its metrics at
-step = round, and a `clients.csv` artifact (the final evaluation per client). A sweep (bench/study.py)
+step = round, and a `clients.csv` artifact (the final evaluation per client). A sweep (bench/tuning/study.py)
 leaves a parent tagged `kind=sweep` and `study=NAME`, trial child runs (`kind=trial`, `trial_number`)
 and the best trial rerun on test (`kind=best-test`). Nothing here imports torch or the engine.
 """
@@ -19,7 +19,7 @@ import io
 import os
 import tempfile
 
-from fedeq_bench.bench.report.model import Group, Provenance, ReportData, RunRecord
+from bench.report.model import Group, Provenance, ReportData, RunRecord
 from fedeq_bench.core.errors import BenchError, choices
 
 PAGE = 1000  # runs per search_runs page (MLflow's default maximum)
@@ -28,7 +28,7 @@ PAGE = 1000  # runs per search_runs page (MLflow's default maximum)
 def client_for(tracking_uri: str):
     """An MlflowClient on an existing store. A missing SQLite file is bad input: opening it would create
     an empty store (and a typo would leave `mlflow.db` files behind)."""
-    from fedeq_bench.bench.tracking import open_client, sqlite_path
+    from bench.tracking import open_client, sqlite_path
 
     path = sqlite_path(tracking_uri)  # sqlite:///rel.db, sqlite:////abs/path.db; '' for other stores
     if path and not os.path.exists(path):
@@ -68,7 +68,7 @@ def search(client, exp_id: str, filter_string: str) -> list:
 
 
 def status_of(run) -> str:
-    """MLflow's status, or PRUNED for a run that bench/tracking.py ended KILLED with `pruned=true`."""
+    """MLflow's status, or PRUNED for a run that bench/tracking/ ended KILLED with `pruned=true`."""
     if run.info.status == "KILLED" and run.data.tags.get("pruned") == "true":
         return "PRUNED"
     return run.info.status
@@ -99,7 +99,7 @@ def no_progress_bar():
 
 
 def clients(client, run_id: str) -> list[dict] | None:
-    """The rows of the run's clients.csv (bench/experiment.py `clients_csv`); None without one."""
+    """The rows of the run's clients.csv (bench/experiment/ `clients_csv`); None without one."""
     if not any(f.path == "clients.csv" for f in client.list_artifacts(run_id)):
         return None
     with tempfile.TemporaryDirectory() as tmp, no_progress_bar():

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from fedeq_bench.bench.report.model import Group, RunRecord
+from bench.report.model import Group, RunRecord
 
 # matplotlib's tab10, so a method has the same colour in the SVG and in the HTML.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",

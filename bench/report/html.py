@@ -13,8 +13,8 @@ import json
 import math
 from pathlib import Path
 
-from fedeq_bench.bench.report.figures import Figure, to_plotly
-from fedeq_bench.bench.report.model import Group, ReportData, Table
+from bench.report.figures import Figure, to_plotly
+from bench.report.model import Group, ReportData, Table
 
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "typesetMath": False, "showLink": False}
 # Text that is code (a command, a commit, a run id), shown in <code>: a column with one of these

@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fedeq_bench.bench.report import figures as F
-from fedeq_bench.bench.report.model import Group, ReportData, Table
+from bench.report import figures as F
+from bench.report.model import Group, ReportData, Table
 
 
 def slug(text: str, limit: int = 60) -> str:

@@ -5,7 +5,7 @@
     sweep_tables(group, parents)               # a study: trials, best values, every run
 
 Only FINISHED runs enter the numbers; every run, whatever its status, is a row of the runs table.
-A cell over seeds is `mean ± std` with the SAMPLE std (ddof=1, bench/experiment.py `seed_stat`), as
+A cell over seeds is `mean ± std` with the SAMPLE std (ddof=1, bench/experiment/ `seed_stat`), as
 `bench.run`'s terminal table; one seed: the mean alone. Accuracy has 4 decimals and MB at least 3
 decimals and 4 significant digits, so every number can be checked against MLflow (the tests do).
 """
@@ -16,8 +16,8 @@ import shlex
 from datetime import datetime, timezone
 from typing import Callable
 
-from fedeq_bench.bench.experiment import Stat, seed_stat
-from fedeq_bench.bench.report.model import Cell, Group, Provenance, ReportData, RunRecord, Table
+from bench.report.stats import Stat, seed_stat
+from bench.report.model import Cell, Group, Provenance, ReportData, RunRecord, Table
 
 REFERENCE = "fedeq"
 """The method the ratio column compares with (the method this benchmark is about)."""
@@ -64,7 +64,7 @@ def wall_s(r: RunRecord) -> float:
 
 
 # (column, per-run value, format, best: max or min or None). MB columns are per client message bytes
-# / 1e6, as bench/experiment.py's SUMMARY.
+# / 1e6, as bench/experiment/'s SUMMARY.
 COLUMNS: list[tuple[str, Callable[[RunRecord], float], str, Callable | None]] = [
     *((name, (lambda n: lambda r: r.final(n))(name), "acc", max) for name in ACCURACY),
     ("MB up/round", lambda r: per_round(r, "bytes/up") / 1e6, "mb", min),

@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from fedeq_bench.bench import engine, faults
-from fedeq_bench.bench.backends import WORK_OF, Kind, RayBackend, SerialBackend, Worker
-from fedeq_bench.bench.experiment import load_dataset
+from bench.loop import engine, faults
+from bench.loop.backends import WORK_OF, Kind, RayBackend, SerialBackend, Worker
+from bench.experiment import load_dataset
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.methods.fedavg import FedAvg
 from tests.helpers import tiny_config, write_tiny_npz
@@ -270,7 +270,7 @@ def test_an_actor_killed_mid_round_is_replaced_and_the_run_is_bit_identical(how,
 def test_every_worker_reports_the_git_commit(ray_session, monkeypatch):
     """The normal path: a worker of this checkout (not told a version) reports its git commit, which
     is what the driver reports; RayBackend's construction in the other tests is the equal-version path."""
-    from fedeq_bench.bench.tracking import git_commit
+    from bench.tracking import git_commit
 
     monkeypatch.delenv(faults.VERSION_ENV)
     unset = {"env_vars": {faults.VERSION_ENV: ""}}  # empty: not set, for project_version
@@ -337,7 +337,7 @@ class DiesAtStart:
 
 @pytest.mark.parametrize("always", [False, True])
 def test_an_actor_killed_while_the_pool_starts_is_replaced_or_named(ray_session, tmp_path, always):
-    """faults.greet, what bench/actor.py's start_pool waits with: one death at a place is replaced;
+    """faults.greet, what bench/loop/actor.py's start_pool waits with: one death at a place is replaced;
     1 + MAX_ACTOR_RETRIES deaths at the same place end the start with one line."""
     ray = ray_session
     cls = ray.remote(DiesAtStart).options(num_cpus=1)

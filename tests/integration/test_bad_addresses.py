@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from fedeq_bench.bench import cluster
-from fedeq_bench.bench.tracking import check_store
+from bench.loop import cluster
+from bench.tracking import check_store
 from fedeq_bench.core.errors import BenchError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from fedeq_bench.bench import config as C
-from fedeq_bench.bench.experiment import load_checked, validate
+from bench import config as C
+from bench.experiment import load_checked, validate
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.files import read_text, require_dir, require_file, require_output_dir
 from tests.helpers import write_tiny_npz
@@ -102,7 +102,7 @@ def after(*_made, run):
     return run
 
 
-spaces = __import__("fedeq_bench.bench.spaces", fromlist=["load_space"])
+spaces = __import__("bench.tuning.spaces", fromlist=["load_space"])
 no_root = pytest.mark.skipif(ROOT_USER, reason="root reads a chmod 000 file or folder")
 
 # (id, make(tmp_path) -> thunk raising BenchError, regex its message must match). The regexes name the path.

@@ -9,19 +9,19 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fedeq_bench.bench.engine import EVAL_METRICS, ROUND_METRICS
-from fedeq_bench.bench.tracking import open_client
+from bench.loop.engine import EVAL_METRICS, ROUND_METRICS
+from bench.tracking import open_client
 from fedeq_bench.methods import METHODS
 from tests.helpers import write_tiny_npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def bench_run(args, cwd, timeout=300, env=None, **kw):
+def bench_run(args, cwd, timeout=300, env=None, module="bench.run", **kw):
     """`python -m bench.run ARGS` in `cwd`; `env` adds variables. MLflow's own variables of whoever
     runs the tests are left out, so each test says where its runs go."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return subprocess.run([sys.executable, "-m", "bench.run", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
                           env={**base, "PYTHONPATH": ROOT, **(env or {})}, capture_output=True, text=True,
                           timeout=timeout, **kw)
 
@@ -205,7 +205,7 @@ def test_mlflow_env_vars_say_where_runs_go_and_a_flag_beats_them(tmp_path):
 
 
 def test_help_shows_each_run_field_docstring(tmp_path):
-    from fedeq_bench.bench.config import RunConfig, field_docs
+    from bench.config import RunConfig, field_docs
 
     # A wide terminal, so argparse does not wrap a docstring (it may break at a hyphen).
     proc = bench_run(["--help"], tmp_path, timeout=60, env={"COLUMNS": "1000"})

@@ -125,7 +125,7 @@ def test_plot_into_a_missing_folder_or_onto_a_folder_is_one_line_and_creates_not
 
 def test_help_has_the_dataset_flags_only(tmp_path):
     """describe's flags are generated from RunConfig too, but only the fields that shape a dataset."""
-    from fedeq_bench.bench.config import RunConfig, field_docs
+    from bench.config import RunConfig, field_docs
 
     proc = subprocess.run([sys.executable, "-m", "bench.data", "describe", "--help"], cwd=tmp_path,
                           env=dict(os.environ, PYTHONPATH=ROOT, COLUMNS="1000"), capture_output=True, text=True,
@@ -140,7 +140,7 @@ def test_help_has_the_dataset_flags_only(tmp_path):
 
 
 def test_a_dataset_too_big_for_memory_is_refused_before_it_is_generated(tmp_path):
-    """10,000,000 synthetic clients (~1.1 TB): bench/sizing.py refuses from the sample counts alone,
+    """10,000,000 synthetic clients (~1.1 TB): bench/experiment/sizing.py refuses from the sample counts alone,
     in seconds, where generating would be killed by the kernel with no message."""
     proc = describe(["--dataset", "synthetic", "--clients", "10000000"], tmp_path, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

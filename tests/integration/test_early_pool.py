@@ -1,4 +1,4 @@
-"""bench/actor.py: the actor pool bench.run starts from its flags before loading torch and the config.
+"""bench/loop/actor.py: the actor pool bench.run starts from its flags before loading torch and the config.
 
 When it starts, and that `compare` adopts it when the config asks for the same pool and stops it
 (before starting the right one) when not; both give the same numbers as the serial backend.
@@ -8,11 +8,11 @@ import sys
 import pytest
 import ray
 
-from fedeq_bench.bench import actor as A
-from fedeq_bench.bench import cli
-from fedeq_bench.bench import config as C
-from fedeq_bench.bench import experiment
-from fedeq_bench.bench import run as bench_run
+from bench.loop import actor as A
+from bench import cli
+from bench import config as C
+from bench import experiment
+from bench import run as bench_run
 from tests.helpers import tiny_config, write_tiny_npz
 
 
@@ -36,7 +36,7 @@ def test_no_early_pool_when_the_flags_alone_do_not_settle_it(argv):
 def test_the_flags_are_read_without_importing_torch(tmp_path):
     import subprocess
 
-    code = ("import sys; from fedeq_bench.bench import run as R, actor as A, cli, config as C\n"
+    code = ("import sys; from bench import run as R, cli, config as C; from bench.loop import actor as A\n"
             "p, k = R.build_parser(); a = p.parse_args(['--workers', '2', '--cpus-per-client', '0.5'])\n"
             "run = C.apply(C.Config(run=C.RunConfig(**C.env_defaults())), "
             "{n: v for n, v in cli.config_flags(a, k).items() if v is not None}).run\n"

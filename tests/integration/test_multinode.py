@@ -1,7 +1,7 @@
 """A real two-node Ray cluster on this machine (Ray's own `ray.cluster_utils.Cluster`: a head node and
 a worker node, each its own raylet and object store with one CPU), driven the ways a cluster user
 drives one: `--address HOST:PORT`, `--address auto` ($RAY_ADDRESS), `ray://HOST:PORT` (Ray Client),
-and no --address at all on a machine where a Ray instance runs (bench/cluster.py: running_instance).
+and no --address at all on a machine where a Ray instance runs (bench/loop/cluster.py: running_instance).
 
 Each node has one CPU, so a pool of 1-CPU actors has exactly one actor per node: the test reads each
 actor's node id, and where Ray's object store holds the dataset, to show the work and the data
@@ -16,9 +16,9 @@ import tempfile
 
 import pytest
 
-from fedeq_bench.bench import engine
-from fedeq_bench.bench.backends import RayBackend, SerialBackend
-from fedeq_bench.bench.experiment import load_dataset
+from bench.loop import engine
+from bench.loop.backends import RayBackend, SerialBackend
+from bench.experiment import load_dataset
 from fedeq_bench.core.errors import BenchError
 from tests.helpers import tiny_config, write_tiny_npz
 from tests.integration.ray_extras import need_ray_extras
@@ -138,7 +138,7 @@ def test_cpus_per_client_sizes_the_pool_per_node(two_nodes):
 
 ATTACH = """
 import ray
-from fedeq_bench.bench.backends import RayBackend
+from bench.loop.backends import RayBackend
 b = RayBackend(address=None)
 nodes = {ray.get(a.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())) for a in b.actors}
 print(b.workers, len(nodes))
@@ -201,7 +201,7 @@ def test_ray_client_address_equals_the_serial_run(ray_client, two_nodes, tiny):
 
 
 def test_an_actor_killed_under_ray_client_is_replaced_bit_for_bit(ray_client, two_nodes, tiny):
-    """The actor-fault path (bench/faults.py: ray.wait, the death exceptions, ray.kill, a replacement
+    """The actor-fault path (bench/loop/faults.py: ray.wait, the death exceptions, ray.kill, a replacement
     started with the dataset's object reference) through Ray Client, whose API is a proxy of Ray's:
     one actor killed after round 2's first chunk went to it, one replacement, the serial numbers."""
     _, client_port, _ = two_nodes

@@ -52,15 +52,21 @@ def test_wheel_installs_only_its_namespace_and_bench(wheel):
     assert record_top_level(wheel) == {"fedeq_bench", "bench"}
 
 
-def test_wheel_holds_every_layer_under_the_namespace(wheel):
+def test_wheel_holds_every_module_of_the_checkout_once(wheel):
+    """Every .py of core/, methods/, datasets/ (under fedeq_bench/) and bench/ (as bench/) is in the
+    wheel, and nothing else is: a sub-package missing from pyproject's list would be left out."""
     with zipfile.ZipFile(wheel) as z:
-        names = set(z.namelist())
-    for module in ("fedeq_bench/core/seeding.py", "fedeq_bench/methods/fedeq.py", "fedeq_bench/methods/deq/solvers.py",
-                   "fedeq_bench/methods/nets/deq_resnet.py", "fedeq_bench/datasets/fmnist.py",
-                   "fedeq_bench/bench/run.py", "bench/__init__.py"):
-        assert module in names
-    # The `bench` alias is one file; the harness itself is installed once, under the namespace.
-    assert [n for n in names if n.startswith("bench/")] == ["bench/__init__.py"]
+        names = {n for n in z.namelist() if n.endswith(".py")}
+    want = {"fedeq_bench/__init__.py"}
+    for folder, installed in (("core", "fedeq_bench/core"), ("methods", "fedeq_bench/methods"),
+                              ("datasets", "fedeq_bench/datasets"), ("bench", "bench")):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            rel = os.path.relpath(dirpath, os.path.join(ROOT, folder))
+            for f in files:
+                if f.endswith(".py"):
+                    want.add(os.path.normpath(os.path.join(installed, rel, f)))
+    assert "bench/loop/engine.py" in want and "fedeq_bench/methods/deq/solvers.py" in want  # not vacuous
+    assert names == want
 
 
 def _hf_datasets_dir() -> str | None:
@@ -108,11 +114,11 @@ def test_hugging_face_datasets_survives_the_install_and_runs_beside_it(wheel, tm
     work.mkdir()
     env = dict(os.environ, PYTHONPATH=str(target))
     where = subprocess.run(
-        [sys.executable, "-c", "import importlib.util as u, fedeq_bench.bench.engine as e; "
+        [sys.executable, "-c", "import importlib.util as u, bench.loop.engine as e; "
                                "print(u.find_spec('datasets').origin); print(e.__file__)"],
         cwd=work, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert where[0] == str(target / "datasets" / "__init__.py")  # HF's, not ours
-    assert where[1].startswith(str(target / "fedeq_bench"))  # the installed harness, not the checkout
+    assert where[1].startswith(str(target / "bench"))  # the installed harness, not the checkout
 
     proc = subprocess.run(
         [sys.executable, "-m", "bench.run", "--methods", "fedavg", "--rounds", "1", "--clients", "4",
@@ -139,3 +145,46 @@ def test_console_script_dispatches_to_each_command(wheel, tmp_path):
     proc = run("sweeep")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: unknown command 'sweeep'; choose from data, perf, report, run, sweep"]
+
+
+# -- one import name per module ------------------------------------------------------------------
+
+
+def _in_checkout(code: str) -> subprocess.CompletedProcess:
+    """`python -c code` from the checkout's root, as a new user would try it."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("folder", ["core", "methods", "datasets"])
+def test_a_library_folder_imported_by_its_folder_name_fails_with_one_line(folder):
+    """From the checkout's root `methods` would be the folder itself, a second copy of
+    fedeq_bench.methods with a second registry (`methods.nets.build_model('deq_resnet_s', ...)` once
+    said "unknown model; choose from cnn, mlp"). It refuses, naming the import that works."""
+    proc = _in_checkout(f"import {folder}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"ImportError: this is fedeq-bench's {folder}/ folder; import it as fedeq_bench.{folder}")
+
+
+def test_from_methods_nets_fails_and_the_namespace_builds_every_model():
+    proc = _in_checkout("from methods.nets import build_model")
+    assert "import it as fedeq_bench.methods" in proc.stderr.strip().splitlines()[-1]
+    proc = _in_checkout("from fedeq_bench.methods.nets import build_model, MODELS\n"
+                        "print(type(build_model('deq_resnet_s', (1, 28, 28), 10)).__name__, len(MODELS.names()))")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    name, count = proc.stdout.split()
+    assert int(count) > 2  # the DEQ and paper models registered, not only cnn and mlp
+
+
+def test_every_harness_module_is_one_module_object():
+    """`bench` from the checkout's root is the harness itself (no alias package), so `bench.cli` is
+    the module every other module imports; the namespace has no second route to the harness or tests."""
+    code = ("import sys, importlib, bench.cli, bench.loop.engine\n"
+            "assert sys.modules['bench.cli'] is bench.cli and bench.loop.engine.__name__ == 'bench.loop.engine'\n"
+            "for bad in ('fedeq_bench.bench', 'fedeq_bench.tests', 'fedeq_bench.fedeq_bench'):\n"
+            "    try:\n        importlib.import_module(bad)\n    except ImportError:\n        pass\n"
+            "    else:\n        raise SystemExit(bad + ' imports')\n"
+            "dup = [m for m in sys.modules if m.startswith(('fedeq_bench.bench', 'methods', 'core', 'datasets'))]\n"
+            "assert not dup, dup\nprint('ok')")
+    proc = _in_checkout(code)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -30,7 +30,7 @@ import time
 
 import pytest
 
-from fedeq_bench.bench.workloads import pids_naming
+from bench.perf.workloads import pids_naming
 from tests.integration.ray_extras import need_ray_extras
 
 ray = pytest.importorskip("ray")
@@ -127,7 +127,7 @@ class LocalCluster:
     def worker_actors(self) -> dict[str, str]:
         """Every edge-node actor this cluster ever ran (dead ones too): actor id -> node id. Nothing but
         these tests uses this cluster, so that is every actor but Ray's own job supervisors (whatever
-        name bench/backends.py gives its actor class)."""
+        name bench/loop/backends.py gives its actor class)."""
         return {a["actor_id"]: a["node_id"] for a in self.state("actors", "class_name!=JobSupervisor")}
 
     def submit(self, sid: str, *entrypoint: str) -> subprocess.CompletedProcess:

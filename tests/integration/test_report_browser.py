@@ -32,7 +32,7 @@ def need_browser():
 
 @pytest.fixture(scope="module")
 def report_dir(report_store, tmp_path_factory):
-    from fedeq_bench.bench.report import build
+    from bench.report import build
 
     out = tmp_path_factory.mktemp("report")
     build(report_store["uri"], report_store["experiment"], out=str(out))
@@ -119,7 +119,7 @@ def test_the_browser_check_sees_a_request_and_an_error(tmp_path):
 def test_html_report_is_one_file_that_names_no_host(report_dir):
     # No browser needed: besides plotly.js (whose code holds URL strings, of map tiles and licences,
     # that the browser test shows are never requested) the page names no URL at all.
-    from fedeq_bench.bench.report.html import plotly_js
+    from bench.report.html import plotly_js
 
     page = (Path(report_dir) / "index.html").read_text()
     bundle = plotly_js()

@@ -107,8 +107,9 @@ def test_an_experiment_with_no_runs_is_one_line_and_exit_2(tmp_path):
 
 
 def test_a_sweep_report_lists_its_trials(tmp_path):
-    from fedeq_bench.bench import config as C
-    from fedeq_bench.bench import experiment, report, study
+    from bench import config as C
+    from bench import experiment, report
+    from bench.tuning import study
 
     (tmp_path / "space.toml").write_text("fedavg.lr = {low = 0.01, high = 0.3, log = true}\n")
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -8,15 +8,14 @@ import signal
 
 import pytest
 
-from fedeq_bench.bench import checkpoint
-from fedeq_bench.bench.experiment import TEST_KILL_ENV
+from bench.loop import checkpoint
 from tests.integration.test_cli import bench_run, runs_of
 from tests.integration.test_mlflow_server import mlflow_server  # noqa: F401 - a fixture: a real `mlflow server`
 
 # 2 methods x 6 rounds on 6 synthetic clients, half of them per round, a checkpoint every 2 rounds.
 ARGS = ["--methods", "fedavg,fedrep", "--dataset", "synthetic", "--clients", "6", "--rounds", "6",
         "--fraction", "0.5", "--backend", "serial", "--checkpoint-every", "2", "--quiet", "--no-report"]
-# Where the test hook kills the process (experiment.TEST_KILL_ENV: METHOD:SEED:ROUND).
+# Where tests/integration/faulty.py kills the process (METHOD:SEED:ROUND).
 KILLS = {
     # fedavg has FINISHED; fedrep's last checkpoint is round 2, and its round 3 is logged already.
     "late": "fedrep:0:3",
@@ -55,7 +54,7 @@ def artifact(client, run, path, dst):
 def killed_then_resumed(d, kill_at):
     """The command killed at `kill_at`, what it left, then `--resume`d."""
     uri = store(d)
-    killed = bench_run([*ARGS, "--tracking-uri", uri], d, env={TEST_KILL_ENV: kill_at})
+    killed = bench_run(["kill-after", kill_at, "--", *ARGS, "--tracking-uri", uri], d, module="tests.integration.faulty")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     client, parent, children = parent_and_children(uri)
     left = {"parent": parent.info.status, "ids": {m: c.info.run_id for m, c in children.items()}}
@@ -135,7 +134,7 @@ def test_resume_refuses_in_one_line_with_exit_2(runs):
         (["--resume", parent_a.info.run_id, "--tracking-uri", uri_a, "--set", "fedrep.head_epochs=3"],
          "--set would change"),
     ]
-    from fedeq_bench.bench import run as bench_run_module
+    from bench import run as bench_run_module
 
     for argv, message in cases:
         # In-process: each fails before any work; the CLI's exit code and stderr are what is checked.
@@ -150,7 +149,7 @@ def test_resume_refuses_in_one_line_with_exit_2(runs):
 
 
 def test_checkpoint_every_is_validated(tmp_path, capsys):
-    from fedeq_bench.bench import run as bench_run_module
+    from bench import run as bench_run_module
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     assert bench_run_module.main(["--checkpoint-every", "-1", "--backend", "serial", "--tracking-uri", uri]) == 2
@@ -184,7 +183,7 @@ def test_resume_refuses_a_run_whose_process_still_runs(tmp_path, capsys):
     import sys
     import time
 
-    from fedeq_bench.bench import run as bench_run_module
+    from bench import run as bench_run_module
     from tests.integration.test_cli import ROOT
 
     uri = store(tmp_path)

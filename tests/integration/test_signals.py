@@ -5,7 +5,7 @@ Each command runs in its own session with a private RAY_TMPDIR, so it starts (an
 Ray; Ctrl-C is sent the way a terminal sends it, to the whole process group (Ray's processes
 included), SIGTERM the way `kill` does, to the command's process only. The moments are observed, not
 timed: Ray's session folder appearing (Ray is starting), a round logged in MLflow (training), and a
-test hook that sends SIGINT as an artifact's write starts (tracking.TEST_SIGNAL_ENV).
+fault injected by tests/integration/faulty.py: SIGINT as an artifact's write starts.
 """
 import math
 import os
@@ -18,8 +18,7 @@ import time
 
 import pytest
 
-from fedeq_bench.bench.tracking import TEST_SIGNAL_ENV
-from fedeq_bench.bench.workloads import pids_naming
+from bench.perf.workloads import pids_naming
 
 pytestmark = pytest.mark.ray
 
@@ -131,8 +130,9 @@ def test_signal_during_training_ends_every_run_killed(tmp, signals):
 
 def test_ctrl_c_in_the_middle_of_a_write_completes_it_and_ends_the_run_killed(tmp):
     db = os.path.join(tmp, "m.db")
-    proc = start(["--methods", "fedavg", "--rounds", "2", "--backend", "serial", "--quiet", "--no-report",
-                  "--tracking-uri", f"sqlite:///{db}"], tmp, env={TEST_SIGNAL_ENV: "ledger.csv"})
+    proc = start(["sigint-in-write", "ledger.csv", "--", "--methods", "fedavg", "--rounds", "2", "--backend",
+                  "serial", "--quiet", "--no-report", "--tracking-uri", f"sqlite:///{db}"], tmp,
+                 module="tests.integration.faulty")
     err, left = finish(proc, tmp)
     check_interrupted(proc, err, left, db)
     runs = dict(rows(db, "select name, status from runs"))

@@ -15,7 +15,7 @@ import pytest
 import optuna
 from mlflow.tracking import MlflowClient
 
-from fedeq_bench.bench import config as C
+from bench import config as C
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

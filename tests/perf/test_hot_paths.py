@@ -6,7 +6,7 @@ benchmarks; `make bench` runs them and compares with the last saved run).
     deq forward+backward one step of `deq_resnet_s` on a batch of 32 32x32x3 images
     fedeq_update         one FeDEQ local update (3 personal + 5 shared epochs, batch 10) on deq_mlp
                          (480 samples) and deq_resnet_s (40), and FedRep on the paired explicit model
-                         (mlp, resnet20) at equal epochs (bench/workloads.py, `python -m bench.perf
+                         (mlp, resnet20) at equal epochs (bench/perf/workloads.py, `python -m bench.perf
                          --method fedeq`)
     aggregate            FedAvg's server step over 100 replies of `mlp`
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedeq_bench.bench import wire
+from bench.loop import wire
 from fedeq_bench.core import seeding
 from fedeq_bench.core.types import ClientTensors, Task
 from fedeq_bench.methods import METHODS
@@ -128,7 +128,7 @@ def test_aggregate_100_replies(benchmark):
 @pytest.mark.parametrize("method,model", [("fedeq", "deq_mlp"), ("fedrep", "mlp"),
                                           ("fedeq", "deq_resnet_s"), ("fedrep", "resnet20")])
 def test_fedeq_update_vs_fedrep_at_equal_epochs(benchmark, method, model):
-    from fedeq_bench.bench.workloads import UPDATE_SAMPLES, update_setup
+    from bench.perf.workloads import UPDATE_SAMPLES, update_setup
 
     n = UPDATE_SAMPLES["deq_resnet_s" if model in ("deq_resnet_s", "resnet20") else "deq_mlp"]
     update, _ = update_setup(method, model, n)

@@ -1,4 +1,4 @@
-"""bench/backends.py without Ray: one `run(kind, spec, jobs, ...)` call, the Worker's dispatch on the
+"""bench/loop/backends.py without Ray: one `run(kind, spec, jobs, ...)` call, the Worker's dispatch on the
 kind, its random streams, its errors, and its bounded cache of built methods.
 
 Ray's side of the same protocol (chunks, shared payloads) is tested against Serial bit for bit in
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedeq_bench.bench import backends, wire
-from fedeq_bench.bench.backends import Job, Kind, SerialBackend, Worker
+from bench.loop import backends, wire
+from bench.loop.backends import Job, Kind, SerialBackend, Worker
 from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.types import MethodSpec, Task

@@ -1,4 +1,4 @@
-"""bench/checkpoint.py: the file round-trips every state and number, a kill mid-write leaves the
+"""bench/loop/checkpoint.py: the file round-trips every state and number, a kill mid-write leaves the
 previous checkpoint whole, a damaged or foreign file is refused in one line, and every method resumed
 from a checkpoint continues with the numbers of an uninterrupted run, bit for bit."""
 import math
@@ -11,9 +11,9 @@ import textwrap
 import pytest
 import torch
 
-from fedeq_bench.bench import checkpoint, engine, wire
-from fedeq_bench.bench.backends import SerialBackend
-from fedeq_bench.bench.experiment import load_dataset
+from bench.loop import checkpoint, engine, wire
+from bench.loop.backends import SerialBackend
+from bench.experiment import load_dataset
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.methods import METHODS
 from tests.helpers import tiny_config, write_tiny_npz
@@ -77,7 +77,7 @@ KILL_MID_WRITE = textwrap.dedent("""
     from collections.abc import Mapping
     import torch
     sys.path.insert(0, {root!r})
-    from fedeq_bench.bench import checkpoint
+    from bench.loop import checkpoint
     from tests.unit.test_checkpoint import loop_state
 
     path = {path!r}
@@ -163,7 +163,7 @@ def comparable(res):
 def test_every_method_resumed_from_a_checkpoint_equals_the_uninterrupted_run(tiny, tmp_path, method, budget):
     # 3 rounds, half the clients per round (so some are never sampled before the end), a held-out
     # client, evaluation every 2 rounds: a checkpoint after each round, then resume from rounds 1 and 2.
-    # budget 0: every client state lives on disk (bench/store.py), is written from there and restored there.
+    # budget 0: every client state lives on disk (bench/loop/store.py), is written from there and restored there.
     cfg = tiny_config(tiny, methods=method, rounds=3, fraction=0.5, frac_unseen=0.2, eval_every=2,
                       checkpoint_every=1, state_budget_gb=budget)
     ds = load_dataset(cfg, 0)

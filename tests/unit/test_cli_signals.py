@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fedeq_bench.bench import cli
+from bench import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -64,7 +64,7 @@ def test_exit_now_joins_threads_runs_atexit_and_flushes(tmp_path):
     code = f"""
 import atexit, sys, threading, time
 sys.path.insert(0, {ROOT!r})
-from fedeq_bench.bench import cli
+from bench import cli
 atexit.register(lambda: open({str(tmp_path / 'atexit')!r}, 'w').write('ran'))
 def late():
     time.sleep(0.3)

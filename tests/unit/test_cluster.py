@@ -1,4 +1,4 @@
-"""bench/cluster.py: actor sizing from a cluster's node resources, the address checks and the
+"""bench/loop/cluster.py: actor sizing from a cluster's node resources, the address checks and the
 reachability probe.
 
 Everything here is pure arithmetic, a socket or a gRPC server: no test starts Ray (tests/integration
@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from fedeq_bench.bench import cluster
+from bench.loop import cluster
 from fedeq_bench.core.errors import BenchError
 
 

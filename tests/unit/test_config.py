@@ -7,9 +7,9 @@ import typing
 
 import pytest
 
-from fedeq_bench.bench import cli
+from bench import cli
 
-from fedeq_bench.bench import config as C
+from bench import config as C
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.ranges import numeric_kind, ranged, unranged
 
@@ -259,7 +259,7 @@ def test_every_shipped_preset_loads_within_the_ranges(path):
 
 def bench_run_in_process(argv, tmp_path, capsys):
     """`python -m bench.run ARGV` in this process: (exit code, stderr lines); nothing may be recorded."""
-    from fedeq_bench.bench import run as bench_run
+    from bench import run as bench_run
 
     code = bench_run.main(["--backend", "serial", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", *argv])
     return code, capsys.readouterr().err.strip().splitlines()
@@ -370,7 +370,7 @@ def test_a_bad_number_in_a_preset_is_one_line_exit_2(text, line, tmp_path, capsy
 
 
 def test_a_tuned_preset_with_a_bad_number_is_refused_and_a_good_one_loads(tmp_path, capsys):
-    # Laid out as bench.study.write_tuned writes configs/tuned/<dataset>.toml (its _toml_value writes a
+    # Laid out as bench.tuning.study.write_tuned writes configs/tuned/<dataset>.toml (its _toml_value writes a
     # float's repr, so a diverged study's inf lands in the file as TOML's `inf`).
     tuned = tmp_path / "tuned" / "synthetic.toml"
     tuned.parent.mkdir()
@@ -385,7 +385,7 @@ def test_a_tuned_preset_with_a_bad_number_is_refused_and_a_good_one_loads(tmp_pa
 
 def test_validate_checks_a_config_built_in_code():
     """A library caller (a sweep, a notebook) that replaces fields directly meets the same rule."""
-    from fedeq_bench.bench.experiment import validate
+    from bench.experiment import validate
 
     cfg = C.default_config()
     bad_run = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, lr=float("inf")))

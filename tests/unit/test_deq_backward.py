@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.bench.memory import MemoryMeter
+from bench.loop.memory import MemoryMeter
 from fedeq_bench.methods.deq import DEQ, STATS_KEYS, DEQDivergence, solve
 
 F64 = torch.float64

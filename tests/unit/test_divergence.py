@@ -1,9 +1,9 @@
-"""bench/divergence.py: finding a NaN or inf in nested states and messages."""
+"""bench/loop/divergence.py: finding a NaN or inf in nested states and messages."""
 from __future__ import annotations
 
 import torch
 
-from fedeq_bench.bench.divergence import first_nonfinite
+from bench.loop.divergence import first_nonfinite
 
 
 def test_finite_trees_pass_and_the_first_bad_leaf_is_named():
@@ -22,9 +22,10 @@ from fedeq_bench.methods import METHODS  # noqa: E402
 
 
 def run(method, sets, rounds=1):
-    from fedeq_bench.bench import config as C
-    from fedeq_bench.bench import engine, experiment
-    from fedeq_bench.bench.backends import SerialBackend
+    from bench import config as C
+    from bench.loop import engine
+    from bench import experiment
+    from bench.loop.backends import SerialBackend
 
     cfg = experiment.validate(C.apply(C.default_config(), {"methods": method, "dataset": "synthetic", "clients": 4,
                                                            "rounds": rounds, "backend": "serial", **sets}))

@@ -1,4 +1,4 @@
-"""bench/engine.py: schedule, exact bytes per round, metrics, client store, ledger contents, random
+"""bench/loop/engine.py: schedule, exact bytes per round, metrics, client store, ledger contents, random
 streams, and errors that name method, round and client."""
 import collections
 import math
@@ -6,16 +6,16 @@ import math
 import pytest
 import torch
 
-from fedeq_bench.bench import engine, wire
-from fedeq_bench.bench.backends import Kind, SerialBackend
+from bench.loop import engine, wire
+from bench.loop.backends import Kind, SerialBackend
 from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.methods.fedavg import FedAvg
-from fedeq_bench.bench.experiment import load_dataset
+from bench.experiment import load_dataset
 from tests.helpers import tiny_config, write_tiny_npz
 
 # The tiny task: 4 features, 3 classes, model mlp = body (Linear(4,200), Linear(200,200)) + head Linear(200,3).
-# Encoded size of each entry: 2 + len(name) + 1 + 1 + 4 * ndim + 8 + numel * 4 (bench/wire.py layout).
+# Encoded size of each entry: 2 + len(name) + 1 + 1 + 4 * ndim + 8 + numel * 4 (bench/loop/wire.py layout).
 BODY_1_W = 2 + len("body.1.weight") + 2 + 4 * 2 + 8 + 200 * 4 * 4      # 3233
 BODY_1_B = 2 + len("body.1.bias") + 2 + 4 * 1 + 8 + 200 * 4            # 827
 BODY_3_W = 2 + len("body.3.weight") + 2 + 4 * 2 + 8 + 200 * 200 * 4    # 160033
@@ -162,7 +162,7 @@ def test_every_stream_is_drawn_once_per_ids_except_client_init_of_late_joiners(t
     """Each (stream, ids) is drawn once per run, with one exception: `engine.new_client`, the one call
     site of ("client_init", cid), draws it whenever a client's state is made: a training client's
     each time it is read before the client first trained (the store keeps no untrained state, see
-    bench/store.py), a held-out client at every evaluation, a training client never sampled at the
+    bench/loop/store.py), a held-out client at every evaluation, a training client never sampled at the
     final evaluation (the same numbers each time).
 
     A never-sampled client's final evaluation is the held-out path: ("personalize", rnd, cid) and

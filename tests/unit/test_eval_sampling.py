@@ -1,4 +1,4 @@
-"""--eval-clients N (bench/engine.py): evaluations before the last round score a sample of N training
+"""--eval-clients N (bench/loop/engine.py): evaluations before the last round score a sample of N training
 (and N held-out) clients drawn from the `eval_sample` stream, the same for every method; the last
 round scores everyone; with N at least the number of clients nothing changes."""
 import math
@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from fedeq_bench.bench import engine
-from fedeq_bench.bench.backends import Kind, SerialBackend
-from fedeq_bench.bench.experiment import load_dataset, validate
-from fedeq_bench.bench.run import resolve_config
+from bench.loop import engine
+from bench.loop.backends import Kind, SerialBackend
+from bench.experiment import load_dataset, validate
+from bench.run import resolve_config
 from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError
 from tests.helpers import tiny_config, write_tiny_npz

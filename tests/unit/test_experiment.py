@@ -1,14 +1,15 @@
-"""bench/experiment.py and bench/tracking.py: statistics over seeds, the table, and the lifecycle of
+"""bench/experiment/ and bench/tracking/: statistics over seeds, the table, and the lifecycle of
 an MLflow run (read back from a real SQLite store with MlflowClient)."""
 import math
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fedeq_bench.bench import experiment as X
-from fedeq_bench.bench import wire
-from fedeq_bench.bench.engine import MethodResult
-from fedeq_bench.bench.tracking import Pruned, Tracker
+from bench import experiment as X
+from bench.loop import wire
+from bench.loop.engine import MethodResult
+from bench.report.stats import seed_stat
+from bench.tracking import Pruned, Tracker
 from tests.helpers import tiny_config, write_tiny_npz
 
 # -- statistics over seeds ------------------------------------------------------------------------
@@ -19,7 +20,7 @@ def test_seed_stat_is_mean_and_sample_std():
     # deviations: 0.80 - 0.8333 = -0.0333, 0.84 - 0.8333 = 0.0067, 0.86 - 0.8333 = 0.0267
     # sample std (ddof=1) = sqrt((0.0333^2 + 0.0067^2 + 0.0267^2) / (3 - 1))
     #                     = sqrt((0.0011111 + 0.0000444 + 0.0007111) / 2) = sqrt(0.00093333) = 0.030551
-    mean, std = X.seed_stat([0.80, 0.84, 0.86])
+    mean, std = seed_stat([0.80, 0.84, 0.86])
     assert mean == pytest.approx(2.50 / 3)
     d = [0.80 - 2.50 / 3, 0.84 - 2.50 / 3, 0.86 - 2.50 / 3]
     assert std == pytest.approx(math.sqrt((d[0] ** 2 + d[1] ** 2 + d[2] ** 2) / 2))
@@ -29,9 +30,9 @@ def test_seed_stat_is_mean_and_sample_std():
 
 
 def test_one_seed_has_std_zero():
-    assert X.seed_stat([0.8]) == (0.8, 0.0)
+    assert seed_stat([0.8]) == (0.8, 0.0)
     with pytest.raises(ValueError):
-        X.seed_stat([])
+        seed_stat([])
 
 
 def result(method, seed, acc, up_bytes, wall_s=1.0, model="mlp"):
@@ -50,7 +51,7 @@ def test_summarize_groups_by_method_over_seeds():
     rows = X.summarize(results)
     assert [(r["method"], r["seeds"]) for r in rows] == [("fedavg", 3), ("fedrep", 1)]
     fedavg, fedrep = rows
-    assert fedavg["acc/mean"] == X.seed_stat([0.80, 0.84, 0.86])
+    assert fedavg["acc/mean"] == seed_stat([0.80, 0.84, 0.86])
     assert fedavg["mb_up"] == (1000 / 1e6, 0.0) and fedavg["mb_down"] == (2000 / 1e6, 0.0)
     assert fedavg["peak_train_mb"].mean == pytest.approx(2e6 / 1e6)
     assert fedrep["acc/weighted"] == (0.9, 0.0) and fedrep["mb_up"] == (3000 / 1e6, 0.0)
@@ -159,7 +160,7 @@ def test_unknown_status_is_refused(store):
 
 def test_run_one_pruned_by_on_round_keeps_its_rounds(store, tmp_path):
     """What a sweep's pruner will do: stop a child run after round 1; it ends pruned, round 1 kept."""
-    from fedeq_bench.bench.backends import make_backend
+    from bench.loop.backends import make_backend
 
     tracker, client = store
     cfg = X.validate(tiny_config(write_tiny_npz(tmp_path / "t.npz"), methods="fedavg", rounds=3))
@@ -182,7 +183,7 @@ def test_run_one_pruned_by_on_round_keeps_its_rounds(store, tmp_path):
 
 
 def test_run_one_records_the_ledger_as_csv(store, tmp_path):
-    from fedeq_bench.bench.backends import make_backend
+    from bench.loop.backends import make_backend
 
     tracker, client = store
     cfg = X.validate(tiny_config(write_tiny_npz(tmp_path / "t.npz"), methods="fedavg", rounds=2))

@@ -10,7 +10,7 @@ from fedeq_bench.methods.train import weighted_average, with_num_samples
 
 
 def eval_rng(rnd=1, cid=0):
-    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/backends.py)."""
+    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/loop/backends.py)."""
     return seeding.generator(0, "eval", rnd, cid)
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedeq_bench.bench import engine
+from bench.loop import engine
 
 from fedeq_bench.core import seeding
-from fedeq_bench.bench.backends import SerialBackend
-from fedeq_bench.bench.experiment import load_dataset
+from bench.loop.backends import SerialBackend
+from bench.experiment import load_dataset
 from fedeq_bench.methods.base import ClientTensors, Task
 from fedeq_bench.methods.fedbabu import FedBABU, FedBABUConfig
 from fedeq_bench.methods.nets import build_model
@@ -20,7 +20,7 @@ from tests.helpers import check_finetuning_follows_rng, tiny_config, write_tiny_
 
 
 def eval_rng(rnd=1, cid=0):
-    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/backends.py)."""
+    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/loop/backends.py)."""
     return seeding.generator(0, "eval", rnd, cid)
 
 

@@ -3,11 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedeq_bench.bench import engine
+from bench.loop import engine
 
 from fedeq_bench.core import seeding
-from fedeq_bench.bench.backends import SerialBackend
-from fedeq_bench.bench.experiment import load_dataset
+from bench.loop.backends import SerialBackend
+from bench.experiment import load_dataset
 from fedeq_bench.methods.base import ClientTensors, Task
 from fedeq_bench.methods.fedper import FedPer, FedPerConfig
 from fedeq_bench.methods.nets import build_model
@@ -15,7 +15,7 @@ from tests.helpers import tiny_config, write_tiny_npz
 
 
 def eval_rng(rnd=1, cid=0):
-    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/backends.py)."""
+    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/loop/backends.py)."""
     return seeding.generator(0, "eval", rnd, cid)
 
 
@@ -104,7 +104,7 @@ def tiny(tmp_path_factory):
 def test_engine_counts_exactly_the_body_bytes_and_never_sends_the_head(tiny):
     cfg = tiny_config(tiny, methods="fedper")
     res = engine.run_method(cfg, "fedper", 0, load_dataset(cfg, 0), SerialBackend())
-    # bench/wire.py: an entry costs 2 + len(name) + 1 + 1 + 4 * ndim + 8 + 4 * numel bytes (float32).
+    # bench/loop/wire.py: an entry costs 2 + len(name) + 1 + 1 + 4 * ndim + 8 + 4 * numel bytes (float32).
     body = ((2 + 13 + 2 + 8 + 8 + 200 * 4 * 4)          # body.1.weight (200, 4):    3233
             + (2 + 11 + 2 + 4 + 8 + 200 * 4)            # body.1.bias (200,):          827
             + (2 + 13 + 2 + 8 + 8 + 200 * 200 * 4)      # body.3.weight (200, 200): 160033

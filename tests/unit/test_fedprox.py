@@ -4,11 +4,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedeq_bench.bench import engine
+from bench.loop import engine
 
 from fedeq_bench.core import seeding
-from fedeq_bench.bench.backends import Kind, SerialBackend
-from fedeq_bench.bench.experiment import load_dataset
+from bench.loop.backends import Kind, SerialBackend
+from bench.experiment import load_dataset
 from fedeq_bench.methods.base import ClientTensors, Task
 from fedeq_bench.methods.fedprox import FedProx, FedProxConfig
 from tests.helpers import tiny_config, write_tiny_npz

@@ -9,11 +9,11 @@ import os
 import numpy as np
 import pytest
 
-from fedeq_bench.bench import config as C
-from fedeq_bench.bench import engine
-from fedeq_bench.bench.backends import SerialBackend
+from bench import config as C
+from bench.loop import engine
+from bench.loop.backends import SerialBackend
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.bench.experiment import load_dataset
+from bench.experiment import load_dataset
 from fedeq_bench.datasets import DataArgs, dataset_names, get_dataset
 from fedeq_bench.datasets.femnist import FemnistConfig
 

@@ -16,7 +16,7 @@ from fedeq_bench.methods.nets import BodyHead, build_model
 
 
 def eval_rng(rnd=1, cid=0):
-    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/backends.py)."""
+    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/loop/backends.py)."""
     return seeding.generator(0, "eval", rnd, cid)
 
 

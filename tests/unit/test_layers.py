@@ -1,13 +1,22 @@
-"""The layers of DESIGN.md, checked on grimp's import graph of the installed layout.
+"""The import layers of docs/architecture.md, checked on grimp's import graph of the installed layout.
 
     bench                 the harness: imports everything below
     methods | datasets    may import core (and each other: a method may need a dataset type)
     core                  imports nothing of the project
 
-grimp reads a package from its directory, and in a checkout `fedeq_bench`'s subpackages are the
-directory's siblings (fedeq_bench/__init__.py says why). So the test lays the folders out as the
-wheel installs them (fedeq_bench/core, ...) in a temporary directory and builds the graph there.
-Every import counts, including those inside functions (the harness imports lazily).
+and inside the harness, each level importing only the levels below it:
+
+    run | sweep | data | __main__    the command lines
+    tuning | perf                    Optuna studies; the harness's own benchmarks (independent)
+    experiment                       validate, load, run and compare, summaries, resume
+    report | loop                    reports from MLflow (no torch); the round loop (independent)
+    tracking                         MLflow runs, stores, provenance
+    config | cli                     the harness's vocabulary: config dataclasses; command-line plumbing
+
+grimp reads a package from its directory, and in a checkout the library's folders are mapped under
+`fedeq_bench` by pyproject's package-dir, not laid out beneath it. So the test lays the folders out as
+the wheel installs them (fedeq_bench/core, ..., bench) in a temporary directory and builds the graph
+there. Every import counts, including those inside functions (the harness imports lazily).
 """
 from __future__ import annotations
 
@@ -22,22 +31,32 @@ import pytest
 pytest.importorskip("grimp")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PACKAGES = ("core", "methods", "datasets", "bench")
+LIBRARY = ("core", "methods", "datasets")
 
-# Runs in a subprocess so the temporary copy's `fedeq_bench` never meets this process's.
+# Runs in a subprocess so the temporary copy's packages never meet this process's.
 CHECK = textwrap.dedent("""
     import sys
     import grimp
-    g = grimp.build_graph("fedeq_bench")
+    g = grimp.build_graph("fedeq_bench", "bench")
     # Not vacuous: the graph holds every layer's modules and the imports between them.
-    assert {"fedeq_bench.bench.engine", "fedeq_bench.methods.fedeq", "fedeq_bench.core.seeding"} <= g.modules
-    assert g.direct_import_exists(importer="fedeq_bench.bench.engine", imported="fedeq_bench.core.seeding")
-    layers = [
+    assert {"bench.loop.engine", "fedeq_bench.methods.fedeq", "fedeq_bench.core.seeding",
+            "bench.tuning.study", "bench.report.tables"} <= g.modules
+    assert g.direct_import_exists(importer="bench.loop.engine", imported="fedeq_bench.core.seeding")
+    library = [
         grimp.Layer("bench"),
-        grimp.Layer("methods", "datasets", independent=False),
-        grimp.Layer("core"),
+        grimp.Layer("fedeq_bench.methods", "fedeq_bench.datasets", independent=False),
+        grimp.Layer("fedeq_bench.core"),
     ]
-    bad = g.find_illegal_dependencies_for_layers(layers=layers, containers={"fedeq_bench"})
+    harness = [
+        grimp.Layer("run", "sweep", "data", "__main__", independent=False),
+        grimp.Layer("tuning", "perf"),
+        grimp.Layer("experiment"),
+        grimp.Layer("report", "loop"),
+        grimp.Layer("tracking"),
+        grimp.Layer("config", "cli", independent=False),
+    ]
+    bad = (g.find_illegal_dependencies_for_layers(layers=library)
+           | g.find_illegal_dependencies_for_layers(layers=harness, containers={"bench"}))
     for dep in sorted(bad, key=lambda d: (d.importer, d.imported)):
         for route in dep.routes:
             print(f"{dep.importer} -> {dep.imported}: via {route.heads} ... {route.tails}")
@@ -46,13 +65,14 @@ CHECK = textwrap.dedent("""
 
 
 def installed_layout(dest) -> str:
-    """`dest/fedeq_bench/{core,methods,datasets,bench}` as the wheel installs them; returns dest."""
+    """`dest/fedeq_bench/{core,methods,datasets}` and `dest/bench` as the wheel installs them."""
     pkg = os.path.join(dest, "fedeq_bench")
     os.makedirs(pkg)
     shutil.copy(os.path.join(ROOT, "fedeq_bench", "__init__.py"), pkg)
-    for name in PACKAGES:
-        shutil.copytree(os.path.join(ROOT, name), os.path.join(pkg, name),
-                        ignore=shutil.ignore_patterns("__pycache__"))
+    ignore = shutil.ignore_patterns("__pycache__")
+    for name in LIBRARY:
+        shutil.copytree(os.path.join(ROOT, name), os.path.join(pkg, name), ignore=ignore)
+    shutil.copytree(os.path.join(ROOT, "bench"), os.path.join(dest, "bench"), ignore=ignore)
     return str(dest)
 
 
@@ -62,24 +82,32 @@ def check(path: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def test_the_tree_respects_the_layers(tmp_path):
-    proc = check(installed_layout(tmp_path))
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
+    return installed_layout(tmp_path_factory.mktemp("layout"))
+
+
+def test_the_tree_respects_the_layers(layout):
+    proc = check(layout)
     assert proc.returncode == 0, "imports against the layers:\n" + proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("importer, line", [
-    ("methods", "from fedeq_bench.bench import engine"),   # a method reaching up into the harness
-    ("datasets", "from fedeq_bench.bench.config import Config"),
-    ("core", "from fedeq_bench.methods.base import Method"),  # the vocabulary importing a user of it
+@pytest.mark.parametrize("where, line", [
+    ("fedeq_bench/methods", "from bench.loop import engine"),  # a method reaching up into the harness
+    ("fedeq_bench/datasets", "from bench.config import Config"),
+    ("fedeq_bench/core", "from fedeq_bench.methods.base import Method"),  # the vocabulary importing a user of it
+    ("bench/report", "from bench.loop import engine"),  # a report importing the round loop (torch)
+    ("bench/loop", "from bench.experiment import compare"),  # the loop reaching up into the library
+    ("bench/tracking", "from bench.loop import wire"),
 ])
-def test_a_reverse_import_is_caught(tmp_path, importer, line):
+def test_a_reverse_import_is_caught(tmp_path, where, line):
     """The same check fails once one module imports against the layers (even inside a function)."""
     path = installed_layout(tmp_path)
-    with open(os.path.join(path, "fedeq_bench", importer, "_reverse.py"), "w") as f:
+    with open(os.path.join(path, where, "_reverse.py"), "w") as f:
         f.write(f"def f():\n    {line}\n")
     proc = check(path)
     assert proc.returncode == 1
-    assert f"fedeq_bench.{importer}._reverse" in proc.stdout
+    assert where.replace("/", ".") + "._reverse" in proc.stdout
 
 
 def test_methods_and_datasets_may_import_each_other_and_core(tmp_path):

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedeq_bench.bench import engine, wire
+from bench.loop import engine, wire
 from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.bench.backends import SerialBackend
-from fedeq_bench.bench.experiment import load_dataset
+from bench.loop.backends import SerialBackend
+from bench.experiment import load_dataset
 from fedeq_bench.methods.base import ClientTensors, Task
 from fedeq_bench.methods.lg_fedavg import LGFedAvg, LGFedAvgConfig, global_split
 from fedeq_bench.methods.nets import build_model
@@ -18,7 +18,7 @@ from tests.helpers import tiny_config, write_tiny_npz
 
 
 def eval_rng(rnd=1, cid=0):
-    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/backends.py)."""
+    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/loop/backends.py)."""
     return seeding.generator(0, "eval", rnd, cid)
 
 
@@ -74,7 +74,7 @@ def test_a_broadcast_is_exactly_the_encoded_global_tensors():
         down = algo.broadcast(server, 0, 1)
         assert set(down) == keys
         assert len(wire.encode(down)) == len(wire.encode({k: server[k] for k in keys}))
-    # mlp by hand (bench/wire.py entry: 2 + len(name) + 1 + 1 + 4 * ndim + 8 + 4 * numel, header 8):
+    # mlp by hand (bench/loop/wire.py entry: 2 + len(name) + 1 + 1 + 4 * ndim + 8 + 4 * numel, header 8):
     algo, server, _, _ = setup()
     down = algo.broadcast(server, 0, 1)
     body3 = (2 + 13 + 2 + 8 + 8 + 200 * 200 * 4) + (2 + 11 + 2 + 4 + 8 + 200 * 4)  # 160033 + 827

@@ -1,4 +1,4 @@
-"""bench.memory: exact byte counts of the CPU definition, hook hygiene, and peak RSS.
+"""bench.loop.memory: exact byte counts of the CPU definition, hook hygiene, and peak RSS.
 
 All tensors are float32 (4 bytes an element) unless said otherwise. Which tensors an op saves for
 backward is PyTorch's choice; each test states what torch 2.13 saves, as observed with a plain
@@ -17,8 +17,8 @@ import torch.nn.modules.module as nn_module
 import torch.optim.optimizer as optim_module
 from torch import nn
 
-from fedeq_bench.bench import memory
-from fedeq_bench.bench.memory import MemoryMeter, peak_rss_bytes
+from bench.loop import memory
+from bench.loop.memory import MemoryMeter, peak_rss_bytes
 
 X_BYTES = 32 * 100 * 4  # 12800: a (32, 100) float32 activation
 LINEAR_100_50 = (100 * 50 + 50) * 4  # 20200: weight + bias of nn.Linear(100, 50)
@@ -361,11 +361,11 @@ def test_live_sees_what_backward_and_the_optimizer_allocate_and_changes_no_numbe
 
 
 def test_live_fedeq_update_counts_the_solver_working_set_the_parts_leave_out():
-    # FeDEQ on deq_mlp, 480 Fashion-MNIST-like samples (bench/workloads.py): its Anderson history
+    # FeDEQ on deq_mlp, 480 Fashion-MNIST-like samples (bench/perf/workloads.py): its Anderson history
     # and iterates are built under no_grad. Measured on torch 2.13: parts 2,189,452 B, live
     # 5,902,924 B (torch's profiler, profile_memory=True, gives the same peak of live allocations);
     # on an H200 the CUDA allocator read 9.8x the parts on another task.
-    from fedeq_bench.bench.workloads import update_setup
+    from bench.perf.workloads import update_setup
 
     update, algo = update_setup("fedeq", "deq_mlp", 480)
     update()
@@ -426,7 +426,7 @@ def test_cuda_real_allocator():
 FIRST_METER = """
 import torch
 from torch import nn
-from fedeq_bench.bench.memory import MemoryMeter
+from bench.loop.memory import MemoryMeter
 lin = nn.Linear(64, 64).cuda()
 x = torch.randn(32, 64, device="cuda")
 peaks = []

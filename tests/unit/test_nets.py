@@ -285,7 +285,7 @@ def test_reference_form_has_the_same_state_and_other_arithmetic(deq, name):
 
 
 def test_probe_runs_a_real_batch_and_refuses_a_model_that_cannot_take_it(monkeypatch):
-    """`probe` is the pre-flight check of bench/experiment.py: transformer8 on float features used to
+    """`probe` is the pre-flight check of bench/experiment/: transformer8 on float features used to
     pass the build-only check and die in round 1 with an IndexError."""
     from fedeq_bench.core.errors import BenchError
     from fedeq_bench.methods import nets

@@ -1,12 +1,12 @@
-"""Clients never sampled (fraction < 1, bench/engine.py): `clients/never_trained` every round, and at
+"""Clients never sampled (fraction < 1, bench/loop/engine.py): `clients/never_trained` every round, and at
 the final evaluation those clients take the held-out path (init_client from the final server,
 personalize, evaluate) for every method."""
 import pytest
 import torch
 
-from fedeq_bench.bench import engine
-from fedeq_bench.bench.backends import SerialBackend
-from fedeq_bench.bench.experiment import load_dataset
+from bench.loop import engine
+from bench.loop.backends import SerialBackend
+from bench.experiment import load_dataset
 from fedeq_bench.methods.fedavg import FedAvg
 from tests.helpers import tiny_config, write_tiny_npz
 

@@ -249,9 +249,9 @@ def test_large_but_representable_features_still_load(tmp_path):
 
 
 def test_size_estimate_reads_only_the_headers_and_is_the_loaded_size(tmp_path):
-    """bench/sizing.py's estimate before loading: from the archive's npy headers, the bytes the
+    """bench/experiment/sizing.py's estimate before loading: from the archive's npy headers, the bytes the
     clients' arrays take once loaded (x float32, y int64), here exact (float64 x and int32 y on disk)."""
-    from fedeq_bench.bench.sizing import dataset_bytes
+    from bench.experiment.sizing import dataset_bytes
     from fedeq_bench.datasets.npz import estimate_npz
 
     path = write(tmp_path, make_clients())  # (20 + 5) + (13 + 4) + (31 + 7) = 80 samples of 5 features

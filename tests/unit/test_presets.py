@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from fedeq_bench.bench import config as C
+from bench import config as C
 from fedeq_bench.methods.nets import build_model
 
 PAPER = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "paper"))

@@ -7,8 +7,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from fedeq_bench.bench.report import figures as F
-from fedeq_bench.bench.report.model import Cell, Group, Provenance, ReportData, RunRecord, Table
+from bench.report import figures as F
+from bench.report.model import Cell, Group, Provenance, ReportData, RunRecord, Table
 
 
 def run(method, seed, history, clients=None, status="FINISHED"):
@@ -136,7 +136,7 @@ def test_method_names_are_not_assumed_and_missing_data_drops_the_figure():
 
 
 def test_a_sweep_plots_validation_accuracy():
-    # Trials log acc/val, not acc/weighted (bench/study.py TEST_METRICS); the sweep report asks for it.
+    # Trials log acc/val, not acc/weighted (bench/tuning/study.py TEST_METRICS); the sweep report asks for it.
     g = Group("synthetic", "p", [run("trial 0", 0, {"acc/val": [0.2, 0.6], "bytes/cumulative": [1e6, 2e6]}),
                                  run("trial 0", 1, {"acc/val": [0.4, 0.8], "bytes/cumulative": [1e6, 2e6]})],
               seeds=[0, 1], methods=["trial 0"])
@@ -205,7 +205,7 @@ def test_bar_error_bars_reach_min_and_max():
 
 def test_html_escapes_text_marks_best_cells_and_refers_to_nothing_outside(tmp_path):
     pytest.importorskip("plotly")
-    from fedeq_bench.bench.report import html
+    from bench.report import html
 
     g = make_group()
     g.runs[0].method = g.runs[1].method = "<b>x</b></script>"

@@ -14,9 +14,9 @@ import statistics
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fedeq_bench.bench.report import collect, tables
-from fedeq_bench.bench.report.model import Group
-from fedeq_bench.bench.tracking import Tracker
+from bench.report import collect, tables
+from bench.report.model import Group
+from bench.tracking import Tracker
 from fedeq_bench.core.errors import BenchError
 
 METHODS = ["fedeq", "fedavg", "fedrep"]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedeq_bench.bench import config as C
-from fedeq_bench.bench.backends import SerialBackend
-from fedeq_bench.bench.engine import run_method
+from bench import config as C
+from bench.loop.backends import SerialBackend
+from bench.loop.engine import run_method
 from fedeq_bench.core import seeding
 from fedeq_bench.datasets.base import DataArgs, get_dataset
 
@@ -104,7 +104,7 @@ def test_no_two_call_sites_draw_the_same_stream_and_ids(monkeypatch):
 
     shared = {key: where for key, where in sites.items() if len(where) > 1}
     assert not shared, f"(stream, ids) drawn at more than one call site: {shared}"
-    # Every declared stream but bench/perf.py's was drawn, each with the ids it is declared with.
+    # Every declared stream but bench/perf/__main__.py's was drawn, each with the ids it is declared with.
     assert {stream for stream, _ in sites} == set(seeding.STREAMS) - {"perf"}
     wrong = {key for key in sites if len(key[1]) != declared_arity(key[0])}
     assert not wrong, f"drawn with other ids than declared in STREAMS: {sorted(wrong)}"

@@ -1,4 +1,4 @@
-"""bench/sizing.py: the memory a run will need, estimated before any data is made, and the one-line
+"""bench/experiment/sizing.py: the memory a run will need, estimated before any data is made, and the one-line
 refusal when it cannot fit (issue 13: `--clients 100000` on synthetic was killed by the kernel at 24 GB)."""
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import dataclasses
 import numpy as np
 import pytest
 
-from fedeq_bench.bench import config as C
-from fedeq_bench.bench import engine, sizing
-from fedeq_bench.bench.backends import SerialBackend
-from fedeq_bench.bench.experiment import load_checked, load_dataset, validate
-from fedeq_bench.bench.store import ClientStore, state_bytes
+from bench import config as C
+from bench.loop import engine
+from bench.experiment import sizing
+from bench.loop.backends import SerialBackend
+from bench.experiment import load_checked, load_dataset, validate
+from bench.loop.store import ClientStore, state_bytes
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.datasets.base import DataArgs, estimate_dataset
 from fedeq_bench.datasets.synthetic import SyntheticConfig
@@ -91,7 +92,7 @@ def test_a_state_budget_caps_the_states_counted():
 @pytest.mark.parametrize("run,available_gb", [
     ({"methods": "fedavg,fedrep"}, 0.05),  # the default task: 30 clients, about 4 MB of data
     ({"methods": "all", "clients": 10_000, "backend": "serial", "state_budget_gb": 0.5,
-      "fraction": 0.01}, 2.0),  # bench/scale.py's largest size, with a state budget
+      "fraction": 0.01}, 2.0),  # bench/perf/scale.py's largest size, with a state budget
     ({"methods": "all", "clients": 10_000, "fraction": 0.01, "rounds": 30}, 4.0),  # 3,000 states at most
 ])
 def test_the_normal_workloads_fit_on_a_small_machine(run, available_gb):

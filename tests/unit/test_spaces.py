@@ -1,12 +1,12 @@
-"""bench/spaces.py: search spaces as data (configs/sweeps/<method>.toml), validated by the --set code,
+"""bench/tuning/spaces.py: search spaces as data (configs/sweeps/<method>.toml), validated by the --set code,
 restricted by --params, overridden by --space FILE, and sampled through a real Optuna trial."""
 import math
 
 import optuna
 import pytest
 
-from fedeq_bench.bench import config as C
-from fedeq_bench.bench import spaces as S
+from bench import config as C
+from bench.tuning import spaces as S
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.methods import METHODS
 

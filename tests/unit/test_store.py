@@ -1,4 +1,4 @@
-"""bench/store.py: the client store keeps states in memory up to a byte budget, spills the least
+"""bench/loop/store.py: the client store keeps states in memory up to a byte budget, spills the least
 recently used to disk and reads them back bit for bit; a run's every metric is the same with a budget
 that forces spills as without one."""
 import gc
@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-from fedeq_bench.bench import engine
-from fedeq_bench.bench.backends import SerialBackend
-from fedeq_bench.bench.experiment import load_dataset
-from fedeq_bench.bench.store import GB, ClientStore, budget_bytes, state_bytes
+from bench.loop import engine
+from bench.loop.backends import SerialBackend
+from bench.experiment import load_dataset
+from bench.loop.store import GB, ClientStore, budget_bytes, state_bytes
 from tests.helpers import tiny_config, write_tiny_npz
 
 
@@ -176,8 +176,8 @@ def test_a_budget_that_forces_spills_changes_no_metric(tiny, method, monkeypatch
 
 
 def test_the_scale_benchmark_counts_the_states_of_trained_clients_only():
-    # A smoke run of bench/scale.py's measurement (`python -m bench.perf --scale`), in this process.
-    from fedeq_bench.bench import scale
+    # A smoke run of bench/perf/scale.py's measurement (`python -m bench.perf --scale`), in this process.
+    from bench.perf import scale
 
     r = scale.measure("fedrep", 40, cohort=4, rounds=3, eval_every=2, eval_clients=5)
     # Rounds 1..3 of 4 clients each: at most 12 clients trained, so at most 12 states of 40 clients.

@@ -1,4 +1,4 @@
-"""bench/study.py: Optuna studies over the library, read back from Optuna's storage and MLflow.
+"""bench/tuning/study.py: Optuna studies over the library, read back from Optuna's storage and MLflow.
 
 Every study here is tiny: synthetic data, 6 clients, 2 rounds, the serial backend, FedAvg/FedRep
 (the fastest methods), a search space written by the test (configs/sweeps/ is not assumed).
@@ -12,9 +12,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from fedeq_bench.bench import config as C
-from fedeq_bench.bench import experiment, study
-from fedeq_bench.bench.study import SweepOptions
+from bench import config as C
+from bench import experiment
+from bench.tuning import study
+from bench.tuning.study import SweepOptions
 
 SPACE = """
 fedavg.lr = {low = 0.01, high = 0.3, log = true}
@@ -171,7 +172,7 @@ def test_the_objective_never_reads_test_data(env):
 def test_a_dead_process_trial_is_failed_in_optuna_and_its_mlflow_run_too(env, monkeypatch):
     monkeypatch.setattr(study, "HEARTBEAT_S", 1)
     monkeypatch.setattr(study, "GRACE_S", 1)
-    from fedeq_bench.bench.tracking import Tracker
+    from bench.tracking import Tracker
 
     st = optuna.create_study(study_name="s", storage=study.make_storage(env["storage"]))
     trial = st.ask()  # a trial whose process then died: RUNNING, heartbeat stops

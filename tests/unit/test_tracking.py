@@ -1,4 +1,4 @@
-"""bench/tracking.py: opening a store that several processes create at once."""
+"""bench/tracking/: opening a store that several processes create at once."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 OPEN = """
 import sys, time
-from fedeq_bench.bench.tracking import Tracker
+from bench.tracking import Tracker
 start = float(sys.argv[2])
 while time.time() < start:  # every process opens the new store at the same instant
     time.sleep(0.001)
@@ -43,7 +43,7 @@ import contextlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-from fedeq_bench.bench.tracking import Tracker  # noqa: E402
+from bench.tracking import Tracker  # noqa: E402
 from fedeq_bench.core.errors import BenchError  # noqa: E402
 
 

@@ -1,10 +1,10 @@
-"""bench/wire.py: the codec is exact, deterministic and pickle-free; the ledger counts its bytes."""
+"""bench/loop/wire.py: the codec is exact, deterministic and pickle-free; the ledger counts its bytes."""
 import struct
 
 import pytest
 import torch
 
-from fedeq_bench.bench import wire
+from bench.loop import wire
 from fedeq_bench.core.errors import BenchError
 
 

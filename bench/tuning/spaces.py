@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from fedeq_bench.bench import config as C
+from bench import config as C
 from fedeq_bench.core.errors import BenchError, choices as _choices
 
 ENTRY_FIELDS = ("low", "high", "log", "step", "choices")
@@ -47,10 +47,12 @@ class Dist:
 def sweeps_dir() -> Path | None:
     """`configs/sweeps/` of the checkout this package runs from; None when installed without one.
 
-    `fedeq_bench.bench` is the folder `bench/` of the checkout (pyproject's package-dir), and
-    `configs/` is its sibling. A wheel installs no `configs/`, hence None.
+    `configs/` is the sibling of the folder `bench/` (`bench.CHECKOUT`). A wheel installs no
+    `configs/`, hence None.
     """
-    d = Path(__file__).resolve().parent.parent / "configs" / "sweeps"
+    from bench import CHECKOUT
+
+    d = Path(CHECKOUT) / "configs" / "sweeps"
     return d if d.is_dir() else None
 
 

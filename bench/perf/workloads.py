@@ -16,7 +16,7 @@ actor gets `cpus // workers` CPUs (`--cpus-per-client`, also its torch thread co
 has the whole machine, like the plain loop.
 
 Memory metering is part of the harness and included: each client's first local update is metered
-(bench/engine.py says why that is every distinct footprint).
+(bench/loop/engine.py says why that is every distinct footprint).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from fedeq_bench.bench import config as C
+from bench import config as C
 from fedeq_bench.core.seeding import generator, numpy_rng
 
 CLIENTS, N_TRAIN, N_TEST, SHAPE, CLASSES = 20, 480, 120, (1, 28, 28), 10
@@ -81,9 +81,9 @@ def plain_loop(npz_path: str, rounds: int, lr: float, batch: int, seed: int = 0)
 def harness(npz_path: str, rounds: int, lr: float, batch: int, backend: str, workers: int,
             cpus: float = 1.0) -> list[float]:
     """The harness's round loop (engine + backend), wall seconds per round."""
-    from fedeq_bench.bench.backends import make_backend
-    from fedeq_bench.bench.engine import run_method
-    from fedeq_bench.bench.experiment import load_dataset
+    from bench.loop.backends import make_backend
+    from bench.loop.engine import run_method
+    from bench.experiment import load_dataset
 
     cfg = C.apply(C.default_config(), {
         "methods": "fedavg", "dataset": f"npz:{npz_path}", "model": "mlp", "rounds": rounds, "fraction": 1.0,
@@ -150,7 +150,7 @@ PERSONAL_EPOCHS, SHARED_EPOCHS, UPDATE_BATCH, UPDATE_LR = 3, 5, 10, 0.01
 
 def update_setup(method: str, model: str, n: int, seed: int = 0, **overrides):
     """(update() closure, method instance) for one local update of `method` on `model` with n samples."""
-    from fedeq_bench.bench import wire
+    from bench.loop import wire
     from fedeq_bench.core.types import ClientTensors, Task
     from fedeq_bench.methods import METHODS
     from fedeq_bench.methods.nets import build_model
@@ -231,7 +231,7 @@ def fedeq_update_table(models: tuple[str, ...] = ("deq_mlp", "deq_resnet_s"), re
 # The same workload timed as a user meets it: each command a fresh process, from `python` to exit,
 # so imports, Ray's start, MLflow's store and the final evaluation count. The plain loop is a script
 # doing only its training (torch imported, data loaded, 30 rounds, exit).
-PLAIN_SCRIPT = ("import sys\nfrom fedeq_bench.bench.workloads import plain_loop\n"
+PLAIN_SCRIPT = ("import sys\nfrom bench.perf.workloads import plain_loop\n"
                 "plain_loop(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]))\n")
 
 
@@ -324,7 +324,7 @@ def whole_process_table(rounds: int = 30, lr: float = 0.05, batch_size: int = 32
     throughout, in its own temp dir, so every command meets the same machine. The Markdown table `python -m bench.perf --whole` prints."""
     import sys
 
-    from fedeq_bench.bench.tracking import Tracker
+    from bench.tracking import Tracker
 
     ncpu = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="wp", dir="/tmp") as d:  # short: Ray's socket paths

@@ -244,7 +244,7 @@ def _unpack(saved: _Saved) -> torch.Tensor:
         raise RuntimeError(
             "one of the variables needed for gradient computation has been modified by an "
             f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
-            f"expected version {saved.version} instead (reported by bench.memory.MemoryMeter)"
+            f"expected version {saved.version} instead (reported by bench.loop.memory.MemoryMeter)"
         )
     return t
 

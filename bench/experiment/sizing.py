@@ -12,7 +12,7 @@ a few hundred MB, are not, so the check refuses only what cannot fit):
     Ray      the Ray backend puts each dataset into the object store once (shared memory): one copy
              more of the data (not counted through Ray Client, `--address ray://...`, whose store is
              the cluster's).
-    states   client states kept by the engine's client store (bench/store.py): a client's state once
+    states   client states kept by the engine's client store (bench/loop/store.py): a client's state once
              it has trained, so min(training clients, rounds x cohort) + held-out clients, times the
              bytes one state holds (`state_bytes_per_client`), for the method keeping the most
              (methods run one after another); at most --state-budget-gb in memory, the rest on disk.
@@ -95,7 +95,7 @@ def _method_bytes(cfg, method: str, default_models, input_shape, num_classes: in
     """(bytes of one client's state, bytes of the whole model) of `method` on this task."""
     import torch
 
-    from fedeq_bench.bench.config import resolve_method
+    from bench.config import resolve_method
     from fedeq_bench.core import seeding
     from fedeq_bench.core.types import Task
     from fedeq_bench.methods import METHODS

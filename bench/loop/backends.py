@@ -11,7 +11,7 @@ method sees only what was sent) and the client's state (owned by the engine's cl
 kept on a worker: one actor serves many clients); (seed, round, client id) name its random stream.
 The dataset is put in Ray's object store once per dataset; each distinct downlink payload is put
 once per call and shared by every client that receives it. Because a job carries everything, a Ray
-actor that dies mid-call is replaced and its jobs redone with the same bits (bench/faults.py).
+actor that dies mid-call is replaced and its jobs redone with the same bits (bench/loop/faults.py).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from fedeq_bench.bench import cluster, divergence, faults, memory, wire
+from bench.loop import cluster, divergence, faults, memory, wire
 from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.types import ClientTensors, MethodSpec, State
@@ -290,16 +290,16 @@ class RayBackend:
 
     Results come back in job order: the engine aggregates in client-id order whatever order the
     actors finish in. An actor that dies mid-call is replaced and its clients' work redone, bit for
-    bit (bench/faults.py); every actor must run the driver's version of fedeq-bench.
+    bit (bench/loop/faults.py); every actor must run the driver's version of fedeq-bench.
     """
 
     name = "ray"
 
     def __init__(self, workers: int | None = None, address: str | None = None, cpus_per_client: float = 1.0,
                  gpus_per_client: float = 0.0, device: str | None = None, pool=None):
-        """Connect and start the actors (bench/actor.py: `start_pool`), or take a `pool` started already
+        """Connect and start the actors (bench/loop/actor.py: `start_pool`), or take a `pool` started already
         (`compare` starts one before loading torch and the data; the other arguments are then unused)."""
-        from fedeq_bench.bench import actor as A
+        from bench.loop import actor as A
 
         if pool is None:
             pool = A.start_pool(workers, address, cpus_per_client, gpus_per_client, device)
@@ -377,7 +377,7 @@ class RayBackend:
 
         Clients go to actors in contiguous chunks, CHUNKS_PER_WORKER per actor and call: one Ray
         call per chunk instead of one per client (a call costs ~1 ms, a 1 MB object ~2 ms on this
-        machine; see bench/perf.py), while the pool still balances unequal chunks.
+        machine; see bench/perf/__main__.py), while the pool still balances unequal chunks.
         """
         ray = self._ray
         refs: dict[bytes, Any] = {}
@@ -485,6 +485,6 @@ def make_backend(run) -> SerialBackend | RayBackend:
     if run.backend == "serial":
         device = run.device or ("cuda" if run.gpus_per_client > 0 and torch.cuda.is_available() else "cpu")
         return SerialBackend(cluster.threads_per_actor(run.cpus_per_client), device)
-    from fedeq_bench.bench.actor import start_pool_for
+    from bench.loop.actor import start_pool_for
 
     return RayBackend(pool=start_pool_for(run))

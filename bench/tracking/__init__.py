@@ -32,24 +32,11 @@ import sys
 import time
 from typing import Iterator
 
-from fedeq_bench.bench.cli import deferred_signals, interrupt_requested
+from bench.cli import deferred_signals, interrupt_requested
 from fedeq_bench.core.errors import BenchError
 
 PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
 STATUSES = ("FINISHED", "FAILED", "KILLED", "PRUNED")
-
-
-TEST_SIGNAL_ENV = "FEDEQ_BENCH_TEST_SIGNAL_IN_WRITE"
-"""TEST ONLY (tests/integration/test_signals.py). An artifact path, e.g. `ledger.csv`: the process
-sends itself SIGINT just as that artifact's write starts, the Ctrl-C a user cannot time by hand. The
-write must still complete and the run end KILLED. Unset (always, outside that test) it does nothing."""
-
-
-def _signal_for_tests(path: str) -> None:
-    if os.environ.get(TEST_SIGNAL_ENV) == path:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGINT)
 
 
 class Pruned(Exception):
@@ -306,7 +293,6 @@ class Tracker:
 
     def log_text(self, run_id: str, text: str, path: str) -> None:
         with deferred_signals():
-            _signal_for_tests(path)
             self.client.log_text(run_id, text, path)
 
     def log_json(self, run_id: str, obj, path: str) -> None:

@@ -8,7 +8,7 @@ this harness starts itself listens on 127.0.0.1 only (`loopback_only`): a single
 no port to the network. `Background` runs such a start (with the actors' start after it: a whole
 RayBackend) in a thread while the caller loads data and imports MLflow. `actor_capacity` and
 `pool_size` are pure arithmetic over the nodes' resources, so the errors a user sees for a resource
-request that cannot be met are unit-tested without starting Ray. RayBackend (bench/backends.py)
+request that cannot be met are unit-tested without starting Ray. RayBackend (bench/loop/backends.py)
 calls them in that order.
 """
 from __future__ import annotations

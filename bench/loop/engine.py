@@ -1,7 +1,7 @@
 """The round loop: schedule -> broadcast -> local updates -> aggregate -> evaluate.
 
 Nothing here depends on which method runs: the engine calls the six functions of methods/base.py,
-encodes every message with bench/wire.py (counting its exact bytes in the ledger), keeps every
+encodes every message with bench/loop/wire.py (counting its exact bytes in the ledger), keeps every
 client's state in its own client store (keyed by client id), and reduces per-client results in
 client-id order. A failure anywhere in a round names the method, the round and the client (or the
 server) in one line: see `failure`.
@@ -11,9 +11,9 @@ Random streams drawn here (core/seeding.py): `init` (the model) and `server_init
 read before it first trained, from the initial server; held-out clients at every evaluation, and
 training clients never sampled at the final evaluation, from the server of that round: the same draw
 each time), `schedule` per round, `eval_sample` per evaluation before the last (`--eval-clients`).
-The clients' own streams (`local`, `eval`, `personalize`) are drawn by bench/backends.py.
+The clients' own streams (`local`, `eval`, `personalize`) are drawn by bench/loop/backends.py.
 
-Scale (bench/store.py): client states live in a `ClientStore`, which keeps a state only once the
+Scale (bench/loop/store.py): client states live in a `ClientStore`, which keeps a state only once the
 client has trained (before that it reads as `init_client` from the initial server, the numbers an
 up-front initialization gave) and spills the least recently used to disk past `--state-budget-gb`.
 Per round the engine touches the cohort and the clients it evaluates, never the idle ones; with
@@ -41,10 +41,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from fedeq_bench.bench import checkpoint, divergence, wire
-from fedeq_bench.bench.backends import Job, Kind, Result
-from fedeq_bench.bench.config import Config, resolve_method
-from fedeq_bench.bench.store import ClientStore, budget_bytes
+from bench.loop import checkpoint, divergence, wire
+from bench.loop.backends import Job, Kind, Result
+from bench.config import Config, resolve_method
+from bench.loop.store import ClientStore, budget_bytes
 from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.types import MethodSpec, Task
@@ -216,7 +216,7 @@ def run_method(
     """Train and evaluate one method at one seed; `on_round(rnd, metrics)` after every round.
 
     `on_checkpoint(loop_state)`: after `on_round`, every `--checkpoint-every` rounds and after the
-    last (bench/checkpoint.py writes it). `resume`: a `checkpoint.Checkpoint` to continue from, with
+    last (bench/loop/checkpoint.py writes it). `resume`: a `checkpoint.Checkpoint` to continue from, with
     the numbers an uninterrupted run has: the rounds after it are run, the ones up to it are not.
     """
     run = config.run
@@ -249,7 +249,7 @@ def run_method(
     trained: set[int] = set()  # training clients in some cohort so far
     start, wall_before = 1, 0.0
     ident = checkpoint.identity(method, seed, run.rounds, dataset.fingerprint)
-    if resume is not None:  # everything the loop carries between rounds (bench/checkpoint.py)
+    if resume is not None:  # everything the loop carries between rounds (bench/loop/checkpoint.py)
         loop = resume.restore(store, result, train_ids, **ident)
         server, cumulative, peak_of, trained = loop.server, loop.cumulative, loop.peak_of, loop.trained
         start, wall_before = loop.round + 1, loop.wall_s

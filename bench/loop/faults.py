@@ -1,7 +1,7 @@
 """What a Ray pool does when a worker goes wrong: an actor that dies, a node that runs other code.
 
 An actor dies mid-call when it is killed (`ray.kill`, kill -9 of its process, the kernel's or Ray's
-out-of-memory killer) or its node goes away. RayBackend (bench/backends.py) then starts a fresh
+out-of-memory killer) or its node goes away. RayBackend (bench/loop/backends.py) then starts a fresh
 actor (same resources, same dataset) and redoes the lost chunk's jobs. A job carries everything a
 client needs (the encoded downlink and the state the engine owns), so the redo gives the same bits
 as an undisturbed run. A chunk of several clients that kills its actor is redone one client per
@@ -53,7 +53,7 @@ def project_version() -> str:
     checkout it was imported from (`-dirty` with uncommitted changes), else the installed version."""
     if os.environ.get(VERSION_ENV):
         return os.environ[VERSION_ENV]
-    from fedeq_bench.bench.tracking import git_commit
+    from bench.tracking import git_commit
 
     commit = git_commit()
     if commit != "unknown":

@@ -4,10 +4,10 @@ An actor's own process imports torch (about a second of CPU each) when it is cre
 the driver imports torch and loads the data, that work runs on the cores the driver leaves idle
 during its own imports, instead of after them (README: Performance, the whole-process table).
 
-    EdgeNode     the Ray actor class: builds bench/backends.py's Worker inside the actor process
+    EdgeNode     the Ray actor class: builds bench/loop/backends.py's Worker inside the actor process
     start_pool   connect to Ray, start the actors, collect their `hello()` reports: a `Pool`
     early_pool   `start_pool` in the background from a command's flags alone, before its config
-                 (and torch) is loaded; bench/experiment.py's `compare` adopts it if the config
+                 (and torch) is loaded; bench/experiment/'s `compare` adopts it if the config
                  agrees, or discards it
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fedeq_bench.bench import cluster, faults
+from bench.loop import cluster, faults
 from fedeq_bench.core.errors import BenchError
 
 POOL_KEYS = ("backend", "address", "workers", "cpus_per_client", "gpus_per_client", "device")
@@ -23,14 +23,14 @@ POOL_KEYS = ("backend", "address", "workers", "cpus_per_client", "gpus_per_clien
 
 
 class EdgeNode:
-    """One edge node: a Ray actor serving whichever clients it is handed (bench/backends.py Worker).
+    """One edge node: a Ray actor serving whichever clients it is handed (bench/loop/backends.py Worker).
 
     Defined apart from Worker so the driver can create actors before it imports torch; the actor
     process imports it when it builds its Worker.
     """
 
     def __init__(self, threads: int, device: str | None):
-        from fedeq_bench.bench.backends import Worker
+        from bench.loop.backends import Worker
 
         self._worker = Worker(threads, device)
 
@@ -65,7 +65,7 @@ class Pool:
 
 def start_pool(workers: int | None, address: str | None, cpus_per_client: float, gpus_per_client: float,
                device: str | None) -> Pool:
-    """Connect to Ray (bench/cluster.py: `connect`), size the pool to the cluster, start the actors and
+    """Connect to Ray (bench/loop/cluster.py: `connect`), size the pool to the cluster, start the actors and
     wait for each one's `hello()`. On a BenchError what was started is stopped again."""
     cluster.check_request(cpus_per_client, gpus_per_client)  # before starting Ray, which cannot help
     import ray
@@ -76,7 +76,7 @@ def start_pool(workers: int | None, address: str | None, cpus_per_client: float,
     try:
         capacity = cluster.actor_capacity(cluster.node_resources(), cpus_per_client, gpus_per_client)
         pool.actors = [actor_cls.remote(*pool.actor_args) for _ in range(cluster.pool_size(workers, capacity))]
-        # An actor killed while it starts is replaced (bench/faults.py), not a traceback.
+        # An actor killed while it starts is replaced (bench/loop/faults.py), not a traceback.
         pool.actors, pool.reports = faults.greet(pool.actors, lambda: actor_cls.remote(*pool.actor_args))
     except BaseException:
         pool.close()
@@ -103,7 +103,7 @@ def early_pool(config_file: str | None, flags: dict, sets: list[str]):
     """
     if config_file or sets:
         return None
-    from fedeq_bench.bench import config as C
+    from bench import config as C
 
     try:
         run = C.apply(C.Config(run=C.RunConfig(**C.env_defaults())),

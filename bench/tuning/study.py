@@ -60,7 +60,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from fedeq_bench.bench import cli
+from bench import cli
 from fedeq_bench.core.errors import BenchError, choices
 
 PRUNERS = ("median", "hyperband", "none")
@@ -180,7 +180,7 @@ def method_space(cfg, method: str, opts: SweepOptions) -> dict:
     `--methods a,b` holds every method's entries. A run key (`lr`) is tuned as the method's own
     field of that name (`fedeq.lr`), so each method's winner is its own; a dataset key is refused
     (the data is the same for every method of a fair comparison)."""
-    from fedeq_bench.bench.spaces import load_space
+    from bench.tuning.spaces import load_space
 
     space = load_space(method, opts.space, list(opts.params) if opts.params else None)
     fields = {f.name for f in dataclasses.fields(cfg.methods[method])}
@@ -297,10 +297,10 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
 
     import optuna
 
-    from fedeq_bench.bench import config as C
-    from fedeq_bench.bench import experiment
-    from fedeq_bench.bench.spaces import suggest
-    from fedeq_bench.bench.tracking import git_commit, package_versions
+    from bench import config as C
+    from bench import experiment
+    from bench.tuning.spaces import suggest
+    from bench.tracking import git_commit, package_versions
 
     run = cfg.run
     optuna.logging.set_verbosity(optuna.logging.WARNING if quiet else optuna.logging.INFO)
@@ -574,9 +574,9 @@ def sweep(cfg, opts: SweepOptions, command: str = "", quiet: bool = True, datase
     """A study per method of the validated `cfg` (same trials, sampler seed, pruner), then the tuned
     preset. `datasets`: `{seed: FederatedDataset}` to use instead of loading (tests). Returns
     (outcomes, path of the tuned preset or None). Raises BenchError on bad input, every run ended."""
-    from fedeq_bench.bench import experiment
-    from fedeq_bench.bench.backends import make_backend
-    from fedeq_bench.bench.tracking import Tracker, check_store
+    from bench import experiment
+    from bench.loop.backends import make_backend
+    from bench.tracking import Tracker, check_store
 
     run = cfg.run
     if opts.trials < 1:

@@ -16,7 +16,7 @@ File format (`FQCK1`; integers little-endian; no pickle anywhere, so loading run
     b"FQCK1\\n"                      magic, 6 bytes
     u64 n, n bytes                  meta: JSON (utf-8) of every field above but the states; floats
                                     are written as repr, which JSON reads back exactly (NaN too)
-    u64 n, n bytes                  server state, encoded with bench/wire.py (the wire codec)
+    u64 n, n bytes                  server state, encoded with bench/loop/wire.py (the wire codec)
     u64 count                       number of client states
     count x (i64 cid, u64 n, n bytes)  each client's state, wire-encoded, in the store's order
     b"FQCK-END"                     trailer: a file without it is damaged, never half-read
@@ -49,7 +49,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 
-from fedeq_bench.bench import wire
+from bench.loop import wire
 from fedeq_bench.core.errors import BenchError
 
 MAGIC = b"FQCK1\n"

@@ -61,11 +61,11 @@ def measure(method: str, clients: int, cohort: int = COHORT, rounds: int = ROUND
 
     import torch
 
-    from fedeq_bench.bench import config as C
-    from fedeq_bench.bench import engine
-    from fedeq_bench.bench.backends import Kind, SerialBackend
-    from fedeq_bench.bench.experiment import load_dataset
-    from fedeq_bench.bench.memory import peak_rss_bytes
+    from bench import config as C
+    from bench.loop import engine
+    from bench.loop.backends import Kind, SerialBackend
+    from bench.experiment import load_dataset
+    from bench.loop.memory import peak_rss_bytes
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the driver too, like the clients (SerialBackend(threads=1)): one core's figures
@@ -141,7 +141,7 @@ def measure(method: str, clients: int, cohort: int = COHORT, rounds: int = ROUND
 
 def measure_in_subprocess(method: str, clients: int, **kw) -> dict:
     """`measure` in a fresh Python process (its own peak RSS); raises with the child's stderr on failure."""
-    args = [sys.executable, "-m", "fedeq_bench.bench.scale", "--one", method, str(clients), json.dumps(kw)]
+    args = [sys.executable, "-m", "bench.perf.scale", "--one", method, str(clients), json.dumps(kw)]
     done = subprocess.run(args, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{method} at {clients} clients failed:\n{done.stderr[-4000:]}")
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
         method, clients, kw = argv[1], int(argv[2]), json.loads(argv[3])
         print(json.dumps(measure(method, clients, **kw)))
         return 0
-    from fedeq_bench.bench import perf
+    from bench.perf import __main__ as perf
 
     return perf.main(["--scale", *argv])
 
