@@ -9,8 +9,6 @@
 """
 from __future__ import annotations
 
-import sys
-
 from bench import cli
 from fedeq_bench.core.errors import BenchError
 

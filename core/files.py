@@ -23,7 +23,7 @@ import pickle
 import tarfile
 import zipfile
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from fedeq_bench.core.errors import BenchError
 

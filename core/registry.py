@@ -1,7 +1,8 @@
 """A name -> object registry that fails helpfully (`unknown method 'fedq'; choose from ...`)."""
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from fedeq_bench.core.errors import unknown
 

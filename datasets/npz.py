@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.core.files import one_line, decode_error, require_file
+from fedeq_bench.core.files import decode_error, one_line, require_file
 from fedeq_bench.datasets.base import DataArgs, DataEstimate, FederatedDataset, build_federated, register_dataset
 from fedeq_bench.datasets.partition import require_natural
 

@@ -45,7 +45,7 @@ turns a centralised dataset into a `FederatedDataset` with it.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

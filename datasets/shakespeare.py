@@ -76,11 +76,11 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.files import read_text, require_file
 from fedeq_bench.core.ranges import ranged
 from fedeq_bench.datasets.base import DataArgs, FederatedDataset, build_federated, register_dataset
 from fedeq_bench.datasets.leaf import find_source, leaf_layout, merge, rank_users, read_leaf_files, read_split
 from fedeq_bench.datasets.partition import require_natural
-from fedeq_bench.core.files import read_text, require_file
 
 SEQ_LEN = 80
 """Characters in a window (LEAF's seq_length)."""

@@ -45,7 +45,6 @@ Choices, and where they come from:
 from __future__ import annotations
 
 import copy
-
 from dataclasses import dataclass
 
 import torch

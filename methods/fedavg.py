@@ -8,7 +8,6 @@ Not personalized: every client is evaluated with the global w, and a held-out cl
 """
 from __future__ import annotations
 
-
 from fedeq_bench.methods.base import Method, register_method
 from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot, weighted_average, with_num_samples
 

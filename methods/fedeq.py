@@ -54,11 +54,10 @@ from typing import Literal
 
 import torch
 
-from fedeq_bench.core.ranges import ranged
-from fedeq_bench.methods.base import Method, MethodConfig, register_method
-from fedeq_bench.methods.nets import split_names
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.methods.base import NUM_SAMPLES
+from fedeq_bench.core.ranges import ranged
+from fedeq_bench.methods.base import NUM_SAMPLES, Method, MethodConfig, register_method
+from fedeq_bench.methods.nets import split_names
 from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot, with_num_samples
 
 THETA, HEAD, DUAL, NORM = "theta.", "head.", "dual.", "norm."

@@ -48,7 +48,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.ranges import ranged

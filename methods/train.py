@@ -18,7 +18,7 @@ example-weighted `acc/weighted` equals the token micro-average the reference rep
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F

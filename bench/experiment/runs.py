@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from bench.experiment.load import load_checked
 from bench.experiment.resume import PROG_HINT, drop_checkpoints, logged_steps, process_tags, reopened, resume_plan
@@ -27,8 +27,8 @@ def run_one(cfg, tracker, parent: str | None, backend, method: str, seed: int, d
     values it has are the ones an uninterrupted run logs (the same numbers, as deterministic), except
     time/* and mem/peak_rss_bytes, whose first value stays. So every metric has one value per round.
     """
-    from bench.loop import checkpoint
     from bench import config as C
+    from bench.loop import checkpoint
     from bench.loop.engine import run_method
 
     model = C.resolve_method(cfg, method, dataset.default_models).model
@@ -102,9 +102,9 @@ def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = No
     `on_round(method, seed, round, metrics)`: called after each round of each method x seed is logged
     (the tests inject faults through it, e.g. a SIGKILL at a known round).
     """
-    from bench.loop import actor as A
     from bench import cli
     from bench import config as C
+    from bench.loop import actor as A
     from bench.loop.backends import RayBackend, make_backend
     from bench.loop.cluster import Background
     from bench.tracking import Tracker, check_store, git_commit, package_versions

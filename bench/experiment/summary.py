@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from bench.report.stats import Stat, seed_stat
 
-
 SUMMARY = {
     "acc/mean": lambda r: r.final["acc/mean"],
     "acc/weighted": lambda r: r.final["acc/weighted"],

@@ -21,9 +21,10 @@ import enum
 import os
 import warnings
 from collections import Counter, OrderedDict, deque
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -339,7 +340,7 @@ class RayBackend:
             report = self._ray.get(actor.hello.remote())
         faults.check_version(self._version, report)
 
-    def split(self, n: int) -> list["RayBackend"]:
+    def split(self, n: int) -> list[RayBackend]:
         """`n` backends over disjoint parts of this pool, for `n` runs at once (a sweep's parallel
         trials): each part has at least one actor, and one thread at a time may use it; results do not
         depend on how many actors serve a run. They share the Ray connection and the datasets put so

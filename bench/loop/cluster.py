@@ -22,7 +22,7 @@ import re
 import socket
 import sys
 import threading
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from fedeq_bench.core.errors import BenchError
 

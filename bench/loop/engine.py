@@ -34,16 +34,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from bench.config import Config, resolve_method
 from bench.loop import checkpoint, divergence, wire
 from bench.loop.backends import Job, Kind, Result
-from bench.config import Config, resolve_method
 from bench.loop.store import ClientStore, budget_bytes
 from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError

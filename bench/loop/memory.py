@@ -92,8 +92,9 @@ from __future__ import annotations
 import sys
 import threading
 import weakref
+from collections.abc import Iterable, Iterator
 from functools import partial
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.modules.module as nn_module

@@ -29,8 +29,7 @@ import shutil
 import tempfile
 import weakref
 from collections import OrderedDict
-from collections.abc import MutableMapping
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 
 import torch
 

@@ -62,9 +62,9 @@ def measure(method: str, clients: int, cohort: int = COHORT, rounds: int = ROUND
     import torch
 
     from bench import config as C
+    from bench.experiment import load_dataset
     from bench.loop import engine
     from bench.loop.backends import Kind, SerialBackend
-    from bench.experiment import load_dataset
     from bench.loop.memory import peak_rss_bytes
 
     threads = torch.get_num_threads()

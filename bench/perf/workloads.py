@@ -81,9 +81,9 @@ def plain_loop(npz_path: str, rounds: int, lr: float, batch: int, seed: int = 0)
 def harness(npz_path: str, rounds: int, lr: float, batch: int, backend: str, workers: int,
             cpus: float = 1.0) -> list[float]:
     """The harness's round loop (engine + backend), wall seconds per round."""
+    from bench.experiment import load_dataset
     from bench.loop.backends import make_backend
     from bench.loop.engine import run_method
-    from bench.experiment import load_dataset
 
     cfg = C.apply(C.default_config(), {
         "methods": "fedavg", "dataset": f"npz:{npz_path}", "model": "mlp", "rounds": rounds, "fraction": 1.0,

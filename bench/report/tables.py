@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 import shlex
-from datetime import datetime, timezone
-from typing import Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
 
-from bench.report.stats import Stat, seed_stat
 from bench.report.model import Cell, Group, Provenance, ReportData, RunRecord, Table
+from bench.report.stats import Stat, seed_stat
 
 REFERENCE = "fedeq"
 """The method the ratio column compares with (the method this benchmark is about)."""
@@ -119,7 +119,7 @@ def mark_best(rows: list[list[Cell]], col: int, better) -> None:
 
 
 def when(ms: int | None) -> str:
-    return datetime.fromtimestamp(ms / 1e3, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if ms else DASH
+    return datetime.fromtimestamp(ms / 1e3, UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if ms else DASH
 
 
 # -- a comparison ---------------------------------------------------------------------------------

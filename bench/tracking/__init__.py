@@ -30,7 +30,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from bench.cli import deferred_signals, interrupt_requested
 from fedeq_bench.core.errors import BenchError

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bench import config as C
-from fedeq_bench.core.errors import BenchError, choices as _choices
+from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.errors import choices as _choices
 
 ENTRY_FIELDS = ("low", "high", "log", "step", "choices")
 

@@ -299,8 +299,8 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
 
     from bench import config as C
     from bench import experiment
-    from bench.tuning.spaces import suggest
     from bench.tracking import git_commit, package_versions
+    from bench.tuning.spaces import suggest
 
     run = cfg.run
     optuna.logging.set_verbosity(optuna.logging.WARNING if quiet else optuna.logging.INFO)

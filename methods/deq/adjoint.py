@@ -58,12 +58,11 @@ deq/b_unconverged_frac shows it.
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.registry import Registry
 from fedeq_bench.methods.deq.solvers import DIVERGE_ABOVE, SOLVERS, DEQDivergence, _check_kw, solve
 

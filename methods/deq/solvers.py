@@ -96,7 +96,7 @@ are nowhere near a fixed point at their own scale (||f(z) - z|| > 1000 ||f(z)|| 
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -3,7 +3,7 @@ representation, parameters under `head.` the personal classifier (FedRep, FeDEQ,
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

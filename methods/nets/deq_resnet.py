@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedeq_bench.core.errors import BenchError
-
 from fedeq_bench.methods.nets import BodyHead, register_model
 from fedeq_bench.methods.nets.common import deq_class, fc_embedding, haiku_conv, haiku_linear, image_shape
 

@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
+from bench.experiment import load_dataset
 from bench.loop import engine, faults
 from bench.loop.backends import WORK_OF, Kind, RayBackend, SerialBackend, Worker
-from bench.experiment import load_dataset
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.methods.fedavg import FedAvg
 from tests.helpers import tiny_config, write_tiny_npz
@@ -113,8 +113,8 @@ def test_a_client_that_keeps_killing_its_actor_fails_the_run_with_one_line(tmp_p
 def actor_titles(root_pid: int) -> dict[int, str]:
     """{pid: title} of the actor processes under `root_pid`: Ray titles them ray::CLASS, and
     ray::CLASS.METHOD while they run a call."""
-    import ray  # noqa: F401 - puts Ray's bundled psutil on sys.path
     import psutil
+    import ray  # noqa: F401 - puts Ray's bundled psutil on sys.path
 
     try:
         procs = psutil.Process(root_pid).children(recursive=True)

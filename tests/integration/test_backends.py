@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from bench.loop import engine, wire
-from bench.loop.backends import Job, Kind, RayBackend, SerialBackend
 from bench.config import resolve_method
 from bench.experiment import load_dataset
+from bench.loop import engine, wire
+from bench.loop.backends import Job, Kind, RayBackend, SerialBackend
 from fedeq_bench.core import seeding
 from fedeq_bench.core.types import MethodSpec, Task
 from fedeq_bench.methods import METHODS

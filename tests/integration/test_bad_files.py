@@ -9,9 +9,9 @@ from __future__ import annotations
 import io
 import os
 import re
-import tarfile
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 

@@ -8,11 +8,9 @@ import sys
 import pytest
 import ray
 
-from bench.loop import actor as A
-from bench import cli
-from bench import config as C
-from bench import experiment
+from bench import cli, experiment
 from bench import run as bench_run
+from bench.loop import actor as A
 from tests.helpers import tiny_config, write_tiny_npz
 
 

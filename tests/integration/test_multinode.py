@@ -16,9 +16,9 @@ import tempfile
 
 import pytest
 
+from bench.experiment import load_dataset
 from bench.loop import engine
 from bench.loop.backends import RayBackend, SerialBackend
-from bench.experiment import load_dataset
 from fedeq_bench.core.errors import BenchError
 from tests.helpers import tiny_config, write_tiny_npz
 from tests.integration.ray_extras import need_ray_extras

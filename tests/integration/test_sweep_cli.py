@@ -10,9 +10,8 @@ import sys
 import time
 import urllib.request
 
-import pytest
-
 import optuna
+import pytest
 from mlflow.tracking import MlflowClient
 
 from bench import config as C

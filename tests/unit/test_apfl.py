@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from fedeq_bench.core import seeding
-from fedeq_bench.methods.apfl import ALPHA, APFL, V, APFLConfig
+from fedeq_bench.methods.apfl import ALPHA, APFL, APFLConfig, V
 from fedeq_bench.methods.base import ClientTensors, MethodConfig, Task
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.nets import build_model

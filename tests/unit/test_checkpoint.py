@@ -11,9 +11,9 @@ import textwrap
 import pytest
 import torch
 
+from bench.experiment import load_dataset
 from bench.loop import checkpoint, engine, wire
 from bench.loop.backends import SerialBackend
-from bench.experiment import load_dataset
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.methods import METHODS
 from tests.helpers import tiny_config, write_tiny_npz

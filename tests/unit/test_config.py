@@ -8,7 +8,6 @@ import typing
 import pytest
 
 from bench import cli
-
 from bench import config as C
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.ranges import numeric_kind, ranged, unranged

@@ -271,9 +271,9 @@ def test_default_backward_matches_the_exact_implicit_gradient_on_real_images(fmn
 def test_engine_logs_backward_statistics_every_round(tmp_path):
     # What reaches MLflow: the engine's per-round history (reduce_client_metrics: *_max keys take
     # the cohort's max, the rest the mean), so every round carries the three deq/b_ keys.
+    from bench.experiment import load_dataset
     from bench.loop import engine
     from bench.loop.backends import SerialBackend
-    from bench.experiment import load_dataset
     from tests.helpers import tiny_config, write_tiny_npz
 
     cfg = tiny_config(write_tiny_npz(tmp_path / "tiny.npz", clients=3), methods="fedeq", rounds=2,

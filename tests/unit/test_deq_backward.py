@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedeq_bench.core.errors import BenchError
 from bench.loop.memory import MemoryMeter
+from fedeq_bench.core.errors import BenchError
 from fedeq_bench.methods.deq import DEQ, STATS_KEYS, DEQDivergence, solve
 
 F64 = torch.float64

@@ -4,13 +4,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.loop import engine
-
-from fedeq_bench.core import seeding
-from bench.loop.backends import SerialBackend
 from bench.experiment import load_dataset
+from bench.loop import engine
+from bench.loop.backends import SerialBackend
+from fedeq_bench.core import seeding
 from fedeq_bench.methods.base import ClientTensors, MethodConfig, Task
-from fedeq_bench.methods.ditto import V, Ditto, DittoConfig
+from fedeq_bench.methods.ditto import Ditto, DittoConfig, V
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.local import OWN, Local
 from fedeq_bench.methods.nets import build_model

@@ -23,8 +23,8 @@ from fedeq_bench.methods import METHODS  # noqa: E402
 
 def run(method, sets, rounds=1):
     from bench import config as C
-    from bench.loop import engine
     from bench import experiment
+    from bench.loop import engine
     from bench.loop.backends import SerialBackend
 
     cfg = experiment.validate(C.apply(C.default_config(), {"methods": method, "dataset": "synthetic", "clients": 4,

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
+from bench.experiment import load_dataset
 from bench.loop import engine, wire
 from bench.loop.backends import Kind, SerialBackend
 from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.methods.fedavg import FedAvg
-from bench.experiment import load_dataset
 from tests.helpers import tiny_config, write_tiny_npz
 
 # The tiny task: 4 features, 3 classes, model mlp = body (Linear(4,200), Linear(200,200)) + head Linear(200,3).

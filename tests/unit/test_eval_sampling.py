@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
+from bench.experiment import load_dataset, validate
 from bench.loop import engine
 from bench.loop.backends import Kind, SerialBackend
-from bench.experiment import load_dataset, validate
 from bench.run import resolve_config
 from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError

@@ -3,9 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from fedeq_bench.core import seeding
-from fedeq_bench.methods.base import ClientTensors, Task
+from fedeq_bench.methods.base import ClientTensors, MethodConfig, Task
 from fedeq_bench.methods.fedavg import FedAvg
-from fedeq_bench.methods.base import MethodConfig
 from fedeq_bench.methods.train import weighted_average, with_num_samples
 
 

@@ -2,12 +2,11 @@
 import pytest
 import torch
 
-from bench.loop import engine, memory
-
-from fedeq_bench.core import seeding
-from bench.loop.backends import SerialBackend
-from fedeq_bench.core.errors import BenchError
 from bench.experiment import load_dataset
+from bench.loop import engine, memory
+from bench.loop.backends import SerialBackend
+from fedeq_bench.core import seeding
+from fedeq_bench.core.errors import BenchError
 from fedeq_bench.methods.base import ClientTensors, Task
 from fedeq_bench.methods.fedeq import DUAL, HEAD, RESUME, THETA, FeDEQ, FeDEQConfig
 from fedeq_bench.methods.nets import build_model

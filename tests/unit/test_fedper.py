@@ -3,11 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.loop import engine
-
-from fedeq_bench.core import seeding
-from bench.loop.backends import SerialBackend
 from bench.experiment import load_dataset
+from bench.loop import engine
+from bench.loop.backends import SerialBackend
+from fedeq_bench.core import seeding
 from fedeq_bench.methods.base import ClientTensors, Task
 from fedeq_bench.methods.fedper import FedPer, FedPerConfig
 from fedeq_bench.methods.nets import build_model

@@ -4,11 +4,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.loop import engine
-
-from fedeq_bench.core import seeding
-from bench.loop.backends import Kind, SerialBackend
 from bench.experiment import load_dataset
+from bench.loop import engine
+from bench.loop.backends import Kind, SerialBackend
+from fedeq_bench.core import seeding
 from fedeq_bench.methods.base import ClientTensors, Task
 from fedeq_bench.methods.fedprox import FedProx, FedProxConfig
 from tests.helpers import tiny_config, write_tiny_npz

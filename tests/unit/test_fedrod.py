@@ -6,11 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.loop import engine
-
-from fedeq_bench.core import seeding
-from bench.loop.backends import SerialBackend
 from bench.experiment import load_dataset
+from bench.loop import engine
+from bench.loop.backends import SerialBackend
+from fedeq_bench.core import seeding
 from fedeq_bench.methods.base import ClientTensors, MethodConfig, Task
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.fedrod import PHEAD, FedRoD, FedRoDConfig, balanced_softmax_loss, log_class_prior

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from bench import config as C
+from bench.experiment import load_dataset
 from bench.loop import engine
 from bench.loop.backends import SerialBackend
 from fedeq_bench.core.errors import BenchError
-from bench.experiment import load_dataset
 from fedeq_bench.datasets import DataArgs, dataset_names, get_dataset
 from fedeq_bench.datasets.femnist import FemnistConfig
 

@@ -8,9 +8,8 @@ from torch import nn
 
 from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.methods.base import ClientTensors, Task
+from fedeq_bench.methods.base import ClientTensors, MethodConfig, Task
 from fedeq_bench.methods.fedavg import FedAvg
-from fedeq_bench.methods.base import MethodConfig
 from fedeq_bench.methods.knnper import KNNPer, KNNPerConfig, features_and_logits, knn_probs
 from fedeq_bench.methods.nets import BodyHead, build_model
 

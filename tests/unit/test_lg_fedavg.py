@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.experiment import load_dataset
 from bench.loop import engine, wire
+from bench.loop.backends import SerialBackend
 from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError
-from bench.loop.backends import SerialBackend
-from bench.experiment import load_dataset
 from fedeq_bench.methods.base import ClientTensors, Task
 from fedeq_bench.methods.lg_fedavg import LGFedAvg, LGFedAvgConfig, global_split
 from fedeq_bench.methods.nets import build_model

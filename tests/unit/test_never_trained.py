@@ -4,9 +4,9 @@ personalize, evaluate) for every method."""
 import pytest
 import torch
 
+from bench.experiment import load_dataset
 from bench.loop import engine
 from bench.loop.backends import SerialBackend
-from bench.experiment import load_dataset
 from fedeq_bench.methods.fedavg import FedAvg
 from tests.helpers import tiny_config, write_tiny_npz
 

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from bench import config as C
+from bench.experiment import load_checked, load_dataset, sizing, validate
 from bench.loop import engine
-from bench.experiment import sizing
 from bench.loop.backends import SerialBackend
-from bench.experiment import load_checked, load_dataset, validate
 from bench.loop.store import ClientStore, state_bytes
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.datasets.base import DataArgs, estimate_dataset

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
+from bench.experiment import load_dataset
 from bench.loop import engine
 from bench.loop.backends import SerialBackend
-from bench.experiment import load_dataset
 from bench.loop.store import GB, ClientStore, budget_bytes, state_bytes
 from tests.helpers import tiny_config, write_tiny_npz
 
