@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import itertools
 import math
 import os
 import textwrap
@@ -153,7 +154,7 @@ def field_docs(cls) -> dict[str, str]:
         return {}
     body = tree.body[0].body
     docs = {}
-    for stmt, nxt in zip(body, body[1:]):
+    for stmt, nxt in itertools.pairwise(body):
         if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
                 and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
             docs[stmt.target.id] = " ".join(nxt.value.value.split())

@@ -24,7 +24,7 @@ PROG = "python -m bench.sweep"
 
 def build_parser() -> tuple[cli.Parser, list[str]]:
     from bench.config import RunConfig
-    from bench.tuning.study import PRUNERS
+    from bench.tuning.storage import PRUNERS
 
     p = cli.Parser(prog=PROG, description=__doc__.strip().splitlines()[0])
     p.add_argument("--method", default=None, help="the method to tune (or --methods a,b,c / all: one study each)")
@@ -53,7 +53,8 @@ def resolve(argv: list[str]):
     """Parse argv into (validated Config, SweepOptions, args); raises BenchError on bad input."""
     from bench import config as C
     from bench.experiment import validate
-    from bench.tuning.study import SweepOptions, parse_objectives
+    from bench.tuning.objectives import parse_objectives
+    from bench.tuning.study import SweepOptions
 
     parser, keys = build_parser()
     args = parser.parse_args(argv)

@@ -2,6 +2,7 @@
 summary.md / summary.json, and the per-client CSV of a child run."""
 from __future__ import annotations
 
+from bench.report import text
 from bench.report.stats import Stat, seed_stat
 
 SUMMARY = {
@@ -45,9 +46,7 @@ def format_table(rows) -> str:
     head = ["method", "model", *(h for h, _, _ in TABLE)]
     body = [[r["method"], r["model"], *(cell(Stat(*r[key]), fmt, r["seeds"]) for _, key, fmt in TABLE)]
             for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)]
+    out = [text.table(head, body)]
     seeds = sorted({r["seeds"] for r in rows if r["seeds"] > 1})
     if seeds:
         out.append(f"\nmean ± sample std (ddof=1) over {' or '.join(map(str, seeds))} seeds; final round")

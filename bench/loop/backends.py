@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import itertools
 import os
 import warnings
 from collections import Counter, OrderedDict, deque
@@ -208,7 +209,7 @@ class Worker:
         import ray
 
         refs = list(dict.fromkeys(job.payload for job in jobs))
-        payloads = dict(zip(refs, ray.get(refs)))
+        payloads = dict(zip(refs, ray.get(refs), strict=True))
         return [self.run(kind, spec, dataclasses.replace(job, payload=payloads[job.payload]), seed, rnd, measure)
                 for job in jobs]
 
@@ -314,7 +315,7 @@ class RayBackend:
         self._dataset_key, self._device = None, None
         self._puts: dict[str, Any] = {}  # dataset key -> object ref, shared with `split` parts
         try:
-            for actor, report in zip(self.actors, pool.reports):
+            for actor, report in zip(self.actors, pool.reports, strict=True):
                 self._check_version(actor, report)
         except BenchError:
             self.close()
@@ -390,7 +391,7 @@ class RayBackend:
             sent.append(dataclasses.replace(job, payload=ref))
         n = min(len(sent), self.workers * CHUNKS_PER_WORKER)
         bounds = [round(i * len(sent) / n) for i in range(n + 1)] if n else [0]
-        chunks = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]  # positions in `jobs`
+        chunks = [list(range(a, b)) for a, b in itertools.pairwise(bounds)]  # positions in `jobs`
 
         def call(actor, chunk: list[int]):
             return actor.run_chunk.remote(kind, spec, [sent[p] for p in chunk], seed, rnd, measure)
@@ -428,7 +429,7 @@ class RayBackend:
             [ref], _ = ray.wait(list(running), num_returns=1)
             actor, chunk = running.pop(ref)
             try:
-                ready.update(zip(chunk, ray.get(ref)))
+                ready.update(zip(chunk, ray.get(ref), strict=True))
                 idle.append(actor)
                 continue
             except deaths_of:
@@ -465,7 +466,7 @@ class RayBackend:
             ray.kill(actor)
             if not self.actors:
                 raise BenchError(f"every Ray actor died and no new one started within "
-                                 f"{faults.ACTOR_START_TIMEOUT_S:g} s; is the cluster still up (`ray status`)?")
+                                 f"{faults.ACTOR_START_TIMEOUT_S:g} s; is the cluster still up (`ray status`)?") from None
             return None
         self._check_version(actor, report)
         self._device = device[0] if device else self._device

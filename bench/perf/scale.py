@@ -31,6 +31,8 @@ import subprocess
 import sys
 import time
 
+from bench.report import text
+
 CLIENTS = (100, 1000, 10000)
 METHODS = ("fedavg", "fedeq")
 COHORT = 10
@@ -148,11 +150,16 @@ def measure_in_subprocess(method: str, clients: int, **kw) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def fmt_row(r: dict) -> str:
+COLUMNS = ["method", "clients", "data MB", "load s", "train s/round", "eval s", "engine ms/round", "samples/round",
+           "states kept", "RSS growth MB", "peak RSS MB"]
+
+
+def fmt_row(r: dict) -> list[str]:
     states = "-" if r["states"] is None else f"{r['states']} ({r['states_mb']:.1f} MB" + (
         f", {r['on_disk']} on disk)" if r["on_disk"] else ")")
-    return (f"| {r['method']} | {r['clients']:,} | {r['data_mb']:.0f} | {r['load_s']:.1f} | {r['train_s']:.3f} "
-            f"| {r['eval_s']:.3f} | {r['engine_ms']:.1f} | {r['samples']:.0f} | {states} | {r['rss_growth_mb']:.1f} | {r['peak_rss_mb']:.0f} |")
+    return [r["method"], f"{r['clients']:,}", f"{r['data_mb']:.0f}", f"{r['load_s']:.1f}", f"{r['train_s']:.3f}",
+            f"{r['eval_s']:.3f}", f"{r['engine_ms']:.1f}", f"{r['samples']:.0f}", states,
+            f"{r['rss_growth_mb']:.1f}", f"{r['peak_rss_mb']:.0f}"]
 
 
 def scale_table(clients=CLIENTS, methods=METHODS, **kw) -> str:
@@ -161,13 +168,11 @@ def scale_table(clients=CLIENTS, methods=METHODS, **kw) -> str:
     cohort, rounds = kw.get("cohort", COHORT), kw.get("rounds", ROUNDS)
     every, sample = kw.get("eval_every", EVAL_EVERY), kw.get("eval_clients", EVAL_CLIENTS)
     budget = kw.get("state_budget_gb")
-    lines = [f"synthetic, serial backend, 1 thread; {cohort} clients trained per round, evaluation every {every} "
+    title = (f"synthetic, serial backend, 1 thread; {cohort} clients trained per round, evaluation every {every} "
              f"rounds on {sample} sampled clients; rounds 2..{rounds} (medians), final round not run"
-             + (f"; --state-budget-gb {budget}" if budget is not None else "") + f"; {os.cpu_count()} CPUs",
-             "| method | clients | data MB | load s | train s/round | eval s | engine ms/round | samples/round "
-             "| states kept | RSS growth MB | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    return "\n".join(lines + [fmt_row(r) for r in rows])
+             + (f"; --state-budget-gb {budget}" if budget is not None else "") + f"; {os.cpu_count()} CPUs")
+    right = [c not in ("method", "states kept") for c in COLUMNS]
+    return title + "\n" + text.table(COLUMNS, [fmt_row(r) for r in rows], right)
 
 
 def main(argv=None) -> int:

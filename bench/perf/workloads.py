@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from bench import config as C
+from bench.report import text
 from fedeq_bench.core.seeding import generator, numpy_rng
 
 CLIENTS, N_TRAIN, N_TEST, SHAPE, CLASSES = 20, 480, 120, (1, 28, 28), 10
@@ -114,7 +115,7 @@ def overhead_table(rounds: int = 30, warmup: int = 5, lr: float = 0.05, batch_si
         path = write_fmnist_like(os.path.join(d, "fmnist_like.npz"))
         rows = []
         base = steady(plain_loop(path, rounds, lr, batch_size), warmup)
-        rows.append(("plain PyTorch loop (1 process, %d threads)" % torch.get_num_threads(), base))
+        rows.append((f"plain PyTorch loop (1 process, {torch.get_num_threads()} threads)", base))
         ncpu = os.cpu_count() or 1
         for threads in sorted({1, ncpu}):
             rows.append((f"harness, serial backend, {threads} thread{'s' if threads > 1 else ''}",
@@ -126,16 +127,14 @@ def overhead_table(rounds: int = 30, warmup: int = 5, lr: float = 0.05, batch_si
                          steady(harness(path, rounds, lr, batch_size, "ray", w, cpus), warmup)))
     return ratio_table(f"FedAvg, mlp, {CLIENTS} clients x {N_TRAIN} samples, all clients, 1 epoch, batch {batch_size}, "
                        f"{rounds} rounds; steady state = median of rounds {warmup + 1}..{rounds - 1}; "
-                       f"{os.cpu_count()} CPUs", "setup", "s/round", rows, 48, ".3f")
+                       f"{os.cpu_count()} CPUs", "setup", "s/round", rows, ".3f")
 
 
-def ratio_table(title: str, first: str, unit: str, rows: list[tuple[str, float]], width: int, fmt: str) -> str:
+def ratio_table(title: str, first: str, unit: str, rows: list[tuple[str, float]], fmt: str) -> str:
     """A Markdown table of (name, seconds) rows with each row's ratio to the first (the plain loop)."""
     base = rows[0][1]
-    lines = [title, f"| {first:<{width}} | {unit} | ratio to plain |",
-             f"|{'-' * (width + 2)}|{'-' * (len(unit) + 2)}|----------------|"]
-    lines += [f"| {name:<{width}} | {t:{len(unit)}{fmt}} | {t / base:14.2f} |" for name, t in rows]
-    return "\n".join(lines)
+    body = [(name, f"{t:{fmt}}", f"{t / base:.2f}") for name, t in rows]
+    return title + "\n" + text.table([first, unit, "ratio to plain"], body, right=[False, True, True])
 
 
 # -- FeDEQ's local update (issue 9, item 7) -------------------------------------------------------
@@ -200,10 +199,9 @@ def fedeq_update_table(models: tuple[str, ...] = ("deq_mlp", "deq_resnet_s"), re
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        lines = [f"One local update, {PERSONAL_EPOCHS} personal/head + {SHARED_EPOCHS} shared/body epochs, "
-                 f"batch {UPDATE_BATCH}, {threads} thread{'s' if threads > 1 else ''}; median of {repeats}",
-                 "| method | model | samples | s/update | deq/nstep_mean | ratio to FedRep |",
-                 "|---|---|---|---|---|---|"]
+        title = (f"One local update, {PERSONAL_EPOCHS} personal/head + {SHARED_EPOCHS} shared/body epochs, "
+                 f"batch {UPDATE_BATCH}, {threads} thread{'s' if threads > 1 else ''}; median of {repeats}")
+        body = []
         for model in models:
             n = UPDATE_SAMPLES[model]
             explicit = UPDATE_PAIRS[model]
@@ -214,15 +212,16 @@ def fedeq_update_table(models: tuple[str, ...] = ("deq_mlp", "deq_resnet_s"), re
                      {"cache_head_features": False}),
                     ("fedeq (defaults, but the old adjoint: Anderson, 20 steps)",
                      {"b_solver": "anderson", "b_max_iter": 20}),
-                    ("fedeq (before issue 9: rel stop, torchdeq Anderson, z* per batch, Anderson adjoint)",
+                    ("fedeq (earlier defaults: rel stop, torchdeq Anderson, z* per batch, Anderson adjoint)",
                      {"stop_mode": "rel", "anderson_variant": "torchdeq", "cache_head_features": False,
                       "b_solver": "anderson", "b_max_iter": 20})]
             for name, kw in rows:
                 t, m = time_update("fedeq", model, n, repeats, **kw)
-                lines.append(f"| {name} | {model} | {n} | {t:.3f} | {m.get('deq/nstep_mean', float('nan')):.2f} "
-                             f"| {t / t_rep:.2f} |")
-            lines.append(f"| fedrep | {explicit} | {n} | {t_rep:.3f} | - | 1.00 |")
-        return "\n".join(lines)
+                body.append((name, model, n, f"{t:.3f}", f"{m.get('deq/nstep_mean', float('nan')):.2f}",
+                             f"{t / t_rep:.2f}"))
+            body.append(("fedrep", explicit, n, f"{t_rep:.3f}", "-", "1.00"))
+        columns = ["method", "model", "samples", "s/update", "deq/nstep_mean", "ratio to FedRep"]
+        return title + "\n" + text.table(columns, body, right=[False, False, True, True, True, True])
     finally:
         torch.set_num_threads(prev)
 
@@ -346,7 +345,7 @@ def whole_process_table(rounds: int = 30, lr: float = 0.05, batch_size: int = 32
         for how, where in modes:
             # Each worker count with the machine's CPUs shared out, and `--workers N` alone (its default
             # --cpus-per-client 1: one thread per actor) where that differs.
-            for w, cpus in dict.fromkeys((w, c) for w in workers for c in (max(1, ncpu // w), 1)):
+            for w, cpus in dict.fromkeys((n, c) for n in workers for c in (max(1, ncpu // n), 1)):
                 commands.append((f"bench.run, Ray {w} worker{'s' if w > 1 else ''} x {cpus} CPU, {how}",
                                  [*run, "--workers", str(w), "--cpus-per-client", str(cpus)], where))
         head = start_ray_head(head_env, ncpu) if attach else None
@@ -361,4 +360,4 @@ def whole_process_table(rounds: int = 30, lr: float = 0.05, batch_size: int = 32
     rows = [(label, statistics.median(t)) for label, t in times.items()]
     return ratio_table(f"Whole process (start to exit), FedAvg, mlp, {CLIENTS} clients x {N_TRAIN} samples, all "
                        f"clients, 1 epoch, batch {batch_size}, {rounds} rounds, final evaluation, no report; "
-                       f"{ncpu} CPUs; median of {repeats} interleaved runs", "command", "wall s", rows, 66, ".1f")
+                       f"{ncpu} CPUs; median of {repeats} interleaved runs", "command", "wall s", rows, ".1f")

@@ -119,7 +119,7 @@ def _curve(label: str, runs: list[RunRecord], metric: str, color: str, variant: 
         s.lo.append(min(vals))
         s.hi.append(max(vals))
         where = f"round {rnd}" + (f", {x:.4g} MB" if xs else "")
-        seeds = "<br>".join(f"seed {r.seed}: {v:.4g}" for r, v in zip(runs, vals))
+        seeds = "<br>".join(f"seed {r.seed}: {v:.4g}" for r, v in zip(runs, vals, strict=True))
         s.hover.append(f"{label}, {where}<br>{metric} mean {mean:.4g}<br>{seeds}")
     return s if s.x else None
 
@@ -249,8 +249,8 @@ def to_plotly(fig: Figure) -> dict:
             data.append({**common, "type": "bar", "marker": {"color": s.color}})
             if s.lo is not None and s.hi is not None:
                 data[-1]["error_y"] = {"type": "data", "symmetric": False,
-                                       "array": _finite([h - y for h, y in zip(s.hi, s.y)]),
-                                       "arrayminus": _finite([y - lo for y, lo in zip(s.y, s.lo)])}
+                                       "array": _finite([h - y for h, y in zip(s.hi, s.y, strict=True)]),
+                                       "arrayminus": _finite([y - lo for y, lo in zip(s.y, s.lo, strict=True)])}
         else:
             # offsetgroup: a method's boxes of one variant share a slot, so with two variants each
             # method has two boxes side by side (not one slot per trace, mostly empty).

@@ -12,7 +12,9 @@ import re
 from pathlib import Path
 
 from bench.report import figures as F
+from bench.report import text
 from bench.report.model import Group, ReportData, Table
+from bench.report.text import escape
 
 
 def slug(text: str, limit: int = 60) -> str:
@@ -32,18 +34,10 @@ def group_slugs(groups: list[Group]) -> list[str]:
     return out
 
 
-def escape(text: str) -> str:
-    """A cell's text inside a Markdown table row: pipes escaped, no line breaks."""
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-
 def table(t: Table) -> str:
-    head = "| " + " | ".join(escape(c) for c in t.columns) + " |"
-    rule = "|" + "|".join("---:" if any(r[j].value is not None for r in t.rows) else "---"
-                          for j in range(len(t.columns))) + "|"
-    rows = ["| " + " | ".join(f"**{escape(c.text)}**" if c.best else escape(c.text) for c in row) + " |"
-            for row in t.rows]
-    out = [f"**{escape(t.title)}**", "", head, rule, *rows]
+    right = [any(r[j].value is not None for r in t.rows) for j in range(len(t.columns))]  # numbers
+    rows = [[f"**{c.text}**" if c.best else c.text for c in row] for row in t.rows]
+    out = [f"**{escape(t.title)}**", "", text.table(t.columns, rows, right)]
     if t.notes:
         out += [""] + [f"- {n}" for n in t.notes]
     return "\n".join(out)
@@ -57,7 +51,7 @@ def write(data: ReportData, sections: list[tuple[Group, list[Table], list]], pro
     lines = [f"# Report: {data.name}", "",
              f"MLflow experiment `{data.experiment}` in `{data.tracking_uri}`; "
              f"{len(data.parents)} parent run(s): {', '.join(f'`{p.run_id}`' for p in data.parents)}.", ""]
-    for (group, tables, figs), gslug in zip(sections, group_slugs([s[0] for s in sections])):
+    for (group, tables, figs), gslug in zip(sections, group_slugs([s[0] for s in sections]), strict=True):
         lines += [f"## {group.dataset} / {group.partition}", "",
                   f"Seeds {', '.join(map(str, group.seeds))}; methods {', '.join(group.methods)}.", ""]
         for t in tables:

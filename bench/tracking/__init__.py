@@ -25,6 +25,7 @@ and the KILLED status written next would then fail and leave the run RUNNING.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import subprocess
@@ -221,8 +222,18 @@ def open_client(uri: str):
 
 
 class Tracker:
+    """MLflow runs that always end (FINISHED, FAILED, KILLED or pruned), params in batches, and every
+    write with Ctrl-C deferred to its end, so none is cut in half."""
+
     def __init__(self, uri: str, experiment: str):
         import mlflow
+
+        # What `scoped` sets: a prefix of run names, params and tags added to every run it starts,
+        # and metric names `log_metrics` leaves out.
+        self.name_prefix = ""
+        self.extra_params: dict[str, str] = {}
+        self.extra_tags: dict[str, str] = {}
+        self.dropped_metrics: frozenset[str] = frozenset()
 
         self._mlflow = mlflow
         self.uri = uri
@@ -260,10 +271,23 @@ class Tracker:
             raise
         self.end(run_id, "FINISHED")
 
+    def scoped(self, name_prefix: str, params: dict[str, str], tags: dict[str, str],
+               drop: tuple[str, ...] = ()) -> Tracker:
+        """The same store and experiment, with every run it starts named `name_prefix + name` and given
+        `params` and `tags` too, and the metrics named in `drop` never logged (a sweep's trial runs)."""
+        scoped = copy.copy(self)
+        scoped.name_prefix = self.name_prefix + name_prefix
+        scoped.extra_params = {**self.extra_params, **params}
+        scoped.extra_tags = {**self.extra_tags, **tags}
+        scoped.dropped_metrics = self.dropped_metrics | frozenset(drop)
+        return scoped
+
     def start(self, name: str, params: dict[str, str], tags: dict[str, str] | None = None,
               parent: str | None = None) -> str:
         """Create a run and log its params; prefer `run(...)`, which also ends it."""
-        tags = dict(tags or {})
+        name = self.name_prefix + name
+        params = {**params, **self.extra_params}
+        tags = {**(tags or {}), **self.extra_tags}
         tags["mlflow.runName"] = name
         if parent:
             tags["mlflow.parentRunId"] = parent
@@ -288,6 +312,9 @@ class Tracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
+        metrics = {k: v for k, v in metrics.items() if k not in self.dropped_metrics}
+        if not metrics:
+            return
         with deferred_signals():
             self.client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in sorted(metrics.items())])
 

@@ -369,7 +369,7 @@ def test_a_bad_number_in_a_preset_is_one_line_exit_2(text, line, tmp_path, capsy
 
 
 def test_a_tuned_preset_with_a_bad_number_is_refused_and_a_good_one_loads(tmp_path, capsys):
-    # Laid out as bench.tuning.study.write_tuned writes configs/tuned/<dataset>.toml (its _toml_value writes a
+    # Laid out as bench.tuning.presets.write writes configs/tuned/<dataset>.toml (tomli-w writes a
     # float's repr, so a diverged study's inf lands in the file as TOML's `inf`).
     tuned = tmp_path / "tuned" / "synthetic.toml"
     tuned.parent.mkdir()

@@ -169,7 +169,7 @@ def test_a_budget_that_forces_spills_changes_no_metric(tiny, method, monkeypatch
     assert b0 is None and s0["spills"] == 0
     assert b1 == 1 and s1["spills"] > 0 and s1["loads"] > 0 and s1["in_memory"] == 0
     assert len(plain.history) == len(spilled.history) == 3
-    for a, b in zip(comparable(plain.history), comparable(spilled.history)):
+    for a, b in zip(comparable(plain.history), comparable(spilled.history), strict=True):
         assert same(a, b)
     assert plain.ledger.entries == spilled.ledger.entries
     assert plain.clients == spilled.clients
@@ -184,4 +184,4 @@ def test_the_scale_benchmark_counts_the_states_of_trained_clients_only():
     assert 4 <= r["states"] <= 3 * 4 and r["states_mb"] > 0 and r["on_disk"] == 0
     assert r["train_s"] > 0 and r["eval_s"] > 0 and r["engine_ms"] >= 0 and r["samples"] > 0
     assert engine.ClientStore is ClientStore  # the measurement hook is put back
-    assert scale.fmt_row(r).startswith("| fedrep | 40 |")
+    assert scale.fmt_row(r)[:2] == ["fedrep", "40"]

@@ -6,6 +6,7 @@ Every study here is tiny: synthetic data, 6 clients, 2 rounds, the serial backen
 from __future__ import annotations
 
 import time
+from itertools import pairwise
 
 import optuna
 import pytest
@@ -14,7 +15,7 @@ from optuna.trial import TrialState
 
 from bench import config as C
 from bench import experiment
-from bench.tuning import study
+from bench.tuning import objectives, storage, study
 from bench.tuning.study import SweepOptions
 
 SPACE = """
@@ -169,19 +170,17 @@ def test_the_objective_never_reads_test_data(env):
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask() on a heartbeat storage, on purpose
-def test_a_dead_process_trial_is_failed_in_optuna_and_its_mlflow_run_too(env, monkeypatch):
-    monkeypatch.setattr(study, "HEARTBEAT_S", 1)
-    monkeypatch.setattr(study, "GRACE_S", 1)
+def test_a_dead_process_trial_is_failed_in_optuna_and_its_mlflow_run_too(env):
     from bench.tracking import Tracker
 
-    st = optuna.create_study(study_name="s", storage=study.make_storage(env["storage"]))
+    st = optuna.create_study(study_name="s", storage=storage.make_storage(env["storage"], heartbeat_s=1, grace_s=1))
     trial = st.ask()  # a trial whose process then died: RUNNING, heartbeat stops
     st._storage.record_heartbeat(trial._trial_id)
     tracker = Tracker(env["uri"], "fedeq-bench")
     orphan = tracker.start("trial 0", {}, tags={"study": "s", "trial_number": "0", "kind": "trial"})
     time.sleep(2.5)
 
-    assert study.end_orphans(tracker, st, "s") == 1
+    assert storage.end_orphans(tracker, st, "s") == 1
     assert st.trials[0].state == TrialState.FAIL
     assert tracker.client.get_run(orphan).info.status == "FAILED"
 
@@ -283,10 +282,10 @@ def test_objective_and_pruner_mistakes_are_one_line_errors(env):
     from fedeq_bench.core.errors import BenchError
 
     with pytest.raises(BenchError, match="unknown objective 'latency'"):
-        study.parse_objectives("acc,latency")
+        objectives.parse_objectives("acc,latency")
     with pytest.raises(BenchError, match="acc among them"):
-        study.parse_objectives("bytes")
-    assert study.parse_objectives(" acc, bytes ,memory") == ("acc", "bytes", "memory")
+        objectives.parse_objectives("bytes")
+    assert objectives.parse_objectives(" acc, bytes ,memory") == ("acc", "bytes", "memory")
     with pytest.raises(BenchError, match="cannot prune a multi-objective study"):
         study.sweep(make_cfg(env), opts(env, pruner="median", objectives=("acc", "bytes")))
     with pytest.raises(BenchError, match="give --backend ray"):
@@ -341,7 +340,7 @@ def test_two_trials_at_once_on_ray_give_the_values_of_one_at_a_time(env, tmp_pat
     for key, t in got[1].items():
         assert got[2][key].value == t.value  # bit for bit, not approx
     spans = sorted((t.datetime_start, t.datetime_complete) for t in got[2].values())
-    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))  # some trial started before another ended
+    assert any(b[0] < a[1] for a, b in pairwise(spans))  # some trial started before another ended
     # Every round's logged metrics agree too (child runs, by trial params).
     client = MlflowClient(tracking_uri=env["uri"])
     curves = {}
