@@ -105,8 +105,9 @@ def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = No
     from bench import cli
     from bench import config as C
     from bench.loop import actor as A
-    from bench.loop.backends import RayBackend, make_backend
+    from bench.loop.backends import make_backend
     from bench.loop.cluster import Background
+    from bench.loop.ray_backend import RayBackend
     from bench.tracking import Tracker, check_store, git_commit, package_versions
 
     run = cfg.run

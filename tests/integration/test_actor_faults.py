@@ -13,7 +13,8 @@ import torch
 
 from bench.experiment import load_dataset
 from bench.loop import engine, faults
-from bench.loop.backends import WORK_OF, Kind, RayBackend, SerialBackend, Worker
+from bench.loop.backends import WORK_OF, Kind, SerialBackend, Worker
+from bench.loop.ray_backend import RayBackend
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.methods.fedavg import FedAvg
 from tests.helpers import tiny_config, write_tiny_npz
@@ -208,27 +209,20 @@ def setup(tmp_path_factory):
 def arm(backend, at: int, kill) -> list:
     """Call `kill(actor)` right after the `at`-th chunk (counted over the whole run) goes to `actor`.
     Returns the list that then holds the Kind of the call that chunk belonged to."""
-    count, submit, run = itertools.count(1), backend._submit, backend.run
-    kinds, killed_in = [], []
+    count, killed_in = itertools.count(1), []
 
-    def running(kind, *args, **kw):
-        kinds.append(kind)
-        return run(kind, *args, **kw)
-
-    def hooked(call, actor, chunk):
-        ref = submit(call, actor, chunk)
+    def on_submit(actor, kind):  # RayBackend's fault-injection callable
         if next(count) == at:
-            killed_in.append(kinds[-1])
+            killed_in.append(kind)
             kill(actor)
-        return ref
 
-    backend.run, backend._submit = running, hooked
+    backend.on_submit = on_submit
     return killed_in
 
 
 def assert_same_run(a, b):
     assert len(a.history) == len(b.history) == 2
-    for x, y in zip(a.history, b.history):
+    for x, y in zip(a.history, b.history, strict=True):
         assert {k: v for k, v in x.items() if k not in NONDETERMINISTIC} == \
                {k: v for k, v in y.items() if k not in NONDETERMINISTIC}  # exact float equality
     assert a.ledger.entries == b.ledger.entries

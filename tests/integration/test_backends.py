@@ -5,7 +5,8 @@ import torch
 from bench.config import resolve_method
 from bench.experiment import load_dataset
 from bench.loop import engine, wire
-from bench.loop.backends import Job, Kind, RayBackend, SerialBackend
+from bench.loop.backends import Job, Kind, SerialBackend
+from bench.loop.ray_backend import RayBackend
 from fedeq_bench.core import seeding
 from fedeq_bench.core.types import MethodSpec, Task
 from fedeq_bench.methods import METHODS
@@ -29,6 +30,26 @@ def tiny(tmp_path_factory):
     return write_tiny_npz(tmp_path_factory.mktemp("d") / "tiny.npz", clients=7)
 
 
+def test_both_backends_implement_the_backend_protocol(ray_backend):
+    """The engine's one protocol (bench/loop/backends.py `Backend`), checked on real instances; a
+    class missing a member (here `close`) is not one."""
+    from bench.loop.backends import Backend
+
+    assert isinstance(SerialBackend(), Backend) and isinstance(ray_backend, Backend)
+    assert (ray_backend.name, SerialBackend().name) == ("ray", "serial")
+
+    class Incomplete:
+        name, workers = "x", 1
+
+        def set_dataset(self, key, dataset):
+            return "cpu"
+
+        def run(self, kind, spec, jobs, seed, rnd, measure=frozenset()):
+            return []
+
+    assert not isinstance(Incomplete(), Backend)
+
+
 @pytest.mark.parametrize("method", METHODS.names())
 def test_serial_and_ray_are_bit_identical(method, ray_backend, tiny):
     cfg = tiny_config(tiny, methods=method, rounds=2, fraction=0.6, frac_unseen=0.15)
@@ -37,7 +58,7 @@ def test_serial_and_ray_are_bit_identical(method, ray_backend, tiny):
     ray = engine.run_method(cfg, method, 0, ds, ray_backend)
     assert ray_backend.workers == 2
     assert len(serial.history) == len(ray.history) == 2
-    for s, r in zip(serial.history, ray.history):
+    for s, r in zip(serial.history, ray.history, strict=True):
         s = {k: v for k, v in s.items() if k not in NONDETERMINISTIC}
         r = {k: v for k, v in r.items() if k not in NONDETERMINISTIC}
         assert s == r  # exact float equality, not approx
@@ -65,7 +86,7 @@ def test_one_call_returns_job_order_and_serials_bits(ray_backend, tiny):
         s = list(serial.run(kind, spec, jobs, 0, 1))
         r = list(ray_backend.run(kind, spec, jobs, 0, 1))
         assert [x.cid for x in r] == cids
-        for x, y in zip(s, r):
+        for x, y in zip(s, r, strict=True):
             assert x.metrics == y.metrics and x.error is None and y.error is None
             if kind is Kind.TRAIN:
                 assert bytes(x.up) == bytes(y.up)
@@ -89,7 +110,7 @@ def test_dropout_models_are_bit_identical_too(ray_backend, tmp_path):
     assert resolve_method(cfg, "fedavg", ds.default_models).model == "transformer8"
     serial = engine.run_method(cfg, "fedavg", 0, ds, SerialBackend())
     ray = engine.run_method(cfg, "fedavg", 0, ds, ray_backend)
-    for s, r in zip(serial.history, ray.history):
+    for s, r in zip(serial.history, ray.history, strict=True):
         assert {k: v for k, v in s.items() if k not in NONDETERMINISTIC} == \
                {k: v for k, v in r.items() if k not in NONDETERMINISTIC}
 
@@ -107,7 +128,7 @@ def test_never_sampled_clients_are_personalized_with_the_same_bits(method, ray_b
     serial = engine.run_method(cfg, method, 0, ds, SerialBackend())
     ray = engine.run_method(cfg, method, 0, ds, ray_backend)
     assert len(never) >= 1 and serial.final["clients/never_trained"] == len(never)
-    for s, r in zip(serial.history, ray.history):
+    for s, r in zip(serial.history, ray.history, strict=True):
         s = {k: v for k, v in s.items() if k not in NONDETERMINISTIC}
         r = {k: v for k, v in r.items() if k not in NONDETERMINISTIC}
         assert s == r  # exact float equality, not approx

@@ -50,7 +50,7 @@ def test_describe_real_fashion_mnist_shards_2_over_50_clients(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = client_rows(proc.stdout)
     assert [r[0] for r in rows] == list(range(50))
-    for _, train, val, test, n_cls, hist_tr, hist_te in rows:
+    for _, train, val, _test, n_cls, hist_tr, hist_te in rows:
         # 60000 / (50 x 2) = 600 per shard, 1200 per client; val = round(0.1 * 1200) = 120.
         assert (train, val) == (1080, 120) and 1 <= n_cls <= 2
         assert sum(hist_tr.values()) == train and set(hist_te) <= set(hist_tr)

@@ -3,59 +3,14 @@ SQLite database behind it, artifacts served by the server), as on a cluster's he
 (ray_cluster.yaml starts one there). Runs are read back over HTTP with MLflow's client, and from
 the server's database directly: the server, not a local file store, holds them."""
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
-import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.helpers import write_tiny_npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """(http URI, the server's database URI) of an `mlflow server` on a free local port."""
-    port = free_port()
-    db = f"sqlite:///{tmp_path}/server.db"
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", db,
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                log.flush()
-                pytest.fail(f"mlflow server did not come up: {(tmp_path / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield uri, db
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_a_run_logs_to_an_mlflow_server_over_http(mlflow_server, tmp_path):

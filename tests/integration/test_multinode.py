@@ -18,7 +18,8 @@ import pytest
 
 from bench.experiment import load_dataset
 from bench.loop import engine
-from bench.loop.backends import RayBackend, SerialBackend
+from bench.loop.backends import SerialBackend
+from bench.loop.ray_backend import RayBackend
 from fedeq_bench.core.errors import BenchError
 from tests.helpers import tiny_config, write_tiny_npz
 from tests.integration.ray_extras import need_ray_extras
@@ -90,7 +91,7 @@ def node_of(actor) -> str:
 
 def same_numbers(a, b) -> None:
     assert len(a.history) == len(b.history)
-    for x, y in zip(a.history, b.history):
+    for x, y in zip(a.history, b.history, strict=True):
         assert {k: v for k, v in x.items() if k not in NONDETERMINISTIC} == \
                {k: v for k, v in y.items() if k not in NONDETERMINISTIC}  # exact, not approx
     assert a.ledger.entries == b.ledger.entries
@@ -138,7 +139,7 @@ def test_cpus_per_client_sizes_the_pool_per_node(two_nodes):
 
 ATTACH = """
 import ray
-from bench.loop.backends import RayBackend
+from bench.loop.ray_backend import RayBackend
 b = RayBackend(address=None)
 nodes = {ray.get(a.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())) for a in b.actors}
 print(b.workers, len(nodes))
@@ -211,16 +212,14 @@ def test_an_actor_killed_under_ray_client_is_replaced_bit_for_bit(ray_client, tw
     try:
         # 7 clients on 2 actors: 4 chunks per call; calls 1-4 are round 1's updates, 5-8 its
         # evaluation, 9-12 round 2's updates.
-        count, submit, killed = iter(range(1, 100)), backend._submit, []
+        count, killed = iter(range(1, 100)), []
 
-        def hooked(call, actor, chunk):
-            ref = submit(call, actor, chunk)
+        def on_submit(actor, kind):  # RayBackend's fault-injection callable
             if next(count) == 10:
                 killed.append(actor)
                 ray.kill(actor)
-            return ref
 
-        backend._submit = hooked
+        backend.on_submit = on_submit
         started = len(backend._spawned)
         on_ray = engine.run_method(cfg, "fedrep", 0, ds, backend)
         assert len(killed) == 1 and killed[0] not in backend.actors

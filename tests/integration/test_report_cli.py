@@ -33,7 +33,7 @@ def markdown_tables(text: str) -> dict[str, list[dict[str, str]]]:
             for row in lines[i + 4:]:
                 if not row.startswith("| "):
                     break
-                body.append(dict(zip(head, split(row))))
+                body.append(dict(zip(head, split(row), strict=True)))
             out[line.strip("*")] = body
     return out
 

@@ -10,7 +10,6 @@ import pytest
 
 from bench.loop import checkpoint
 from tests.integration.test_cli import bench_run, runs_of
-from tests.integration.test_mlflow_server import mlflow_server  # noqa: F401 - a fixture: a real `mlflow server`
 
 # 2 methods x 6 rounds on 6 synthetic clients, half of them per round, a checkpoint every 2 rounds.
 ARGS = ["--methods", "fedavg,fedrep", "--dataset", "synthetic", "--clients", "6", "--rounds", "6",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import typing
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ import torch.optim.optimizer as optim_module
 from torch import nn
 
 from bench.loop import memory
-from bench.loop.memory import MemoryMeter, peak_rss_bytes
+from bench.loop.memory import CudaMeter, LiveMeter, PartsMeter, make_meter, peak_rss_bytes
+from bench.loop.memory import cuda as cuda_meter
 
 X_BYTES = 32 * 100 * 4  # 12800: a (32, 100) float32 activation
 LINEAR_100_50 = (100 * 50 + 50) * 4  # 20200: weight + bias of nn.Linear(100, 50)
@@ -40,7 +42,7 @@ def _saved_tensors_hooks_active() -> bool:
 # ------------------------------------------------------------------------- saved tensors
 def test_saved_bytes_follow_the_live_curve():
     x = torch.randn(32, 100, requires_grad=True)
-    with MemoryMeter() as m:
+    with PartsMeter() as m:
         y = torch.exp(x)  # exp saves its output y: 32*100*4 = 12800 (x itself is not saved)
         assert m.live_saved_bytes == X_BYTES
         z = torch.exp(y)  # saves z: another 12800
@@ -60,7 +62,7 @@ def test_graph_dropped_without_backward_is_freed():
     # handle -> output would be a cycle Python's GC cannot see through (the graph is C++), and
     # the 12800 bytes would leak; the meter holds a detached alias, so `del` frees them.
     x = torch.randn(32, 100, requires_grad=True)
-    with MemoryMeter() as m:
+    with PartsMeter() as m:
         y = torch.exp(x)
         assert m.live_saved_bytes == X_BYTES
         del y
@@ -70,7 +72,7 @@ def test_graph_dropped_without_backward_is_freed():
 
 def test_same_storage_saved_twice_counts_once():
     x = torch.randn(32, 100, requires_grad=True)
-    with MemoryMeter() as m:
+    with PartsMeter() as m:
         y = x * x  # mul saves self and other: torch packs x twice (same storage) -> 12800 once
         assert m.live_saved_bytes == X_BYTES
         # Two disjoint halves of x are two views of ONE storage: the whole 12800-byte storage
@@ -84,7 +86,7 @@ def test_same_storage_saved_twice_counts_once():
 def test_no_grad_saves_nothing():
     x = torch.randn(32, 100, requires_grad=True)
     lin = nn.Linear(100, 50)
-    with MemoryMeter() as m:
+    with PartsMeter() as m:
         with torch.no_grad():
             torch.exp(torch.tanh(lin(x)))  # no graph is recorded, so nothing is packed
     assert m.peak_saved_bytes == 0
@@ -92,12 +94,12 @@ def test_no_grad_saves_nothing():
     assert m.peak_bytes == LINEAR_100_50
 
 
-def _deq_update(no_grad_iterations: int) -> MemoryMeter:
+def _deq_update(no_grad_iterations: int) -> PartsMeter:
     torch.manual_seed(0)
     f = nn.Linear(50, 50)
     injection = torch.randn(32, 50)
     opt = torch.optim.SGD(f.parameters(), lr=0.01)
-    with MemoryMeter() as m:
+    with PartsMeter() as m:
         z = torch.zeros(32, 50)
         with torch.no_grad():  # the fixed-point solve: no graph, whatever the iteration count
             for _ in range(no_grad_iterations):
@@ -121,7 +123,7 @@ def test_no_grad_iterations_do_not_change_saved_bytes():
 
 
 def test_storage_less_tensors_count_zero():
-    with MemoryMeter() as m:
+    with PartsMeter() as m:
         t = torch.randn(10, device="meta", requires_grad=True)
         torch.exp(t)  # saves a meta output: storage data_ptr 0, no memory
         sparse = torch.randn(4, 4).to_sparse()
@@ -135,7 +137,7 @@ def test_inplace_modification_of_a_saved_tensor_still_raises():
     # torch skips its version check for tensors that went through saved-tensor hooks; the meter
     # restores it, so training under the meter fails exactly where it fails without it.
     x = torch.randn(5, requires_grad=True)
-    with MemoryMeter():
+    with PartsMeter():
         y = torch.exp(x)
         y.mul_(2)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -152,7 +154,7 @@ def test_gradients_are_unchanged_by_the_meter_including_double_backward():
         return g.detach(), gg
 
     plain = grads()
-    with MemoryMeter():
+    with PartsMeter():
         metered = grads()
     assert torch.equal(plain[0], metered[0]) and torch.equal(plain[1], metered[1])
 
@@ -164,7 +166,7 @@ def test_linear_sgd_momentum(input_requires_grad: bool):
     lin = nn.Linear(100, 50)
     opt = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(32, 100, requires_grad=input_requires_grad)
-    with MemoryMeter() as m:
+    with PartsMeter() as m:
         lin(x).sum().backward()
         opt.step()
     assert m.param_bytes == LINEAR_100_50  # (100*50 + 50) * 4 = 20200
@@ -180,7 +182,7 @@ def test_linear_sgd_momentum(input_requires_grad: bool):
 def test_adam_state_includes_step_scalars():
     lin = nn.Linear(100, 50)
     opt = torch.optim.Adam(lin.parameters())
-    with MemoryMeter() as m:
+    with PartsMeter() as m:
         lin(torch.randn(32, 100)).sum().backward()
         opt.step()
     # exp_avg + exp_avg_sq per param (2 * 20200) plus a float32 `step` scalar tensor per param
@@ -194,7 +196,7 @@ def test_frozen_module_counts_params_but_no_grads():
     head = nn.Linear(50, 10)
     net = nn.Sequential(frozen, head)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)  # frozen params are in it but get no grad
-    with MemoryMeter() as m:
+    with PartsMeter() as m:
         net(torch.randn(32, 100)).sum().backward()
         opt.step()
     head_bytes = (50 * 10 + 10) * 4  # 2040
@@ -210,7 +212,7 @@ def test_frozen_module_counts_params_but_no_grads():
 def test_buffers_count_as_params_and_are_not_saved():
     bn = nn.BatchNorm1d(100)
     x = torch.randn(32, 100, requires_grad=True)
-    with MemoryMeter() as m:
+    with PartsMeter() as m:
         bn(x).sum().backward()
     # weight + bias (2*100*4 = 800) + running_mean + running_var (800) + num_batches_tracked
     # (one int64, 8): 1608
@@ -226,7 +228,7 @@ def test_tied_parameter_counts_once():
     a = nn.Linear(100, 100, bias=False)
     b = nn.Linear(100, 100, bias=False)
     b.weight = a.weight  # one storage, owned by two modules
-    with MemoryMeter() as m:
+    with PartsMeter() as m:
         b(a(torch.randn(4, 100)))
     assert m.param_bytes == 100 * 100 * 4  # 40000, not 80000
 
@@ -237,7 +239,7 @@ def test_two_live_optimizers_are_summed():
     opt_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
     opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(32, 100)
-    with MemoryMeter() as m:
+    with PartsMeter() as m:
         a(x).sum().backward()
         opt_a.step()  # grads 20200, state 20200
         b(x).sum().backward()
@@ -253,18 +255,18 @@ def test_hooks_removed_on_exit_and_on_exception():
     lin = nn.Linear(100, 50)
     x = torch.randn(32, 100, requires_grad=True)
 
-    with MemoryMeter() as ok:
+    with PartsMeter() as ok:
         assert _global_hook_counts() == (before[0] + 1, before[1] + 1, before[2] + 1)
         assert _saved_tensors_hooks_active()
         lin(x).sum().backward()
     assert _global_hook_counts() == before and not _saved_tensors_hooks_active()
 
     with pytest.raises(ValueError, match="boom"):
-        with MemoryMeter() as failed:
+        with PartsMeter() as failed:
             y = torch.exp(lin(x))  # params 20200; saves x, weight.t() (excluded), exp output
             raise ValueError("boom")
     assert _global_hook_counts() == before and not _saved_tensors_hooks_active()
-    assert memory._active is None
+    assert memory.active_meter() is None
     frozen_numbers = (failed.param_bytes, failed.peak_saved_bytes, failed.peak_bytes)
     assert frozen_numbers == (LINEAR_100_50, X_BYTES + 32 * 50 * 4, 20200 + 12800 + 6400)
 
@@ -282,30 +284,30 @@ def test_hooks_removed_on_exit_and_on_exception():
 
 def test_nested_meters_raise():
     before = _global_hook_counts()
-    outer = MemoryMeter()
+    outer = PartsMeter()
     with outer:
         with pytest.raises(RuntimeError, match="not re-entrant"):
-            with MemoryMeter():
+            with PartsMeter():
                 pass
         with pytest.raises(RuntimeError, match="not re-entrant"):
             with outer:  # the same meter again
                 pass
         torch.exp(torch.randn(32, 100, requires_grad=True))  # the outer one still measures
         assert outer.peak_saved_bytes == X_BYTES
-    assert _global_hook_counts() == before and memory._active is None
+    assert _global_hook_counts() == before and memory.active_meter() is None
 
 
 def test_sequential_uses_are_independent():
     lin = nn.Linear(100, 50)
     x = torch.randn(32, 100)
-    with MemoryMeter() as first:
+    with PartsMeter() as first:
         lin(x).sum().backward()
-    with MemoryMeter() as second:
+    with PartsMeter() as second:
         torch.exp(torch.randn(8, 10, requires_grad=True))  # saves 8*10*4 = 320, no module
     assert (first.param_bytes, first.peak_saved_bytes) == (LINEAR_100_50, X_BYTES)
     assert (second.param_bytes, second.peak_saved_bytes) == (0, 320)
 
-    reused = MemoryMeter()
+    reused = PartsMeter()
     for _ in range(2):  # entering again starts from zero, it does not accumulate
         with reused:
             lin(x).sum().backward()
@@ -313,10 +315,10 @@ def test_sequential_uses_are_independent():
 
 
 # ----------------------------------------------------------------------------------- CUDA
-# ------------------------------------------------------------------ live=True (--cpu-memory live)
+# ------------------------------------------------------------------ LiveMeter (--cpu-memory live)
 def test_live_counts_every_storage_operators_allocate_while_it_is_alive():
     lin = nn.Linear(10, 10)  # params (100 + 10) * 4 = 440 bytes, before the meter (as a method's net)
-    with MemoryMeter("cpu", modules=[lin], live=True) as live:
+    with LiveMeter("cpu", modules=[lin]) as live:
         with torch.no_grad():  # nothing here is saved for backward: the parts count sees none of it
             a = torch.ones(1000)        # 4,000 B live
             del a                       # freed: 0
@@ -327,10 +329,10 @@ def test_live_counts_every_storage_operators_allocate_while_it_is_alive():
             d = torch.empty(250)        # 1,000: 3,000 live, below the 4,000 peak
         assert live.peak_bytes == 440 + 4000
         e = torch.ones(1500)            # 6,000 more: 9,000 live
-    assert live.peak_bytes == 440 + 9000 and (live.grad_bytes, live.peak_saved_bytes) == (0, 0)
+    assert live.peak_bytes == 440 + 9000 and not hasattr(live, "grad_bytes")  # the breakdown is PartsMeter's
     del b, c, d, e  # freed after exit: the finished meter's numbers stay
-    assert live.peak_bytes == 440 + 9000 and memory._active is None
-    with MemoryMeter("cpu", modules=[lin]) as parts:  # the default: params + grads + opt + saved
+    assert live.peak_bytes == 440 + 9000 and memory.active_meter() is None
+    with PartsMeter("cpu", modules=[lin]) as parts:  # params + grads + opt + saved
         with torch.no_grad():
             torch.ones(1000)
     assert parts.peak_bytes == 440
@@ -345,7 +347,7 @@ def test_live_sees_what_backward_and_the_optimizer_allocate_and_changes_no_numbe
         net = nn.Linear(100, 50)
         net.load_state_dict(lin.state_dict())
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-        with MemoryMeter("cpu", modules=[net], live=live) as m:
+        with make_meter("cpu", modules=[net], cpu="live" if live else "parts") as m:
             torch.exp(net(x)).sum().backward()
             opt.step()
         states[live] = ({k: v.clone() for k, v in net.state_dict().items()}, m.peak_bytes)
@@ -369,9 +371,9 @@ def test_live_fedeq_update_counts_the_solver_working_set_the_parts_leave_out():
 
     update, algo = update_setup("fedeq", "deq_mlp", 480)
     update()
-    with MemoryMeter("cpu", modules=[algo.net]) as parts:
+    with PartsMeter("cpu", modules=[algo.net]) as parts:
         update()
-    with MemoryMeter("cpu", modules=[algo.net], live=True) as live:
+    with LiveMeter("cpu", modules=[algo.net]) as live:
         update()
     assert live.param_bytes == parts.param_bytes
     assert live.peak_bytes > 2 * parts.peak_bytes
@@ -381,9 +383,9 @@ def test_live_fedeq_update_counts_the_solver_working_set_the_parts_leave_out():
 def test_cuda_meter_without_cuda_raises_clearly():
     before = _global_hook_counts()
     with pytest.raises(RuntimeError, match="CUDA is not available"):
-        with MemoryMeter("cuda"):
+        with CudaMeter("cuda"):
             pass
-    assert memory._active is None and _global_hook_counts() == before
+    assert memory.active_meter() is None and _global_hook_counts() == before
 
 
 def test_cuda_arithmetic_with_a_fake_allocator(monkeypatch: pytest.MonkeyPatch):
@@ -395,9 +397,9 @@ def test_cuda_arithmetic_with_a_fake_allocator(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: None)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: stats["allocated"])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: stats["max"])
-    monkeypatch.setattr(memory, "warm_cuda", lambda device: None)  # real matmuls: test_cuda_first_meter_...
+    monkeypatch.setattr(cuda_meter, "warm_cuda", lambda device: None)  # real matmuls: test_cuda_first_meter_...
     before = _global_hook_counts()
-    with MemoryMeter("cuda") as m:
+    with CudaMeter("cuda") as m:
         assert _global_hook_counts() == (before[0] + 1, before[1], before[2])
         assert not _saved_tensors_hooks_active()
         torch.exp(nn.Linear(100, 50)(torch.randn(32, 100)))  # CPU module: not device memory
@@ -405,7 +407,7 @@ def test_cuda_arithmetic_with_a_fake_allocator(monkeypatch: pytest.MonkeyPatch):
         assert m.peak_bytes == 4000  # read inside: peak so far
     stats["max"] = 9000  # after exit the recorded value stays
     assert m.peak_bytes == 5000 - 1000 + 0  # max - baseline + device params (none)
-    assert (m.param_bytes, m.grad_bytes, m.optimizer_bytes, m.peak_saved_bytes) == (0, 0, 0, 0)
+    assert m.param_bytes == 0 and not hasattr(m, "grad_bytes")  # the allocator covers grads, state, saved
     assert _global_hook_counts() == before
 
 
@@ -414,7 +416,7 @@ def test_cuda_real_allocator():
     lin = nn.Linear(1000, 1000).cuda()  # on the device before the meter: in the baseline
     opt = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(256, 1000, device="cuda")
-    with MemoryMeter("cuda") as m:
+    with CudaMeter("cuda") as m:
         lin(x).sum().backward()
         opt.step()
     params = (1000 * 1000 + 1000) * 4  # 4004000
@@ -426,13 +428,13 @@ def test_cuda_real_allocator():
 FIRST_METER = """
 import torch
 from torch import nn
-from bench.loop.memory import MemoryMeter
+from bench.loop.memory import CudaMeter
 lin = nn.Linear(64, 64).cuda()
 x = torch.randn(32, 64, device="cuda")
 peaks = []
 for _ in range(2):
     lin.zero_grad(set_to_none=True)  # each update allocates its grads, as a local update's first step does
-    with MemoryMeter("cuda", modules=[lin]) as m:
+    with CudaMeter("cuda", modules=[lin]) as m:
         lin(x).sum().backward()
     peaks.append(m.peak_bytes)
 print(peaks[0], peaks[1])
@@ -470,3 +472,19 @@ def test_peak_rss_grows_with_a_touched_buffer():
     # The peak may already sit above the current RSS (earlier, freed allocations), so compare
     # with the RSS right before: resident went up by ~200 MB, allow 50 MB for slack.
     assert after_peak >= before_now + 150_000_000
+
+
+def test_make_meter_is_the_one_factory_with_the_runs_default():
+    """One default, the run's (`--cpu-memory live`): make_meter's `cpu` default and RunConfig's agree."""
+    import dataclasses
+
+    from bench.config import RunConfig
+    from bench.loop.memory import CPU_METERS
+
+    default = {f.name: f.default for f in dataclasses.fields(RunConfig)}["cpu_memory"]
+    assert type(make_meter("cpu")) is CPU_METERS[default] is LiveMeter
+    assert type(make_meter("cpu", cpu="parts")) is PartsMeter
+    assert type(make_meter("cuda:0", cpu="parts")) is CudaMeter  # the allocator whatever the CPU choice
+    assert set(CPU_METERS) == set(typing.get_args(RunConfig.__annotations__["cpu_memory"]) or CPU_METERS)
+    with pytest.raises(ValueError, match="unknown CPU memory meter 'rss'; choose from live, parts"):
+        make_meter("cpu", cpu="rss")
