@@ -3,7 +3,7 @@ and the spec that rebuilds a method on a worker."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -43,6 +43,15 @@ class ClientTensors:
         return int(self.train_y.shape[0])
 
 
+class MethodClass(Protocol):
+    """What a MethodSpec rebuilds from: a method class (`fedeq_bench.methods.base.Method`'s subclasses),
+    seen from core, which imports nothing of the project (docs/architecture.md, Layout and layers)."""
+
+    name: str
+
+    def __call__(self, cfg: Any, task: Task) -> Any: ...
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """Enough to rebuild a method anywhere: its class, resolved config and task.
@@ -52,7 +61,7 @@ class MethodSpec:
     hashable: a worker caches the method it builds per spec.
     """
 
-    method: type
+    method: MethodClass
     cfg: Any
     task: Task
 
@@ -60,5 +69,5 @@ class MethodSpec:
     def name(self) -> str:
         return self.method.name
 
-    def build(self):
+    def build(self) -> Any:
         return self.method(self.cfg, self.task)

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +120,18 @@ def load_partition(key: str):
 
 def save_partition(key: str, parts) -> Path | None:
     """Write `parts` under `key` atomically; returns the path, or None if the cache is not writable."""
-    arrays = {"n_clients": np.int64(len(parts)), "sha256": np.frombuffer(_parts_sha256(parts), dtype=np.uint8)}
+    arrays: dict[str, npt.ArrayLike] = {
+        "n_clients": np.int64(len(parts)),
+        "sha256": np.frombuffer(_parts_sha256(parts), dtype=np.uint8),
+    }
     for k, (tr, te) in enumerate(parts):
         arrays[f"train_{k}"] = np.asarray(tr, dtype=np.int64)
         arrays[f"test_{k}"] = np.asarray(te, dtype=np.int64)
     path = partition_path(key)
     try:
-        atomic_write(path, lambda f: np.savez(f, **arrays))
+        # mypy matches **arrays against every keyword of savez, its `allow_pickle: bool` included;
+        # the names here are train_k, test_k, n_clients and sha256 only.
+        atomic_write(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
     except OSError as e:
         log.warning("cannot write partition cache %s (%s); continuing without it", path, e)
         return None

@@ -286,7 +286,7 @@ def read_release(rel: Release, cfg, data_dir: str | None):
     files = read_files(rel, kind, path)
 
     def stack(names):
-        xs, ys = zip(*(parse_batch(*files[n], rel, n) for n in names))
+        xs, ys = zip(*(parse_batch(*files[n], rel, n) for n in names), strict=True)
         return np.concatenate(xs), np.concatenate(ys)
 
     return stack(rel.train), stack(rel.test)

@@ -70,7 +70,7 @@ def read_leaf_files(
             raise BenchError(f"{dataset}: {path}: users and num_samples must be lists, user_data an object")
         if len(users) != len(counts):
             raise BenchError(f"{dataset}: {path} lists {len(users)} users but {len(counts)} num_samples")
-        for user, count in zip(users, counts):
+        for user, count in zip(users, counts, strict=True):
             user = str(user)
             where = f"{name}: user {user!r}"
             if user not in data:

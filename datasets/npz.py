@@ -162,10 +162,11 @@ def _num_classes(arrays: dict[str, np.ndarray], n: int, path: str) -> int:
     top = max(int(arrays[f"{p}_y_{k}"].max()) for k in range(n) for p in ("train", "test"))
     if "num_classes" not in arrays:
         return top + 1
-    nc = arrays["num_classes"]
-    if nc.ndim != 0 or nc.dtype.kind not in "iu":
-        raise BenchError(f"npz dataset {path!r}: num_classes must be a scalar integer, got dtype {nc.dtype} shape {nc.shape}")
-    nc = int(nc)
+    given = arrays["num_classes"]
+    if given.ndim != 0 or given.dtype.kind not in "iu":
+        raise BenchError(f"npz dataset {path!r}: num_classes must be a scalar integer, "
+                         f"got dtype {given.dtype} shape {given.shape}")
+    nc = int(given)
     if nc < 1:
         raise BenchError(f"npz dataset {path!r}: num_classes must be >= 1, got {nc}")
     if top >= nc:

@@ -142,12 +142,13 @@ def partition(labels_train, labels_test, n_clients: int, spec: str, rng: np.rand
         )
     if n_clients > len(y_tr):
         raise BenchError(f"clients={n_clients} but the train set has only {len(y_tr)} samples; use fewer clients")
+    assert param is not None  # dirichlet and shards always carry one (parse_partition)
     if kind == "dirichlet":
         train = _dirichlet(y_tr, n_clients, float(param), rng)
     else:
         train = _shards(y_tr, n_clients, int(param), rng)
     test = _test_like_train(y_tr, y_te, train, rng)
-    return [(np.sort(tr).astype(np.int64), np.sort(te).astype(np.int64)) for tr, te in zip(train, test)]
+    return [(np.sort(tr).astype(np.int64), np.sort(te).astype(np.int64)) for tr, te in zip(train, test, strict=True)]
 
 
 def _labels(y, which: str) -> np.ndarray:
@@ -186,7 +187,7 @@ def _dirichlet(y: np.ndarray, n_clients: int, alpha: float, rng: np.random.Gener
             f"in {MAX_DRAWS} draws; raise alpha or use fewer clients"
         )
     parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
-    for pool, cut in zip(pools, cuts):
+    for pool, cut in zip(pools, cuts, strict=True):
         for i, chunk in enumerate(np.split(pool, cut[:-1])):
             parts[i].append(chunk)
     return [np.concatenate(p) for p in parts]
@@ -211,7 +212,7 @@ def _shards(y: np.ndarray, n_clients: int, k: int, rng: np.random.Generator) -> 
         per_class[int(np.argmax(per_class))] -= 1
         per_class[c] = 1
     shards = []
-    for c, s in zip(classes, per_class):
+    for c, s in zip(classes, per_class, strict=True):
         # array_split: the first (n_c mod s) shards of this class get one extra sample.
         shards += np.array_split(rng.permutation(np.flatnonzero(y == c)), int(s))
     order = rng.permutation(total)

@@ -224,7 +224,7 @@ def _validate(cfg: ShakespeareConfig) -> None:
 
 def _windows_of_strings(x: list, y: list, where: str) -> tuple[np.ndarray, np.ndarray]:
     """One LEAF entry -> (window ids (m, 80), target ids (m,)), int64."""
-    for i, (s, t) in enumerate(zip(x, y)):
+    for i, (s, t) in enumerate(zip(x, y, strict=True)):
         if not isinstance(s, str) or len(s) != SEQ_LEN:
             got = f"length {len(s)}" if isinstance(s, str) else type(s).__name__
             raise BenchError(f"shakespeare: {where}: x[{i}] must be a {SEQ_LEN}-character string, got {got}")

@@ -38,6 +38,7 @@ Differences from the original, none of which changes the distribution:
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,15 +164,14 @@ def load_synthetic(cfg: SyntheticConfig, args: DataArgs) -> FederatedDataset:
     n_clients = DEFAULT_CLIENTS if args.clients is None else int(args.clients)
     _validate(cfg, n_clients)
     rng = numpy_rng(args.seed, "data")
-    users = generate(cfg, n_clients, rng)
+    users = deque(generate(cfg, n_clients, rng))
 
     def splits():
         # One user at a time, and each user's unsplit arrays dropped once split, so the data is held
         # about once while build_federated copies it into clients (10,000 users: ~1 GB, not ~4 GB).
         # The permutations are still drawn after every user is generated, in user order.
-        for i in range(n_clients):
-            x, y = users[i]
-            users[i] = None
+        for _ in range(n_clients):
+            x, y = users.popleft()
             # Shuffle before splitting (as FedProx does) from the same stream, so the split is a
             # pure function of the seed.
             perm = rng.permutation(len(y))

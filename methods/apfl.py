@@ -50,7 +50,16 @@ from dataclasses import dataclass
 import torch
 
 from fedeq_bench.core.ranges import ranged
-from fedeq_bench.methods.base import Method, MethodConfig, register_method
+from fedeq_bench.methods.base import (
+    ClientTensors,
+    LocalResult,
+    Message,
+    Method,
+    MethodConfig,
+    State,
+    register_method,
+    whole_model_personal,
+)
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.train import cross_entropy, eval_metrics, load, minibatches, snapshot, with_num_samples
 
@@ -80,8 +89,7 @@ class APFL(FedAvg):
 
     def param_split(self, net):
         # Shared: w, uploaded every round. Personal: v_i, a whole second model (and alpha_i).
-        names = list(net.state_dict())
-        return names, list(names)
+        return whole_model_personal(net)
 
     @property
     def mix_net(self):
@@ -116,7 +124,7 @@ class APFL(FedAvg):
             for k in buffers:
                 own[k].copy_(v[k])
 
-    def local_update(self, down, state, data, rng):
+    def local_update(self, down: Message, state: State, data: ClientTensors, rng: torch.Generator) -> LocalResult:
         cfg, net, mix_net = self.cfg, self.net, self.mix_net
         names, param_names = self._names()
         buffers = [k for k in names if k not in set(param_names)]
@@ -153,12 +161,13 @@ class APFL(FedAvg):
             with torch.no_grad():
                 # d CE(v_bar) / d alpha = <v - w, g_mix>, accumulated over tensors in float64
                 # (one device sync per step); d CE(v_bar) / d v = alpha * g_mix.
-                grad_alpha = torch.zeros((), dtype=torch.float64, device=dev)
+                grad_alpha_t = torch.zeros((), dtype=torch.float64, device=dev)
                 for k in param_names:
                     g_mix = mix_params[k].grad
-                    grad_alpha += ((v_params[k] - w_params[k]).double() * g_mix.double()).sum()
+                    assert g_mix is not None  # every parameter of mix_net is in loss_mix's graph
+                    grad_alpha_t += ((v_params[k] - w_params[k]).double() * g_mix.double()).sum()
                     v_params[k].grad = g_mix * alpha
-                grad_alpha = float(grad_alpha)
+                grad_alpha = float(grad_alpha_t)
             opt_w.step()
             opt_v.step()
             if cfg.adaptive_alpha:
@@ -172,7 +181,7 @@ class APFL(FedAvg):
         new_state.update({V + k: t for k, t in snapshot(mix_net, buffers).items()})
         new_state[ALPHA] = torch.tensor(alpha, dtype=torch.float64)
         loss = total / steps if steps else float("nan")
-        return up, new_state, {"loss": loss, "steps": steps, "apfl/alpha": alpha}
+        return LocalResult(up, new_state, {"loss": loss, "steps": steps, "apfl/alpha": alpha})
 
     personalize = Method.personalize  # not FedAvg's: a held-out client trains v and alpha
 

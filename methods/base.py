@@ -1,13 +1,18 @@
-"""The Method interface: six functions over explicit state (DESIGN.md), plus a registry.
+"""The Method interface: six functions over explicit state (docs/architecture.md, Method interface),
+plus a registry.
 
-    init_server(model, rng) -> ServerState
-    init_client(cid, server, rng) -> ClientState          # personal params, duals: never sent
+    init_server(model, rng) -> State                       # the server's state
+    init_client(cid, server, rng) -> State                 # a client's personal params, duals: never sent
     broadcast(server, cid, rnd) -> Message                 # downlink
-    local_update(down, state, data, rng) -> (Message, ClientState, Metrics)
-    aggregate(server, [(cid, Message)], rnd) -> (ServerState, Metrics)
+    local_update(down, state, data, rng) -> LocalResult(message, state, metrics)
+    aggregate(server, [(cid, Message)], rnd) -> AggregateResult(server, metrics)
     evaluate(down, state, data, rng) -> Metrics            # personalized metrics of one client (rng: fine-tuning)
-and, for clients held out of training, `personalize(down, state, data, rng) -> ClientState`
+and, for clients held out of training, `personalize(down, state, data, rng) -> State`
 (default: one local update whose upload is dropped).
+
+`Method` is an abstract base: `init_server`, `broadcast`, `local_update`, `aggregate` and `evaluate`
+have no default, and `register_method` refuses a class that leaves any of them undefined, when the
+class is defined, rather than when the engine first calls the missing function mid-run.
 
 A method object holds only its immutable config, the task and a scratch network whose parameters
 are overwritten from explicit state on every call: one object serves many clients (on a Ray actor,
@@ -19,8 +24,10 @@ stream declared in core/seeding.py. A method never seeds anything and keeps no s
 """
 from __future__ import annotations
 
+import abc
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -48,13 +55,34 @@ class MethodConfig:
     """Mini-batch size; None: the run's --batch-size."""
 
 
-class Method:
+class LocalResult(NamedTuple):
+    """What `local_update` returns. A tuple, so `up, state, metrics = method.local_update(...)` works."""
+
+    message: Message
+    """The upload (empty: nothing is sent)."""
+    state: State
+    """The client's new personal state, kept by the engine's client store."""
+    metrics: Metrics
+    """`loss` and `steps` are read by the engine; namespaced keys are reduced over the cohort
+    (docs/architecture.md, Method interface)."""
+
+
+class AggregateResult(NamedTuple):
+    """What `aggregate` returns. A tuple, so `server, metrics = method.aggregate(...)` works."""
+
+    server: State
+    """The server's new state."""
+    metrics: Metrics
+    """Logged as they are."""
+
+
+class Method(abc.ABC):
     name: ClassVar[str] = ""
     Config: ClassVar[type] = MethodConfig
     model_kind: ClassVar[str] = "explicit"
     """Which model of the dataset's pairing this method trains unless told otherwise."""
 
-    def __init__(self, cfg, task: Task, net: nn.Module | None = None):
+    def __init__(self, cfg: Any, task: Task, net: nn.Module | None = None):
         """`net`: a prebuilt scratch network (tests, notebooks), used instead of building
         `task.model` from the registry; the method loads state into it exactly as into its own."""
         self.cfg = cfg
@@ -75,42 +103,67 @@ class Method:
         return self._net
 
     def param_split(self, net: nn.Module) -> tuple[list[str], list[str]]:
-        """(shared, personal) state names; logged as params/shared and params/personal."""
+        """(shared, personal) state names; logged as params/shared and params/personal.
+        Default: the whole model is shared and nothing is personal (FedAvg)."""
         return list(net.state_dict()), []
 
     # -- the six functions ------------------------------------------------------------------
+    @abc.abstractmethod
     def init_server(self, model: nn.Module, rng: torch.Generator) -> State:
-        raise NotImplementedError
+        """The server's initial state from the initial network `model`."""
 
     def init_client(self, cid: int, server: State, rng: torch.Generator) -> State:
         return {}
 
+    @abc.abstractmethod
     def broadcast(self, server: State, cid: int, rnd: int) -> Message:
-        raise NotImplementedError
+        """The downlink to client `cid` in round `rnd`."""
 
-    def local_update(self, down: Message, state: State, data: ClientTensors, rng: torch.Generator):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def local_update(self, down: Message, state: State, data: ClientTensors, rng: torch.Generator) -> LocalResult:
+        """One client's training in a round: its upload, new state and metrics."""
 
-    def aggregate(self, server: State, replies: list[tuple[int, Message]], rnd: int):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def aggregate(self, server: State, replies: list[tuple[int, Message]], rnd: int) -> AggregateResult:
+        """The server's new state from the round's uploads (client-id order) and its metrics."""
 
+    @abc.abstractmethod
     def evaluate(self, down: Message, state: State, data: ClientTensors, rng: torch.Generator) -> Metrics:
-        raise NotImplementedError
+        """One client's personalized metrics (`rng`: e.g. fine-tuning before testing)."""
 
     def personalize(self, down: Message, state: State, data: ClientTensors, rng: torch.Generator) -> State:
         """Adapt a client that never trained (held out) to the final model; upload dropped."""
-        _, state, _ = self.local_update(down, state, data, rng)
-        return state
+        return self.local_update(down, state, data, rng).state
+
+
+def whole_model_personal(net: nn.Module, shared: bool = True) -> tuple[list[str], list[str]]:
+    """The `param_split` of a method whose client keeps a whole model of its own (every state name is
+    personal): with `shared`, a global model of the same names is also uploaded every round (Ditto's
+    v_i, APFL's v_i, pFedMe's theta_i, FedAvg-FT's fine-tuned copy next to the global w); without,
+    nothing is shared (`local`). Both lists are fresh, so a caller may change one."""
+    names = list(net.state_dict())
+    return (list(names) if shared else []), names
 
 
 METHODS: Registry[type[Method]] = Registry("method")
 
+M = TypeVar("M", bound=type[Method])
 
-def register_method(name: str):
-    """Class decorator: `@register_method("fedavg")` sets `cls.name` and registers it."""
 
-    def deco(cls: type[Method]) -> type[Method]:
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator: `@register_method("fedavg")` sets `cls.name` and registers it.
+
+    A class that is not a concrete `Method` (one of the abstract functions left undefined) is
+    refused here with a TypeError naming what is missing, and is not registered."""
+
+    def deco(cls: M) -> M:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"method {name!r} ({cls!r}) is not a subclass of Method")
+        missing = sorted(getattr(cls, "__abstractmethods__", ()))
+        if missing:
+            raise TypeError(f"method {name!r} ({cls.__name__}) does not define {', '.join(missing)}")
         cls.name = name
-        return METHODS.register(name)(cls)
+        METHODS.register(name)(cls)
+        return cls
 
     return deco

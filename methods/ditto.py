@@ -39,7 +39,15 @@ from dataclasses import dataclass
 import torch
 
 from fedeq_bench.core.ranges import ranged
-from fedeq_bench.methods.base import MethodConfig, register_method
+from fedeq_bench.methods.base import (
+    ClientTensors,
+    LocalResult,
+    Message,
+    MethodConfig,
+    State,
+    register_method,
+    whole_model_personal,
+)
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot, with_num_samples
 
@@ -62,8 +70,7 @@ class Ditto(FedAvg):
 
     def param_split(self, net):
         # Shared: w, uploaded every round. Personal: v_i, a whole second model kept on the client.
-        names = list(net.state_dict())
-        return names, list(names)
+        return whole_model_personal(net)
 
     @property
     def personal_epochs(self) -> int:
@@ -83,7 +90,7 @@ class Ditto(FedAvg):
             target = {k: w[k].to(dev) for k in own}
 
             def penalty():
-                total = 0.0
+                total: torch.Tensor | float = 0.0
                 for k, p in own.items():
                     total = total + (p - target[k]).pow(2).sum()
                 return 0.5 * cfg.lam * total
@@ -92,7 +99,7 @@ class Ditto(FedAvg):
                                  self.personal_epochs, cfg.batch_size, cfg.lr, rng, penalty=penalty)
         return snapshot(net, w.keys()), loss, steps
 
-    def local_update(self, down, state, data, rng):
+    def local_update(self, down: Message, state: State, data: ClientTensors, rng: torch.Generator) -> LocalResult:
         cfg, net = self.cfg, self.net
         names = list(down)
         # The personal step replays the same stream: the same batches as the global step.
@@ -111,7 +118,7 @@ class Ditto(FedAvg):
 
         steps = s_w + s_v
         loss = (l_w * s_w + l_v * s_v) / steps if steps else float("nan")
-        return up, {V + k: t for k, t in v_new.items()}, {"loss": loss, "steps": steps}
+        return LocalResult(up, {V + k: t for k, t in v_new.items()}, {"loss": loss, "steps": steps})
 
     def evaluate(self, down, state, data, rng):
         has_v = bool(down) and (V + next(iter(down))) in state

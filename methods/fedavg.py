@@ -8,7 +8,17 @@ Not personalized: every client is evaluated with the global w, and a held-out cl
 """
 from __future__ import annotations
 
-from fedeq_bench.methods.base import Method, register_method
+import torch
+
+from fedeq_bench.methods.base import (
+    AggregateResult,
+    ClientTensors,
+    LocalResult,
+    Message,
+    Method,
+    State,
+    register_method,
+)
 from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot, weighted_average, with_num_samples
 
 
@@ -20,7 +30,7 @@ class FedAvg(Method):
     def broadcast(self, server, cid, rnd):
         return dict(server)
 
-    def local_update(self, down, state, data, rng):
+    def local_update(self, down: Message, state: State, data: ClientTensors, rng: torch.Generator) -> LocalResult:
         net = self.net
         load(net, down)
         loss, steps = sgd_epochs(
@@ -28,10 +38,10 @@ class FedAvg(Method):
             self.cfg.local_epochs, self.cfg.batch_size, self.cfg.lr, rng,
         )
         up = with_num_samples(snapshot(net, down.keys()), data.num_train)
-        return up, state, {"loss": loss, "steps": steps}
+        return LocalResult(up, state, {"loss": loss, "steps": steps})
 
-    def aggregate(self, server, replies, rnd):
-        return weighted_average(replies, server.keys()), {}
+    def aggregate(self, server: State, replies: list[tuple[int, Message]], rnd: int) -> AggregateResult:
+        return AggregateResult(weighted_average(replies, server.keys()), {})
 
     def evaluate(self, down, state, data, rng):
         load(self.net, down)

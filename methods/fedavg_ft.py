@@ -32,7 +32,16 @@ from dataclasses import dataclass
 import torch
 
 from fedeq_bench.core.ranges import ranged
-from fedeq_bench.methods.base import MethodConfig, register_method
+from fedeq_bench.methods.base import (
+    AggregateResult,
+    ClientTensors,
+    LocalResult,
+    Message,
+    MethodConfig,
+    State,
+    register_method,
+    whole_model_personal,
+)
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot, weighted_average
 
@@ -60,8 +69,7 @@ class FedAvgFT(FedAvg):
 
     def param_split(self, net):
         # Shared: w, uploaded in training rounds. Personal: the fine-tuned copy, a whole model.
-        names = list(net.state_dict())
-        return names, list(names)
+        return whole_model_personal(net)
 
     def _names(self):
         return list(self.net.state_dict())
@@ -84,17 +92,17 @@ class FedAvgFT(FedAvg):
         model[FINETUNE] = torch.tensor(True)
         return model
 
-    def aggregate(self, server, replies, rnd):
+    def aggregate(self, server: State, replies: list[tuple[int, Message]], rnd: int) -> AggregateResult:
         new = dict(server)
         if self._finetuning(rnd):  # no aggregation; remember who got the final w
             got = set(server[FT_CLIENTS].tolist()) | {cid for cid, _ in replies}
             new[FT_CLIENTS] = torch.tensor(sorted(got), dtype=torch.int64)
-            return new, {}
+            return AggregateResult(new, {})
         new.update(weighted_average(replies, self._names()))
-        return new, {}
+        return AggregateResult(new, {})
 
     # -- client --------------------------------------------------------------------------------
-    def local_update(self, down, state, data, rng):
+    def local_update(self, down: Message, state: State, data: ClientTensors, rng: torch.Generator) -> LocalResult:
         if down and FINETUNE not in down:
             return super().local_update(down, state, data, rng)  # a FedAvg round
         net, names = self.net, self._names()
@@ -102,7 +110,7 @@ class FedAvgFT(FedAvg):
         load(net, start)
         loss, steps = sgd_epochs(net, list(net.parameters()), data.train_x, data.train_y,
                                  self.cfg.local_epochs, self.cfg.batch_size, self.cfg.lr, rng)
-        return {}, {OWN + k: t for k, t in snapshot(net, names).items()}, {"loss": loss, "steps": steps}
+        return LocalResult({}, {OWN + k: t for k, t in snapshot(net, names).items()}, {"loss": loss, "steps": steps})
 
     def evaluate(self, down, state, data, rng):
         net, names = self.net, self._names()

@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from fedeq_bench.core.ranges import ranged
-from fedeq_bench.methods.base import MethodConfig, register_method
+from fedeq_bench.methods.base import ClientTensors, LocalResult, Message, MethodConfig, State, register_method
+from fedeq_bench.methods.nets import body_of, head_of
 from fedeq_bench.methods.partial import PartialSharing
 from fedeq_bench.methods.train import eval_metrics, sgd_epochs
 
@@ -69,7 +70,7 @@ class FedBABU(PartialSharing):
         server = super().init_server(model, rng)
         # A frozen all-zero classifier passes no gradient to the body (dCE/dz = W^T (p - y) = 0), so
         # the body could never train: redraw it at random (resnet34 zero-initializes its head).
-        for name, mod in model.head.named_modules():
+        for name, mod in head_of(model).named_modules():
             key = f"head.{name}.weight" if name else "head.weight"
             if isinstance(mod, nn.Linear) and not bool(server[key].any()):
                 w = torch.empty_like(server[key])
@@ -78,20 +79,20 @@ class FedBABU(PartialSharing):
         return server
 
     # -- client --------------------------------------------------------------------------------
-    def local_update(self, down, state, data, rng):
+    def local_update(self, down: Message, state: State, data: ClientTensors, rng: torch.Generator) -> LocalResult:
         net = self.net
         self.load_client(down, state)
         # Body Update: only the body's parameters are optimized; the head is never stepped.
-        loss, steps = sgd_epochs(net, list(net.body.parameters()), data.train_x, data.train_y,
+        loss, steps = sgd_epochs(net, list(body_of(net).parameters()), data.train_x, data.train_y,
                                  self.cfg.local_epochs, self.cfg.batch_size, self.cfg.lr, rng)
-        return self.upload(data), state, {"loss": loss, "steps": steps}
+        return LocalResult(self.upload(data), state, {"loss": loss, "steps": steps})
 
     def evaluate(self, down, state, data, rng):
         net = self.net
         self.load_client(down, state)
         # Fine-tune a throwaway copy: the scratch net is overwritten by the next call, and neither
         # `down` nor `state` is written to, so nothing of the fine-tuning persists.
-        params = list(net.head.parameters()) if self.cfg.finetune_head_only else list(net.parameters())
+        params = list(head_of(net).parameters()) if self.cfg.finetune_head_only else list(net.parameters())
         sgd_epochs(net, params, data.train_x, data.train_y,
                    self.cfg.finetune_epochs, self.cfg.batch_size, self.cfg.lr, rng)
         return eval_metrics(net, data)

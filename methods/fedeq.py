@@ -39,7 +39,7 @@ solve as the reference's (utils/model_utils.py, deq/solver/anderson.py there): A
 ridge 1e-4, 20 steps, stop when ||f(z) - z||_2 <= 1e-3 per example (stop_mode = "abs"), m = 5
 plain steps before accelerating, the last iterate returned (anderson_variant = "reference").
 
-Speed (issue 9, item 7): the personal step trains w_i with the body frozen, so z* of each training
+Speed: the personal step trains w_i with the body frozen, so z* of each training
 example is the same in every epoch of that step. Where the body computes the same thing in train
 mode whatever the batch (no BatchNorm, no dropout, and a per-example solver: the reference
 Anderson), the body runs once over the client's data and the head trains on those features
@@ -56,8 +56,18 @@ import torch
 
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.ranges import ranged
-from fedeq_bench.methods.base import NUM_SAMPLES, Method, MethodConfig, register_method
-from fedeq_bench.methods.nets import split_names
+from fedeq_bench.methods.base import (
+    NUM_SAMPLES,
+    AggregateResult,
+    ClientTensors,
+    LocalResult,
+    Message,
+    Method,
+    MethodConfig,
+    State,
+    register_method,
+)
+from fedeq_bench.methods.nets import body_of, head_of, split_names
 from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot, with_num_samples
 
 THETA, HEAD, DUAL, NORM = "theta.", "head.", "dual.", "norm."
@@ -122,7 +132,7 @@ class FeDEQ(Method):
         self._configured = False  # the scratch net's DEQ layers carry this config and report stats
 
     @property
-    def net(self):
+    def net(self) -> torch.nn.Module:
         net = super().net
         if not self._configured:
             self._configured = True
@@ -163,7 +173,7 @@ class FeDEQ(Method):
         down[RESUME] = torch.tensor(resume)
         return down
 
-    def aggregate(self, server, replies, rnd):
+    def aggregate(self, server: State, replies: list[tuple[int, Message]], rnd: int) -> AggregateResult:
         from fedeq_bench.methods.train import weighted_average
 
         body, _, _ = self._names()
@@ -172,14 +182,14 @@ class FeDEQ(Method):
             replies = [(cid, {**m, NUM_SAMPLES: torch.tensor(1, dtype=torch.int64)}) for cid, m in replies]
         new.update(weighted_average(replies, body))
         new[LAST_COHORT] = torch.tensor(sorted(cid for cid, _ in replies), dtype=torch.int64)
-        return new, {}
+        return AggregateResult(new, {})
 
     # -- client --------------------------------------------------------------------------------
     def init_client(self, cid, server, rng):
         _, _, head = self._names()
         return {HEAD + k: server[k].clone() for k in head}  # theta_i and dual_i appear on first training
 
-    def local_update(self, down, state, data, rng):
+    def local_update(self, down: Message, state: State, data: ClientTensors, rng: torch.Generator) -> LocalResult:
         cfg, net = self.cfg, self.net
         body, trainable, head = self._names()
         theta = {k: down[k] for k in body}  # the consensus theta this round
@@ -201,7 +211,7 @@ class FeDEQ(Method):
         batch_x: list[torch.Tensor] = []  # the current mini-batch's input (penalty_scale = "tokens")
 
         def penalty():
-            total = 0.0
+            total: torch.Tensor | float = 0.0
             for k in trainable:
                 diff = own[k] - theta_t[k]
                 total = total + (dual_t[k] * diff).sum() + 0.5 * cfg.rho * diff.pow(2).sum()
@@ -213,7 +223,7 @@ class FeDEQ(Method):
         hook = net.register_forward_pre_hook(lambda mod, args: batch_x.append(args[0])) \
             if cfg.penalty_scale == "tokens" else None
         try:
-            l_body, s_body = sgd_epochs(net, list(net.body.parameters()), data.train_x, data.train_y,
+            l_body, s_body = sgd_epochs(net, list(body_of(net).parameters()), data.train_x, data.train_y,
                                         cfg.shared_epochs, cfg.batch_size, cfg.lr, rng, penalty=penalty)
         finally:
             if hook is not None:
@@ -233,7 +243,7 @@ class FeDEQ(Method):
         steps = s_head + s_body
         metrics = {"loss": (l_head * s_head + l_body * s_body) / steps if steps else float("nan"), "steps": steps}
         metrics.update(self._solver_metrics())
-        return up, new_state, metrics
+        return LocalResult(up, new_state, metrics)
 
     def _solver_metrics(self) -> dict[str, float]:
         """Solver statistics over every example of every training forward (deq/...) and every
@@ -253,7 +263,7 @@ class FeDEQ(Method):
 
     def _head_step(self, net, data, epochs: int, rng) -> tuple[float, int]:
         """personal_epochs of head-only SGD; on cached body features where that is exact."""
-        head_params = list(net.head.parameters())
+        head_params = list(head_of(net).parameters())
         if not (self.cfg.cache_head_features and epochs > 0 and self._body_is_batch_free(net)):
             return sgd_epochs(net, head_params, data.train_x, data.train_y, epochs, self.cfg.batch_size,
                               self.cfg.lr, rng)
@@ -261,10 +271,10 @@ class FeDEQ(Method):
         # would compute for these examples (train mode changes nothing in a batch-free body).
         net.train()
         with torch.no_grad():
-            feats = torch.cat([net.body(data.train_x[s : s + FEATURE_CHUNK])
+            feats = torch.cat([body_of(net)(data.train_x[s : s + FEATURE_CHUNK])
                                for s in range(0, int(data.train_y.shape[0]), FEATURE_CHUNK)])
         # Same batches (same rng draws), same loss, same SGD on the head alone.
-        return sgd_epochs(net.head, head_params, feats, data.train_y, epochs, self.cfg.batch_size,
+        return sgd_epochs(head_of(net), head_params, feats, data.train_y, epochs, self.cfg.batch_size,
                           self.cfg.lr, rng)
 
     def _body_is_batch_free(self, net) -> bool:
@@ -272,7 +282,7 @@ class FeDEQ(Method):
         batch or on randomness: no batch norm, no active dropout, and a per-example DEQ solver."""
         from fedeq_bench.methods.deq import DEQ
 
-        for m in net.body.modules():
+        for m in body_of(net).modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 return False
             if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
@@ -282,7 +292,8 @@ class FeDEQ(Method):
             if isinstance(m, torch.nn.MultiheadAttention) and m.dropout > 0:
                 return False
             # Dropout drawn in code (F.dropout with the module's rate: the transformers' layers).
-            if isinstance(getattr(m, "dropout", None), float) and m.dropout > 0:
+            rate = getattr(m, "dropout", None)
+            if isinstance(rate, float) and rate > 0:
                 return False
             if isinstance(m, DEQ) and not (m.solver == "anderson" and m.solver_kw.get("variant") == "reference"):
                 return False  # torchdeq's solvers stop batch-wide: an example's z* depends on its batch

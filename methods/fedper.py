@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from fedeq_bench.core.ranges import ranged
 from fedeq_bench.methods.base import MethodConfig, register_method
+from fedeq_bench.methods.nets import head_of
 from fedeq_bench.methods.partial import PartialSharing
 from fedeq_bench.methods.train import sgd_epochs
 
@@ -53,6 +54,6 @@ class FedPer(PartialSharing):
         epochs = self.cfg.unseen_head_epochs
         epochs = self.cfg.local_epochs if epochs is None else epochs
         self.load_client(down, state)
-        sgd_epochs(net, list(net.head.parameters()), data.train_x, data.train_y,
+        sgd_epochs(net, list(head_of(net).parameters()), data.train_x, data.train_y,
                    epochs, self.cfg.batch_size, self.cfg.lr, rng)
         return self.personal_state()

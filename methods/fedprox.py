@@ -19,8 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from fedeq_bench.core.ranges import ranged
-from fedeq_bench.methods.base import MethodConfig, register_method
+from fedeq_bench.methods.base import ClientTensors, LocalResult, Message, MethodConfig, State, register_method
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.train import load, sgd_epochs, snapshot, with_num_samples
 
@@ -36,7 +38,7 @@ class FedProxConfig(MethodConfig):
 class FedProx(FedAvg):
     Config = FedProxConfig
 
-    def local_update(self, down, state, data, rng):
+    def local_update(self, down: Message, state: State, data: ClientTensors, rng: torch.Generator) -> LocalResult:
         mu = self.cfg.mu
         if mu == 0:
             return super().local_update(down, state, data, rng)  # FedAvg's code path: the same bits
@@ -47,7 +49,7 @@ class FedProx(FedAvg):
         anchor = {k: down[k].to(dev) for k in own}  # the round's w, fixed for the whole update
 
         def penalty():
-            total = 0.0
+            total: torch.Tensor | float = 0.0
             for k, p in own.items():
                 total = total + (p - anchor[k]).pow(2).sum()
             return 0.5 * mu * total
@@ -55,4 +57,4 @@ class FedProx(FedAvg):
         loss, steps = sgd_epochs(net, list(net.parameters()), data.train_x, data.train_y,
                                  self.cfg.local_epochs, self.cfg.batch_size, self.cfg.lr, rng, penalty=penalty)
         up = with_num_samples(snapshot(net, down.keys()), data.num_train)
-        return up, state, {"loss": loss, "steps": steps}
+        return LocalResult(up, state, {"loss": loss, "steps": steps})

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from fedeq_bench.core.ranges import ranged
-from fedeq_bench.methods.base import MethodConfig, register_method
+from fedeq_bench.methods.base import ClientTensors, LocalResult, Message, MethodConfig, State, register_method
+from fedeq_bench.methods.nets import body_of, head_of
 from fedeq_bench.methods.partial import PartialSharing
 from fedeq_bench.methods.train import sgd_epochs
 
@@ -35,19 +38,19 @@ class FedRep(PartialSharing):
     shared_part = "body"
 
     def _train_head(self, net, data, rng):
-        head_params = list(net.head.parameters())
+        head_params = list(head_of(net).parameters())
         return sgd_epochs(net, head_params, data.train_x, data.train_y,
                           self.cfg.head_epochs, self.cfg.batch_size, self.cfg.lr, rng)
 
-    def local_update(self, down, state, data, rng):
+    def local_update(self, down: Message, state: State, data: ClientTensors, rng: torch.Generator) -> LocalResult:
         net = self.net
         self.load_client(down, state)
         l_head, s_head = self._train_head(net, data, rng)
-        l_body, s_body = sgd_epochs(net, list(net.body.parameters()), data.train_x, data.train_y,
+        l_body, s_body = sgd_epochs(net, list(body_of(net).parameters()), data.train_x, data.train_y,
                                     self.cfg.local_epochs, self.cfg.batch_size, self.cfg.lr, rng)
         steps = s_head + s_body
         loss = (l_head * s_head + l_body * s_body) / steps if steps else float("nan")
-        return self.upload(data), self.personal_state(), {"loss": loss, "steps": steps}
+        return LocalResult(self.upload(data), self.personal_state(), {"loss": loss, "steps": steps})
 
     def personalize(self, down, state, data, rng):
         self.load_client(down, state)

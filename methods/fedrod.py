@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedeq_bench.methods.base import MethodConfig, register_method
+from fedeq_bench.methods.base import ClientTensors, LocalResult, Message, MethodConfig, State, register_method
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.nets import features_and_logits, final_linear
 from fedeq_bench.methods.train import cross_entropy, eval_metrics, load, minibatches, snapshot, with_num_samples
@@ -122,6 +122,7 @@ class FedRoD(FedAvg):
         for xb, yb in minibatches(x, y, cfg.local_epochs, cfg.batch_size, rng):
             z, g = features_and_logits(net, xb)
             if train_generic:
+                assert opt_g is not None  # made above whenever train_generic
                 loss_g = (balanced_softmax_loss(g, yb, log_prior) if cfg.generic_loss == "bsm"
                           else cross_entropy(g, yb))
                 opt_g.zero_grad(set_to_none=True)
@@ -138,12 +139,12 @@ class FedRoD(FedAvg):
         new_state = {PHEAD + p: t.detach().to("cpu", copy=True) for p, t in ph.items()}
         return new_state, (total / steps if steps else float("nan")), steps
 
-    def local_update(self, down, state, data, rng):
+    def local_update(self, down: Message, state: State, data: ClientTensors, rng: torch.Generator) -> LocalResult:
         net = self.net
         load(net, down)
         new_state, loss, steps = self._train(data, state, rng, train_generic=True)
         up = with_num_samples(snapshot(net, down.keys()), data.num_train)
-        return up, new_state, {"loss": loss, "steps": steps}
+        return LocalResult(up, new_state, {"loss": loss, "steps": steps})
 
     def evaluate(self, down, state, data, rng):
         net = self.net

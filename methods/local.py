@@ -15,7 +15,18 @@ shared schedule samples it, so it does the same amount of local work as in every
 """
 from __future__ import annotations
 
-from fedeq_bench.methods.base import Method, register_method
+import torch
+
+from fedeq_bench.methods.base import (
+    AggregateResult,
+    ClientTensors,
+    LocalResult,
+    Message,
+    Method,
+    State,
+    register_method,
+    whole_model_personal,
+)
 from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot
 
 OWN = "own."
@@ -25,7 +36,7 @@ OWN = "own."
 @register_method("local")
 class Local(Method):
     def param_split(self, net):
-        return [], list(net.state_dict())  # nothing is uploaded; the whole model is personal
+        return whole_model_personal(net, shared=False)  # nothing is uploaded; the whole model is personal
 
     def _names(self):
         return list(self.net.state_dict())
@@ -40,15 +51,15 @@ class Local(Method):
     def broadcast(self, server, cid, rnd):
         return {}
 
-    def local_update(self, down, state, data, rng):
+    def local_update(self, down: Message, state: State, data: ClientTensors, rng: torch.Generator) -> LocalResult:
         net, names = self.net, self._names()
         load(net, {k: state[OWN + k] for k in names})
         loss, steps = sgd_epochs(net, list(net.parameters()), data.train_x, data.train_y,
                                  self.cfg.local_epochs, self.cfg.batch_size, self.cfg.lr, rng)
-        return {}, {OWN + k: t for k, t in snapshot(net, names).items()}, {"loss": loss, "steps": steps}
+        return LocalResult({}, {OWN + k: t for k, t in snapshot(net, names).items()}, {"loss": loss, "steps": steps})
 
-    def aggregate(self, server, replies, rnd):
-        return server, {}
+    def aggregate(self, server: State, replies: list[tuple[int, Message]], rnd: int) -> AggregateResult:
+        return AggregateResult(server, {})
 
     def evaluate(self, down, state, data, rng):
         load(self.net, {k: state[OWN + k] for k in self._names()})

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from fedeq_bench.methods.base import Method
+import torch
+
+from fedeq_bench.methods.base import AggregateResult, ClientTensors, LocalResult, Message, Method, State
 from fedeq_bench.methods.nets import split_names
 from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot, weighted_average, with_num_samples
 
@@ -42,11 +44,11 @@ class PartialSharing(Method):
         shared, _ = self._parts()
         return {k: server[k] for k in shared}
 
-    def aggregate(self, server, replies, rnd):
+    def aggregate(self, server: State, replies: list[tuple[int, Message]], rnd: int) -> AggregateResult:
         shared, _ = self._parts()
         new = dict(server)
         new.update(weighted_average(replies, shared))
-        return new, {}
+        return AggregateResult(new, {})
 
     # -- client --------------------------------------------------------------------------------
     def init_client(self, cid, server, rng):
@@ -67,13 +69,13 @@ class PartialSharing(Method):
     def personal_state(self) -> dict:
         return snapshot(self.net, self._parts()[1])
 
-    def local_update(self, down, state, data, rng):
+    def local_update(self, down: Message, state: State, data: ClientTensors, rng: torch.Generator) -> LocalResult:
         net = self.net
         self.load_client(down, state)
         # One optimizer over every parameter: both parts move together on each mini-batch.
         loss, steps = sgd_epochs(net, list(net.parameters()), data.train_x, data.train_y,
                                  self.cfg.local_epochs, self.cfg.batch_size, self.cfg.lr, rng)
-        return self.upload(data), self.personal_state(), {"loss": loss, "steps": steps}
+        return LocalResult(self.upload(data), self.personal_state(), {"loss": loss, "steps": steps})
 
     def evaluate(self, down, state, data, rng):
         self.load_client(down, state)

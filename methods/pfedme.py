@@ -51,7 +51,17 @@ import torch
 
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.ranges import ranged
-from fedeq_bench.methods.base import Method, MethodConfig, register_method
+from fedeq_bench.methods.base import (
+    AggregateResult,
+    ClientTensors,
+    LocalResult,
+    Message,
+    Method,
+    MethodConfig,
+    State,
+    register_method,
+    whole_model_personal,
+)
 from fedeq_bench.methods.train import (
     cross_entropy,
     eval_metrics,
@@ -93,7 +103,7 @@ class PFedMeOptimizer(torch.optim.Optimizer):
     def __init__(self, params, anchors, lr: float, lam: float, mu: float = 0.0):
         super().__init__(params, dict(lr=lr, lam=lam, mu=mu))
         params = [p for g in self.param_groups for p in g["params"]]
-        for p, a in zip(params, anchors):
+        for p, a in zip(params, anchors, strict=True):
             self.state[p]["w_i"] = a
 
     @torch.no_grad()
@@ -113,8 +123,7 @@ class PFedMe(Method):
 
     def param_split(self, net):
         # Shared: w, uploaded every round. Personal: theta_i, a whole second model kept on the client.
-        names = list(net.state_dict())
-        return names, list(names)
+        return whole_model_personal(net)
 
     # -- server --------------------------------------------------------------------------------
     def init_server(self, model, rng):
@@ -123,11 +132,11 @@ class PFedMe(Method):
     def broadcast(self, server, cid, rnd):
         return dict(server)
 
-    def aggregate(self, server, replies, rnd):
+    def aggregate(self, server: State, replies: list[tuple[int, Message]], rnd: int) -> AggregateResult:
         mean = weighted_average(replies, server.keys())
         beta = self.cfg.beta
         if beta == 1:
-            return mean, {}  # (1 - 1) * w would still turn an inf in the old w into nan
+            return AggregateResult(mean, {})  # (1 - 1) * w would still turn an inf in the old w into nan
         new = {}
         for k, m in mean.items():
             if not m.is_floating_point():
@@ -135,10 +144,10 @@ class PFedMe(Method):
                 continue
             mixed = (1 - beta) * server[k].to(torch.float64) + beta * m.to(torch.float64)
             new[k] = mixed.to(m.dtype)
-        return new, {}
+        return AggregateResult(new, {})
 
     # -- client --------------------------------------------------------------------------------
-    def local_update(self, down, state, data, rng):
+    def local_update(self, down: Message, state: State, data: ClientTensors, rng: torch.Generator) -> LocalResult:
         cfg, net = self.cfg, self.net
         names = list(down)
         load(net, down)  # theta <- w
@@ -162,15 +171,16 @@ class PFedMe(Method):
                 total += float(loss.detach())
                 steps += 1
             with torch.no_grad():  # outer step: w_i <- w_i - eta * lam * (w_i - theta)
-                for p, a in zip(params, w_i):
+                for p, a in zip(params, w_i, strict=True):
                     a.sub_(outer * (a - p))
         theta = snapshot(net, names)  # parameters and buffers of the personalized model
         param_names = [k for k, _ in net.named_parameters()]
         up = dict(theta)  # buffers follow theta's forward passes ...
-        up.update({k: a.detach().to("cpu", copy=True) for k, a in zip(param_names, w_i)})  # ... parameters are w_i
+        # ... parameters are w_i
+        up.update({k: a.detach().to("cpu", copy=True) for k, a in zip(param_names, w_i, strict=True)})
         up = with_num_samples(up, data.num_train)
-        loss = total / steps if steps else float("nan")
-        return up, {THETA + k: t for k, t in theta.items()}, {"loss": loss, "steps": steps}
+        mean_loss = total / steps if steps else float("nan")
+        return LocalResult(up, {THETA + k: t for k, t in theta.items()}, {"loss": mean_loss, "steps": steps})
 
     def evaluate(self, down, state, data, rng):
         has_theta = bool(down) and (THETA + next(iter(down))) in state

@@ -28,15 +28,31 @@ from fedeq_bench.core.errors import BenchError
 from fedeq_bench.methods.base import NUM_SAMPLES, ClientTensors, Message, Metrics, State
 
 EVAL_CHUNK = 1024
+LOAD_NAMES_SHOWN = 8
+"""How many unknown and valid names a refused `load` lists (a ResNet has hundreds)."""
 
 
 def load(net: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy `tensors` into the same-named parameters/buffers of `net` (others left as they are)."""
+    """Copy `tensors` into the same-named parameters/buffers of `net` (others left as they are).
+
+    Every name must be one of `net`'s state names. A name the network does not have (a message flag
+    such as FeDEQ's `resume`, a state key still carrying its prefix) means the caller did not pick
+    the entries it meant to load; it is refused with a ValueError, before anything is copied, rather
+    than skipped, which would leave the network silently holding what it held before."""
     own = net.state_dict(keep_vars=True)
+    unknown = [k for k in tensors if k not in own]
+    if unknown:
+        raise ValueError(f"load: {type(net).__name__} has no state named {_some(unknown)}; "
+                         f"its names are {_some(list(own))}")
     with torch.no_grad():
         for k, v in tensors.items():
-            if k in own:
-                own[k].copy_(v)
+            own[k].copy_(v)
+
+
+def _some(names: list[str]) -> str:
+    """The first LOAD_NAMES_SHOWN names, comma-separated, and how many there are in all if more."""
+    shown = ", ".join(names[:LOAD_NAMES_SHOWN])
+    return shown if len(names) <= LOAD_NAMES_SHOWN else f"{shown}, ... ({len(names)} in all)"
 
 
 def snapshot(net: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -174,7 +190,7 @@ def weighted_average(replies: list[tuple[int, Message]], names: Iterable[str]) -
             out[k] = torch.stack([m[k] for _, m in replies]).max(0).values
             continue
         acc = torch.zeros(first.shape, dtype=torch.float64)
-        for w, (_, m) in zip(weights, replies):
+        for w, (_, m) in zip(weights, replies, strict=True):
             acc += m[k].to(torch.float64) * w
         out[k] = (acc / total).to(first.dtype)
     return out

@@ -1,9 +1,54 @@
-"""Small builders shared by tests: a tiny npz federation and a config for it."""
+"""Small builders shared by tests: a tiny npz federation and a config for it; the tiny task the
+method tests share (a method, its server, the initial network and one client's data)."""
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numpy as np
+import torch
+from torch import nn
 
 from bench import config as C
+from fedeq_bench.core import seeding
+from fedeq_bench.methods.base import ClientTensors, Method, State, Task
+from fedeq_bench.methods.nets import build_model
+
+TINY_FEATURES, TINY_CLASSES = 4, 3
+"""The method tests' task: 4 features, 3 classes; on `mlp`, body Linear(4, 200), Linear(200, 200) and
+head Linear(200, 3)."""
+
+
+class MethodSetup(NamedTuple):
+    algo: Method
+    server: State
+    ref: nn.Module
+    """The initial network the server was made from (same weights): the tests' by-hand reference."""
+    data: ClientTensors
+
+
+def method_setup(method: type[Method], *, data_seed: int, n: int = 12, labels: torch.Tensor | None = None,
+                 model: str = "mlp", **cfg: Any) -> MethodSetup:
+    """A method on the tiny task with its server, the initial network and one client's data.
+
+    Config: `method.Config(model=model, **cfg)` (`model`: mlp, or deq_mlp for FeDEQ). The initial
+    network is built right after torch.manual_seed(0), and the server made from it with the
+    `server_init` stream of seed 0.
+    Data: x (n, 4) ~ N(0, 1) from torch.Generator().manual_seed(data_seed), then labels uniform in
+    {0, 1, 2} from the same generator (or `labels`, drawing nothing); validation = the first 2
+    examples, test = the first 4."""
+    algo = method(method.Config(model=model, **cfg), Task(model, (TINY_FEATURES,), TINY_CLASSES))
+    torch.manual_seed(0)
+    ref = build_model(model, (TINY_FEATURES,), TINY_CLASSES)
+    server = algo.init_server(ref, seeding.generator(0, "server_init"))
+    g = torch.Generator().manual_seed(data_seed)
+    x = torch.randn(n, TINY_FEATURES, generator=g)
+    y = torch.randint(0, TINY_CLASSES, (n,), generator=g) if labels is None else labels
+    return MethodSetup(algo, server, ref, ClientTensors(x, y, x[:2], y[:2], x[:4], y[:4]))
+
+
+def eval_rng(rnd: int = 1, cid: int = 0) -> torch.Generator:
+    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/loop/backends.py)."""
+    return seeding.generator(0, "eval", rnd, cid)
 
 
 def write_tiny_npz(path, clients=5, n_train=20, n_test=8, d=4, classes=3, seed=0):
@@ -34,9 +79,6 @@ def check_finetuning_follows_rng(algo, down, state, d, tuned_by_hand):
     metrics equal `eval_metrics(tuned_by_hand([first 4, last 4 of the permutation]), d)`, with the
     permutation drawn as methods.train.minibatches draws it from the `eval` generator it is handed.
     Same generator: the same metrics bit for bit; another round's: other batches, other metrics."""
-    import torch
-
-    from fedeq_bench.core import seeding
     from fedeq_bench.methods.train import eval_metrics
 
     def expected(rnd):

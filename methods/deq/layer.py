@@ -120,6 +120,14 @@ class _Adjoint:
     change a graph already built)."""
 
     __slots__ = ("z", "z_star", "owner", "solver", "max_iter", "tol", "solver_kw", "diverge_above")
+    z: Tensor
+    z_star: Tensor
+    owner: DEQ
+    solver: str
+    max_iter: int
+    tol: float
+    solver_kw: dict[str, Any]
+    diverge_above: float
 
 
 class _ImplicitBackward(torch.autograd.Function):
@@ -178,6 +186,22 @@ class DEQ(nn.Module):
       phantom_tau=0.5      phantom: damping in (0, 1]; smaller: smoother but shorter reach
       diverge_above=1e3    raise DEQDivergence when the lowest residual exceeds it
     """
+
+    # The settings, set from DEFAULTS in __init__ (declared here so that they are typed: nn.Module's
+    # __getattr__ would make every one of them a Tensor | Module).
+    solver: str
+    max_iter: int
+    tol: float
+    stop_mode: str
+    solver_kw: dict[str, Any]
+    backward: str
+    b_solver: str
+    b_max_iter: int
+    b_tol: float
+    b_solver_kw: dict[str, Any]
+    phantom_steps: int
+    phantom_tau: float
+    diverge_above: float
 
     def __init__(self, func: nn.Module, **settings: Any):
         super().__init__()

@@ -168,6 +168,7 @@ def _torchdeq(fn, f: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol:
         bad = trace[~torch.isfinite(trace)]
         raise _NonFinite(float(bad[0]), f"(norm overflow) after {watched.calls} evaluations")
     res = info[f"{stop_mode}_lowest"].to(z0.dtype)
+    assert watched.residual_first is not None  # every torchdeq solver evaluates f(z0) first (_Watched)
     stats = {
         "nstep": info["nstep"].round().long(),
         "residual": res,

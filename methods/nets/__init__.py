@@ -54,6 +54,17 @@ class BodyHead(nn.Module):
         return self.head(self.body(x))
 
 
+def body_of(net: nn.Module) -> nn.Module:
+    """`net.body`, the shared representation, typed as a module (an attribute of an nn.Module reads as
+    Tensor | Module to a type checker)."""
+    return net.get_submodule("body")
+
+
+def head_of(net: nn.Module) -> nn.Module:
+    """`net.head`, the classifier on top of the body, typed as a module (see body_of)."""
+    return net.get_submodule("head")
+
+
 def split_names(net: nn.Module) -> tuple[list[str], list[str]]:
     """(body names, head names) over the state dict (parameters and buffers)."""
     names = list(net.state_dict())

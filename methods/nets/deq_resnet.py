@@ -58,6 +58,11 @@ class RowGroupNorm(nn.GroupNorm):
         return y.reshape(b, h, c, w).permute(0, 2, 1, 3)
 
 
+def _ceil_div(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints, in integer arithmetic."""
+    return -(-a // b)
+
+
 def _tf_same_pads(n: int, k: int, stride: int) -> tuple[int, int]:
     """TensorFlow 'SAME' padding (before, after) of one spatial axis of size n."""
     out = -(-n // stride)
@@ -116,7 +121,7 @@ class DEQResNetBody(nn.Module):
         self.stem = nn.Sequential(haiku_conv(c, c1, std=CONV_STD), nn.Softplus(), nn.BatchNorm2d(c1), _pool(pool))
         self.deq = deq_class(model)(DEQResBlock(c1, c2, norm=norm))
         # Two 3x3/2 pools, either form: H -> ceil(H/2) -> ceil(ceil(H/2)/2); 28 -> 7, 32 -> 8.
-        fh, fw = -(-(-(-h // 2)) // 2), -(-(-(-w // 2)) // 2)
+        fh, fw = _ceil_div(_ceil_div(h, 2), 2), _ceil_div(_ceil_div(w, 2), 2)
         self.pool = _pool(pool)
         self.fc = fc_embedding(c1 * fh * fw, nn.Softplus)
 

@@ -62,7 +62,7 @@ class ResNetBody(nn.Module):
         super().__init__()
         self.stem = stem
         groups, c_in = [], c0
-        for g, (n, c, s) in enumerate(zip(blocks, channels, strides)):
+        for g, (n, c, s) in enumerate(zip(blocks, channels, strides, strict=True)):
             kind = shortcut if projection is None or projection[g] else "identity"
             groups.append(nn.Sequential(*[
                 BasicBlock(c_in if i == 0 else c, c, s if i == 0 else 1, kind if i == 0 else "identity")

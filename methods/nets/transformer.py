@@ -123,7 +123,7 @@ class DEQTransformerBlock(nn.Module):
 
     def forward(self, z, u):
         # The layers were built with dropout 0, so `drop=None` (eval) is no dropout, never a fresh draw.
-        for layer, drop in zip(self.layers, self.drop):
+        for layer, drop in zip(self.layers, self.drop, strict=True):
             z = layer(z, u, self.allowed, drop)
         return self.ln_f(z)
 

@@ -56,7 +56,7 @@ def test_one_step_by_hand_w_v_and_alpha():
     # w: w1 = w0 - lr * grad CE(w0).
     w0 = {k: server[k] for k in KEYS}
     loss_w = F.cross_entropy(ref(d.train_x), d.train_y)
-    g_w = dict(zip(KEYS, torch.autograd.grad(loss_w, list(ref.parameters()))))
+    g_w = dict(zip(KEYS, torch.autograd.grad(loss_w, list(ref.parameters())), strict=True))
     for k in KEYS:
         assert torch.allclose(up[k], w0[k] - lr * g_w[k], atol=1e-6), k
 
@@ -66,7 +66,7 @@ def test_one_step_by_hand_w_v_and_alpha():
     mix = {k: a * v[k] + (1 - a) * w0[k] for k in KEYS}
     loss_mix = F.cross_entropy(functional_call(ref, mix, (d.train_x,)), d.train_y)
     grads = torch.autograd.grad(loss_mix, [v[k] for k in KEYS] + [a])
-    g_v, g_a = dict(zip(KEYS, grads[:-1])), grads[-1].item()
+    g_v, g_a = dict(zip(KEYS, grads[:-1], strict=True)), grads[-1].item()
     for k in KEYS:  # v1 = v0 - lr * alpha * g_mix, i.e. - lr * dL/dv
         assert torch.allclose(new_state[V + k], v0[k] - lr * g_v[k], atol=1e-6), k
     # dL/dalpha = <v0 - w0, g_mix> with g_mix = dL/dv / alpha: the paper's alpha gradient.

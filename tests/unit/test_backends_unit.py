@@ -194,7 +194,7 @@ def test_client_data_on_cpu_is_every_client_as_views_of_the_shared_arrays(monkey
     worker, clients = data_worker("cpu")
     got = [worker._client(c, "cpu") for c in range(4)]
     assert list(worker._tensors) == [0, 1, 2, 3] and worker._tensor_bytes == 0
-    assert all(np.shares_memory(t.train_x.numpy(), c.train_x) for t, c in zip(got, clients))  # no copy
+    assert all(np.shares_memory(t.train_x.numpy(), c.train_x) for t, c in zip(got, clients, strict=True))  # no copy
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -178,7 +178,7 @@ def test_every_method_resumed_from_a_checkpoint_equals_the_uninterrupted_run(tin
     for k in (1, 2, 3):
         seen = []
         resumed = engine.run_method(cfg, method, 0, ds, SerialBackend(), resume=checkpoint.Checkpoint(paths[k]),
-                                    on_round=lambda rnd, m: seen.append(rnd))
+                                    on_round=lambda rnd, m, seen=seen: seen.append(rnd))
         assert seen == list(range(k + 1, 4))  # only the rounds after the checkpoint run again
         got, want = comparable(resumed), comparable(whole)
         # NaN != NaN: compare the reprs, which are equal exactly when the floats are.

@@ -45,7 +45,8 @@ def test_an_interrupt_a_library_wraps_in_its_own_error_is_still_exit_130(handler
         try:
             os.kill(os.getpid(), signal.SIGTERM)  # run_guarded made SIGTERM an interrupt
         except KeyboardInterrupt:
-            raise wrapped("SchemaError: ... KeyboardInterrupt")  # what pydantic does to it
+            # What pydantic does to it: a plain raise, the interrupt only its implicit context.
+            raise wrapped("SchemaError: ... KeyboardInterrupt")  # noqa: B904
         return 0
 
     assert cli.run_guarded(work, "interrupted (test)") == cli.EXIT_INTERRUPTED

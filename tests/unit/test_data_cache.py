@@ -40,7 +40,8 @@ def count_calls(monkeypatch):
 
 
 def same(a, b):
-    return len(a) == len(b) and all(np.array_equal(x, y) for pa, pb in zip(a, b) for x, y in zip(pa, pb))
+    return len(a) == len(b) and all(np.array_equal(x, y)
+                                    for pa, pb in zip(a, b, strict=True) for x, y in zip(pa, pb, strict=True))
 
 
 def test_cache_dir_follows_the_environment(cache_in_tmp, monkeypatch):

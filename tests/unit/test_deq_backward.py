@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.loop.memory import MemoryMeter
+from bench.loop.memory import PartsMeter
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.methods.deq import DEQ, STATS_KEYS, DEQDivergence, solve
 
@@ -282,7 +282,7 @@ B, D = 32, 64
 ACT = B * D * 4  # one (32, 64) float32 activation: 8192 bytes
 
 
-def _train_step(K: int, backward: str | None) -> tuple[MemoryMeter, int]:
+def _train_step(K: int, backward: str | None) -> tuple[PartsMeter, int]:
     """One step (forward, backward, SGD) of f(z, x) = tanh(W z + U x), W, U: Linear(64, 64, no bias);
     backward=None: the explicit weight-tied network, f applied K times from z = 0 with autograd."""
     torch.manual_seed(0)
@@ -304,7 +304,7 @@ def _train_step(K: int, backward: str | None) -> tuple[MemoryMeter, int]:
     x = torch.randn(B, D)
     model = cell if backward is None else DEQ(cell, max_iter=K, tol=0.0, backward=backward)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with MemoryMeter("cpu") as m:
+    with PartsMeter("cpu") as m:
         if backward is None:
             z = torch.zeros(B, D)
             for _ in range(K):

@@ -114,7 +114,7 @@ def test_each_example_is_its_own_problem(solver):
     both, st = solve(lambda z: torch.tanh(torch.einsum("bij,bj->bi", A, z) + c), torch.zeros(2, 8, dtype=F64),
                      solver, max_iter=12, tol=0.0)
     for i in range(2):
-        alone, st_i = solve(lambda z: torch.tanh(z @ A[i].T + c[i]), torch.zeros(1, 8, dtype=F64),
+        alone, st_i = solve(lambda z, i=i: torch.tanh(z @ A[i].T + c[i]), torch.zeros(1, 8, dtype=F64),
                             solver, max_iter=12, tol=0.0)
         torch.testing.assert_close(both[i], alone[0], rtol=0, atol=1e-12)
         torch.testing.assert_close(st["residual"][i], st_i["residual"][0], rtol=0, atol=1e-12)

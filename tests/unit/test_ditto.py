@@ -149,5 +149,5 @@ def test_engine_ditto_never_sends_v_and_with_lam_zero_scores_as_local(tiny):
     assert not any(k.startswith(V) for e in ditto.ledger.entries for k in e[4])
     assert ditto.history[0]["bytes/down"] == 6 * 167396 and ditto.history[0]["bytes/up"] == 6 * 167427
     # Personalized accuracy is v_i's; with lam = 0, v_i is local's model, so every score matches.
-    for dh, lh in zip(ditto.history, local.history):
+    for dh, lh in zip(ditto.history, local.history, strict=True):
         assert {k: dh[k] for k in engine.EVAL_METRICS} == {k: lh[k] for k in engine.EVAL_METRICS}

@@ -300,7 +300,7 @@ def test_cpu_memory_reaches_the_worker_and_changes_only_the_memory_metric(tiny):
     parts, _ = run(tiny, "fedavg", cpu_memory="parts")
     live, _ = run(tiny, "fedavg")
     key = "mem/peak_train_bytes"
-    for a, b in zip(parts.history, live.history):
+    for a, b in zip(parts.history, live.history, strict=True):
         assert {k: v for k, v in a.items() if k not in {key, "time/round_s", "mem/peak_rss_bytes"}} == \
                {k: v for k, v in b.items() if k not in {key, "time/round_s", "mem/peak_rss_bytes"}}
     assert live.history[0][key] > parts.history[0][key] > 0

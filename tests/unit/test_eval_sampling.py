@@ -113,7 +113,7 @@ def test_a_sampled_round_reports_the_full_evaluation_restricted_to_its_sample(ti
 def test_a_sample_at_least_as_large_as_the_federation_changes_nothing(tiny):
     full, _, _ = run(tiny, "ditto")
     big, _, _ = run(tiny, "ditto", eval_clients=7)  # 7 training clients, 3 held out
-    assert all(same(a, b) for a, b in zip(full.history, big.history))
+    assert all(same(a, b) for a, b in zip(full.history, big.history, strict=True))
     assert full.ledger.entries == big.ledger.entries
 
 

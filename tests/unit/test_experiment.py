@@ -46,7 +46,7 @@ def result(method, seed, acc, up_bytes, wall_s=1.0, model="mlp"):
 
 
 def test_summarize_groups_by_method_over_seeds():
-    results = [result("fedavg", s, a, 1000) for s, a in zip((0, 1, 2), (0.80, 0.84, 0.86))]
+    results = [result("fedavg", s, a, 1000) for s, a in zip((0, 1, 2), (0.80, 0.84, 0.86), strict=True)]
     results.append(result("fedrep", 0, 0.9, 3000))
     rows = X.summarize(results)
     assert [(r["method"], r["seeds"]) for r in rows] == [("fedavg", 3), ("fedrep", 1)]
@@ -74,7 +74,7 @@ def test_table_with_one_seed_has_means_only():
 
 
 def test_table_with_several_seeds_shows_sample_std_even_when_zero():
-    rows = X.summarize([result("fedavg", s, a, 1000) for s, a in zip((0, 1, 2), (0.80, 0.84, 0.86))])
+    rows = X.summarize([result("fedavg", s, a, 1000) for s, a in zip((0, 1, 2), (0.80, 0.84, 0.86), strict=True)])
     table = X.format_table(rows)
     cells = [c.strip() for c in table.splitlines()[2].split("|")[1:-1]]
     assert cells[2] == "0.8333 ± 0.0306"  # the hand computation above, to 4 places
@@ -223,5 +223,5 @@ def test_each_run_logs_its_final_evaluation_per_client_and_it_adds_up_to_the_met
         n = [float(x["test_n"]) for x in train]
         m = r.data.metrics
         assert m["acc/mean"] == pytest.approx(sum(acc) / len(acc), rel=1e-12)
-        assert m["acc/weighted"] == pytest.approx(sum(a * k for a, k in zip(acc, n)) / sum(n), rel=1e-12)
+        assert m["acc/weighted"] == pytest.approx(sum(a * k for a, k in zip(acc, n, strict=True)) / sum(n), rel=1e-12)
         assert m["acc/unseen"] == pytest.approx(float(unseen[0]["test_acc"]), rel=1e-12)

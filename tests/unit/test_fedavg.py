@@ -38,7 +38,7 @@ def test_one_client_one_step_equals_one_sgd_step():
     # The same step by hand: w <- w - lr * dCE/dw on the full batch.
     loss = F.cross_entropy(ref(d.train_x), d.train_y)
     grads = torch.autograd.grad(loss, list(ref.parameters()))
-    for (name, p), g in zip(ref.named_parameters(), grads):
+    for (name, p), g in zip(ref.named_parameters(), grads, strict=True):
         assert torch.allclose(up[name], p.detach() - 0.1 * g, atol=1e-6), name
     assert int(up["num_samples"]) == 8
     # One client with all the weight: the new global model is its model.

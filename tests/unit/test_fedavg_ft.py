@@ -47,7 +47,7 @@ def sgd_by_hand(server, d, batches, lr=0.1):
     for idx in batches:
         grads = torch.autograd.grad(F.cross_entropy(ref(d.train_x[idx]), d.train_y[idx]), list(ref.parameters()))
         with torch.no_grad():
-            for p, g in zip(ref.parameters(), grads):
+            for p, g in zip(ref.parameters(), grads, strict=True):
                 p.sub_(lr * g)
     return ref
 
@@ -113,7 +113,7 @@ def test_switch_round_freezes_w_and_clients_keep_their_own_copy():
     grads = torch.autograd.grad(F.cross_entropy(ref(d.train_x), d.train_y), list(ref.parameters()))
     up, state, _ = algo.local_update({}, state, d, seeding.generator(0, "local", 4, 4))
     assert up == {}
-    for (name, p), g in zip(ref.named_parameters(), grads):
+    for (name, p), g in zip(ref.named_parameters(), grads, strict=True):
         assert torch.allclose(state[OWN + name], p.detach() - 0.1 * g, atol=1e-6), name
     # Its evaluation is its own copy, not a fine-tuned copy of w.
     ref.load_state_dict({k: state[OWN + k] for k in MLP_NAMES})

@@ -11,30 +11,19 @@ from bench.experiment import load_dataset
 from bench.loop import engine
 from bench.loop.backends import SerialBackend
 from fedeq_bench.core import seeding
-from fedeq_bench.methods.base import ClientTensors, Task
+from fedeq_bench.methods.base import Task
 from fedeq_bench.methods.fedbabu import FedBABU, FedBABUConfig
 from fedeq_bench.methods.nets import build_model
 from fedeq_bench.methods.train import eval_metrics
-from tests.helpers import check_finetuning_follows_rng, tiny_config, write_tiny_npz
-
-
-def eval_rng(rnd=1, cid=0):
-    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/loop/backends.py)."""
-    return seeding.generator(0, "eval", rnd, cid)
-
+from tests.helpers import check_finetuning_follows_rng, eval_rng, method_setup, tiny_config, write_tiny_npz
 
 BODY_KEYS = {"body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias"}
 HEAD_KEYS = {"head.weight", "head.bias"}
 
 
 def setup(lr=0.1, batch=4, epochs=1, n=12, **kw):
-    algo = FedBABU(FedBABUConfig(model="mlp", lr=lr, local_epochs=epochs, batch_size=batch, **kw), Task("mlp", (4,), 3))
-    torch.manual_seed(0)
-    ref = build_model("mlp", (4,), 3)
-    server = algo.init_server(ref, seeding.generator(0, "server_init"))
-    g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
-    return algo, server, ref, ClientTensors(x, y, x[:2], y[:2], x[:4], y[:4])
+    """(algo, server, ref, data): tests/helpers.py's tiny task, data seed 3."""
+    return method_setup(FedBABU, data_seed=3, n=n, lr=lr, local_epochs=epochs, batch_size=batch, **kw)
 
 
 def sgd_by_hand(net, d, batches, lr=0.1):
@@ -42,7 +31,7 @@ def sgd_by_hand(net, d, batches, lr=0.1):
     for idx in batches:
         grads = torch.autograd.grad(F.cross_entropy(net(d.train_x[idx]), d.train_y[idx]), list(net.parameters()))
         with torch.no_grad():
-            for p, g in zip(net.parameters(), grads):
+            for p, g in zip(net.parameters(), grads, strict=True):
                 p.sub_(lr * g)
     return net
 
@@ -62,7 +51,7 @@ def test_head_unchanged_after_local_update_and_body_takes_a_body_only_step():
     loss = F.cross_entropy(ref(d.train_x), d.train_y)
     body_params = [(n, p) for n, p in ref.named_parameters() if n in BODY_KEYS]
     grads = torch.autograd.grad(loss, [p for _, p in body_params])
-    for (name, p), g in zip(body_params, grads):
+    for (name, p), g in zip(body_params, grads, strict=True):
         assert torch.allclose(up[name], p.detach() - 0.1 * g, atol=1e-6), name
 
 

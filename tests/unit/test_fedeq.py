@@ -149,7 +149,7 @@ def test_local_update_activation_memory_does_not_grow_with_solver_iterations():
     def peak(max_iter):
         algo, server, d = setup(max_iter=max_iter, tol=0.0, backward="jfb", personal_epochs=0)
         state = algo.init_client(0, server, None)
-        with memory.MemoryMeter("cpu") as m:
+        with memory.PartsMeter("cpu") as m:
             _, _, metrics = step(algo, server, state, d)
         return m.peak_saved_bytes, m.peak_bytes, metrics["deq/nstep_mean"]
 

@@ -7,29 +7,16 @@ from bench.experiment import load_dataset
 from bench.loop import engine
 from bench.loop.backends import SerialBackend
 from fedeq_bench.core import seeding
-from fedeq_bench.methods.base import ClientTensors, Task
-from fedeq_bench.methods.fedper import FedPer, FedPerConfig
-from fedeq_bench.methods.nets import build_model
-from tests.helpers import tiny_config, write_tiny_npz
-
-
-def eval_rng(rnd=1, cid=0):
-    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/loop/backends.py)."""
-    return seeding.generator(0, "eval", rnd, cid)
-
+from fedeq_bench.methods.fedper import FedPer
+from tests.helpers import eval_rng, method_setup, tiny_config, write_tiny_npz
 
 BODY_KEYS = {"body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias"}
 HEAD_KEYS = {"head.weight", "head.bias"}
 
 
 def setup(lr=0.1, batch=4, epochs=1, n=12, **kw):
-    algo = FedPer(FedPerConfig(model="mlp", lr=lr, local_epochs=epochs, batch_size=batch, **kw), Task("mlp", (4,), 3))
-    torch.manual_seed(0)
-    ref = build_model("mlp", (4,), 3)
-    server = algo.init_server(ref, seeding.generator(0, "server_init"))
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
-    return algo, server, ref, ClientTensors(x, y, x[:2], y[:2], x[:4], y[:4])
+    """(algo, server, ref, data): tests/helpers.py's tiny task, data seed 1."""
+    return method_setup(FedPer, data_seed=1, n=n, lr=lr, local_epochs=epochs, batch_size=batch, **kw)
 
 
 def test_messages_carry_the_body_only_and_state_the_head_only():
@@ -54,7 +41,8 @@ def test_one_step_moves_body_and_head_together():
     # By hand: every parameter p <- p - lr * dCE/dp at the same point (unlike FedRep's alternation,
     # where the body step would see the already-updated head).
     loss = F.cross_entropy(ref(d.train_x), d.train_y)
-    grads = dict(zip([n for n, _ in ref.named_parameters()], torch.autograd.grad(loss, list(ref.parameters()))))
+    names = [n for n, _ in ref.named_parameters()]
+    grads = dict(zip(names, torch.autograd.grad(loss, list(ref.parameters())), strict=True))
     for name, p in ref.named_parameters():
         got = up[name] if name in BODY_KEYS else new_state[name]
         assert torch.allclose(got, p.detach() - 0.1 * grads[name], atol=1e-6), name

@@ -81,7 +81,7 @@ def test_mu_zero_is_fedavg_bit_for_bit_through_the_engine(tiny):
     avg, avg_up = run(tiny, "fedavg")
     prox, prox_up = run(tiny, "fedprox", **{"fedprox.mu": 0.0})
     assert len(avg.history) == len(prox.history) == 2
-    for a, p in zip(avg.history, prox.history):
+    for a, p in zip(avg.history, prox.history, strict=True):
         a = {k: v for k, v in a.items() if k not in NONDETERMINISTIC}
         p = {k: v for k, v in p.items() if k not in NONDETERMINISTIC}
         assert a == p  # exact float equality: accuracy, loss, bytes, memory

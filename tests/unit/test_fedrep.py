@@ -2,24 +2,15 @@
 import torch
 
 from fedeq_bench.core import seeding
-from fedeq_bench.methods.base import ClientTensors, Task
-from fedeq_bench.methods.fedrep import FedRep, FedRepConfig
-from fedeq_bench.methods.nets import build_model
-
-
-def eval_rng(rnd=1, cid=0):
-    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/loop/backends.py)."""
-    return seeding.generator(0, "eval", rnd, cid)
+from fedeq_bench.methods.fedrep import FedRep
+from tests.helpers import eval_rng, method_setup
 
 
 def setup(head_epochs=2, epochs=1):
-    algo = FedRep(FedRepConfig(model="mlp", lr=0.1, local_epochs=epochs, batch_size=4, head_epochs=head_epochs),
-                  Task("mlp", (4,), 3))
-    torch.manual_seed(0)
-    server = algo.init_server(build_model("mlp", (4,), 3), seeding.generator(0, "server_init"))
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
-    return algo, server, ClientTensors(x, y, x[:2], y[:2], x[:4], y[:4])
+    """(algo, server, data): tests/helpers.py's tiny task, 12 examples, data seed 1."""
+    algo, server, _, d = method_setup(FedRep, data_seed=1, n=12, lr=0.1, local_epochs=epochs, batch_size=4,
+                                      head_epochs=head_epochs)
+    return algo, server, d
 
 
 def test_messages_carry_the_body_only_and_state_the_head_only():

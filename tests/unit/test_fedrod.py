@@ -10,32 +10,20 @@ from bench.experiment import load_dataset
 from bench.loop import engine
 from bench.loop.backends import SerialBackend
 from fedeq_bench.core import seeding
-from fedeq_bench.methods.base import ClientTensors, MethodConfig, Task
+from fedeq_bench.methods.base import MethodConfig, Task
 from fedeq_bench.methods.fedavg import FedAvg
-from fedeq_bench.methods.fedrod import PHEAD, FedRoD, FedRoDConfig, balanced_softmax_loss, log_class_prior
-from fedeq_bench.methods.nets import build_model
-from tests.helpers import tiny_config, write_tiny_npz
-
-
-def eval_rng(rnd=1, cid=0):
-    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/loop/backends.py)."""
-    return seeding.generator(0, "eval", rnd, cid)
-
+from fedeq_bench.methods.fedrod import PHEAD, FedRoD, balanced_softmax_loss, log_class_prior
+from tests.helpers import eval_rng, method_setup, tiny_config, write_tiny_npz
 
 KEYS = ["body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias", "head.weight", "head.bias"]
 
 
 def setup(n=8, **kw):
-    base = dict(model="mlp", lr=0.1, local_epochs=1, batch_size=8)
-    base.update(kw)
-    algo = FedRoD(FedRoDConfig(**base), Task("mlp", (4,), 3))
-    torch.manual_seed(0)
-    ref = build_model("mlp", (4,), 3)
-    server = algo.init_server(ref, seeding.generator(0, "server_init"))
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(n, 4, generator=g)
+    """(algo, server, ref, data): tests/helpers.py's tiny task, data seed 4, labels 0, 0, 0, 1 repeated."""
+    cfg = dict(lr=0.1, local_epochs=1, batch_size=8)
+    cfg.update(kw)
     y = torch.tensor([0, 0, 0, 1] * (n // 4))  # class 2 absent: prior (3/4, 1/4, 0)
-    return algo, server, ref, ClientTensors(x, y, x[:2], y[:2], x[:4], y[:4])
+    return method_setup(FedRoD, data_seed=4, n=n, labels=y, **cfg)
 
 
 def test_balanced_softmax_by_hand():
@@ -69,7 +57,7 @@ def test_one_step_by_hand_generic_bsm_and_personal_ce():
     g = ref.head(z)
     loss_g = F.cross_entropy(g + torch.log(torch.tensor([0.75, 0.25, 0.0])), d.train_y)
     grads = torch.autograd.grad(loss_g, list(ref.parameters()))
-    for (name, p), gr in zip(ref.named_parameters(), grads):
+    for (name, p), gr in zip(ref.named_parameters(), grads, strict=True):
         assert torch.allclose(up[name], p.detach() - lr * gr, atol=1e-6), name
     # Personal: h <- h - lr * d/dh CE(g0 + z0 W_h^T + b_h, y), z0 and g0 from BEFORE the generic step.
     wp = state[PHEAD + "weight"].clone().requires_grad_(True)

@@ -68,8 +68,8 @@ def make_split_dir(root, sizes=SIZES, seed=0) -> dict[str, dict[str, tuple[list,
     return data
 
 
-def load(path, cfg: FemnistConfig = FemnistConfig(), **kw):
-    return get_dataset(f"femnist:{path}", cfg, DataArgs(**{"seed": 0, **kw}))
+def load(path, cfg: FemnistConfig | None = None, **kw):
+    return get_dataset(f"femnist:{path}", cfg or FemnistConfig(), DataArgs(**{"seed": 0, **kw}))
 
 
 def ids(x: np.ndarray) -> list[int]:
@@ -100,7 +100,7 @@ def test_natural_split_one_client_per_writer(split_dir):
     root, data = split_dir
     ds = load(root, val_frac=0.0)
     assert len(ds.clients) == len(SIZES) == 4
-    for c, w in zip(ds.clients, RANKED):
+    for c, w in zip(ds.clients, RANKED, strict=True):
         ntr, nte = SIZES[w]
         assert (len(c.train_y), len(c.test_y)) == (ntr, nte)  # sizes match num_samples
         # Train: w_a's two files merged in file-name order; test passed through in order.
@@ -137,7 +137,7 @@ def test_clients_keep_the_largest_writers(split_dir):
     full = load(root)
     two = load(root, clients=2)  # w_b (25), then w_a over w_d (both 15) by name
     assert len(two.clients) == 2
-    for c, f in zip(two.clients, full.clients[:2]):
+    for c, f in zip(two.clients, full.clients[:2], strict=True):
         np.testing.assert_array_equal(c.test_x, f.test_x)
     assert [len(c.test_y) for c in two.clients] == [SIZES["w_b"][1], SIZES["w_a"][1]]
 

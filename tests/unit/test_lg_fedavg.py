@@ -11,16 +11,10 @@ from bench.loop import engine, wire
 from bench.loop.backends import SerialBackend
 from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.methods.base import ClientTensors, Task
+from fedeq_bench.methods.base import Task
 from fedeq_bench.methods.lg_fedavg import LGFedAvg, LGFedAvgConfig, global_split
 from fedeq_bench.methods.nets import build_model
-from tests.helpers import tiny_config, write_tiny_npz
-
-
-def eval_rng(rnd=1, cid=0):
-    """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/loop/backends.py)."""
-    return seeding.generator(0, "eval", rnd, cid)
-
+from tests.helpers import eval_rng, method_setup, tiny_config, write_tiny_npz
 
 LOCAL_KEYS = {"body.1.weight", "body.1.bias"}
 GLOBAL_KEYS = {"body.3.weight", "body.3.bias", "head.weight", "head.bias"}
@@ -30,13 +24,8 @@ CNN_FC_KEYS = {"body.7.weight", "body.7.bias", "head.weight", "head.bias"}
 
 
 def setup(lr=0.1, batch=4, epochs=1, n=12, **kw):
-    algo = LGFedAvg(LGFedAvgConfig(model="mlp", lr=lr, local_epochs=epochs, batch_size=batch, **kw), Task("mlp", (4,), 3))
-    torch.manual_seed(0)
-    ref = build_model("mlp", (4,), 3)
-    server = algo.init_server(ref, seeding.generator(0, "server_init"))
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
-    return algo, server, ref, ClientTensors(x, y, x[:2], y[:2], x[:4], y[:4])
+    """(algo, server, ref, data): tests/helpers.py's tiny task, data seed 2."""
+    return method_setup(LGFedAvg, data_seed=2, n=n, lr=lr, local_epochs=epochs, batch_size=batch, **kw)
 
 
 def test_the_split_counts_weight_layers_from_the_output_or_the_input():
@@ -112,7 +101,7 @@ def test_one_step_moves_local_and_global_layers_together():
                 p.copy_(state[k])
     loss = F.cross_entropy(ref(d.train_x), d.train_y)
     names = [n for n, _ in ref.named_parameters()]
-    grads = dict(zip(names, torch.autograd.grad(loss, list(ref.parameters()))))
+    grads = dict(zip(names, torch.autograd.grad(loss, list(ref.parameters())), strict=True))
     # p <- p - lr * dCE/dp for local and global layers alike (joint training).
     for name, p in ref.named_parameters():
         got = up[name] if name in GLOBAL_KEYS else new_state[name]

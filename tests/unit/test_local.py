@@ -59,7 +59,7 @@ def test_each_round_is_one_sgd_step_on_the_clients_own_persistent_model():
         # By hand: own <- own - lr * dCE/d(own), continuing from last round's own model.
         grads = torch.autograd.grad(F.cross_entropy(ref(d.train_x), d.train_y), list(ref.parameters()))
         with torch.no_grad():
-            for p, g in zip(ref.parameters(), grads):
+            for p, g in zip(ref.parameters(), grads, strict=True):
                 p.sub_(0.1 * g)
         for name, p in ref.named_parameters():
             assert torch.allclose(state[OWN + name], p, atol=1e-6), (rnd, name)

@@ -50,7 +50,7 @@ class FixedPointDEQ(nn.Module):
 def deq(monkeypatch):
     """The DEQ class the models are built with: the real one, else the stand-in."""
     if REAL_DEQ is None:
-        monkeypatch.setattr(methods.deq, "DEQ", FixedPointDEQ, raising=False)
+        monkeypatch.setattr(fedeq_bench.methods.deq, "DEQ", FixedPointDEQ, raising=False)
         return FixedPointDEQ
     return REAL_DEQ
 

@@ -207,10 +207,10 @@ def test_same_seed_same_partition_other_seed_other_partition(spec):
     a = partition(y_tr, y_te, 20, spec, rng(0))
     b = partition(y_tr, y_te, 20, spec, rng(0))
     c = partition(y_tr, y_te, 20, spec, rng(1))
-    for (ta, sa), (tb, sb) in zip(a, b):
+    for (ta, sa), (tb, sb) in zip(a, b, strict=True):
         np.testing.assert_array_equal(ta, tb)
         np.testing.assert_array_equal(sa, sb)
-    assert any(not np.array_equal(ta, tc) for (ta, _), (tc, _) in zip(a, c))
+    assert any(not np.array_equal(ta, tc) for (ta, _), (tc, _) in zip(a, c, strict=True))
 
 
 # -- the test-split rule, by hand -----------------------------------------------------------------

@@ -180,7 +180,7 @@ def test_plotly_has_one_trace_per_series_plus_its_band(name):
     bands = [t for t in out["data"] if t.get("fill") == "toself"]
     assert [t["name"] for t in main] == [s.label for s in fig.series]
     assert len(bands) == (len(fig.series) if fig.kind == "line" else 0)
-    for t, s in zip(main, fig.series):
+    for t, s in zip(main, fig.series, strict=True):
         assert t["y"] == s.y and t["hovertext"] == s.hover
     json.dumps(out, allow_nan=False)  # valid JSON for the page
 

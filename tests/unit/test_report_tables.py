@@ -49,7 +49,7 @@ def mlflow_runs(report_store):
 
 def row_of(table, method):
     (row,) = [row for row in table.rows if row[0].text == method]
-    return {c: cell for c, cell in zip(table.columns, row)}
+    return {c: cell for c, cell in zip(table.columns, row, strict=True)}
 
 
 def per_method(mlflow_runs, method, value):
@@ -101,8 +101,8 @@ def test_every_number_is_the_mean_and_sample_std_of_the_mlflow_metrics(data, mlf
 
 def mb_to_target_by_hand(run, hist, steps, target):
     """Walk acc/weighted round by round; MB sent (bytes/cumulative) at the first round reaching target."""
-    sent = dict(zip(steps["bytes/cumulative"], hist["bytes/cumulative"]))
-    for rnd, acc in zip(steps["acc/weighted"], hist["acc/weighted"]):
+    sent = dict(zip(steps["bytes/cumulative"], hist["bytes/cumulative"], strict=True))
+    for rnd, acc in zip(steps["acc/weighted"], hist["acc/weighted"], strict=True):
         if acc >= target:
             return sent[rnd] / 1e6
     return None
@@ -223,7 +223,8 @@ def test_failed_and_pruned_runs_are_shown_and_a_missing_seed_is_said(damaged, re
     best = max(best, mlflow_runs[("fedrep", 0)][0].data.metrics["acc/weighted"])
     assert any(f"first reaches {0.95 * best:.4f}" in n for n in table.notes)
 
-    shown = {(row[0].text, row[1].text): {c: cell.text for c, cell in zip(runs.columns, row)} for row in runs.rows}
+    shown = {(row[0].text, row[1].text): {c: cell.text for c, cell in zip(runs.columns, row, strict=True)}
+             for row in runs.rows}
     assert len(shown) == 7
     assert shown[("fedrep", "1")]["status"] == "FAILED" and shown[("fedrep", "1")]["acc/weighted"] == "—"
     assert shown[("fedavg", "2")]["status"] == "PRUNED"

@@ -35,8 +35,8 @@ REAL = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data
 REAL = os.path.normpath(REAL)
 
 
-def load(path: str, cfg: ShakespeareConfig = ShakespeareConfig(), **kw):
-    return get_dataset(f"shakespeare:{path}", cfg, DataArgs(**{"seed": 0, **kw}))
+def load(path: str, cfg: ShakespeareConfig | None = None, **kw):
+    return get_dataset(f"shakespeare:{path}", cfg or ShakespeareConfig(), DataArgs(**{"seed": 0, **kw}))
 
 
 def line(n: int, seed: int) -> str:
@@ -203,7 +203,7 @@ def test_targets_all_is_the_shifted_window_and_last_its_last_column(play):
     last = load(play, ShakespeareConfig(train_frac=0.5, min_samples=100, max_samples_per_client=0, targets="last"),
                 val_frac=0.0)
     assert last.partition == "shakespeare(natural,roles=3,source=text,cap=0,targets=last)"
-    for ca, cl in zip(every.clients, last.clients):
+    for ca, cl in zip(every.clients, last.clients, strict=True):
         assert ca.train_y.shape == (len(ca.train_x), 80) and cl.train_y.shape == (len(cl.train_x),)
         np.testing.assert_array_equal(ca.train_x, cl.train_x)
         np.testing.assert_array_equal(ca.test_y[:, -1], cl.test_y)
@@ -292,7 +292,7 @@ def test_leaf_all_data_matches_the_raw_text(tmp_path, play):
     from_text = load(play, HALF)
     assert from_json.partition == "shakespeare(natural,roles=3,source=leaf-all,cap=0)"
     assert len(from_json.clients) == len(from_text.clients) == 3
-    for cj, ct in zip(from_json.clients, from_text.clients):
+    for cj, ct in zip(from_json.clients, from_text.clients, strict=True):
         for f in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
             np.testing.assert_array_equal(getattr(cj, f), getattr(ct, f))
 
@@ -439,14 +439,14 @@ def real():
 
 def windows_of(x: np.ndarray, y: np.ndarray) -> list[str]:
     """Each window's 80 characters and its next one (y's last column with per-position targets)."""
-    return [decode(r) + decode(np.atleast_1d(t)[-1:]) for r, t in zip(x, y)]
+    return [decode(r) + decode(np.atleast_1d(t)[-1:]) for r, t in zip(x, y, strict=True)]
 
 
 @needs_real
 def test_real_roles_become_clients(real):
     ds, roles = real
     assert len(ds.clients) == len(roles) > 100  # 183 roles of 303 have enough text for the split
-    for c, (role, text, kept) in zip(ds.clients, roles):
+    for c, (_role, text, kept) in zip(ds.clients, roles, strict=True):
         n = len(c.train_y) + len(c.val_y) + len(c.test_y)
         assert n == min(kept, 300) >= 64  # every client >= min_samples, at most the cap
         for x, y in ((c.train_x, c.train_y), (c.val_x, c.val_y), (c.test_x, c.test_y)):
@@ -459,7 +459,7 @@ def test_real_roles_become_clients(real):
 @needs_real
 def test_real_train_windows_precede_test_windows(real):
     ds, roles = real
-    for c, (role, text, _) in zip(ds.clients, roles):
+    for c, (role, text, _) in zip(ds.clients, roles, strict=True):
         train = windows_of(np.concatenate([c.train_x, c.val_x]), np.concatenate([c.train_y, c.val_y]))
         test = windows_of(c.test_x, c.test_y)
         # find() is at or before a window's true start, rfind() at or after it, so this holds for
@@ -474,7 +474,7 @@ def test_real_clients_arg_keeps_the_largest_roles(real):
     top = load(REAL, ShakespeareConfig(max_samples_per_client=300), clients=5)
     assert len(top.clients) == 5
     assert [r[2] for r in roles[:5]] == sorted((r[2] for r in roles), reverse=True)[:5]
-    for c, full, (role, text, _) in zip(top.clients, ds.clients, roles[:5]):
+    for c, full, (role, text, _) in zip(top.clients, ds.clients[:5], roles[:5], strict=True):
         np.testing.assert_array_equal(c.test_x, full.test_x)
         assert all(w in text for w in windows_of(c.test_x, c.test_y)), role
 

@@ -13,8 +13,8 @@ from fedeq_bench.datasets import DataArgs, dataset_names, get_dataset
 from fedeq_bench.datasets.synthetic import SyntheticConfig, split_sizes
 
 
-def load(cfg: SyntheticConfig = SyntheticConfig(), **kw):
-    return get_dataset("synthetic", cfg, DataArgs(**{"seed": 0, **kw}))
+def load(cfg: SyntheticConfig | None = None, **kw):
+    return get_dataset("synthetic", cfg or SyntheticConfig(), DataArgs(**{"seed": 0, **kw}))
 
 
 def whole(c) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +117,7 @@ def test_splits_are_disjoint_rows_of_one_sample_set():
 def test_same_seed_same_data_other_seed_other_data():
     a, b, other = load(seed=3), load(seed=3), load(seed=4)
     assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 16
-    for ca, cb in zip(a.clients, b.clients):
+    for ca, cb in zip(a.clients, b.clients, strict=True):
         for field in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
             np.testing.assert_array_equal(getattr(ca, field), getattr(cb, field))
     assert other.fingerprint != a.fingerprint
@@ -163,7 +163,7 @@ def test_alpha_never_changes_a_label():
     # must come out identical. (This is FedProx's generator as written; see the module docstring.)
     lo = load(SyntheticConfig(alpha=0.0, beta=0.5))
     hi = load(SyntheticConfig(alpha=2.0, beta=0.5))
-    for a, b in zip(lo.clients, hi.clients):
+    for a, b in zip(lo.clients, hi.clients, strict=True):
         np.testing.assert_array_equal(whole(a)[0], whole(b)[0])
         np.testing.assert_array_equal(whole(a)[1], whole(b)[1])
 

@@ -32,7 +32,7 @@ def test_processes_opening_a_new_sqlite_store_together_all_succeed(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", OPEN, uri, str(start)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]
     outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0 and out.strip() == "ok", err[-2000:]
     assert [e.name for e in MlflowClient(tracking_uri=uri).search_experiments()].count("exp") == 1
 
