@@ -40,7 +40,7 @@ def validate(cfg):
     if not run.experiment.strip():
         raise BenchError(f"--experiment {run.experiment!r} is empty; give a name (the default is fedeq-bench)")
     if run.backend == "ray":  # --address and $RAY_ADDRESS: their form, and that a Ray answers there
-        from bench.loop.cluster import target
+        from bench.loop.addresses import target
 
         target(run.address)
     if run.device == "cuda":

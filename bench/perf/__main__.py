@@ -6,7 +6,7 @@ within 1.3x of the plain loop; 2 workers on 2 cores faster than it.
 `python -m bench.perf --whole`: also the whole-process table (bench/perf/workloads.py, whole_process_table):
 each command timed from process start to exit, imports, Ray's start and MLflow's store included, next
 to the plain loop as a script; Ray both starting its own instance and attached to a running
-`ray start --head`. Targets (issue 12): 1 worker within 1.5x of the plain loop, 2 workers below 1.2x.
+`ray start --head`. Targets: 1 worker within 1.5x of the plain loop, 2 workers below 1.2x.
 
 `python -m bench.perf --method fedeq`: seconds per FeDEQ local update on deq_mlp and deq_resnet_s
 (the reference's stopping rule and Anderson, and the earlier rel/torchdeq/no-cache form) next to a

@@ -1,4 +1,4 @@
-"""Round time and memory against the number of clients (issue 12, Scale): `python -m bench.perf --scale`.
+"""Round time and memory against the number of clients: `python -m bench.perf --scale`.
 
 The workload: FedProx's Synthetic(0.5, 0.5) (datasets/synthetic.py) with 100, 1,000 and 10,000
 clients, FedAvg (`mlp`) and FeDEQ (`deq_mlp`), the serial backend with 1 thread, a fixed cohort of

@@ -1,7 +1,7 @@
 """The workload behind `python -m bench.perf`: the harness's steady-state round time next to a plain
 PyTorch loop. A library module, so the CLI and benchmark tests (tests/perf/) share one workload.
 
-The workload (issue: core harness): FedAvg with the `mlp` model on an `npz:` Fashion-MNIST-like
+The workload: FedAvg with the `mlp` model on an `npz:` Fashion-MNIST-like
 split (20 clients x 480 training samples of 28x28 pixels, 10 classes), every client every round,
 1 local epoch, batch 32, 30 rounds. The plain loop is what one would write by hand in one process
 (torch's default thread count): load the global weights, train each client in turn, average.
@@ -137,7 +137,7 @@ def ratio_table(title: str, first: str, unit: str, rows: list[tuple[str, float]]
     return title + "\n" + text.table([first, unit, "ratio to plain"], body, right=[False, True, True])
 
 
-# -- FeDEQ's local update (issue 9, item 7) -------------------------------------------------------
+# -- FeDEQ's local update -------------------------------------------------------------------------
 # One client's local update, timed alone (no engine): FeDEQ on a DEQ model next to FedRep on the
 # paired explicit model at equal epochs (FedRep's head_epochs = FeDEQ's personal_epochs, its
 # local_epochs = shared_epochs), the reference's FEMNIST/CIFAR settings: 3 + 5 epochs, batch 10,
@@ -226,7 +226,7 @@ def fedeq_update_table(models: tuple[str, ...] = ("deq_mlp", "deq_resnet_s"), re
         torch.set_num_threads(prev)
 
 
-# -- Whole process (issue 12) ---------------------------------------------------------------------
+# -- Whole process ---------------------------------------------------------------------------------
 # The same workload timed as a user meets it: each command a fresh process, from `python` to exit,
 # so imports, Ray's start, MLflow's store and the final evaluation count. The plain loop is a script
 # doing only its training (torch imported, data loaded, 30 rounds, exit).

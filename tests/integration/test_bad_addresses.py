@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from bench.loop import cluster
+from bench.loop import addresses
 from bench.tracking import check_store
 from fedeq_bench.core.errors import BenchError
 
@@ -45,7 +45,7 @@ def assert_refused(proc, seconds, tmp_path, line):
 
 
 def forms(source, address, why):
-    return f"error: {source} {address!r}: {why}; give {cluster.ADDRESS_FORMS}"
+    return f"error: {source} {address!r}: {why}; give {addresses.ADDRESS_FORMS}"
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_a_port_that_is_no_ray(tmp_path, silent_port):
     proc, s = cli("bench.run", [*RUN, "--address", f"127.0.0.1:{silent_port}"], tmp_path)
     assert_refused(proc, s, tmp_path,
                    f"error: '127.0.0.1:{silent_port}' accepts connections but no gRPC server answers there within "
-                   f"{cluster.PROBE_TIMEOUT_S:g} s: not a Ray GCS (port 6379 by default); start one with `ray up "
+                   f"{addresses.PROBE_TIMEOUT_S:g} s: not a Ray GCS (port 6379 by default); start one with `ray up "
                    "ray_cluster.yaml` (then --address auto on its head node, or HEAD:6379) or omit --address to "
                    "start a local Ray")
 

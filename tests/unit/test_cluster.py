@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from bench.loop import cluster
+from bench.loop import addresses, cluster, ray_loopback
 from fedeq_bench.core.errors import BenchError
 
 
@@ -72,7 +72,7 @@ def test_threads_are_whole_cpus_at_least_one():
     assert [cluster.threads_per_actor(c) for c in (0.25, 0.5, 1.0, 2.0, 4.0)] == [1, 1, 1, 2, 4]
 
 
-FORMS = cluster.ADDRESS_FORMS
+FORMS = addresses.ADDRESS_FORMS
 
 
 @pytest.mark.parametrize("address, target", [
@@ -86,7 +86,7 @@ FORMS = cluster.ADDRESS_FORMS
     ("local", None),
 ])
 def test_the_address_forms_ray_takes_and_the_host_port_each_dials(address, target):
-    assert cluster.check_address(address) == target
+    assert addresses.check_address(address) == target
 
 
 @pytest.mark.parametrize("address, why", [
@@ -107,18 +107,18 @@ def test_the_address_forms_ray_takes_and_the_host_port_each_dials(address, targe
 ])
 def test_an_address_of_the_wrong_form_is_one_line_naming_the_valid_forms(address, why):
     with pytest.raises(BenchError) as e:
-        cluster.check_address(address)
+        addresses.check_address(address)
     assert str(e.value) == f"--address {address!r}: {why}; give {FORMS}"
 
 
 def test_an_http_address_is_the_jobs_api_and_says_how_to_submit():
     with pytest.raises(BenchError) as e:
-        cluster.check_address("http://head:8265")
+        addresses.check_address("http://head:8265")
     assert str(e.value).startswith("--address 'http://head:8265' is an HTTP address (the dashboard's Jobs API, "
                                    "port 8265), which bench.run does not speak: submit the run with `ray job submit "
                                    "--address http://head:8265 -- python -m bench.run ...`")
     with pytest.raises(BenchError, match="'https://head:443' is an HTTP address"):
-        cluster.check_address("https://head:443")
+        addresses.check_address("https://head:443")
 
 
 @pytest.fixture
@@ -136,18 +136,18 @@ def grpc_server():
 
 
 def test_reachability_accepts_a_grpc_server_and_refuses_a_closed_port(grpc_server):
-    cluster.check_reachable(f"127.0.0.1:{grpc_server}", timeout=2.0)
-    cluster.check_reachable(f"ray://127.0.0.1:{grpc_server}", timeout=2.0)
+    addresses.check_reachable(f"127.0.0.1:{grpc_server}", timeout=2.0)
+    addresses.check_reachable(f"ray://127.0.0.1:{grpc_server}", timeout=2.0)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]                                               # bound, never listening: refused
     with pytest.raises(BenchError) as e:
-        cluster.check_reachable(f"127.0.0.1:{port}", timeout=2.0)
+        addresses.check_reachable(f"127.0.0.1:{port}", timeout=2.0)
     assert str(e.value) == (f"cannot reach a Ray cluster at '127.0.0.1:{port}' (Connection refused); start one "
                             "with `ray up ray_cluster.yaml` (then --address auto on its head node, or HEAD:6379) "
                             "or omit --address to start a local Ray")
     with pytest.raises(BenchError) as e:
-        cluster.check_reachable(f"ray://127.0.0.1:{port}", timeout=2.0)
+        addresses.check_reachable(f"ray://127.0.0.1:{port}", timeout=2.0)
     assert "(its Ray Client server listens on 10001)" in str(e.value)
 
 
@@ -161,7 +161,7 @@ def test_a_port_that_accepts_but_speaks_no_grpc_is_refused_in_the_timeout():
         port = s.getsockname()[1]
         start = time.monotonic()
         with pytest.raises(BenchError) as e:
-            cluster.check_reachable(f"127.0.0.1:{port}", timeout=1.0)
+            addresses.check_reachable(f"127.0.0.1:{port}", timeout=1.0)
         assert time.monotonic() - start < 1.0 + 0.5
     assert str(e.value).startswith(f"'127.0.0.1:{port}' accepts connections but no gRPC server answers there "
                                    "within 1 s: not a Ray GCS (port 6379 by default)")
@@ -169,18 +169,33 @@ def test_a_port_that_accepts_but_speaks_no_grpc_is_refused_in_the_timeout():
 
 def test_a_bad_form_is_refused_before_any_dial():
     with pytest.raises(BenchError, match="port '99999'"):
-        cluster.check_reachable("127.0.0.1:99999", timeout=0.001)
+        addresses.check_reachable("127.0.0.1:99999", timeout=0.001)
 
 
 @pytest.mark.parametrize("address", ["auto", "local"])
 def test_addresses_ray_resolves_itself_are_not_dialled(address):
-    cluster.check_reachable(address, timeout=0.001)  # no host:port to dial: nothing raised
+    addresses.check_reachable(address, timeout=0.001)  # no host:port to dial: nothing raised
 
 
 def test_a_ray_client_address_dials_its_server():
-    assert cluster.client_target("ray://head:10002") == "head:10002"
-    assert cluster.client_target("ray://head") == "head:10001"
-    assert cluster.client_target("head:6379") is None
+    assert addresses.check_address("ray://head:10002") == "head:10002"
+    assert addresses.check_address("ray://head") == "head:10001"  # Ray Client's default port
+
+
+def test_an_http_server_is_no_grpc_server_and_is_refused():
+    """grpcio's channel never becomes READY against a server that answers HTTP/1 (a dashboard, a web
+    page at the wrong port): refused within the timeout, like a silent listener."""
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    server.RequestHandlerClass.log_message = lambda *a: None  # quiet: it answers 505 to HTTP/2
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(BenchError, match="accepts connections but no gRPC server answers there within 1 s"):
+            addresses.check_reachable(f"127.0.0.1:{server.server_port}", timeout=1.0)
+    finally:
+        server.shutdown()
 
 
 # -- attaching to a running instance -------------------------------------------------------------
@@ -188,20 +203,20 @@ def test_a_ray_client_address_dials_its_server():
 
 def write_address_file(tmp_path, address):
     (tmp_path / "ray").mkdir(exist_ok=True)
-    (tmp_path / "ray" / cluster.ADDRESS_FILE).write_text(address + "\n")
+    (tmp_path / "ray" / addresses.ADDRESS_FILE).write_text(address + "\n")
 
 
 def test_ray_address_in_the_environment_wins():
-    assert cluster.running_instance({"RAY_ADDRESS": "10.0.0.1:6379"}) == ("10.0.0.1:6379", "$RAY_ADDRESS")
+    assert addresses.running_instance({"RAY_ADDRESS": "10.0.0.1:6379"}) == ("10.0.0.1:6379", "$RAY_ADDRESS")
 
 
 def test_ray_address_in_the_environment_is_checked_like_the_flag(tmp_path):
     with pytest.raises(BenchError) as e:
-        cluster.running_instance({"RAY_ADDRESS": "not_an_address"})
+        addresses.running_instance({"RAY_ADDRESS": "not_an_address"})
     assert str(e.value).startswith("$RAY_ADDRESS 'not_an_address': no port")
     # `local` there means a new local Ray; `auto` names nothing, so the address file is looked for.
-    assert cluster.running_instance({"RAY_ADDRESS": "local", "RAY_TMPDIR": str(tmp_path)}) is None
-    assert cluster.running_instance({"RAY_ADDRESS": "auto", "RAY_TMPDIR": str(tmp_path)}) is None
+    assert addresses.running_instance({"RAY_ADDRESS": "local", "RAY_TMPDIR": str(tmp_path)}) is None
+    assert addresses.running_instance({"RAY_ADDRESS": "auto", "RAY_TMPDIR": str(tmp_path)}) is None
 
 
 def test_a_live_address_file_is_attached_to_and_a_stale_one_ignored(tmp_path):
@@ -210,51 +225,55 @@ def test_a_live_address_file_is_attached_to_and_a_stale_one_ignored(tmp_path):
     import grpc
 
     env = {"RAY_TMPDIR": str(tmp_path)}
-    assert cluster.running_instance(env) is None                                # no file: start one
+    assert addresses.running_instance(env) is None                                # no file: start one
     gcs = grpc.server(ThreadPoolExecutor(max_workers=1))                       # a gRPC server, as a GCS is
     address = f"127.0.0.1:{gcs.add_insecure_port('127.0.0.1:0')}"
     gcs.start()
     try:
         write_address_file(tmp_path, address)
-        found = cluster.running_instance(env)
+        found = addresses.running_instance(env)
         assert found is not None and found[0] == address and "ray start --head" in found[1]
         # $TMPDIR is Ray's fallback for its temp dir, as in Ray's own lookup.
-        assert cluster.running_instance({"TMPDIR": str(tmp_path)})[0] == address
-        assert cluster.target("auto", env) == ("auto", address, found[1])      # joined as "auto" (token auth)
-        assert cluster.target(None, env) == ("auto", address, found[1])
-        assert cluster.target("local", env) == (None, None, "a new local Ray")  # whatever runs
+        assert addresses.running_instance({"TMPDIR": str(tmp_path)})[0] == address
+        assert addresses.target("auto", env) == ("auto", address, found[1])      # joined as "auto" (token auth)
+        assert addresses.target(None, env) == ("auto", address, found[1])
+        assert addresses.target("local", env) == (None, None, "a new local Ray")  # whatever runs
     finally:
         gcs.stop(None)
     # The instance died without `ray stop` (which removes the file): nobody answers, start our own.
-    assert cluster.running_instance(env) is None
-    assert cluster.target(None, env) == (None, None, "a new local Ray")
+    assert addresses.running_instance(env) is None
+    assert addresses.target(None, env) == (None, None, "a new local Ray")
 
 
 def test_auto_with_no_ray_on_this_machine_is_refused(tmp_path):
     """Ray's own `auto` would fall back to any GCS process it finds (another user's local Ray)."""
     with pytest.raises(BenchError) as e:
-        cluster.target("auto", {"RAY_TMPDIR": str(tmp_path)})
+        addresses.target("auto", {"RAY_TMPDIR": str(tmp_path)})
     assert str(e.value).startswith("--address auto: no Ray runs on this machine (no $RAY_ADDRESS, and no live "
                                    "`ray start --head` recorded)")
 
 
 def test_an_explicit_address_is_checked_and_dialled_by_target(grpc_server):
-    assert cluster.target(f"127.0.0.1:{grpc_server}", {}) == (f"127.0.0.1:{grpc_server}",) * 2 + ("--address",)
+    assert addresses.target(f"127.0.0.1:{grpc_server}", {}) == (f"127.0.0.1:{grpc_server}",) * 2 + ("--address",)
     with pytest.raises(BenchError, match="unknown scheme"):
-        cluster.target("foo://x", {})
+        addresses.target("foo://x", {})
 
 
 def test_loopback_only_is_put_back_after_the_start(monkeypatch):
+    """Also the canary of bench/loop/ray_loopback.py, the one use of Ray's private internals: if a Ray
+    release moves or renames ENABLE_RAY_CLUSTER or stops honouring it, this fails here, by name."""
     from ray._private import ray_constants
 
-    monkeypatch.delenv(cluster.LOOPBACK_ENV, raising=False)
+    assert hasattr(ray_constants, "ENABLE_RAY_CLUSTER"), "Ray moved its single-machine switch: see ray_loopback.py"
+
+    monkeypatch.delenv(ray_loopback.LOOPBACK_ENV, raising=False)
     before = ray_constants.ENABLE_RAY_CLUSTER
-    with cluster.loopback_only():
-        assert ray_constants.ENABLE_RAY_CLUSTER is False and os.environ[cluster.LOOPBACK_ENV] == "0"
+    with ray_loopback.loopback_only():
+        assert ray_constants.ENABLE_RAY_CLUSTER is False and os.environ[ray_loopback.LOOPBACK_ENV] == "0"
         from ray._private.services import resolve_ip_for_localhost
 
         assert resolve_ip_for_localhost("127.0.0.1") == "127.0.0.1"            # not the routable address
-    assert ray_constants.ENABLE_RAY_CLUSTER is before and cluster.LOOPBACK_ENV not in os.environ
+    assert ray_constants.ENABLE_RAY_CLUSTER is before and ray_loopback.LOOPBACK_ENV not in os.environ
 
 
 # -- starting in the background ------------------------------------------------------------------
