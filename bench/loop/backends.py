@@ -189,12 +189,11 @@ class Worker:
             meter = memory.make_meter(spec.task.device, modules=_networks(method) if live else [method.net],
                                       cpu=spec.task.cpu_memory) if metered else nullcontext()
             with meter:
-                up, state, metrics = method.local_update(down, job.state, data,
-                                                         seeding.generator(seed, "local", rnd, cid))
-            divergence.check_update(up, state, metrics)
+                update = method.local_update(down, job.state, data, seeding.generator(seed, "local", rnd, cid))
+            divergence.check_update(update.message, update.state, update.metrics)
             # A numpy buffer, not bytes: Ray moves it out-of-band (no pickling copy into the object store).
-            return Result(cid, metrics, np.frombuffer(wire.encode(up), dtype=np.uint8), state,
-                          meter.peak_bytes if metered else 0, memory.peak_rss_bytes())
+            return Result(cid, update.metrics, np.frombuffer(wire.encode(update.message), dtype=np.uint8),
+                          update.state, meter.peak_bytes if metered else 0, memory.peak_rss_bytes())
         state = job.state
         if kind is Kind.EVALUATE_UNSEEN:
             state = method.personalize(down, state, data, seeding.generator(seed, "personalize", rnd, cid))

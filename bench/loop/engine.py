@@ -281,7 +281,7 @@ def run_method(
         # Aggregate in client-id order so Serial and Ray runs are bit-identical.
         replies.sort(key=lambda r: r[0])
         with blame(method, rnd):
-            server, agg_metrics = algo.aggregate(server, replies, rnd)
+            server, agg_metrics = algo.aggregate(server, replies, rnd)  # AggregateResult(server, metrics)
         bad = divergence.first_nonfinite(server)
         if bad is not None:
             raise failure(method, rnd, divergence.describe(f"server state {bad}", "aggregate"))

@@ -15,6 +15,7 @@ from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.types import MethodSpec, Task
 from fedeq_bench.datasets.base import ClientData, FederatedDataset
+from fedeq_bench.methods.base import LocalResult
 
 SEED, RND = 5, 3
 
@@ -38,7 +39,7 @@ class Probe:
             raise KeyError("w")
         self.net(data.train_x).sum().backward()  # something for the memory meter to see
         draw = torch.rand(1, generator=rng)
-        return {"w": down["w"] + 1, "draw": draw}, {"draw": draw}, {"threads": float(torch.get_num_threads())}
+        return LocalResult({"w": down["w"] + 1, "draw": draw}, {"draw": draw}, {"threads": float(torch.get_num_threads())})
 
     def personalize(self, down, state, data, rng):
         return {"p": torch.rand(1, generator=rng)}
@@ -112,7 +113,7 @@ class GlobalDraw(Probe):
     """Model code that draws from torch's global generator, as dropout does (F.dropout takes none)."""
 
     def local_update(self, down, state, data, rng):
-        return {"mask": torch.rand(3)}, {}, {}
+        return LocalResult({"mask": torch.rand(3)}, {}, {})
 
 
 def test_draws_from_the_global_generator_depend_on_the_job_not_on_the_process_history(serial):
