@@ -135,9 +135,3 @@ def check_fields(obj, prefix: str = "") -> None:
         rng = range_of(f)
         if rng is not None:
             check(prefix + f.name, getattr(obj, f.name), hints[f.name], rng)
-
-
-def unranged(cls) -> list[str]:
-    """The numeric fields of config dataclass `cls` that declare no range (a test keeps this empty)."""
-    hints = typing.get_type_hints(cls)
-    return [f.name for f in dataclasses.fields(cls) if numeric_kind(hints[f.name]) and range_of(f) is None]

@@ -13,7 +13,6 @@ from fedeq_bench.datasets.base import (  # noqa: F401
     ClientData,
     DataArgs,
     FederatedDataset,
-    dataset_names,
     get_dataset,
     register_dataset,
 )

@@ -128,10 +128,6 @@ def register_dataset(name: str, config: type, estimate: Estimator | None = None)
     return deco
 
 
-def dataset_names() -> list[str]:
-    return DATASETS.names()
-
-
 def split_dataset_name(spec: str) -> tuple[str, str | None]:
     """`npz:/data/x.npz` -> ("npz", "/data/x.npz"); `synthetic` -> ("synthetic", None)."""
     if ":" in spec:

@@ -8,7 +8,7 @@ one of McMahan et al. (AISTATS 2017) and the FeDEQ paper (Le et al., CIKM 2024, 
 
 Two sources, both read offline:
 
-* raw play text in the `ROLE:` form (tiny Shakespeare, `../shared/data/tinyshakespeare.txt`):
+* raw play text in the `ROLE:` form (tiny Shakespeare, `tinyshakespeare.txt` of karpathy/char-rnn):
   a line ending in `:` that opens a block (first non-blank line of the file or after a blank
   line) names a role; the lines after it, up to the next blank line, are that role's. Blocks
   whose first line is not such a header are skipped. Role names are upper-cased, as LEAF does

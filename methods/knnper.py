@@ -29,9 +29,9 @@ Choices, and where they come from:
     dimension is the in_features of the model's final Linear (200 for mlp, 512 for cnn, 64 for
     resnet20). `knnper.temperature` sets T directly instead. Raising T flattens the vote toward a
     plain count over the k neighbours; T -> 0 is 1-NN.
-  * mix is one fixed value for every client (the issue's default 0.5); the reference sweeps the
-    weight over 0.1, ..., 1.0 after training and reports per value (selecting it on validation data
-    is left to a sweep over `knnper.mix`, which optimizes acc/val).
+  * mix is one fixed value for every client (default 0.5: kNN and global weighted equally); the
+    reference sweeps the weight over 0.1, ..., 1.0 after training and reports per value (selecting
+    it on validation data is left to a sweep over `knnper.mix`, which optimizes acc/val).
   * k is capped at the datastore size; a client with no training samples has no datastore and
     is evaluated with p_global alone (the reference warns and does the same).
   * The full training split is the datastore (the reference's capacity = -1, "all samples").

@@ -29,9 +29,10 @@ How many layers are global (`global_layers`, default 2), and why:
     `cnn` (conv-conv-fc512-fc) the top two are the two Linear layers, 96.9% of the parameters on
     28x28 inputs (the first FC layer is large); the convolutions are the local representation.
     The authors' code does NOT share the top two for this model: CNNCifar lists its `weight_keys` as
-    fc1, fc2, fc3, conv2, conv1, so `[-2:]` selects conv2 and conv1 (the bottom; their issue #8), the
-    opposite of the paper's local-bottom / global-top design. `global_from = "input"` reproduces
-    that run (on `cnn`: the two convolutions, 3.1% of the parameters); the default follows the paper.
+    fc1, fc2, fc3, conv2, conv1, so `[-2:]` selects conv2 and conv1 (the bottom; reported as
+    pliang279/LG-FedAvg issue #8), the opposite of the paper's local-bottom / global-top design.
+    `global_from = "input"` reproduces that run (on `cnn`: the two convolutions, 3.1% of the
+    parameters); the default follows the paper.
   * Other models (not in the authors' experiments): the same k = 2. Layers are counted in module
     registration order, the forward order for mlp, cnn, resnet20/34 (k = 2: 1.2% / 0.4%, the body's
     last FC layer and the classifier) and transformer8 (5.2%: the last block's MLP output and the

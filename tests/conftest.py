@@ -1,4 +1,5 @@
-"""Shared test setup: the repo root on sys.path (also works without `pip install -e .`)."""
+"""Shared test setup: the repo root on sys.path (also works without `pip install -e .`), and the
+fixtures that tests in several folders use."""
 import os
 import sys
 
@@ -8,6 +9,19 @@ if ROOT not in sys.path:
 
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_shakespeare() -> str:
+    """The path of tinyshakespeare.txt, in the folder `FEDEQ_BENCH_SHARED_DATA` names, else in
+    `shared/data` beside the checkout (docs/datasets.md, "Data the tests use"). The text is not in the
+    repository, so a test that needs it is skipped where it is absent."""
+    folder = os.environ.get("FEDEQ_BENCH_SHARED_DATA") or os.path.join(os.path.dirname(ROOT), "shared", "data")
+    path = os.path.join(folder, "tinyshakespeare.txt")
+    if not os.path.isfile(path):
+        pytest.skip(f"tiny Shakespeare not found at {path} (set FEDEQ_BENCH_SHARED_DATA to the folder "
+                    "holding tinyshakespeare.txt)")
+    return path
 
 
 @pytest.fixture(scope="session")

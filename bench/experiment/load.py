@@ -86,10 +86,11 @@ def check_models(cfg, dataset) -> None:
 
 
 def load_checked(cfg) -> dict:
-    """`{seed: dataset}` for every seed, each checked against every method's model: all the bad input
-    a run can meet in its data shows up here, before a backend starts or a run is recorded. So does a
-    run too big for this machine's memory (bench/experiment/sizing.py): estimated before any data is made (every
-    seed's data, Ray's copy of it, the client states the methods keep), and again once it is loaded."""
+    """`{seed: dataset}` for every seed, each checked against every method's model: all the bad
+    input a run can meet in its data shows up here, before a backend starts or a run is recorded. So
+    does a run too big for the memory of the machine running it (bench/experiment/sizing.py):
+    estimated before any data is made (every seed's data, Ray's copy of it, the client states the
+    methods keep), and again once it is loaded."""
     from bench.experiment import sizing
 
     sizing.check_before_load(cfg)  # every seed's data, more than each load_dataset would count

@@ -150,7 +150,7 @@ def refuse_if_too_big(cfg, data: int, data_what: str, states: tuple[int, str, in
     if available is None:
         return
     run = cfg.run
-    # Through Ray Client (ray://) the object store is the cluster's, not this machine's.
+    # Through Ray Client (ray://) the object store is the cluster's, not the driver machine's.
     local_store = run.backend == "ray" and not (run.address or "").startswith("ray://")
     ray_copy = data if ray and local_store else 0
     state_total, method, per, model = states
@@ -183,12 +183,12 @@ def refuse_if_too_big(cfg, data: int, data_what: str, states: tuple[int, str, in
 
 
 def check_before_load(cfg, seeds=None, whole_run: bool = True, available: int | None = -1) -> None:
-    """Refuse a run whose data (estimated by the dataset, without generating or reading it) and client
-    states cannot fit in the memory available now. `seeds`: the datasets to count (default: every
-    seed's, as `load_checked` holds them); `whole_run`: count Ray's copy and client states too (False:
-    only loading the data, as `bench.data describe` does); `available`: bytes to compare with (-1:
-    this machine's `available_bytes()` now). Datasets without an estimate are checked after loading
-    (`check_after_load`)."""
+    """Refuse a run whose data (estimated by the dataset, without generating or reading it) and
+    client states cannot fit in the memory available now. `seeds`: the datasets to count (default:
+    every seed's, as `load_checked` holds them); `whole_run`: count Ray's copy and client states too
+    (False: only loading the data, as `bench.data describe` does); `available`: bytes to compare
+    with (-1: `available_bytes()` of the machine running the check, now). Datasets without an
+    estimate are checked after loading (`check_after_load`)."""
     from fedeq_bench.datasets.base import DataArgs, estimate_dataset, split_dataset_name
 
     run = cfg.run

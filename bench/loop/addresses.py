@@ -159,9 +159,10 @@ def running_instance(env: Mapping[str, str] | None = None, temp_dir: str | None 
     """The Ray instance a run without --address attaches to, as (address, why), or None: start one.
 
     $RAY_ADDRESS first (`ray job submit` sets it for its entrypoint; a user may too; checked like
-    --address; `local` there means: start one, `auto`: look further), then the address `ray start --head` recorded
-    on this machine, if its GCS still answers: a file left by an instance that died is ignored
-    rather than waited on. This is the order ray.init() itself uses.
+    --address; `local` there means: start one, `auto`: look further), then the address
+    `ray start --head` recorded on the machine running the harness, if its GCS still answers: a file
+    left by an instance that died is ignored rather than waited on. This is the order ray.init()
+    itself uses.
     """
     env = os.environ if env is None else env
     named = env.get("RAY_ADDRESS")
@@ -187,7 +188,7 @@ def running_instance(env: Mapping[str, str] | None = None, temp_dir: str | None 
 def target(address: str | None, env: Mapping[str, str] | None = None) -> tuple[str | None, str | None, str]:
     """Where `connect(address)` goes, checked: (the address for ray.init, None to start a local Ray;
     the address to show; why). Raises BenchError, in seconds, for an address of the wrong form, one
-    nobody answers at, and `auto` with no Ray to find on this machine.
+    nobody answers at, and `auto` with no Ray to find on the machine running the harness.
 
     An instance found without an explicit address (or through `auto`) is joined as "auto", which Ray
     resolves to the same instance (same order): Ray turns its token authentication on only for an

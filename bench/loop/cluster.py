@@ -57,7 +57,7 @@ and the server's start, the connection fails with this message. A second try get
 
 def connect(address: str | None) -> bool:
     """Join the Ray cluster at `address` (`auto`, `HOST:PORT`, `ray://HOST[:PORT]`); None: attach to a
-    running local instance (`running_instance`) or start a local Ray with this machine's CPUs, bound
+    running local instance (`running_instance`) or start a local Ray with the CPUs of the machine running the harness, bound
     to 127.0.0.1; `local`: start one whatever runs. Checked first (`target`).
 
     Returns whether this call initialized Ray in this process (the caller then calls ray.shutdown(),

@@ -51,7 +51,7 @@ from fedeq_bench.core.types import MethodSpec, Task
 from fedeq_bench.datasets.base import FederatedDataset
 from fedeq_bench.methods.base import METHODS
 
-# Metric names of DESIGN.md, logged every round (acc/* every evaluated round).
+# Metric names of docs/architecture.md (Metrics), logged every round (acc/* every evaluated round).
 ROUND_METRICS = ("loss/train", "bytes/up", "bytes/down", "bytes/cumulative", "mem/peak_train_bytes",
                  "mem/peak_rss_bytes", "time/round_s", "clients/never_trained")
 EVAL_METRICS = ("acc/mean", "acc/weighted", "acc/bottom10", "acc/val")

@@ -115,15 +115,6 @@ def space_keys(space: dict[str, Dist], short: str | None = None) -> list[str]:
     return [k[len(prefix):] if prefix and k.startswith(prefix) else k for k in space]
 
 
-def describe(d: Dist) -> str:
-    """One line for logs and --help: `fedeq.rho ~ log-uniform[0.0001, 10.0]`, `knnper.k ~ log-int[1, 64]`."""
-    if d.kind == "categorical":
-        return f"{d.key} ~ one of {list(d.choices)}"
-    scale = ("log-" if d.log else "") + ("int" if d.kind == "int" else "uniform")
-    step = f" step {d.step}" if d.step is not None else ""
-    return f"{d.key} ~ {scale}[{d.low}, {d.high}]{step}"
-
-
 def suggest(trial, space: dict[str, Dist]) -> dict[str, Any]:
     """One value per key drawn from an Optuna trial: `{--set key: value}`, ready for `config.apply`."""
     out: dict[str, Any] = {}

@@ -4,7 +4,6 @@ Public interface (used by methods/nets and methods/fedeq.py):
 
     z, stats = solve(f, z0, solver="anderson", max_iter=20, tol=1e-3,   # stats: STATS_KEYS, (batch,)
                      stop_mode="rel")   # "abs": ||f(z) - z||; anderson option variant="reference"
-    metrics = summarize(stats)    # {"deq/nstep_mean", "deq/residual_max", "deq/unconverged_frac"}
     layer = DEQ(func, solver=..., max_iter=..., tol=..., backward="implicit" | "jfb" | "phantom", ...)
     layer.configure(max_iter=30)  # validated; unknown names fail with the valid choices
     z = layer(x_inj, z0)          # layer.last_stats holds the forward solver's statistics
@@ -16,25 +15,21 @@ add to them); the DEQ layer and its backward modes are in methods/deq/layer.py.
 """
 from fedeq_bench.methods.deq.layer import BACKWARDS, DEQ
 from fedeq_bench.methods.deq.solvers import (
-    METRIC_KEYS,
     SOLVERS,
     STATS_KEYS,
     STOP_MODES,
     DEQDivergence,
     residual,
     solve,
-    summarize,
 )
 
 __all__ = [
     "BACKWARDS",
     "DEQ",
     "DEQDivergence",
-    "METRIC_KEYS",
     "SOLVERS",
     "STATS_KEYS",
     "STOP_MODES",
     "residual",
     "solve",
-    "summarize",
 ]

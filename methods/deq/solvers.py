@@ -82,8 +82,7 @@ Statistics, tensors of shape (batch,), fixed keys (STATS_KEYS):
   residual        float  that lowest residual
   residual_first  float  the residual at z0, ||f(z0) - z0|| / (||f(z0)|| + 1e-9)
   converged       bool   residual < tol
-`summarize(stats)` turns them into the MLflow metrics deq/nstep_mean, deq/residual_max and
-deq/unconverged_frac.
+FeDEQ reduces them over a local update's solves into its deq/* metrics (methods/fedeq.py).
 
 Divergence: `DEQDivergence` (a BenchError) is raised when f returns a non-finite value or a
 residual is NaN/inf, or when some example's lowest residual exceeds `diverge_above` (default 1e3).
@@ -106,7 +105,6 @@ from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.registry import Registry
 
 STATS_KEYS = ("nstep", "residual", "residual_first", "converged")
-METRIC_KEYS = ("deq/nstep_mean", "deq/residual_max", "deq/unconverged_frac")
 EPS = 1e-9  # the residual's denominator guard, torchdeq's value
 DIVERGE_ABOVE = 1e3
 
@@ -339,12 +337,3 @@ def solve(f: Callable[[Tensor], Tensor], z0: Tensor, solver: str = "anderson", m
             f"diverge_above={diverge_above:g} after {max_iter} steps"
         )
     return z, stats
-
-
-def summarize(stats: dict[str, Tensor]) -> dict[str, float]:
-    """The MLflow metrics of one solve: mean steps, worst residual, share of unconverged examples."""
-    return {
-        "deq/nstep_mean": float(stats["nstep"].double().mean()),
-        "deq/residual_max": float(stats["residual"].max()),
-        "deq/unconverged_frac": float((~stats["converged"]).double().mean()),
-    }

@@ -2,7 +2,7 @@
 (synthetic, Fashion-MNIST).
 
 Ported from the reference `DEQ_MLP_RA_V1` / `MLPBlock_V1` (utils/model_utils.py of
-github.com/longtanle/FeDEQ), with softplus as the issue asks:
+github.com/longtanle/FeDEQ), with softplus in place of the reference's ReLU:
 
     body:  x = U flatten(input)                   U: d -> hidden, no bias   (the input injection)
            z* = f(z*, x),  z0 = x,  f(z, x) = softplus(W z + x)   W: hidden -> hidden, no bias
@@ -10,7 +10,7 @@ github.com/longtanle/FeDEQ), with softplus as the issue asks:
     head:  Linear(128, classes)                                            (personal w_i)
 
 Deviations from the reference, none of which changes a parameter count:
-  * activation softplus (the issue's choice; the reference runs this model with ReLU). Softplus is
+  * activation softplus (this project's choice; the reference runs this model with ReLU). Softplus is
     smooth, so the implicit backward's Jacobian exists everywhere.
   * W starts from N(0, 0.01^2) (the scale the reference uses for its DEQ-ResNet convs and names as
     what keeps fixed-point iteration from diverging), not Haiku's default TruncatedNormal(1/sqrt(h)):

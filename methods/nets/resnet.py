@@ -98,10 +98,10 @@ def resnet34(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """ResNet-34 of the reference's CIFAR baselines; the block layout is chosen by `num_classes`.
 
     100 classes -> (3, 5, 8) blocks (resnet_cifar100.ResNet34); any other count -> (5, 6, 5)
-    (resnet_cifar.ResNet34). The reference picks the CIFAR-100 file for every count but 10; here the
-    issue's rule (100 -> (3, 5, 8)) is used, so e.g. 62 classes get the CIFAR-10 layout (the
-    reference's FEMNIST ResNet-34 is a different, 4-group net that is not ported; FEMNIST's
-    explicit baseline is `resnet20`).
+    (resnet_cifar.ResNet34). The reference picks the CIFAR-100 file for every count but 10; here only
+    100 classes get (3, 5, 8), so e.g. 62 classes get the CIFAR-10 layout (the reference's FEMNIST
+    ResNet-34 is a different, 4-group net that is not ported; FEMNIST's explicit baseline is
+    `resnet20`).
 
     Reference count, 32x32x3 input: 7,779,274 parameters with 10 classes (1,290 personal).
     With 100 classes and (3, 5, 8) blocks: 10,889,508 (12,900 personal), counted from the

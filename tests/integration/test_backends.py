@@ -93,18 +93,12 @@ def test_one_call_returns_job_order_and_serials_bits(ray_backend, tiny):
                 assert x.state.keys() == y.state.keys() and all(torch.equal(x.state[k], y.state[k]) for k in x.state)
 
 
-def test_dropout_models_are_bit_identical_too(ray_backend, tmp_path):
+def test_dropout_models_are_bit_identical_too(ray_backend, tiny_shakespeare):
     """transformer8 draws its dropout masks from torch's global generator, which the Worker seeds per
     job (backends.job_global_rng). Before it did, Serial and Ray differed (this test fails with the
     seeding removed; `bench.run --methods fedavg --dataset shakespeare:... --clients 4 --rounds 2`
     ended at acc/mean 0.2125 on Serial and 0.0750 on Ray): the masks depended on the process's past."""
-    import os
-
-    text = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "..", "shared", "data", "tinyshakespeare.txt")
-    if not os.path.exists(text):
-        pytest.skip("../shared/data/tinyshakespeare.txt is not beside the checkout")
-    cfg = tiny_config("unused", methods="fedavg", dataset=f"shakespeare:{text}", clients=3, rounds=2,
+    cfg = tiny_config("unused", methods="fedavg", dataset=f"shakespeare:{tiny_shakespeare}", clients=3, rounds=2,
                       **{"shakespeare.max_samples_per_client": 64})
     ds = load_dataset(cfg, 0)
     assert resolve_method(cfg, "fedavg", ds.default_models).model == "transformer8"

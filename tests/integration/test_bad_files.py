@@ -1,9 +1,9 @@
-"""Every path a user gives is read defensively (issue 13, "files are read defensively"): missing,
-unreadable, of the wrong kind (a folder where a file is expected and the reverse), or undecodable
-(truncated, corrupt, garbage, not UTF-8) ends as one BenchError line naming the path and what was
-expected, never a traceback. In-process for the many members (through the same functions bench.run
-calls: config.from_cli, experiment.validate, experiment.load_checked), and a few real `python -m
-bench.run` processes: exit code 2, one `error: ` line, no Traceback, no MLflow database made."""
+"""Every path a user gives is read defensively: missing, unreadable, of the wrong kind (a folder
+where a file is expected and the reverse), or undecodable (truncated, corrupt, garbage, not UTF-8)
+ends as one BenchError line naming the path and what was expected, never a traceback. In-process for
+the many members (through the same functions bench.run calls: config.from_cli, experiment.validate,
+experiment.load_checked), and a few real `python -m bench.run` processes: exit code 2, one `error: `
+line, no Traceback, no MLflow database made."""
 from __future__ import annotations
 
 import io

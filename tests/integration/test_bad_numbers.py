@@ -1,7 +1,8 @@
-"""Issue 13, as a user meets it: `--lr inf` and `--set fedavg.lr=nan` ran to FINISHED with a NaN model
-in the summary table. Now a non-finite or out-of-range number, at any level, is one `error:` line,
-exit code 2, no traceback, and nothing recorded (no MLflow store is even created). A few real
-`python -m bench.run` processes here; tests/unit/test_config.py checks the many members in-process."""
+"""Bad numbers, as a user meets them: `--lr inf` and `--set fedavg.lr=nan` used to run to FINISHED
+with a NaN model in the summary table. Now a non-finite or out-of-range number, at any level, is one
+`error:` line, exit code 2, no traceback, and nothing recorded (no MLflow store is even created). A
+few real `python -m bench.run` processes here; tests/unit/test_config.py checks the many members
+in-process."""
 import os
 import subprocess
 import sys

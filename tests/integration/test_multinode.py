@@ -1,7 +1,8 @@
-"""A real two-node Ray cluster on this machine (Ray's own `ray.cluster_utils.Cluster`: a head node and
-a worker node, each its own raylet and object store with one CPU), driven the ways a cluster user
-drives one: `--address HOST:PORT`, `--address auto` ($RAY_ADDRESS), `ray://HOST:PORT` (Ray Client),
-and no --address at all on a machine where a Ray instance runs (bench/loop/cluster.py: running_instance).
+"""A real two-node Ray cluster on the machine running the tests (Ray's own
+`ray.cluster_utils.Cluster`: a head node and a worker node, each its own raylet and object store
+with one CPU), driven the ways a cluster user drives one: `--address HOST:PORT`, `--address auto`
+($RAY_ADDRESS), `ray://HOST:PORT` (Ray Client), and no --address at all on a machine where a Ray
+instance runs (bench/loop/cluster.py: running_instance).
 
 Each node has one CPU, so a pool of 1-CPU actors has exactly one actor per node: the test reads each
 actor's node id, and where Ray's object store holds the dataset, to show the work and the data
@@ -61,7 +62,7 @@ def two_nodes():
     from ray.cluster_utils import Cluster
 
     # Its own Ray temp dir (short: Unix socket paths are limited to 107 bytes). The head writes its
-    # address to TEMP/ray/ray_current_cluster, where a run without --address on this machine looks for
+    # address to TEMP/ray/ray_current_cluster, where a run without --address on the same machine looks for
     # a running instance; tests running at the same time in other processes must not find this one.
     tmp = tempfile.mkdtemp(prefix="rn", dir="/tmp")
     env = pytest.MonkeyPatch()

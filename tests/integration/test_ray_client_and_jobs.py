@@ -1,6 +1,6 @@
-"""A real Ray cluster of two nodes on this machine, started the way a user starts one (`ray start --head`
-with its dashboard and Ray Client server, and `ray start --address` for a worker node), then driven
-from outside it the two ways the README shows:
+"""A real Ray cluster of two nodes on the machine running the tests, started the way a user starts
+one (`ray start --head` with its dashboard and Ray Client server, and `ray start --address` for a
+worker node), then driven from outside it the two ways the README shows:
 
 - Ray Client: `python -m bench.run --address ray://127.0.0.1:PORT` from a process that is not part of
   the cluster;
@@ -44,8 +44,8 @@ NONDETERMINISTIC = {"time/round_s", "mem/peak_rss_bytes"}
 RUN = ["--methods", "fedavg,fedrep", "--dataset", "synthetic", "--clients", "6", "--rounds", "2", "--no-report"]
 SUMMARY_HEADER = "| method | model | acc/mean |"
 # Ray Client's proxy starts one server per client connection on the first port of 23000-23999 that it
-# can bind; another Ray Client on this machine can take that port between its check and the server's
-# start (seen once here, with another agent's Ray running): the connection then fails with this.
+# can bind; another Ray Client on the same machine can take that port between its check and the server's
+# start (seen once, with another user's Ray running): the connection then fails with this.
 CLIENT_SERVER_RACE = "Starting Ray client server failed"
 
 
@@ -79,7 +79,7 @@ class LocalCluster:
         self.procs: list[subprocess.Popen] = []
 
     def start(self) -> None:
-        # Every port a second Ray instance on this machine would otherwise share with this one is
+        # Every port a second Ray instance on the same machine would otherwise share with this one is
         # chosen here: the dashboard agent's HTTP port is fixed (52365) by default, and the job API
         # answers "No available agent to submit job" when another instance holds it.
         self._start([RAY, "start", "--head", "--block", "--port=0", "--num-cpus=1", "--disable-usage-stats",
@@ -188,7 +188,8 @@ def finals(uri: str, runs: int = 2) -> tuple[dict, set]:
 
 @pytest.fixture(scope="module")
 def serial(tmp_path_factory):
-    """What `--backend serial` records for RUN on this machine: the numbers every cluster run must equal."""
+    """What `--backend serial` records for RUN on the machine running the tests: the numbers every
+    cluster run must equal."""
     d = tmp_path_factory.mktemp("serial")
     uri = f"sqlite:///{d}/serial.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}

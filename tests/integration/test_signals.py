@@ -1,4 +1,4 @@
-"""Issue 13, family 6: Ctrl-C and SIGTERM at any moment end a command with exit 130, one line, no
+"""Signals: Ctrl-C and SIGTERM at any moment end a command with exit 130, one line, no
 traceback, every MLflow run KILLED (none RUNNING), and no Ray process left behind.
 
 Each command runs in its own session with a private RAY_TMPDIR, so it starts (and must stop) its own

@@ -35,7 +35,7 @@ def test_cluster_files_pass_rays_schema_and_install_the_project(name):
 
     assert re.search(rf'"ray\[default\]=={re.escape(ray.__version__)}"', setup), setup
     # The checkout, and Ray's auth token (token authentication is on: a node without it cannot join,
-    # as `ray up ray_cluster.local.yaml` against this machine showed).
+    # as a `ray up ray_cluster.local.yaml` run showed).
     assert cfg["file_mounts"] == {"~/fedeq-bench": ".", "~/.ray/auth_token": "~/.ray/auth_token"}
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert all("RAY_AUTH_MODE=token" in c for c in cfg[key] if "ray start" in c)

@@ -10,7 +10,7 @@ import pytest
 from bench import cli
 from bench import config as C
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.core.ranges import numeric_kind, ranged, unranged
+from fedeq_bench.core.ranges import numeric_kind, range_of, ranged
 
 CONFIGS = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "configs"))
 
@@ -204,6 +204,12 @@ def test_unreadable_preset_files_are_one_line(tmp_path):
 
 
 # -- ranges: one declared range per numeric field, checked at every level (core/ranges.py) ----------
+
+def unranged(cls) -> list[str]:
+    """The numeric fields of config dataclass `cls` that declare no range."""
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls) if numeric_kind(hints[f.name]) and range_of(f) is None]
+
 
 def config_classes():
     """RunConfig, every registered method's Config and every dataset's config class."""

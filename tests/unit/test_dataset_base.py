@@ -112,7 +112,7 @@ def test_dataset_name_lookup():
         get_dataset("synthetic:x", SyntheticConfig(), DataArgs(seed=0))
 
 
-# -- every loader's output is checked in one place (issue 13, "data is validated") -------------------
+# -- every loader's output is checked in one place -------------------------------------------------
 
 def load_raw(monkeypatch, raw, **kw):
     """`raw` through get_dataset, as every loader's output goes: a hand-made loader registered as `t`."""

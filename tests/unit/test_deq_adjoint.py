@@ -237,11 +237,11 @@ def _check_default_gradient(model, x, y, stop_mode):
 
 @pytest.mark.parametrize("stop_mode", ["abs", "rel"])
 def test_default_backward_matches_the_exact_implicit_gradient_on_real_images(fmnist, stop_mode):
-    """Issue 9, item 3: at the z* the default forward returns, the default backward's gradient of
-    the DEQ block has cosine >= 0.99 with the exact implicit gradient at that z*, at initialization
-    and after a few SGD steps. (The 20-step Anderson adjoint before GMRES: 0.967 at initialization,
-    0.872 after 20 steps, on 32 images.) At these settings both stop modes run the forward's 20
-    steps (abs: ||f(z) - z|| ~ 0.25 there, rel: ~2e-3, both above tol 1e-3), so z* agrees."""
+    """At the z* the default forward returns, the default backward's gradient of the DEQ block has
+    cosine >= 0.99 with the exact implicit gradient at that z*, at initialization and after a few
+    SGD steps. (The 20-step Anderson adjoint before GMRES: 0.967 at initialization, 0.872 after 20
+    steps, on 32 images.) At these settings both stop modes run the forward's 20 steps
+    (abs: ||f(z) - z|| ~ 0.25 there, rel: ~2e-3, both above tol 1e-3), so z* agrees."""
     x, y = fmnist
     torch.manual_seed(0)
     model = build_model("deq_resnet_s", (1, 28, 28), 10).train()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.methods.deq import METRIC_KEYS, SOLVERS, STATS_KEYS, DEQDivergence, residual, solve, summarize
+from fedeq_bench.methods.deq import SOLVERS, STATS_KEYS, DEQDivergence, residual, solve
 
 ALL = ["anderson", "broyden", "fixed_point"]
 DOTTIE = 0.7390851332151607
@@ -148,21 +148,6 @@ def test_stats_have_fixed_keys_dtypes_and_shapes(solver):
     assert torch.equal(st["converged"], st["residual"] < 1e-3)
 
 
-def test_summarize_arithmetic():
-    stats = {
-        "nstep": torch.tensor([3, 5, 10]),
-        "residual": torch.tensor([1e-4, 2e-3, 5e-4]),
-        "residual_first": torch.tensor([1.0, 1.0, 1.0]),
-        "converged": torch.tensor([True, False, True]),
-    }
-    m = summarize(stats)
-    assert tuple(m) == METRIC_KEYS
-    assert m["deq/nstep_mean"] == (3 + 5 + 10) / 3
-    assert m["deq/residual_max"] == pytest.approx(2e-3, rel=1e-6)  # float32 2e-3
-    assert m["deq/unconverged_frac"] == 1 / 3
-    assert all(type(v) is float for v in m.values())
-
-
 def test_solve_does_not_build_a_graph():
     w = torch.tensor(0.5, requires_grad=True)
     z, st = solve(lambda z: w * z + 1, torch.zeros(2, 3), "anderson", max_iter=10)
@@ -237,7 +222,7 @@ def test_unknown_solver_and_bad_settings_fail_helpfully():
         solve(torch.cos, torch.zeros(2), variant="jax")
 
 
-# ------------------------------------------------------------------------- stop_mode (issue 9, 1)
+# ---------------------------------------------------------------------------------------- stop_mode
 @pytest.mark.parametrize("solver", ALL)
 def test_stop_mode_abs_stops_on_the_unscaled_residual(solver):
     # f(z) = 0.5 z + b with ||b|| = 100 per example: z* = 2b, ||z*|| = 200. From z0 = 0 the
@@ -259,7 +244,7 @@ def test_stop_mode_abs_stops_on_the_unscaled_residual(solver):
     assert (z - 2 * b).norm(dim=1).max() < 2e-3
 
 
-# -------------------------------------------------------------- reference Anderson (issue 9, 2)
+# ------------------------------------------------------------------------------- reference Anderson
 REF = {"variant": "reference"}
 
 

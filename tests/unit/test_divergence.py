@@ -38,7 +38,7 @@ def test_every_method_stops_at_the_first_non_finite_update_naming_method_round_a
     FedAvg, pFedMe (lam=1e30), Ditto ... trained on NaN to the end and FINISHED at chance accuracy."""
     from fedeq_bench.core.errors import BenchError
 
-    # pFedMe's steps are personal_lr and eta, not lr; the issue's lam=1e30 blows its proximal term up.
+    # pFedMe's steps are personal_lr and eta, not lr; lam=1e30 blows its proximal term up instead.
     sets = {"pfedme.lam": 1e30} if method == "pfedme" else {f"{method}.lr": 1e12}
     with pytest.raises(BenchError, match=rf"^{method}: round 1, client \d+: .*diverged"):
         run(method, sets)

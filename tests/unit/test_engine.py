@@ -136,7 +136,7 @@ def test_encode_cache_reuses_only_unchanged_tensors():
 def test_the_driver_never_builds_on_the_actors_device(tiny):
     """On a GPU cluster the head may have no GPU: the server side must stay on CPU.
 
-    The backend below tells the engine its actors train on `cuda` (this machine has none) and runs
+    The backend below tells the engine its actors train on `cuda` (no GPU is needed) and runs
     the clients on CPU itself; before the fix the driver built FeDEQ's network on `cuda` and failed.
     """
     import dataclasses

@@ -161,7 +161,7 @@ def test_local_update_activation_memory_does_not_grow_with_solver_iterations():
     assert (saved5, peak5) == (saved50, peak50) and saved5 > 0
 
 
-# ---------------------------------------------------------------------- issue 9: the reference's solve
+# ------------------------------------------------------------------------------ the reference's solve
 def test_forward_solve_defaults_to_the_reference_rule_and_options_reach_the_layer():
     algo, _, _ = setup()
     deq = algo.net.body.deq
@@ -217,7 +217,7 @@ def load_all(net, tensors):
     load(net, {k: v for k, v in tensors.items() if k in net.state_dict()})
 
 
-# ------------------------------------------------------------------- issue 9, item 7: z* once a round
+# --------------------------------------------------------------------------------- z* once a round
 @pytest.mark.parametrize("solver_kw", [{}, {"tol": 0.0}])
 def test_cached_head_features_give_the_same_update_as_recomputing(solver_kw):
     # deq_mlp's body has no batch statistics or dropout and the reference Anderson solves each
@@ -248,7 +248,7 @@ def test_cache_is_not_used_where_the_body_has_batch_statistics_or_batch_wide_sto
     assert not tf._body_is_batch_free(tf.net)
 
 
-# ---------------------------------------------------- issue 9, items 5 and 6: held-out clients, options
+# ------------------------------------------------------------------------- held-out clients, options
 def _bn_method(**kw):
     """FeDEQ over a tiny explicit body with BatchNorm (what the DEQ-ResNet's body carries)."""
     from torch import nn

@@ -14,7 +14,8 @@ from bench.experiment import load_dataset
 from bench.loop import engine
 from bench.loop.backends import SerialBackend
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.datasets import DataArgs, dataset_names, get_dataset
+from fedeq_bench.datasets import DataArgs, get_dataset
+from fedeq_bench.datasets.base import DATASETS
 from fedeq_bench.datasets.femnist import FemnistConfig
 
 # Generated writers: (train, test) samples. Totals: w_b 25, w_a 15, w_d 15, w_c 10, so the ranking
@@ -86,7 +87,7 @@ def split_dir(tmp_path):
 def test_registered_shapes_and_classes(split_dir):
     root, _ = split_dir
     ds = load(root)
-    assert "femnist" in dataset_names()
+    assert "femnist" in DATASETS.names()
     assert ds.name == "femnist" and ds.num_classes == 62 and ds.input_shape == (1, 28, 28)
     assert ds.default_models == {"explicit": "resnet20", "deq": "deq_resnet_s"}
     assert ds.partition == "femnist(natural,writers=4,layout=split,invert=False)"

@@ -8,12 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fedeq_bench.methods.deq
+from fedeq_bench.methods.deq import DEQ
 from fedeq_bench.methods.nets import build_model, split_names
 from fedeq_bench.methods.nets.deq_resnet import RowGroupNorm, tf_same_max_pool
 from fedeq_bench.methods.train import cross_entropy
-
-REAL_DEQ = getattr(fedeq_bench.methods.deq, "DEQ", None)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,42 +24,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-class FixedPointDEQ(nn.Module):
-    """Test-only stand-in for methods.deq.DEQ while it does not exist: plain fixed-point iteration
-    and a one-step gradient. Parameter counts and shapes do not depend on the solver."""
-
-    def __init__(self, func, solver="fpi", max_iter=20, tol=1e-3, backward="jfb", **kw):
-        super().__init__()
-        self.func, self.max_iter = func, max_iter
-        self.last_stats = {}
-
-    def configure(self, **kw):
-        self.max_iter = kw.get("max_iter", self.max_iter)
-
-    def forward(self, x, z0=None):
-        z = torch.zeros_like(x) if z0 is None else z0
-        with torch.no_grad():
-            for _ in range(self.max_iter):
-                z = self.func(z, x)
-        return self.func(z, x)
-
-
-@pytest.fixture
-def deq(monkeypatch):
-    """The DEQ class the models are built with: the real one, else the stand-in."""
-    if REAL_DEQ is None:
-        monkeypatch.setattr(fedeq_bench.methods.deq, "DEQ", FixedPointDEQ, raising=False)
-        return FixedPointDEQ
-    return REAL_DEQ
-
-
-def fast(net: nn.Module, deq_cls, steps: int = 5) -> nn.Module:
-    """Few solver steps (forward, and the implicit backward's where the DEQ has one): shapes and the
-    finiteness of gradients do not depend on convergence, and the file must run in seconds."""
+def fast(net: nn.Module, steps: int = 5) -> nn.Module:
+    """Few solver steps (forward and the implicit backward's): shapes and the finiteness of
+    gradients do not depend on convergence, and the file must run in seconds."""
     for mod in net.modules():
-        if isinstance(mod, deq_cls) and hasattr(mod, "configure"):
-            known = mod.settings() if hasattr(mod, "settings") else {}
-            mod.configure(**{k: steps for k in ("max_iter", "b_max_iter") if k == "max_iter" or k in known})
+        if isinstance(mod, DEQ):
+            mod.configure(max_iter=steps, b_max_iter=steps)
     return net
 
 
@@ -112,7 +80,7 @@ def batch(shape, classes, n=2):
 
 @pytest.mark.parametrize("name,shape,classes,total,personal", COUNTS,
                          ids=[f"{c[0]}-{c[2]}" for c in COUNTS])
-def test_parameter_counts_match_the_reference_and_split_covers_all(deq, name, shape, classes, total, personal):
+def test_parameter_counts_match_the_reference_and_split_covers_all(name, shape, classes, total, personal):
     net = build_model(name, shape, classes)
     assert n_params(net) == total
     assert n_params(net, "head.") == personal
@@ -129,8 +97,8 @@ FORWARD = [c[:3] for c in COUNTS if c[2] != 100]
 
 
 @pytest.mark.parametrize("name,shape,classes", FORWARD, ids=[c[0] for c in FORWARD])
-def test_forward_returns_logits_per_sample_or_per_position(deq, name, shape, classes):
-    net = fast(build_model(name, shape, classes), deq).eval()
+def test_forward_returns_logits_per_sample_or_per_position(name, shape, classes):
+    net = fast(build_model(name, shape, classes)).eval()
     with torch.no_grad():
         out = net(batch(shape, classes))
     # The transformers predict every position of the window, (B, T, V), as the reference.
@@ -139,25 +107,25 @@ def test_forward_returns_logits_per_sample_or_per_position(deq, name, shape, cla
 
 
 @pytest.mark.parametrize("name", sorted(DEQ_MODELS))
-def test_deq_models_expose_their_deq_layer(deq, name):
+def test_deq_models_expose_their_deq_layer(name):
     shape, classes = {"deq_transformer": (SHAKESPEARE, 90), "deq_mlp": ((20,), 3)}.get(name, (FEMNIST, 62))
     net = build_model(name, shape, classes)
-    assert isinstance(net.body.deq, deq)
-    assert sum(isinstance(m, deq) for m in net.modules()) == 1
+    assert isinstance(net.body.deq, DEQ)
+    assert sum(isinstance(m, DEQ) for m in net.modules()) == 1
 
 
-def test_transformer_reads_float_or_long_token_ids(deq):
-    net = fast(build_model("deq_transformer", SHAKESPEARE, 90), deq).eval()
+def test_transformer_reads_float_or_long_token_ids():
+    net = fast(build_model("deq_transformer", SHAKESPEARE, 90)).eval()
     x = batch(SHAKESPEARE, 90)
     with torch.no_grad():
         assert torch.equal(net(x), net(x.long()))
 
 
 @pytest.mark.parametrize("name", sorted(SEQUENCE_MODELS))
-def test_transformer_predicts_every_position_causally(deq, name):
+def test_transformer_predicts_every_position_causally(name):
     """Position t's logits see tokens 0..t only: changing token 10 leaves positions 0..9 as they
     were and changes 10..79; changing token 0 changes the last position's (it sees every key)."""
-    net = fast(build_model(name, SHAKESPEARE, 90), deq).eval()
+    net = fast(build_model(name, SHAKESPEARE, 90)).eval()
     x = batch(SHAKESPEARE, 90, n=1)
     y = x.clone()
     y[0, 10] = (x[0, 10] % 89) + 1  # another non-padding id
@@ -173,7 +141,7 @@ def test_transformer_predicts_every_position_causally(deq, name):
         assert (ox[:, 10:] - oy[:, 10:]).abs().amax(-1).min() > 1e-5
 
 
-def test_deq_transformer_map_is_fixed_within_a_forward_in_train_mode(deq):
+def test_deq_transformer_map_is_fixed_within_a_forward_in_train_mode():
     """Dropout inside f draws its masks once per forward: f(z, u) twice gives the same value, or
     the solver would chase a moving target. The masks do drop something (train differs from eval)."""
     torch.manual_seed(0)
@@ -208,11 +176,9 @@ GRAD_CASES = [("deq_resnet_s", (1, 12, 12), 5), ("deq_resnet_m", (3, 8, 8), 5), 
 
 
 @pytest.mark.parametrize("name,shape,classes", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
-def test_train_step_gives_finite_body_gradients(deq, name, shape, classes):
-    if name in DEQ_MODELS and REAL_DEQ is None:
-        pytest.skip("methods.deq.DEQ does not exist yet; gradients through the implicit backward need it")
+def test_train_step_gives_finite_body_gradients(name, shape, classes):
     torch.manual_seed(0)
-    net = fast(build_model(name, shape, classes), deq).train()
+    net = fast(build_model(name, shape, classes)).train()
     if name == "resnet34":
         nn.init.normal_(net.head.weight, 0.0, 0.1)  # its classifier starts at zero, which zeroes body grads
     x = batch(shape, classes, n=2)
@@ -224,7 +190,7 @@ def test_train_step_gives_finite_body_gradients(deq, name, shape, classes):
     assert any(g.abs().sum() > 0 for g in grads.values())
 
 
-# -- the reference arithmetic of deq_resnet_*_ref (item 4 of issue 9) ------------------------------
+# -- the reference arithmetic of deq_resnet_*_ref ------------------------------------------------
 
 def test_row_group_norm_normalizes_each_row_over_width_and_group_channels():
     """hk.GroupNorm on one (H, W, C) image under vmap: statistics per (example, row h, group) over
@@ -270,7 +236,7 @@ def test_tf_same_max_pool_pads_after_only():
 
 
 @pytest.mark.parametrize("name", ["deq_resnet_s", "deq_resnet_m"])
-def test_reference_form_has_the_same_state_and_other_arithmetic(deq, name):
+def test_reference_form_has_the_same_state_and_other_arithmetic(name):
     shape = FEMNIST if name == "deq_resnet_s" else CIFAR
     std, ref = build_model(name, shape, 10), build_model(name + "_ref", shape, 10)
     assert {k: v.shape for k, v in std.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.datasets import DataArgs, dataset_names, get_dataset
+from fedeq_bench.datasets import DataArgs, get_dataset
+from fedeq_bench.datasets.base import DATASETS
 from fedeq_bench.datasets.npz import NpzConfig
 
 
@@ -43,7 +44,7 @@ def rows_sorted(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_registered():
-    assert "npz" in dataset_names()
+    assert "npz" in DATASETS.names()
 
 
 def test_round_trip(tmp_path):

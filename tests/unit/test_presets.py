@@ -1,5 +1,5 @@
-"""configs/paper/*.toml, the FeDEQ paper's setups (issue 9, item 8): each parses with the project's
-config code (unknown keys fail there), carries the reference's settings (github.com/longtanle/FeDEQ
+"""configs/paper/*.toml, the FeDEQ paper's setups: each parses with the project's config code
+(unknown keys fail there), carries the reference's settings (github.com/longtanle/FeDEQ
 runners/<dataset>/main.sh and run_*.sh), and pairs each method with the paper's model, whose
 parameter count is the reference's."""
 from __future__ import annotations

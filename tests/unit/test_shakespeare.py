@@ -14,7 +14,8 @@ from bench.experiment import load_dataset
 from bench.loop import engine
 from bench.loop.backends import SerialBackend
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.datasets import DataArgs, dataset_names, get_dataset
+from fedeq_bench.datasets import DataArgs, get_dataset
+from fedeq_bench.datasets.base import DATASETS
 from fedeq_bench.datasets.shakespeare import (
     LEAF_LETTERS,
     PAD,
@@ -30,9 +31,6 @@ from fedeq_bench.datasets.shakespeare import (
     text_windows,
     time_split,
 )
-
-REAL = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "tinyshakespeare.txt")
-REAL = os.path.normpath(REAL)
 
 
 def load(path: str, cfg: ShakespeareConfig | None = None, **kw):
@@ -85,7 +83,7 @@ def windows_at(text: str, starts, targets: str = "all") -> tuple[np.ndarray, np.
 # -- vocabulary and parsing ------------------------------------------------------------------------
 
 def test_registered_with_models_and_vocabulary_size():
-    assert "shakespeare" in dataset_names()
+    assert "shakespeare" in DATASETS.names()
     assert VOCAB_SIZE == 90  # the FeDEQ paper's vocabulary
     # LEAF's ALL_LETTERS: 80 distinct symbols.
     assert len(LEAF_LETTERS) == 80 and len(set(LEAF_LETTERS)) == 80
@@ -400,13 +398,10 @@ def test_too_many_clients_and_no_eligible_role(play):
 
 # -- the real tiny Shakespeare ---------------------------------------------------------------------
 
-needs_real = pytest.mark.skipif(not os.path.isfile(REAL), reason=f"tiny Shakespeare not found at {REAL}")
-
-
-def expected_roles(min_samples=64, train_frac=0.8) -> list[tuple[str, str, int]]:
+def expected_roles(path: str, min_samples=64, train_frac=0.8) -> list[tuple[str, str, int]]:
     """(role, its text, kept windows), ranked largest first: computed here from the file with a
     parser written for this test (blocks split on blank lines, first line `NAME:`)."""
-    with open(REAL) as f:
+    with open(path) as f:
         raw = f.read()
     # Its one character outside LEAF's vocabulary is "$" (a typo, "sha$l"): it becomes UNK, which
     # decodes to U+FFFD, so the expected text carries U+FFFD there too.
@@ -431,10 +426,8 @@ def expected_roles(min_samples=64, train_frac=0.8) -> list[tuple[str, str, int]]
 
 
 @pytest.fixture(scope="module")
-def real():
-    if not os.path.isfile(REAL):
-        pytest.skip(f"tiny Shakespeare not found at {REAL}")
-    return load(REAL, ShakespeareConfig(max_samples_per_client=300)), expected_roles()
+def real(tiny_shakespeare):
+    return load(tiny_shakespeare, ShakespeareConfig(max_samples_per_client=300)), expected_roles(tiny_shakespeare)
 
 
 def windows_of(x: np.ndarray, y: np.ndarray) -> list[str]:
@@ -442,7 +435,6 @@ def windows_of(x: np.ndarray, y: np.ndarray) -> list[str]:
     return [decode(r) + decode(np.atleast_1d(t)[-1:]) for r, t in zip(x, y, strict=True)]
 
 
-@needs_real
 def test_real_roles_become_clients(real):
     ds, roles = real
     assert len(ds.clients) == len(roles) > 100  # 183 roles of 303 have enough text for the split
@@ -456,7 +448,6 @@ def test_real_roles_become_clients(real):
                                                  np.concatenate([c.train_y, c.test_y])))
 
 
-@needs_real
 def test_real_train_windows_precede_test_windows(real):
     ds, roles = real
     for c, (role, text, _) in zip(ds.clients, roles, strict=True):
@@ -468,10 +459,9 @@ def test_real_train_windows_precede_test_windows(real):
         assert min(text.rfind(w) for w in test) > last_train_target, role
 
 
-@needs_real
-def test_real_clients_arg_keeps_the_largest_roles(real):
+def test_real_clients_arg_keeps_the_largest_roles(real, tiny_shakespeare):
     ds, roles = real
-    top = load(REAL, ShakespeareConfig(max_samples_per_client=300), clients=5)
+    top = load(tiny_shakespeare, ShakespeareConfig(max_samples_per_client=300), clients=5)
     assert len(top.clients) == 5
     assert [r[2] for r in roles[:5]] == sorted((r[2] for r in roles), reverse=True)[:5]
     for c, full, (role, text, _) in zip(top.clients, ds.clients[:5], roles[:5], strict=True):
@@ -479,13 +469,12 @@ def test_real_clients_arg_keeps_the_largest_roles(real):
         assert all(w in text for w in windows_of(c.test_x, c.test_y)), role
 
 
-@needs_real
-def test_real_is_deterministic(real):
+def test_real_is_deterministic(real, tiny_shakespeare):
     ds, _ = real
-    again = load(REAL, ShakespeareConfig(max_samples_per_client=300))
+    again = load(tiny_shakespeare, ShakespeareConfig(max_samples_per_client=300))
     assert again.fingerprint == ds.fingerprint
     # The seed only moves the validation carve: test windows are the same at another seed.
-    other = load(REAL, ShakespeareConfig(max_samples_per_client=300), seed=1)
+    other = load(tiny_shakespeare, ShakespeareConfig(max_samples_per_client=300), seed=1)
     assert other.fingerprint != ds.fingerprint
     np.testing.assert_array_equal(other.clients[0].test_x, ds.clients[0].test_x)
 

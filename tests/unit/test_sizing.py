@@ -1,5 +1,5 @@
 """bench/experiment/sizing.py: the memory a run will need, estimated before any data is made, and the one-line
-refusal when it cannot fit (issue 13: `--clients 100000` on synthetic was killed by the kernel at 24 GB)."""
+refusal when it cannot fit (before it, `--clients 100000` on synthetic was killed by the kernel at 24 GB)."""
 from __future__ import annotations
 
 import dataclasses
@@ -122,7 +122,7 @@ def test_fmnist_50_clients_every_method_fits_after_loading():
 
 
 def test_load_checked_refuses_ten_million_clients_before_generating_anything():
-    """1.1 TB of data: refused from the sample counts alone, whatever this machine has."""
+    """1.1 TB of data: refused from the sample counts alone, whatever memory the test's machine has."""
     cfg = cfg_of(clients=10_000_000, backend="serial")
     with pytest.raises(BenchError, match=r"^this run needs about \d+\.\d GB memory \(data \d+\.\d GB "
                                          r"\(4,5\d\d,\d{3},\d{3} samples\)\) but only .* is available"):

@@ -42,9 +42,9 @@ def test_every_registered_method_has_a_space_that_loads_and_applies(method):
             C.apply(cfg, {key: v})
 
 
-def test_fedeq_space_matches_the_issue():
-    # Expected ranges: issue 10 ("rho, forward tol and adjoint b_tol log-uniform, max_iter, lr, epochs")
-    # with the bounds written in configs/sweeps/fedeq.toml.
+def test_fedeq_space_is_log_uniform_in_rho_and_tolerances_and_holds_the_defaults():
+    # Expected ranges: rho, forward tol and adjoint b_tol log-uniform (each spans decades), max_iter,
+    # lr and epochs, with the bounds written in configs/sweeps/fedeq.toml.
     space = S.load_space("fedeq")
     assert space["fedeq.rho"] == S.Dist("fedeq.rho", "float", low=1e-4, high=10.0, log=True)
     assert space["fedeq.tol"].log and space["fedeq.b_tol"].log
@@ -182,9 +182,7 @@ def test_suggest_respects_step(tmp_path):
         assert math.isclose(v["fedeq.rho"] * 4, round(v["fedeq.rho"] * 4))
 
 
-def test_space_keys_and_describe():
+def test_space_keys_in_full_and_short_form():
     space = S.load_space("fedeq", params=["rho", "max_iter"])
     assert S.space_keys(space) == ["fedeq.rho", "fedeq.max_iter"]
     assert S.space_keys(space, short="fedeq") == ["rho", "max_iter"]
-    assert S.describe(space["fedeq.rho"]) == "fedeq.rho ~ log-uniform[0.0001, 10.0]"
-    assert S.describe(space["fedeq.max_iter"]) == "fedeq.max_iter ~ int[5, 40]"

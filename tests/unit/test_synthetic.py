@@ -9,7 +9,8 @@ import pytest
 from scipy.optimize import linprog
 
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.datasets import DataArgs, dataset_names, get_dataset
+from fedeq_bench.datasets import DataArgs, get_dataset
+from fedeq_bench.datasets.base import DATASETS
 from fedeq_bench.datasets.synthetic import SyntheticConfig, split_sizes
 
 
@@ -39,7 +40,7 @@ def pair_of_classes(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def test_registered_with_partition_and_models():
     ds = load()
-    assert "synthetic" in dataset_names()
+    assert "synthetic" in DATASETS.names()
     assert ds.name == "synthetic"
     assert ds.partition == "synthetic(alpha=0.5,beta=0.5,iid=False)"
     assert ds.default_models == {"explicit": "mlp", "deq": "deq_mlp"}
