@@ -30,7 +30,7 @@ lint: setup
 	rm -rf $(TYPES) && mkdir -p $(TYPES)/fedeq_bench && cp fedeq_bench/__init__.py $(TYPES)/fedeq_bench/
 	for d in core methods datasets; do ln -s ../../../$$d $(TYPES)/fedeq_bench/$$d; done
 	ln -s ../../bench $(TYPES)/bench
-	cd $(TYPES) && ../../$(BIN)/mypy -p fedeq_bench.core -p fedeq_bench.methods -p fedeq_bench.datasets
+	cd $(TYPES) && ../../$(BIN)/mypy -p fedeq_bench.core -p fedeq_bench.methods -p fedeq_bench.datasets -p bench
 
 # The README's test command (CI's .ci/run calls it): lint and types first, then every test.
 test: lint

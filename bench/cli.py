@@ -141,7 +141,7 @@ def exit_now(code: int) -> None:
     to stop, then joining non-daemon threads), the atexit handlers (Ray's shutdown, logging's flush),
     then the streams are flushed and the process ends.
     """
-    threading._shutdown()
+    threading._shutdown()  # type: ignore[attr-defined]  # private, so typeshed leaves it out
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

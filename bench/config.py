@@ -32,8 +32,9 @@ import textwrap
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, cast
 
 from fedeq_bench.core.errors import BenchError, choices
 from fedeq_bench.core.ranges import check, check_fields, range_of, ranged
@@ -123,10 +124,18 @@ class Config:
 ENV_KEYS = {"tracking_uri": "MLFLOW_TRACKING_URI", "experiment": "MLFLOW_EXPERIMENT_NAME"}
 
 
-def env_defaults(environ=None) -> dict[str, str]:
+class EnvDefaults(TypedDict, total=False):
+    """What `env_defaults` returns: the `RunConfig` fields of ENV_KEYS (all str), each only when set."""
+
+    tracking_uri: str
+    experiment: str
+
+
+def env_defaults(environ: Mapping[str, str] | None = None) -> EnvDefaults:
     """The run keys the environment sets: `{"tracking_uri": $MLFLOW_TRACKING_URI, ...}`, unset ones left out."""
     environ = os.environ if environ is None else environ
-    return {key: environ[var] for key, var in ENV_KEYS.items() if environ.get(var, "").strip()}
+    # cast: ENV_KEYS's keys are EnvDefaults's keys, which a comprehension cannot tell mypy.
+    return cast(EnvDefaults, {key: environ[var] for key, var in ENV_KEYS.items() if environ.get(var, "").strip()})
 
 
 def default_config() -> Config:
@@ -152,7 +161,9 @@ def field_docs(cls) -> dict[str, str]:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
         return {}
-    body = tree.body[0].body
+    node = tree.body[0]
+    assert isinstance(node, ast.ClassDef)  # the source of a class: one class statement
+    body = node.body
     docs = {}
     for stmt, nxt in itertools.pairwise(body):
         if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)

@@ -42,7 +42,7 @@ def run_one(cfg, tracker, parent: str | None, backend, method: str, seed: int, d
               tracker.run(f"{method} seed={seed}", params, tags={"method": method, "seed": str(seed)}, parent=parent))
     with opened as child:
         ckpts = checkpoint.RunCheckpoints(tracker.client, child) if checkpoints or resume else None
-        start = ckpts.load() if resume else None
+        start = ckpts.load() if resume and ckpts is not None else None
         have = logged_steps(tracker.client, child) if resume else {}
         bar = None
         if not quiet:
@@ -66,7 +66,7 @@ def run_one(cfg, tracker, parent: str | None, backend, method: str, seed: int, d
 
         try:
             result = run_method(cfg, method, seed, dataset, backend, logged, resume=start,
-                                on_checkpoint=ckpts.save if checkpoints else None)
+                                on_checkpoint=ckpts.save if checkpoints and ckpts is not None else None)
         finally:
             if bar is not None:
                 bar.close()

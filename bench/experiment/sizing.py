@@ -42,7 +42,7 @@ def available_bytes() -> int | None:
     under its limit; None where none of these can be read (the check is then skipped)."""
     system = None
     try:
-        import psutil  # type: ignore[import-not-found]
+        import psutil
 
         system = int(psutil.virtual_memory().available)
     except ImportError:

@@ -139,6 +139,7 @@ class Worker:
         if t is not None:
             self._tensors.move_to_end(cid)
             return t
+        assert self.dataset is not None  # set_dataset comes before any job
         t = _to_tensors(self.dataset.clients[cid], device)
         size = 0 if device == "cpu" else _nbytes(t)
         if size > DEVICE_DATA_CACHE_BYTES:
@@ -187,13 +188,13 @@ class Worker:
             metered = cid in measure
             live = spec.task.cpu_memory == "live"
             meter = memory.make_meter(spec.task.device, modules=_networks(method) if live else [method.net],
-                                      cpu=spec.task.cpu_memory) if metered else nullcontext()
-            with meter:
+                                      cpu=spec.task.cpu_memory) if metered else None
+            with meter if meter is not None else nullcontext():
                 update = method.local_update(down, job.state, data, seeding.generator(seed, "local", rnd, cid))
             divergence.check_update(update.message, update.state, update.metrics)
             # A numpy buffer, not bytes: Ray moves it out-of-band (no pickling copy into the object store).
             return Result(cid, update.metrics, np.frombuffer(wire.encode(update.message), dtype=np.uint8),
-                          update.state, meter.peak_bytes if metered else 0, memory.peak_rss_bytes())
+                          update.state, meter.peak_bytes if meter is not None else 0, memory.peak_rss_bytes())
         state = job.state
         if kind is Kind.EVALUATE_UNSEEN:
             state = method.personalize(down, state, data, seeding.generator(seed, "personalize", rnd, cid))

@@ -48,6 +48,7 @@ import struct
 import tempfile
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.loop import wire
 from fedeq_bench.core.errors import BenchError
@@ -106,7 +107,7 @@ def write(path: str, state: LoopState) -> None:
     """
     from fedeq_bench.datasets.cache import atomic_write
 
-    atomic_write(path, lambda f: _write_records(f, state))  # temp file beside it, fsync, os.replace
+    atomic_write(Path(path), lambda f: _write_records(f, state))  # temp file beside it, fsync, os.replace
     # The rename itself is durable only once the directory is synced (POSIX).
     dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
@@ -137,6 +138,10 @@ def _write_records(f, state: LoopState) -> None:
 
 class Checkpoint:
     """A checkpoint file, checked whole when opened; the states are decoded only when asked for."""
+
+    downloads: tempfile.TemporaryDirectory[str]
+    """Set only on a checkpoint downloaded from a remote artifact store (`RunCheckpoints.load`): the
+    local copy's folder, removed once this object is."""
 
     def __init__(self, path: str):
         self.path = path

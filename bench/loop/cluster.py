@@ -104,6 +104,10 @@ class Background:
     own atexit hook stops them; `result` and `discard` wait for `fn`, so no caller leaves mid-start.
     """
 
+    keys: dict[str, object]
+    """Set by whoever starts it, where that caller needs it (actor.early_pool: the run keys its pool is
+    made from); absent otherwise."""
+
     def __init__(self, fn, name: str = "background"):
         self._fn = fn
         self._value = None

@@ -9,6 +9,7 @@ A pass of `isfinite` over the parameters is small next to the local update that 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ def first_nonfinite(tree: Any, prefix: str = "") -> str | None:
         return None
     if isinstance(tree, float):
         return None if math.isfinite(tree) else prefix or "value"
+    items: Iterable[tuple[Any, Any]]
     if isinstance(tree, dict):
         items = tree.items()
     elif isinstance(tree, (list, tuple)):

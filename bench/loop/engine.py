@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,6 +69,9 @@ class MethodResult:
     wall_s: float = 0.0
     params_shared: int = 0
     params_personal: int = 0
+    clients: list[dict[str, Any]] = field(init=False, repr=False, compare=False)
+    """One row per evaluated client (`client_rows`), set once the final round is evaluated; unset
+    before (not an argument, not compared, not shown: an attribute the engine adds)."""
 
     @property
     def final(self) -> dict[str, float]:
@@ -270,6 +274,7 @@ def run_method(
         replies, up_bytes, client_metrics, peak_rss = [], 0, [], 0
         measure = frozenset(c for c in cohort if run.memory_every_round or c not in peak_of)
         for res in client_results(backend, Kind.TRAIN, spec, jobs, seed, rnd, measure):
+            assert res.up is not None and res.state is not None  # a TRAIN result carries both
             msg = wire.decode(res.up)
             up_bytes += result.ledger.record(rnd, res.cid, "up", res.up, msg.keys())
             store[res.cid] = res.state
@@ -355,7 +360,7 @@ def evaluate(algo, spec: MethodSpec, server, store, dataset: FederatedDataset, b
     with blame(spec.name, rnd):
         jobs = [Job(cid, cache.encode(algo.broadcast(server, cid, rnd)), store[cid]) for cid in seen_ids]
     evals = {res.cid: res.metrics for res in client_results(backend, Kind.EVALUATE, spec, jobs, seed, rnd)}
-    held_evals = {}
+    held_evals: dict[int, dict[str, float]] = {}
     if fresh_ids:
         with blame(spec.name, rnd):
             # Such a client starts from the current server at every evaluation: `new_client` draws

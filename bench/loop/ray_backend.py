@@ -6,7 +6,7 @@ import dataclasses
 import itertools
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,6 +15,9 @@ from bench.loop.backends import CHUNKS_PER_WORKER, WORK_OF, Job, Kind, Result
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.types import MethodSpec
 from fedeq_bench.datasets.base import FederatedDataset
+
+if TYPE_CHECKING:
+    from bench.loop.actor import Pool
 
 
 class RayBackend:
@@ -26,6 +29,12 @@ class RayBackend:
     """
 
     name = "ray"
+    _pool: Pool
+    _version: str
+    _puts: dict[str, Any]
+    """Dataset key -> object ref, shared with `split` parts."""
+    _dataset_key: str | None
+    _device: str | None
 
     def __init__(self, workers: int | None = None, address: str | None = None, cpus_per_client: float = 1.0,
                  gpus_per_client: float = 0.0, device: str | None = None, pool=None,
@@ -57,7 +66,7 @@ class RayBackend:
         self._pool = pool  # its `actors`: every one started, replacements too (shared with `split` parts)
         self._version = faults.project_version()
         self.actors = list(pool.actors)  # the ones serving now
-        self._puts: dict[str, Any] = {}  # dataset key -> object ref, shared with `split` parts
+        self._puts = {}  # dataset key -> object ref, shared with `split` parts
         try:
             for actor, report in zip(self.actors, pool.reports, strict=True):
                 self._check_version(actor, report)
@@ -106,6 +115,7 @@ class RayBackend:
                     self._device = self._ray.get(call)
                 except faults.actor_deaths():
                     self._replace(actor)
+        assert self._device is not None  # some actor (or its replacement) took the dataset, or none is left
         return self._device
 
     def run(self, kind: Kind, spec: MethodSpec, jobs: list[Job], seed: int, rnd: int,

@@ -70,9 +70,10 @@ def encode(msg: dict[str, torch.Tensor]) -> bytes:
     return b"".join(parts)
 
 
-def decode(buf: bytes) -> dict[str, torch.Tensor]:
-    """Inverse of `encode`; the tensors own fresh (writable) memory."""
-    mv = memoryview(buf)
+def decode(buf: bytes | np.ndarray) -> dict[str, torch.Tensor]:
+    """Inverse of `encode`; the tensors own fresh (writable) memory. `buf`: the bytes, or a uint8 array
+    over them (a TRAIN `Result.up`)."""
+    mv = memoryview(buf)  # type: ignore[arg-type]  # numpy's stubs declare ndarray.__buffer__ only for 3.12+
     if len(mv) == 0:
         return {}
     if bytes(mv[:4]) != MAGIC:
@@ -163,7 +164,7 @@ class Ledger:
 
     entries: list[LedgerRow] = field(default_factory=list)
 
-    def record(self, rnd: int, cid: int, direction: str, payload: bytes, keys) -> int:
+    def record(self, rnd: int, cid: int, direction: str, payload: bytes | np.ndarray, keys) -> int:
         n = len(payload)
         self.entries.append(LedgerRow(rnd, cid, direction, n, tuple(sorted(keys))))
         return n

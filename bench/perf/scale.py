@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 from bench.report import text
 
@@ -84,14 +85,17 @@ def measure(method: str, clients: int, cohort: int = COHORT, rounds: int = ROUND
     rss_data = rss_bytes()
 
     # The store the engine makes, to read how many states it kept (a measurement hook, put back below).
-    stores, real_store = [], getattr(engine, "ClientStore", None)
+    # Any: the engine module of the revision measured, whose ClientStore may be missing, and is swapped.
+    hooked: Any = engine
+    stores: list[Any] = []
+    real_store: Any = getattr(engine, "ClientStore", None)
     if real_store is not None:
         class Seen(real_store):
             def __init__(self, *a, **kw):
                 super().__init__(*a, **kw)
                 stores.append(self)
 
-        engine.ClientStore = Seen
+        hooked.ClientStore = Seen
     history, rss_max, spent = [], [rss_bytes()], {"train": 0.0, "eval": 0.0}
 
     class Timed(SerialBackend):
@@ -121,7 +125,7 @@ def measure(method: str, clients: int, cohort: int = COHORT, rounds: int = ROUND
         pass
     finally:
         if real_store is not None:
-            engine.ClientStore = real_store
+            hooked.ClientStore = real_store
         torch.set_num_threads(threads)
     cohorts = engine.make_schedule(seed, ds.train_ids, rounds + 1, cfg.run.fraction)[1:rounds]
     samples = statistics.median(sum(ds.clients[c].num_train for c in cohort) for cohort in cohorts)

@@ -24,6 +24,8 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +41,7 @@ def write_fmnist_like(path: str, seed: int = 0) -> str:
     """Random 28x28 'images' whose label is a linear function of the pixels (learnable, like FMNIST)."""
     rng = numpy_rng(seed, "perf")
     w = rng.normal(size=(int(np.prod(SHAPE)), CLASSES)).astype(np.float32)
-    arrays = {}
+    arrays: dict[str, Any] = {}  # Any: np.savez's **kwds also names its `allow_pickle: bool`
     for k in range(CLIENTS):
         for split, n in (("train", N_TRAIN), ("test", N_TEST)):
             x = rng.random((n, *SHAPE), dtype=np.float32)
@@ -80,7 +82,7 @@ def plain_loop(npz_path: str, rounds: int, lr: float, batch: int, seed: int = 0)
 
 
 def harness(npz_path: str, rounds: int, lr: float, batch: int, backend: str, workers: int,
-            cpus: float = 1.0) -> list[float]:
+            cpus: float = 1.0) -> list[np.float64]:
     """The harness's round loop (engine + backend), wall seconds per round."""
     from bench.experiment import load_dataset
     from bench.loop.backends import make_backend
@@ -103,7 +105,7 @@ def harness(npz_path: str, rounds: int, lr: float, batch: int, backend: str, wor
     return list(np.diff(stamps))[:-1]
 
 
-def steady(times: list[float], warmup: int) -> float:
+def steady(times: Sequence[float], warmup: int) -> float:
     return statistics.median(times[warmup:])
 
 
@@ -206,6 +208,7 @@ def fedeq_update_table(models: tuple[str, ...] = ("deq_mlp", "deq_resnet_s"), re
             n = UPDATE_SAMPLES[model]
             explicit = UPDATE_PAIRS[model]
             t_rep, _ = time_update("fedrep", explicit, n, repeats)
+            rows: list[tuple[str, dict[str, Any]]]
             rows = [("fedeq (defaults: abs stop, reference Anderson, cached head z*, GMRES adjoint)", {}),
                     ("fedeq (rel stop, reference Anderson, cached head z*, GMRES adjoint)", {"stop_mode": "rel"}),
                     ("fedeq (abs stop, reference Anderson, head z* per batch, GMRES adjoint)",

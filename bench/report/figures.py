@@ -109,18 +109,21 @@ def _curve(label: str, runs: list[RunRecord], metric: str, color: str, variant: 
     ys = [dict(r.history[metric]) for r in runs]
     xs = [dict(r.history.get(x_metric, [])) for r in runs] if x_metric else None
     rounds = set.intersection(*(set(h) for h in ys + (xs or [])))
-    s = Series(label, [], [], [], [], [], color, variant)
+    lo: list[float] = []
+    hi: list[float] = []
+    hover: list[str] = []
+    s = Series(label, [], [], lo, hi, hover, color, variant)
     for rnd in sorted(rounds):
         vals = [h[rnd] for h in ys]
         mean = sum(vals) / len(vals)
         x = sum(h[rnd] for h in xs) / len(xs) * x_scale if xs else rnd
         s.x.append(x)
         s.y.append(mean)
-        s.lo.append(min(vals))
-        s.hi.append(max(vals))
+        lo.append(min(vals))
+        hi.append(max(vals))
         where = f"round {rnd}" + (f", {x:.4g} MB" if xs else "")
         seeds = "<br>".join(f"seed {r.seed}: {v:.4g}" for r, v in zip(runs, vals, strict=True))
-        s.hover.append(f"{label}, {where}<br>{metric} mean {mean:.4g}<br>{seeds}")
+        hover.append(f"{label}, {where}<br>{metric} mean {mean:.4g}<br>{seeds}")
     return s if s.x else None
 
 
@@ -198,7 +201,10 @@ def to_svg(fig: Figure) -> str:
                 pos = cats.index(cat) - 0.4 + 0.8 * (k + 0.5) / n
                 width = 0.8 / n * 0.7
                 if fig.kind == "bar":
-                    err = [[s.y[0] - s.lo[0]], [s.hi[0] - s.y[0]]] if s.lo else None
+                    err = None
+                    if s.lo:
+                        assert s.hi is not None  # a bar's error bar has both ends
+                        err = [[s.y[0] - s.lo[0]], [s.hi[0] - s.y[0]]]
                     bars = ax.bar([pos], s.y, width=width, color=s.color, yerr=err, capsize=4)
                     bars.patches[0].set_gid(f"series-{i}")
                 else:
@@ -260,6 +266,7 @@ def to_plotly(fig: Figure) -> dict:
                                     "symbol": "circle-open" if s.variant else "circle"},
                          "offsetgroup": s.variant or "main"})
     axis = {"zeroline": False, "automargin": True}
+    layout: dict[str, Any]
     layout = {"title": {"text": fig.title, "font": {"size": 13}}, "hovermode": "closest",
               "xaxis": {**axis, "title": {"text": fig.xlabel}},
               "yaxis": {**axis, "title": {"text": fig.ylabel}, **({"type": "log"} if fig.ylog else {})},

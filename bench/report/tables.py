@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from bench.report.model import Cell, Group, Provenance, ReportData, RunRecord, Table
@@ -109,7 +109,7 @@ def stat_cell(values: list[float], kind: str) -> Cell:
 
 def mark_best(rows: list[list[Cell]], col: int, better) -> None:
     """Mark every cell of column `col` that holds the best value (max or min; ties all marked)."""
-    vals = [row[col].value for row in rows if row[col].value is not None and not math.isnan(row[col].value)]
+    vals = [v for v in (row[col].value for row in rows) if v is not None and not math.isnan(v)]
     if not vals:
         return
     best = better(vals)
@@ -169,7 +169,7 @@ def target_of(group: Group, fraction: float) -> tuple[float, str, float] | None:
             means[m] = seed_stat(vals).mean
     if not means:
         return None
-    best = max(means, key=means.get)
+    best = max(means, key=means.__getitem__)
     return fraction * means[best], best, means[best]
 
 
@@ -204,6 +204,7 @@ def method_table(group: Group, target_fraction: float = 0.95) -> Table:
         cells = {name: stat_cell([get(r) for r in runs], kind) for name, get, kind, _ in COLUMNS}
         cells[TARGET_COLUMN] = target_cell(runs, target)
         if with_ratio:
+            assert ref is not None  # with_ratio says so
             if m in totals:
                 ratio = totals[m] / ref
                 cells[RATIO_COLUMN] = Cell(f"{ratio:.2f}x", ratio)
@@ -227,6 +228,7 @@ def method_table(group: Group, target_fraction: float = 0.95) -> Table:
     if target is None:
         head.append(f"{TARGET_COLUMN}: no FINISHED run logged acc/weighted, so there is no target")
     else:
+        assert tgt is not None  # target is tgt[0]
         head.append(f"{TARGET_COLUMN}: MB sent (up + down, bytes/cumulative) until acc/weighted first reaches "
                     f"{target:.4f} = {target_fraction:.0%} of the best final mean acc/weighted ({tgt[1]}, "
                     f"{tgt[2]:.4f}); mean over seeds; never: no evaluated round reaches it")
@@ -261,7 +263,7 @@ def runs_table(group: Group, title: str, command: Callable[[RunRecord], str], no
     return Table(title, ["method", "seed", "status", "run id", metric, "command"], rows, notes)
 
 
-def group_tables(group: Group, parents: list[Provenance] = (), target: float = 0.95) -> list[Table]:
+def group_tables(group: Group, parents: Sequence[Provenance] = (), target: float = 0.95) -> list[Table]:
     """The methods table and the runs table of one dataset x partition."""
     by_id = {p.run_id: p for p in parents}
     runs = runs_table(group, f"{group.dataset} / {group.partition}: every run",
@@ -319,7 +321,7 @@ def trial_state(runs: list[RunRecord]) -> str:
     return next((s for s in STATE_ORDER if s in statuses), "FINISHED")
 
 
-def sweep_tables(group: Group, parents: list[Provenance] = ()) -> list[Table]:
+def sweep_tables(group: Group, parents: Sequence[Provenance] = ()) -> list[Table]:
     """A study: one row per trial (state, swept values, final acc/val over seeds, MB, memory, time),
     the best values per study invocation, and every run."""
     trials = [m for m in group.methods if any(r.params.get("trial_number") for r in group.runs if r.method == m)
@@ -353,10 +355,10 @@ def sweep_tables(group: Group, parents: list[Provenance] = ()) -> list[Table]:
     for p in parents:
         best = {k[len("best."):]: v for k, v in sorted(p.config.items()) if k.startswith("best.")}
         number = best.pop("trial_number", DASH)
-        vals = "; ".join(f"{k}={v}" for k, v in best.items()) or DASH
+        values = "; ".join(f"{k}={v}" for k, v in best.items()) or DASH
         score = p.metrics.get("best/value")
         test = p.metrics.get("best/test_acc")
-        best_rows.append([Cell(p.config.get("study", DASH)), Cell(p.run_id), Cell(number), Cell(vals),
+        best_rows.append([Cell(p.config.get("study", DASH)), Cell(p.run_id), Cell(number), Cell(values),
                           Cell(fmt(score, "acc"), score) if score is not None else Cell(DASH),
                           Cell(fmt(test, "acc"), test) if test is not None else Cell(DASH)])
     out.append(Table(f"{group.dataset} / {group.partition}: best values", ["study", "parent run", "best trial",

@@ -3,10 +3,11 @@ seeds, and the validation view a trial trains and scores on (the real test split
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 from fedeq_bench.core.errors import BenchError, choices
 
-OBJECTIVES = {
+OBJECTIVES: dict[str, tuple[str, Literal["maximize", "minimize"]]] = {
     "acc": ("acc/val", "maximize"),
     "bytes": ("bytes/cumulative", "minimize"),
     "memory": ("mem/peak_train_bytes", "minimize"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from bench.report import text
@@ -64,6 +65,7 @@ def log_figures(tracker, run_id: str, study, objectives=("acc",)) -> None:
     multi = len(objectives) > 1
     # Several objectives: history, importances and slices need one target; accuracy is the first.
     target = {"target": lambda t: t.values[0], "target_name": OBJECTIVE} if multi else {}
+    plots: list[tuple[str, Callable[..., Any], dict[str, Any]]]
     plots = [("optimization_history", vis.plot_optimization_history, target),
              ("param_importances", vis.plot_param_importances, target),
              ("slice", vis.plot_slice, target)]

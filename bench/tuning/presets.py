@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from pathlib import Path
 from typing import Any
 
 from fedeq_bench.core.errors import BenchError
@@ -86,5 +87,5 @@ def write(cfg, outcomes, path: str | None = None) -> str | None:
             + f"# Found with rounds={cfg.run.rounds}, clients={cfg.run.clients}, seeds="
             f"{','.join(map(str, cfg.run.seeds))}. Rerun on test: python -m bench.run --config {path}\n\n")
     text = head + tomli_w.dumps(ordered)
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(Path(path), lambda f: f.write(text.encode()))
     return path

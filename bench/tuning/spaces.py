@@ -194,7 +194,7 @@ def _dist(label: str, key: str, entry: Any, cfg: C.Config) -> Dist:
     low, high = check(entry["low"]), check(entry["high"])
     if isinstance(low, bool) or not isinstance(low, (int, float)) or type(low) is not type(high):
         raise bad(f"low and high must be numbers of the field's type, got {entry['low']!r} and {entry['high']!r}")
-    kind = "int" if isinstance(low, int) else "float"
+    kind: Literal["int", "float"] = "int" if isinstance(low, int) else "float"
     if not (math.isfinite(low) and math.isfinite(high)):
         raise bad(f"bounds must be finite, got low = {low!r}, high = {high!r}")
     if not low < high:

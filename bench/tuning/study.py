@@ -53,7 +53,7 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench import cli
 from bench.tuning import presets
@@ -77,6 +77,10 @@ from bench.tuning.storage import (
     run_trials,
 )
 from fedeq_bench.core.errors import BenchError, choices
+
+if TYPE_CHECKING:
+    from bench.loop.backends import Backend
+    from bench.loop.ray_backend import RayBackend
 
 
 @dataclass(frozen=True)
@@ -205,7 +209,7 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
                          f"({', '.join(d.name.lower() for d in study.directions)}); give another --study-name")
     end_orphans(tracker, study, name)
     base = C.apply(cfg, {"methods": method})
-    backends = queue.SimpleQueue()
+    backends: queue.SimpleQueue[Backend] = queue.SimpleQueue()
     for b in (backend if isinstance(backend, list) else [backend]):
         backends.put(b)
 
@@ -320,7 +324,12 @@ def sweep(cfg, opts: SweepOptions, command: str = "", quiet: bool = True, datase
         backend = make_backend(run)
     outcomes = []
     try:
-        parts = backend.split(opts.n_jobs) if opts.n_jobs > 1 else backend
+        parts: Backend | list[RayBackend] = backend
+        if opts.n_jobs > 1:
+            from bench.loop.ray_backend import RayBackend
+
+            assert isinstance(backend, RayBackend)  # --n-jobs > 1 needs --backend ray (checked above)
+            parts = backend.split(opts.n_jobs)
         several = len(run.methods) > 1
         for m in run.methods:
             outcomes.append(run_study(cfg, m, opts, tracker, parts, views, real if opts.final_test else None,

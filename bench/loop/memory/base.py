@@ -37,6 +37,7 @@ def _storages(t: torch.Tensor) -> Iterator[tuple[int, int]]:
         if ptr:  # 0: meta tensor or zero-size storage, which hold no memory
             yield ptr, s.nbytes()
         return
+    parts: tuple[torch.Tensor, ...]
     if t.layout is torch.sparse_coo:
         parts = (t._indices(), t._values())
     elif t.layout in (torch.sparse_csr, torch.sparse_bsr):
