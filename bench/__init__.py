@@ -12,6 +12,7 @@ Sub-packages by concern, each importing only the levels below it (tests/unit/tes
     tracking/     MLflow: the run lifecycle, store checks, provenance
     config.py     the run/method/dataset config dataclasses, presets, --set
     cli.py        command-line plumbing: flags from dataclasses, one-line errors, exit codes, signals
+    quick_exit.py a command's exit without the interpreter's teardown (its measured gain in its doc)
 
 docs/architecture.md is the design these follow.
 """

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from bench import cli
+from bench.quick_exit import exit_now
 
 COMMANDS = {
     "run": "compare methods on a task, recorded in MLflow",
@@ -38,4 +38,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cli.exit_now(main())
+    exit_now(main())

@@ -4,7 +4,6 @@ once, in bench/config.py, and `--help` shows them)."""
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import dataclasses
 import os
@@ -129,26 +128,6 @@ def handlers_kept():
         for s, h in previous.items():
             if h is not None:
                 signal.signal(s, h)
-
-
-def exit_now(code: int) -> None:
-    """A command's last act: exit with `code` without the interpreter's teardown.
-
-    Everything is recorded and closed by then; what remains is freeing every module's objects, which
-    takes a second or more with torch, MLflow and SQLAlchemy loaded (1.2 s of a 10 s run measured,
-    README: Performance). Python's own exit steps are kept, in its order: `threading._shutdown` (what
-    the interpreter calls first: the thread-exit hooks, e.g. concurrent.futures telling its workers
-    to stop, then joining non-daemon threads), the atexit handlers (Ray's shutdown, logging's flush),
-    then the streams are flushed and the process ends.
-    """
-    threading._shutdown()  # type: ignore[attr-defined]  # private, so typeshed leaves it out
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    os._exit(code)
 
 
 def _metavar(tp, name: str) -> str:

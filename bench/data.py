@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from bench import cli
+from bench.quick_exit import exit_now
 from fedeq_bench.core.errors import BenchError
 
 # The run keys (bench/config.py RunConfig) that shape a dataset; their flags are generated from
@@ -63,4 +64,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cli.exit_now(main())
+    exit_now(main())

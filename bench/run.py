@@ -18,7 +18,9 @@ import shlex
 import sys
 
 from bench import cli
-from bench.loop.actor import Pool, early_pool
+from bench.loop.actor import Pool
+from bench.loop.early_pool import early_pool
+from bench.quick_exit import exit_now
 from fedeq_bench.core.errors import BenchError
 
 PROG = "python -m bench.run"
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None, on_round=None) -> int:
         first = parser.parse_args(argv)
         resuming = first.resume is not None
         # Ray and its actors start now, from the flags, while torch, the config and the data load
-        # (bench/loop/actor.py: early_pool); compare adopts the pool or stops it.
+        # (bench/loop/early_pool.py); compare adopts the pool or stops it.
         early = None if resuming else early_pool(first.config, cli.config_flags(first, keys), first.set)
         try:
             cfg, args = resume_config(argv) if resuming else resolve_config(argv)
@@ -115,4 +117,4 @@ def main(argv: list[str] | None = None, on_round=None) -> int:
 
 
 if __name__ == "__main__":
-    cli.exit_now(main())
+    exit_now(main())

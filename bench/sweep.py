@@ -17,6 +17,7 @@ import shlex
 import sys
 
 from bench import cli
+from bench.quick_exit import exit_now
 from fedeq_bench.core.errors import BenchError
 
 PROG = "python -m bench.sweep"
@@ -94,4 +95,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cli.exit_now(main())
+    exit_now(main())

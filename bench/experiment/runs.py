@@ -96,7 +96,7 @@ def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = No
     invocation writes it.
 
     `early`: the actor pool bench.run started from its flags before loading the config and torch
-    (bench/loop/actor.py: `early_pool`). compare owns it from the call on: it is used if this config asks
+    (bench/loop/early_pool.py). compare owns it from the call on: it is used if this config asks
     for the same pool, and stopped otherwise or on any error.
 
     `on_round(method, seed, round, metrics)`: called after each round of each method x seed is logged

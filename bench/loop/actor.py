@@ -1,14 +1,8 @@
-"""The Ray actor pool's start, importable without torch, so a run can start it first thing.
-
-An actor's own process imports torch (about a second of CPU each) when it is created. Started before
-the driver imports torch and loads the data, that work runs on the cores the driver leaves idle
-during its own imports, instead of after them (README: Performance, the whole-process table).
+"""The Ray actor pool's start, importable without torch (bench/loop/early_pool.py starts it first
+thing, before the driver imports torch).
 
     EdgeNode     the Ray actor class: builds bench/loop/backends.py's Worker inside the actor process
     start_pool   connect to Ray, start the actors, collect their `hello()` reports: a `Pool`
-    early_pool   `start_pool` in the background from a command's flags alone, before its config
-                 (and torch) is loaded; bench/experiment/'s `compare` adopts it if the config
-                 agrees, or discards it
 """
 from __future__ import annotations
 
@@ -16,7 +10,6 @@ import dataclasses
 from typing import Any
 
 from bench.loop import cluster, faults
-from fedeq_bench.core.errors import BenchError
 
 POOL_KEYS = ("backend", "address", "workers", "cpus_per_client", "gpus_per_client", "device")
 """The run keys a pool is made from: an early pool is used only if the config has the same."""
@@ -91,27 +84,3 @@ def pool_keys(run) -> dict:
 def start_pool_for(run) -> Pool:
     """`start_pool` with a RunConfig's pool keys."""
     return start_pool(run.workers, run.address, run.cpus_per_client, run.gpus_per_client, run.device)
-
-
-def early_pool(config_file: str | None, flags: dict, sets: list[str]):
-    """`start_pool` in a `cluster.Background` from the flags alone, or None.
-
-    Only when no --config or --set is given (either could change the pool's keys, and reading them
-    right needs every method's config, which imports torch) and the flags ask for Ray. The flags'
-    values are checked by the same code as the config's; anything it refuses leaves the config's own
-    resolution to say so. The Background's `keys` say what its pool is made from.
-    """
-    if config_file or sets:
-        return None
-    from bench import config as C
-
-    try:
-        run = C.apply(C.Config(run=C.RunConfig(**C.env_defaults())),
-                      {k: v for k, v in flags.items() if v is not None}).run
-    except (BenchError, KeyError, TypeError, ValueError):
-        return None
-    if run.backend != "ray":
-        return None
-    started = cluster.Background(lambda: start_pool_for(run), name="ray-start")
-    started.keys = pool_keys(run)
-    return started

@@ -105,7 +105,7 @@ class Background:
     """
 
     keys: dict[str, object]
-    """Set by whoever starts it, where that caller needs it (actor.early_pool: the run keys its pool is
+    """Set by whoever starts it, where that caller needs it (early_pool.early_pool: the run keys its pool is
     made from); absent otherwise."""
 
     def __init__(self, fn, name: str = "background"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from bench import cli
+from bench.quick_exit import exit_now
 
 PROG = "python -m bench.report"
 
@@ -54,4 +55,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cli.exit_now(main())
+    exit_now(main())

@@ -38,8 +38,8 @@ def sigint_in_write(artifact: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from bench import cli
     from bench import run as bench_run
+    from bench.quick_exit import exit_now
 
     what, arg, sep, *rest = argv
     assert sep == "--", "usage: faulty WHAT ARG -- ARGS"
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
         code = bench_run.main(rest)
     else:
         raise SystemExit(f"unknown fault {what!r}")
-    cli.exit_now(code)
+    exit_now(code)
     return code
 
 

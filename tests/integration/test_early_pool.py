@@ -11,6 +11,7 @@ import ray
 from bench import cli, experiment
 from bench import run as bench_run
 from bench.loop import actor as A
+from bench.loop.early_pool import early_pool
 from tests.helpers import tiny_config, write_tiny_npz
 
 
@@ -28,13 +29,13 @@ def flags(argv):
     ["--lr", "inf"],
 ])
 def test_no_early_pool_when_the_flags_alone_do_not_settle_it(argv):
-    assert A.early_pool(*flags(argv)) is None
+    assert early_pool(*flags(argv)) is None
 
 
 def test_the_flags_are_read_without_importing_torch(tmp_path):
     import subprocess
 
-    code = ("import sys; from bench import run as R, cli, config as C; from bench.loop import actor as A\n"
+    code = ("import sys; from bench import run as R, cli, config as C; from bench.loop import actor as A; import bench.loop.early_pool\n"
             "p, k = R.build_parser(); a = p.parse_args(['--workers', '2', '--cpus-per-client', '0.5'])\n"
             "run = C.apply(C.Config(run=C.RunConfig(**C.env_defaults())), "
             "{n: v for n, v in cli.config_flags(a, k).items() if v is not None}).run\n"
@@ -53,12 +54,12 @@ def test_compare_adopts_a_matching_pool_and_replaces_another(tmp_path):
                                                                   tracking_uri=uri)), quiet=True)
     cfg = experiment.validate(tiny_config(path, methods="fedavg", rounds=2, backend="ray", workers=2, tracking_uri=uri))
 
-    adopted = A.early_pool(*flags(["--workers", "2"]))
+    adopted = early_pool(*flags(["--workers", "2"]))
     assert adopted.keys == A.pool_keys(cfg.run)
     same, _ = experiment.compare(cfg, quiet=True, early=adopted)
     assert adopted._taken  # compare took its pool (and closed it with the backend)
 
-    other = A.early_pool(*flags(["--workers", "1"]))  # not what cfg asks for
+    other = early_pool(*flags(["--workers", "1"]))  # not what cfg asks for
     replaced, _ = experiment.compare(cfg, quiet=True, early=other)
     assert other._taken  # discarded: stopped before compare started the pool cfg asks for
     assert not ray.is_initialized()
