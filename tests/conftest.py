@@ -46,3 +46,13 @@ def report_store(tmp_path_factory):
     rows, parent = experiment.compare(cfg, command=command, quiet=True)
     return {"uri": uri, "experiment": "report-test", "parent": parent, "rows": rows, "command": command,
             "dir": str(d)}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Groups for `pytest -n 2 --dist loadgroup` (`make test`): every test that starts Ray (marked
+    `ray`) in one group, run one at a time on one worker, since two local Rays on two cores starve
+    each other's actors and some tests read every Ray process of the machine; every other test file
+    is a group of its own, so its module fixtures are built once, on one worker."""
+    for item in items:
+        group = "ray" if item.get_closest_marker("ray") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
