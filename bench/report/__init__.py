@@ -7,7 +7,10 @@
 
 The steps, one module each: `collect` reads the runs with MLflow's client (no torch, no engine) into
 `model.ReportData`; `tables` and `figures` build what each dataset x partition shows; `markdown` and
-`html` write it. `python -m bench.report` is the command line (bench/report/__main__.py).
+`html` write it; `stats` (seed statistics) and `text` (the one Markdown table writer) serve the
+terminal table too. `python -m bench.report` is the command line (bench/report/__main__.py). It may
+import bench.tracking, bench.config, bench.cli and the library's core: never torch, the round loop
+or the experiment library (tests/unit/test_layers.py).
 """
 from __future__ import annotations
 
