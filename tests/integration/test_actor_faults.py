@@ -304,7 +304,7 @@ def test_a_replacement_actor_of_another_version_fails_the_run(ray_session, setup
     _, cfg, ds, _ = setup
     backend = RayBackend(workers=2)
     try:
-        backend._actor_cls = ray.remote(Worker).options(
+        backend._pool.actor_cls = ray.remote(Worker).options(  # what a replacement is started from
             num_cpus=1, runtime_env={"env_vars": {faults.VERSION_ENV: "0.0.1-stale"}})
         arm(backend, 2, ray.kill)
         with pytest.raises(BenchError) as e:
