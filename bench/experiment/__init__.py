@@ -13,10 +13,10 @@ by), summary.py (rows and the terminal table), runs.py (run and compare), resume
 This package re-exports the functions the commands call. It may import bench.loop, bench.report,
 bench.tracking, bench.config and bench.cli, never bench.tuning or bench.perf (tests/unit/test_layers.py).
 """
-from bench.experiment.load import check_models, describe_data, load_checked, load_dataset, validate
+from bench.experiment.load import check_models, describe_data, load_checked, load_dataset, make_backend, validate
 from bench.experiment.resume import RESUME_KEYS, recorded_config
 from bench.experiment.runs import compare, recorded_line, report, run_one
 from bench.experiment.summary import format_table, summarize
 
 __all__ = ["RESUME_KEYS", "check_models", "compare", "describe_data", "format_table", "load_checked", "load_dataset",
-           "recorded_config", "recorded_line", "report", "run_one", "summarize", "validate"]
+           "make_backend", "recorded_config", "recorded_line", "report", "run_one", "summarize", "validate"]

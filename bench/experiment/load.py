@@ -3,8 +3,12 @@ backend starts or anything is recorded (docs/reliability.md)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from fedeq_bench.core.errors import BenchError
+
+if TYPE_CHECKING:
+    from bench.loop.backends import Backend
 
 
 def validate(cfg):
@@ -114,3 +118,19 @@ def describe_data(cfg, seed: int, plot: str | None = None) -> str:
             raise BenchError(f"cannot save the plot to {plot!r}: {e}") from None
         text += f"\n\nlabel distribution plot saved to {path}"
     return text
+
+
+def make_backend(run) -> Backend:
+    """The backend for a RunConfig: Serial in this process, or Ray actors over a pool started now."""
+    from bench.loop import cluster
+    from bench.loop.backends import SerialBackend
+
+    if run.backend == "serial":
+        import torch
+
+        device = run.device or ("cuda" if run.gpus_per_client > 0 and torch.cuda.is_available() else "cpu")
+        return SerialBackend(cluster.threads_per_actor(run.cpus_per_client), device)
+    from bench.loop.actor import start_pool_for
+    from bench.loop.ray_backend import RayBackend
+
+    return RayBackend(pool=start_pool_for(run))

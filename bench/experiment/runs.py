@@ -104,8 +104,8 @@ def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = No
     """
     from bench import cli
     from bench import config as C
+    from bench.experiment.load import make_backend
     from bench.loop import actor as A
-    from bench.loop.backends import make_backend
     from bench.loop.cluster import Background
     from bench.loop.ray_backend import RayBackend
     from bench.tracking import Tracker, check_store, git_commit, package_versions

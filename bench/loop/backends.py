@@ -30,7 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from bench.loop import cluster, divergence, faults, memory, wire
+from bench.loop import divergence, faults, memory, wire
 from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.types import ClientTensors, MethodSpec, State
@@ -314,14 +314,3 @@ class Backend(Protocol):
 WORK_OF = {Kind.TRAIN: "local update", Kind.EVALUATE: "evaluation",
            Kind.EVALUATE_UNSEEN: "personalization and evaluation"}
 """What a job of each kind runs, for the error naming a client whose work keeps killing its actor."""
-
-
-def make_backend(run) -> Backend:
-    """The backend for a RunConfig."""
-    if run.backend == "serial":
-        device = run.device or ("cuda" if run.gpus_per_client > 0 and torch.cuda.is_available() else "cpu")
-        return SerialBackend(cluster.threads_per_actor(run.cpus_per_client), device)
-    from bench.loop.actor import start_pool_for
-    from bench.loop.ray_backend import RayBackend
-
-    return RayBackend(pool=start_pool_for(run))

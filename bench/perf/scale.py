@@ -180,14 +180,16 @@ def scale_table(clients=CLIENTS, methods=METHODS, **kw) -> str:
 
 
 def main(argv=None) -> int:
+    """The child of `measure_in_subprocess`: `--one METHOD CLIENTS KWARGS_JSON` prints one measurement
+    as JSON. The table itself is `python -m bench.perf --scale`."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--one"]:  # the child of measure_in_subprocess
-        method, clients, kw = argv[1], int(argv[2]), json.loads(argv[3])
-        print(json.dumps(measure(method, clients, **kw)))
-        return 0
-    from bench.perf import __main__ as perf
-
-    return perf.main(["--scale", *argv])
+    if argv[:1] != ["--one"] or len(argv) != 4:
+        sys.stderr.write("usage: python -m bench.perf.scale --one METHOD CLIENTS KWARGS_JSON "
+                         "(the scale table: python -m bench.perf --scale)\n")
+        return 2
+    method, clients, kw = argv[1], int(argv[2]), json.loads(argv[3])
+    print(json.dumps(measure(method, clients, **kw)))
+    return 0
 
 
 if __name__ == "__main__":

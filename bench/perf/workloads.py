@@ -85,7 +85,7 @@ def harness(npz_path: str, rounds: int, lr: float, batch: int, backend: str, wor
             cpus: float = 1.0) -> list[np.float64]:
     """The harness's round loop (engine + backend), wall seconds per round."""
     from bench.experiment import load_dataset
-    from bench.loop.backends import make_backend
+    from bench.experiment.load import make_backend
     from bench.loop.engine import run_method
 
     cfg = C.apply(C.default_config(), {

@@ -296,7 +296,7 @@ def sweep(cfg, opts: SweepOptions, command: str = "", quiet: bool = True, datase
     preset. `datasets`: `{seed: FederatedDataset}` to use instead of loading (tests). Returns
     (outcomes, path of the tuned preset or None). Raises BenchError on bad input, every run ended."""
     from bench import experiment
-    from bench.loop.backends import make_backend
+    from bench.experiment.load import make_backend
     from bench.tracking import Tracker, check_store
 
     run = cfg.run

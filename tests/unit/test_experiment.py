@@ -160,7 +160,7 @@ def test_unknown_status_is_refused(store):
 
 def test_run_one_pruned_by_on_round_keeps_its_rounds(store, tmp_path):
     """What a sweep's pruner will do: stop a child run after round 1; it ends pruned, round 1 kept."""
-    from bench.loop.backends import make_backend
+    from bench.experiment.load import make_backend
 
     tracker, client = store
     cfg = X.validate(tiny_config(write_tiny_npz(tmp_path / "t.npz"), methods="fedavg", rounds=3))
@@ -183,7 +183,7 @@ def test_run_one_pruned_by_on_round_keeps_its_rounds(store, tmp_path):
 
 
 def test_run_one_records_the_ledger_as_csv(store, tmp_path):
-    from bench.loop.backends import make_backend
+    from bench.experiment.load import make_backend
 
     tracker, client = store
     cfg = X.validate(tiny_config(write_tiny_npz(tmp_path / "t.npz"), methods="fedavg", rounds=2))
