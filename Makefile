@@ -34,7 +34,7 @@ lint: setup
 
 # The README's test command (CI's .ci/run calls it): lint and types first, then every test.
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests $(ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder tests $(ARGS)
 
 perf: setup
 	$(BIN)/python -m bench.perf $(ARGS)

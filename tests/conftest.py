@@ -1,7 +1,13 @@
 """Shared test setup: the repo root on sys.path (also works without `pip install -e .`), and the
 fixtures that tests in several folders use."""
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -48,11 +54,96 @@ def report_store(tmp_path_factory):
             "dir": str(d)}
 
 
+class RayHead:
+    """`ray start --head --block` in a private RAY_TMPDIR (short: Unix socket paths <= 107 bytes), 2 CPUs,
+    every port it would otherwise take by default (dashboard, its agent, Ray Client) chosen free, in
+    its own process group; token authentication as `ray start` sets it (~/.ray/auth_token, as the
+    harness's own local Ray uses). `address` is its GCS address, `tmpdir` its RAY_TMPDIR.
+
+    A run attaches to it the way it finds a `ray start --head` on its machine: RAY_TMPDIR set, no
+    $RAY_ADDRESS (bench/loop/addresses.py: running_instance). Not through $RAY_ADDRESS: Ray turns its
+    token authentication on only for an instance it finds itself, so a driver given the address is
+    refused (InvalidAuthToken)."""
+
+    def __init__(self):
+        self.tmpdir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+        socks = [socket.socket() for _ in range(3)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        dashboard, agent, client = (sock.getsockname()[1] for sock in socks)
+        for sock in socks:
+            sock.close()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
+        env["RAY_TMPDIR"] = self.tmpdir
+        ray = os.path.join(os.path.dirname(sys.executable), "ray")
+        self._log = open(os.path.join(self.tmpdir, "head.log"), "w")
+        self._proc = subprocess.Popen(
+            [ray, "start", "--head", "--block", "--port=0", "--num-cpus=2", "--include-dashboard=false",
+             "--disable-usage-stats", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+             f"--ray-client-server-port={client}"],
+            env=env, cwd=self.tmpdir, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        address_file = os.path.join(self.tmpdir, "ray", "ray_current_cluster")
+        deadline = time.time() + 120
+        while not os.path.exists(address_file):
+            if self._proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"`ray start --head` wrote no address; see {self.tmpdir}/head.log")
+            time.sleep(0.2)
+        with open(address_file) as f:
+            self.address = f.read().strip()
+
+    def attach(self, monkeypatch) -> None:
+        """This process's runs attach to this Ray (until `monkeypatch` is undone)."""
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        monkeypatch.setenv("RAY_TMPDIR", self.tmpdir)
+
+    def stop(self) -> None:
+        """SIGTERM to its process group (`--block` tears the node down), SIGKILL to what is left after
+        2 s, then to any process naming its temp dir (Ray starts some in sessions of their own)."""
+        from bench.perf.workloads import pids_naming
+
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self._proc.pid, sig)
+            except OSError:
+                pass
+            if sig == signal.SIGTERM:
+                try:
+                    self._proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
+        for pid in pids_naming(os.path.join(self.tmpdir, "ray")):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self._log.close()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """One running Ray for the session, for the tests that need *a* Ray but do not test starting or
+    stopping one, nor the processes of a run's own Ray: they attach to it (`RayHead.attach`, or
+    RAY_TMPDIR in a command's environment) instead of starting a Ray each (several seconds of CPU for its GCS, raylet and agents). Only the `ray` group
+    asks for it, so it runs on one worker, and never beside another Ray test."""
+    head = RayHead()
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """Groups for `pytest -n 2 --dist loadgroup` (`make test`): every test that starts Ray (marked
-    `ray`) in one group, run one at a time on one worker, since two local Rays on two cores starve
-    each other's actors and some tests read every Ray process of the machine; every other test file
-    is a group of its own, so its module fixtures are built once, on one worker."""
+    """Groups for `pytest -n 2 --dist loadgroup --no-loadscope-reorder` (`make test`), one worker each,
+    in this order: the Ray tests (marked `ray`), one at a time, since two local Rays on two cores
+    starve each other's actors; then every other test file, a group of its own (its module fixtures are
+    built once, on one worker), in collection order. The long Ray group goes first, so the short ones
+    balance the two workers at the end (`--no-loadscope-reorder` keeps this order)."""
+    after_ray = {}
     for item in items:
         group = "ray" if item.get_closest_marker("ray") else item.nodeid.split("::")[0]
+        after_ray[item] = group != "ray"
         item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=after_ray.__getitem__)  # stable: the Ray group first, then the files in their order

@@ -85,7 +85,7 @@ def test_a_client_that_keeps_killing_its_actor_fails_the_run_with_one_line(tmp_p
     that chunk is redone one client per call, client 0 alone succeeds, client 1 alone kills its actor
     MAX_ACTOR_RETRIES more times: 1 + 3 = 4 deaths, then one line naming method, round and client,
     whether the kill is in its local update or its evaluation."""
-    # Runs first, before this module starts its own Ray: bench.run starts (and stops) one of its own.
+    # bench.run starts (and stops) a Ray of its own: its workers must import OOM_PLUGIN.
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     npz = write_tiny_npz(tmp_path / "t.npz", clients=6)
     (tmp_path / "plug").mkdir()
@@ -183,18 +183,22 @@ def test_kill_9_of_an_actor_process_is_survived(tmp_path, when):
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    """One local Ray for the in-process tests, its workers and this driver reporting VERSION; each
-    test makes (and closes) its own 2-actor pool."""
+def ray_session(ray_head):
+    """This process attached to the session's running Ray (tests/conftest.py: ray_head, 2 CPUs) for
+    the in-process tests, its workers and this driver reporting VERSION; each test makes (and closes)
+    its own 2-actor pool, so the actors killed here are this module's own."""
     import ray
 
     mp = pytest.MonkeyPatch()
     mp.setenv(faults.VERSION_ENV, VERSION)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore", faults.VERSION_ENV: VERSION}})
-    yield ray
-    ray.shutdown()
-    mp.undo()
+    ray_head.attach(mp)
+    try:
+        ray.init(address="auto", include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore", faults.VERSION_ENV: VERSION}})
+        yield ray
+        ray.shutdown()
+    finally:
+        mp.undo()
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,17 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def ray_backend():
-    backend = RayBackend(workers=2)
-    yield backend
-    backend.close()
+def ray_backend(ray_head):
+    """Two actors on the session's running Ray (tests/conftest.py: ray_head), attached to as bench.run
+    attaches to a `ray start --head`: what is compared is the backends' numbers, not how Ray started."""
+    env = pytest.MonkeyPatch()
+    ray_head.attach(env)
+    try:
+        backend = RayBackend(workers=2)
+        yield backend
+        backend.close()
+    finally:
+        env.undo()
 
 
 @pytest.fixture(scope="module")

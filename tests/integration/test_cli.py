@@ -33,10 +33,14 @@ def runs_of(uri, experiment="fedeq-bench"):
 
 
 @pytest.mark.ray
-def test_every_method_runs_two_rounds_on_ray_and_mlflow_has_every_metric(tmp_path):
+def test_every_method_runs_two_rounds_on_ray_and_mlflow_has_every_metric(tmp_path, ray_head):
+    """On the session's running Ray (tests/conftest.py: ray_head), which bench.run finds through
+    RAY_TMPDIR and attaches to: starting a Ray is other tests' subject (test_signals,
+    test_network_exposure)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = bench_run(["--methods", "all", "--rounds", "2", "--workers", "2", "--fraction", "0.2",
-                      "--frac-unseen", "0.1", "--tracking-uri", uri, "--quiet"], tmp_path)
+                      "--frac-unseen", "0.1", "--tracking-uri", uri, "--quiet"], tmp_path,
+                     env={"RAY_TMPDIR": ray_head.tmpdir})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     client, runs = runs_of(uri)

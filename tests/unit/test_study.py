@@ -323,10 +323,12 @@ class FixedSampler(optuna.samplers.BaseSampler):
 
 
 @pytest.mark.ray
-def test_two_trials_at_once_on_ray_give_the_values_of_one_at_a_time(env, tmp_path):
+def test_two_trials_at_once_on_ray_give_the_values_of_one_at_a_time(env, tmp_path, ray_head, monkeypatch):
     """The same four trials (FixedSampler), n_jobs 2 and 1, on two Ray actors: every trial's value
     and every round's metrics are equal, and with n_jobs 2 two trials really ran at once (their
-    start-to-end intervals overlap)."""
+    start-to-end intervals overlap). Both sweeps attach to the session's running Ray
+    (tests/conftest.py: ray_head) rather than start one each."""
+    ray_head.attach(monkeypatch)
     cfg = experiment.validate(C.apply(make_cfg(env, methods="fedrep"), {"backend": "ray", "workers": 2}))
     got = {}
     for n_jobs in (2, 1):
