@@ -115,7 +115,6 @@ def actor_titles(root_pid: int) -> dict[int, str]:
     """{pid: title} of the actor processes under `root_pid`: Ray titles them ray::CLASS, and
     ray::CLASS.METHOD while they run a call."""
     import psutil
-    import ray  # noqa: F401 - puts Ray's bundled psutil on sys.path
 
     try:
         procs = psutil.Process(root_pid).children(recursive=True)

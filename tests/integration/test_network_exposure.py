@@ -38,7 +38,6 @@ def listening(root_pid: int) -> dict[tuple[str, str, int], str]:
     """{(process, ip, port): process} of every TCP socket in LISTEN of `root_pid` and its descendants
     (Ray's GCS, raylet and agents are the driver's children, its workers the raylet's)."""
     import psutil
-    import ray  # noqa: F401 - puts Ray's bundled psutil on sys.path
 
     try:
         root = psutil.Process(root_pid)
