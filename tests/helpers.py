@@ -46,6 +46,32 @@ def method_setup(method: type[Method], *, data_seed: int, n: int = 12, labels: t
     return MethodSetup(algo, server, ref, ClientTensors(x, y, x[:2], y[:2], x[:4], y[:4]))
 
 
+def trajectory(method: type[Method], **cfg: Any) -> dict[str, float]:
+    """A method's numbers on the tiny task (method_setup, data seed 1, 12 samples, lr 0.1, 2 epochs,
+    batch 4, and `cfg`): client 0 trains rounds 1 and 2 (the server aggregating its upload alone),
+    is evaluated, then client 5 joins from the new server and is personalized and evaluated.
+    Float64 sums of what each step returns, so that a changed computation shows; the tests compare
+    them with values recorded from the code before an option existed."""
+    algo, server, _, d = method_setup(method, data_seed=1, n=12, lr=0.1, local_epochs=2, batch_size=4, **cfg)
+
+    def total(tensors: dict) -> float:
+        return float(sum(t.double().sum() for _, t in sorted(tensors.items())))
+
+    state = algo.init_client(0, server, seeding.generator(0, "client_init", 0))
+    rec: dict[str, float] = {}
+    for rnd in (1, 2):
+        up, state, m = algo.local_update(algo.broadcast(server, 0, rnd), state, d, seeding.generator(0, "local", rnd, 0))
+        rec[f"up{rnd}"], rec[f"state{rnd}"], rec[f"loss{rnd}"] = total(up), total(state), m["loss"]
+        if up:
+            server, _ = algo.aggregate(server, [(0, up)], rnd)
+    rec["eval"] = algo.evaluate(algo.broadcast(server, 0, 3), state, d, eval_rng(2, 0))["test_loss"]
+    fresh = algo.init_client(5, server, seeding.generator(0, "client_init", 5))
+    personal = algo.personalize(algo.broadcast(server, 5, 3), fresh, d, seeding.generator(0, "personalize", 2, 5))
+    rec["personalized"] = total(personal)
+    rec["eval_unseen"] = algo.evaluate(algo.broadcast(server, 5, 3), personal, d, eval_rng(2, 5))["test_loss"]
+    return rec
+
+
 def eval_rng(rnd: int = 1, cid: int = 0) -> torch.Generator:
     """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/loop/backends.py)."""
     return seeding.generator(0, "eval", rnd, cid)
