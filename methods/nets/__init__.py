@@ -81,10 +81,26 @@ def final_linear(net: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def features_and_logits(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input of the final Linear classifier, logits) from one forward of `net` (with autograd)."""
+def embedding_norm(net: nn.Module) -> nn.Module:
+    """The body's last BatchNorm: on resnet20 / resnet34 the BatchNorm1d(128) of the reference's FC
+    block, whose input is the reference's CIFAR `embedding` (the 128-d ReLU output before
+    `linear_batchnorm`, longtanle/FeDEQ utils/resnet_cifar.py lines 241-245) and whose output feeds the
+    classifier. Refused with one line for a model without one."""
+    body = getattr(net, "body", None)
+    norms = [m for m in body.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if body is not None else []
+    if not norms:
+        raise BenchError(f"{type(net).__name__} has no BatchNorm in its body: the pre-normalization embedding "
+                         "(knnper.features=pre_norm) needs a model such as resnet20 or resnet34; "
+                         "use knnper.features=head_input")
+    return norms[-1]
+
+
+def features_and_logits(net: nn.Module, x: torch.Tensor, at: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input of the module `at`, logits) from one forward of `net` (with autograd); `at` defaults to
+    the final Linear classifier, so the features are the classifier's input."""
     seen: list[torch.Tensor] = []
-    hook = final_linear(net).register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    layer = final_linear(net) if at is None else at
+    hook = layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     try:
         logits = net(x)
     finally:
