@@ -33,13 +33,13 @@ Choices, and where they come from:
     personal_init = "global": v_i restarts every round from w_i, the client's copy of the global model
     right after its global step (parameters and BatchNorm statistics), as the FeDEQ reference does:
     longtanle/FeDEQ `trainers/vision/ditto_resnet.py` lines 156-167 (and `trainers/sequence/ditto_seq.py`
-    lines 143-156) run the personal loop on `params`, the just-updated global copy, not on
+    lines 145-156) run the personal loop on `params`, the just-updated global copy, not on
     `local_params[t]`, with the round's w as proximal target. A held-out client then takes one whole
     local update (global step, personal step from its w_i) and keeps that v_i.
   * unseen = "personalize" (default): a held-out client (and a training client never sampled) gets
     its v by the personal step above. unseen = "global": it is scored with the final w as it is, as
     the reference's `eval_unseen(global_params, net_state)` (ditto_resnet.py line 199, ditto_seq.py
-    line 188) does; nothing is trained.
+    line 178) does; nothing is trained.
   * The reference samples clients in proportion to n_i and averages uniformly; the harness samples
     uniformly and averages by n_i (FedAvg's server step), the same estimator in expectation.
   * lam = 0.1: the paper tunes lam per dataset from a small grid (the reference's scripts use lam = 1).
