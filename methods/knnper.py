@@ -140,9 +140,30 @@ class KNNPer(FedAvg):
 
     Config = KNNPerConfig
 
-    def feature_layer(self) -> torch.nn.Module:
-        """The module whose input is the embedding: the classifier, or the body's last BatchNorm."""
-        return final_linear(self.net) if self.cfg.features == "head_input" else embedding_norm(self.net)
+    def param_split(self, net):
+        """FedAvg's (everything shared). Also where the options are checked against the model, since
+        the harness calls it before anything is recorded: a model without the BatchNorm that
+        features = "pre_norm" needs, or a temperature set with kernel = "exp_l2", is one line there."""
+        self.feature_layer(net)
+        self._check_kernel()
+        return super().param_split(net)
+
+    def feature_layer(self, net: torch.nn.Module | None = None) -> torch.nn.Module:
+        """The module of `net` (default: the scratch network) whose input is the embedding: the
+        classifier, or the body's last BatchNorm."""
+        net = self.net if net is None else net
+        if self.cfg.features == "head_input":
+            return final_linear(net)
+        norm = embedding_norm(net)
+        if norm is None:
+            raise BenchError(f"knnper.features=pre_norm needs a BatchNorm in the model's body (resnet20, resnet34); "
+                             f"model {self.task.model!r} has none: use knnper.features=head_input")
+        return norm
+
+    def _check_kernel(self) -> None:
+        if self.cfg.kernel == "exp_l2" and self.cfg.temperature is not None:
+            raise BenchError(f"knnper.temperature applies to kernel=softmax_sq; kernel=exp_l2 weighs neighbours "
+                             f"by exp(-distance) with no temperature (got temperature={self.cfg.temperature})")
 
     def temperature(self) -> float:
         """T: `temperature` if set, else the feature dimension (the classifier's in_features, or the
@@ -150,9 +171,7 @@ class KNNPer(FedAvg):
         which has none (a set temperature is refused)."""
         cfg = self.cfg
         if cfg.kernel == "exp_l2":
-            if cfg.temperature is not None:
-                raise BenchError(f"knnper.temperature applies to kernel=softmax_sq; kernel=exp_l2 weighs neighbours "
-                                 f"by exp(-distance) with no temperature (got temperature={cfg.temperature})")
+            self._check_kernel()
             return 1.0
         layer = self.feature_layer()
         dim = layer.in_features if isinstance(layer, torch.nn.Linear) else layer.num_features

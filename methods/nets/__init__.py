@@ -81,18 +81,14 @@ def final_linear(net: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def embedding_norm(net: nn.Module) -> nn.Module:
-    """The body's last BatchNorm: on resnet20 / resnet34 the BatchNorm1d(128) of the reference's FC
-    block, whose input is the reference's CIFAR `embedding` (the 128-d ReLU output before
-    `linear_batchnorm`, longtanle/FeDEQ utils/resnet_cifar.py lines 241-245) and whose output feeds the
-    classifier. Refused with one line for a model without one."""
+def embedding_norm(net: nn.Module) -> nn.Module | None:
+    """The body's last BatchNorm, None if it has none: on resnet20 / resnet34 the BatchNorm1d(128) of
+    the reference's FC block, whose input is the reference's CIFAR `embedding` (the 128-d ReLU output
+    before `linear_batchnorm`, longtanle/FeDEQ utils/resnet_cifar.py lines 241-245) and whose output
+    feeds the classifier."""
     body = getattr(net, "body", None)
     norms = [m for m in body.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if body is not None else []
-    if not norms:
-        raise BenchError(f"{type(net).__name__} has no BatchNorm in its body: the pre-normalization embedding "
-                         "(knnper.features=pre_norm) needs a model such as resnet20 or resnet34; "
-                         "use knnper.features=head_input")
-    return norms[-1]
+    return norms[-1] if norms else None
 
 
 def features_and_logits(net: nn.Module, x: torch.Tensor, at: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -255,10 +255,14 @@ def test_pre_norm_features_are_the_input_of_the_last_batchnorm():
             net = build_model(name, shape, classes)
             norm = embedding_norm(net)
             assert norm is net.body.fc[-1] and isinstance(norm, nn.BatchNorm1d) and norm.num_features == 128
-    # A model with no BatchNorm in its body is refused with one line.
+    # A model with no BatchNorm in its body is refused with one line, by param_split, which the harness
+    # calls before anything is recorded (bench/experiment/sizing.py); so is a temperature with exp_l2.
     mlp = KNNPer(KNNPerConfig(model="mlp", features="pre_norm"), Task("mlp", (4,), 3))
-    with pytest.raises(BenchError, match="no BatchNorm in its body.*features=head_input"):
-        mlp.feature_layer()
+    with pytest.raises(BenchError, match="pre_norm needs a BatchNorm in the model's body.*'mlp' has none"):
+        mlp.param_split(build_model("mlp", (4,), 3))
+    exp = KNNPer(KNNPerConfig(model="mlp", kernel="exp_l2", temperature=1.0), Task("mlp", (4,), 3))
+    with pytest.raises(BenchError, match="temperature applies to kernel=softmax_sq"):
+        exp.param_split(build_model("mlp", (4,), 3))
 
 
 def test_store_mode_train_embeds_the_datastore_with_batch_statistics_and_puts_the_buffers_back():
