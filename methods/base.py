@@ -8,7 +8,8 @@ plus a registry.
     aggregate(server, [(cid, Message)], rnd) -> AggregateResult(server, metrics)
     evaluate(down, state, data, rng) -> Metrics            # personalized metrics of one client (rng: fine-tuning)
 and, for clients held out of training, `personalize(down, state, data, rng) -> State`
-(default: one local update whose upload is dropped).
+(default: one local update whose upload is dropped), and `cohort(sampled, clients)`, the clients that
+train in a round (default: the schedule's sample).
 
 `Method` is an abstract base: `init_server`, `broadcast`, `local_update`, `aggregate` and `evaluate`
 have no default, and `register_method` refuses a class that leaves any of them undefined, when the
@@ -101,6 +102,13 @@ class Method(abc.ABC):
                 net = build_model(self.task.model, self.task.input_shape, self.task.num_classes)
             self._net = net.to(self.task.device)
         return self._net
+
+    def cohort(self, sampled: list[int], clients: list[int]) -> list[int]:
+        """The clients that train this round, in client-id order: by default the schedule's sample
+        `sampled` (the same for every method). `clients`: every training client. A method whose
+        protocol trains more (`local` with participation = "all") returns more; the engine sends,
+        meters and aggregates exactly these."""
+        return sampled
 
     def param_split(self, net: nn.Module) -> tuple[list[str], list[str]]:
         """(shared, personal) state names; logged as params/shared and params/personal.

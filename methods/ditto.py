@@ -7,12 +7,14 @@ that never leaves the client, pulled toward the global model by a proximal term 
     Client, receiving w (the global model at the START of the round, w^t):
         global step:    w_i <- w; local_epochs of SGD on CE(w_i) over D_i           (= FedAvg's update)
         personal step:  v_i <- w if the client has no v_i yet (the first global model it receives)
+                        (personal_init = "global": v_i <- w_i, the copy the global step just trained)
                         personal_epochs of SGD on CE(v_i) + (lam/2) ||v_i - w||^2 over D_i, i.e. per batch
                         v_i <- v_i - lr * (grad CE(v_i) + lam * (v_i - w))
         send (w_i, n_i); v_i stays in the client's state (key prefix `v.`), never in a message
     Server: w <- sum_i n_i w_i / sum_i n_i                        (client-id order, float64)
     Eval:   client i with its own v_i; a client that has not trained yet with w.
-    Held out: v <- final w, personal_epochs of the personal step, evaluate v.
+    Held out: v <- final w, personal_epochs of the personal step, evaluate v
+              (unseen = "global": evaluate the final w as it is).
 
 Choices, and where they come from:
   * The proximal target is the round's received w, not the client's moving w_i (Algorithm 1 and the
@@ -25,9 +27,19 @@ Choices, and where they come from:
   * personal_epochs = None (default) means local_epochs: the reference runs the same `local_iters`
     for v_i as for w_i, with the same learning rate.
   * The penalty covers parameters only; v_i's buffers (BatchNorm statistics) follow its own forward passes.
-  * The reference initialises every v_i to the initial model w^0; here v_i starts from the first
-    global model the client receives (the same thing for a client sampled in round 1, and a better
-    start for a client first sampled later).
+  * personal_init = "persist" (default): v_i persists across rounds, starting from the first global
+    model the client receives (the paper's Algorithm 1 keeps v_i; litian96/ditto starts it at w^0,
+    the same thing for a client sampled in round 1).
+    personal_init = "global": v_i restarts every round from w_i, the client's copy of the global model
+    right after its global step (parameters and BatchNorm statistics), as the FeDEQ reference does:
+    longtanle/FeDEQ `trainers/vision/ditto_resnet.py` lines 156-167 (and `trainers/sequence/ditto_seq.py`
+    lines 145-156) run the personal loop on `params`, the just-updated global copy, not on
+    `local_params[t]`, with the round's w as proximal target. A held-out client then takes one whole
+    local update (global step, personal step from its w_i) and keeps that v_i.
+  * unseen = "personalize" (default): a held-out client (and a training client never sampled) gets
+    its v by the personal step above. unseen = "global": it is scored with the final w as it is, as
+    the reference's `eval_unseen(global_params, net_state)` (ditto_resnet.py line 199, ditto_seq.py
+    line 178) does; nothing is trained.
   * The reference samples clients in proportion to n_i and averages uniformly; the harness samples
     uniformly and averages by n_i (FedAvg's server step), the same estimator in expectation.
   * lam = 0.1: the paper tunes lam per dataset from a small grid (the reference's scripts use lam = 1).
@@ -35,6 +47,7 @@ Choices, and where they come from:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -62,6 +75,12 @@ class DittoConfig(MethodConfig):
     personal_epochs: int | None = ranged(None, ge=0)
     """Epochs of the personal step per round; None: local_epochs (the paper's equal step counts).
     Raising it fits v_i closer to the client's data."""
+    personal_init: Literal["persist", "global"] = "persist"
+    """Where the personal step starts each round: the client's own v_i (`persist`), or w_i, its copy of
+    the global model just after the global step (`global`, the FeDEQ reference)."""
+    unseen: Literal["personalize", "global"] = "personalize"
+    """A client that never trained: v by the personal step from the final w (`personalize`), or the
+    final w itself (`global`, the FeDEQ reference)."""
 
 
 @register_method("ditto")
@@ -112,8 +131,11 @@ class Ditto(FedAvg):
                               cfg.local_epochs, cfg.batch_size, cfg.lr, rng)
         up = with_num_samples(snapshot(net, names), data.num_train)
 
-        # Personal step against the received w (w^t, not w_i).
-        v = {k: state[V + k] for k in names} if (V + names[0]) in state else down
+        # Personal step against the received w (w^t, not w_i), from v_i, or from w_i as it is now.
+        if cfg.personal_init == "global":
+            v = {k: up[k] for k in names}
+        else:
+            v = {k: state[V + k] for k in names} if (V + names[0]) in state else down
         v_new, l_v, s_v = self._personal_step(v, down, data, personal_rng)
 
         steps = s_w + s_v
@@ -126,6 +148,12 @@ class Ditto(FedAvg):
         return eval_metrics(self.net, data)
 
     def personalize(self, down, state, data, rng):
-        """Held-out client: v <- final w, then the personal step; nothing is uploaded."""
+        """Held-out client: v <- final w, then the personal step (with personal_init = "global": one
+        whole local update's v); with unseen = "global" no v at all, so it is scored with w. Nothing
+        is uploaded."""
+        if self.cfg.unseen == "global":
+            return {}
+        if self.cfg.personal_init == "global":
+            return self.local_update(down, state, data, rng).state
         v_new, _, _ = self._personal_step(down, down, data, rng)
         return {V + k: t for k, t in v_new.items()}

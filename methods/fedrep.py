@@ -12,10 +12,22 @@ The model is head(body(x)); the body phi is shared, each client keeps its own he
 
 Every client's head starts from the same initial head (the server's initial model). A held-out
 client trains only its head on the final body (head_epochs), as in the paper's new-client test.
+
+Options, each default keeping the harness's earlier numbers:
+  * server_weights = "samples" (default): phi <- the n_i-weighted mean above. "uniform": the plain
+    mean over the cohort, as the FeDEQ reference does for FedRep on every task (longtanle/FeDEQ
+    `trainers/vision/fedrep_resnet.py` lines 230-231 and `trainers/sequence/fedrep_seq.py` line 204:
+    `model_average(..., weights=None)`, for the body and its BatchNorm statistics alike).
+  * unseen_bn = "drop" (default): a held-out client's head training (train mode) updates the body's
+    BatchNorm statistics, and they are dropped: it is evaluated with the final body's statistics.
+    "keep": it is evaluated with the statistics its head training left, as the reference's
+    `unseen_net_states` (fedrep_resnet.py lines 243-273) and FeDEQ's held-out clients. Models without
+    BatchNorm in the body (mlp, transformers) give the same numbers either way.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -30,6 +42,12 @@ from fedeq_bench.methods.train import sgd_epochs
 class FedRepConfig(MethodConfig):
     head_epochs: int = ranged(10, ge=0)
     """Epochs of head-only SGD before the body epochs; raising it fits heads closer to local data."""
+    server_weights: Literal["samples", "uniform"] = "samples"
+    """Server average of the bodies weighted by n_i (`samples`) or uniform over the cohort (the FeDEQ
+    reference's code)."""
+    unseen_bn: Literal["drop", "keep"] = "drop"
+    """A held-out client's BatchNorm statistics after its head training: dropped for the final body's
+    (`drop`) or kept for its evaluation (`keep`, the FeDEQ reference)."""
 
 
 @register_method("fedrep")
@@ -55,4 +73,4 @@ class FedRep(PartialSharing):
     def personalize(self, down, state, data, rng):
         self.load_client(down, state)
         self._train_head(self.net, data, rng)
-        return self.personal_state()
+        return self.personal_state(keep_stats=self.cfg.unseen_bn == "keep")

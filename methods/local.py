@@ -4,16 +4,27 @@ The no-collaboration baseline of personalized FL (e.g. "Local" in Ditto, arXiv 2
 FeDEQ, arXiv 2309.15659): what a client gets from its own data alone, at zero bytes.
 
     Client: own_i <- w^0 (the initial model, the same for every client and every method at this seed)
-            each round it is in the cohort: local_epochs of SGD on CE(own_i) over D_i
+            each round it trains: local_epochs of SGD on CE(own_i) over D_i
             send nothing
     Server: nothing; it keeps w^0 only to hand every new client the same starting model
     Eval:   own_i.   Held out: own <- w^0, one round of local training (local_epochs), evaluate.
 
 Both messages are empty dicts, and bench/loop/wire.py does not send an empty message (0 bytes), so
-`bytes/up`, `bytes/down` and `bytes/cumulative` are exactly 0. A client trains only in the rounds the
-shared schedule samples it, so it does the same amount of local work as in every other method.
+`bytes/up`, `bytes/down` and `bytes/cumulative` are exactly 0.
+
+Option `participation` (which clients train in a round; the method's `cohort`, which the engine reads):
+  * "sampled" (default): only the round's cohort from the shared schedule, so a client does the same
+    amount of local work as in every other method.
+  * "all": every training client, every round, as the reference does (longtanle/FeDEQ
+    `trainers/vision/local_resnet.py` line 85 and `trainers/sequence/local_seq.py` line 85:
+    `selected_clients = list(range(self.num_clients))`): about 1 / fraction times the local training
+    of "sampled". Bytes stay 0; each client's first update is metered as usual (all in round 1), and
+    no training client is ever "never trained".
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -23,6 +34,7 @@ from fedeq_bench.methods.base import (
     LocalResult,
     Message,
     Method,
+    MethodConfig,
     State,
     register_method,
     whole_model_personal,
@@ -33,8 +45,20 @@ OWN = "own."
 """State key prefix of the client's own model."""
 
 
+@dataclass(frozen=True)
+class LocalConfig(MethodConfig):
+    participation: Literal["sampled", "all"] = "sampled"
+    """Clients that train in a round: the schedule's cohort (`sampled`, equal work with the other methods)
+    or every training client (`all`, the reference's runners)."""
+
+
 @register_method("local")
 class Local(Method):
+    Config = LocalConfig
+
+    def cohort(self, sampled, clients):
+        return sorted(clients) if self.cfg.participation == "all" else sampled
+
     def param_split(self, net):
         return whole_model_personal(net, shared=False)  # nothing is uploaded; the whole model is personal
 

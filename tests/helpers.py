@@ -46,6 +46,80 @@ def method_setup(method: type[Method], *, data_seed: int, n: int = 12, labels: t
     return MethodSetup(algo, server, ref, ClientTensors(x, y, x[:2], y[:2], x[:4], y[:4]))
 
 
+def trajectory(method: type[Method], **cfg: Any) -> dict[str, float]:
+    """A method's numbers on the tiny task (method_setup, data seed 1, 12 samples, lr 0.1, 2 epochs,
+    batch 4, and `cfg`): client 0 trains rounds 1 and 2 (the server aggregating its upload alone),
+    is evaluated, then client 5 joins from the new server and is personalized and evaluated.
+    Float64 sums of what each step returns, so that a changed computation shows; the tests compare
+    them with values recorded from the code before an option existed."""
+    algo, server, _, d = method_setup(method, data_seed=1, n=12, lr=0.1, local_epochs=2, batch_size=4, **cfg)
+
+    def total(tensors: dict) -> float:
+        return float(sum(t.double().sum() for _, t in sorted(tensors.items())))
+
+    state = algo.init_client(0, server, seeding.generator(0, "client_init", 0))
+    rec: dict[str, float] = {}
+    for rnd in (1, 2):
+        up, state, m = algo.local_update(algo.broadcast(server, 0, rnd), state, d, seeding.generator(0, "local", rnd, 0))
+        rec[f"up{rnd}"], rec[f"state{rnd}"], rec[f"loss{rnd}"] = total(up), total(state), m["loss"]
+        if up:
+            server, _ = algo.aggregate(server, [(0, up)], rnd)
+    rec["eval"] = algo.evaluate(algo.broadcast(server, 0, 3), state, d, eval_rng(2, 0))["test_loss"]
+    fresh = algo.init_client(5, server, seeding.generator(0, "client_init", 5))
+    personal = algo.personalize(algo.broadcast(server, 5, 3), fresh, d, seeding.generator(0, "personalize", 2, 5))
+    rec["personalized"] = total(personal)
+    rec["eval_unseen"] = algo.evaluate(algo.broadcast(server, 5, 3), personal, d, eval_rng(2, 5))["test_loss"]
+    return rec
+
+
+def bn_net() -> nn.Module:
+    """A tiny head(body(x)) with BatchNorm in the body, for the tiny task: body Linear(4, 8),
+    BatchNorm1d(8), ReLU; head Linear(8, 3). Built after torch.manual_seed(0)."""
+    from fedeq_bench.methods.nets import BodyHead
+
+    torch.manual_seed(0)
+    return BodyHead(nn.Sequential(nn.Linear(TINY_FEATURES, 8), nn.BatchNorm1d(8), nn.ReLU()),
+                    nn.Linear(8, TINY_CLASSES))
+
+
+def check_unseen_bn(method: type[Method], **cfg: Any) -> None:
+    """A held-out client of a head-only personalization (FedRep, FedPer) on `bn_net`, one full-batch
+    head epoch (`cfg` sets it): with unseen_bn = "keep" its evaluation uses the BatchNorm statistics
+    that epoch left, by hand running_mean = 0.9 * 0 + 0.1 * mean(body Linear(x)) and running_var =
+    0.9 * 1 + 0.1 * var(body Linear(x)) (unbiased; the Linear is frozen); with "drop" the final
+    body's statistics (0 and 1), as before the option existed."""
+    from fedeq_bench.methods.partial import KEPT_STATS
+    from fedeq_bench.methods.train import eval_metrics
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, TINY_FEATURES, generator=g), torch.randint(0, TINY_CLASSES, (8,), generator=g)
+    data = ClientTensors(x, y, x[:2], y[:2], x[:4], y[:4])
+    got = {}
+    for mode in ("drop", "keep"):
+        algo = method(method.Config(lr=0.1, batch_size=8, unseen_bn=mode, **cfg), Task("mlp", (4,), 3), net=bn_net())
+        server = algo.init_server(bn_net(), seeding.generator(0, "server_init"))
+        down = algo.broadcast(server, 9, 3)
+        state = algo.personalize(down, algo.init_client(9, server, None), data, seeding.generator(0, "personalize", 2, 9))
+        got[mode] = (state, algo.evaluate(down, state, data, eval_rng(2, 9)), algo)
+    (drop, m_drop, _), (keep, m_keep, algo) = got["drop"], got["keep"]
+    assert set(drop) == {"head.weight", "head.bias"}
+    assert set(keep) == set(drop) | {KEPT_STATS + k for k in ("body.1.running_mean", "body.1.running_var",
+                                                              "body.1.num_batches_tracked")}
+    assert all(torch.equal(keep[k], drop[k]) for k in drop)  # the same head either way
+    h = x @ server["body.0.weight"].T + server["body.0.bias"]
+    assert torch.allclose(keep[KEPT_STATS + "body.1.running_mean"], 0.1 * h.mean(0), atol=1e-6)
+    assert torch.allclose(keep[KEPT_STATS + "body.1.running_var"], 0.9 + 0.1 * h.var(0), atol=1e-6)
+    # Scored with those statistics (keep) or with the final body's (drop): a network loaded by hand.
+    for state, metrics, stats in ((keep, m_keep, "kept"), (drop, m_drop, "server")):
+        net = bn_net()
+        net.load_state_dict({**server, **{k: v for k, v in state.items() if not k.startswith(KEPT_STATS)}})
+        if stats == "kept":
+            net.body[1].running_mean.copy_(state[KEPT_STATS + "body.1.running_mean"])
+            net.body[1].running_var.copy_(state[KEPT_STATS + "body.1.running_var"])
+        assert metrics == eval_metrics(net, data)
+    assert m_keep["test_loss"] != m_drop["test_loss"]
+
+
 def eval_rng(rnd: int = 1, cid: int = 0) -> torch.Generator:
     """The generator the engine hands evaluate() for client `cid` after round `rnd` (bench/loop/backends.py)."""
     return seeding.generator(0, "eval", rnd, cid)

@@ -16,6 +16,8 @@ The clients' own streams (`local`, `eval`, `personalize`) are drawn by bench/loo
 Scale (bench/loop/store.py): client states live in a `ClientStore`, which keeps a state only once the
 client has trained (before that it reads as `init_client` from the initial server, the numbers an
 up-front initialization gave) and spills the least recently used to disk past `--state-budget-gb`.
+The round's cohort is the schedule's sample, or what the method's `cohort` widens it to (`local` with
+participation = "all" trains every client every round, as the reference's runners do).
 Per round the engine touches the cohort and the clients it evaluates, never the idle ones; with
 `--eval-clients N` an evaluation before the last scores N sampled training (and held-out) clients,
 the same ones for every method, so acc/* of those rounds are sample estimates; the last round
@@ -261,7 +263,7 @@ def run_method(
 
     for rnd in range(start, run.rounds + 1):
         t0 = time.perf_counter()
-        cohort = schedule[rnd - 1]
+        cohort = algo.cohort(schedule[rnd - 1], train_ids)  # the schedule's sample unless the method trains more
         trained.update(cohort)
         never_trained = [c for c in train_ids if c not in trained]
         jobs, down_bytes, cache = [], 0, EncodeCache()

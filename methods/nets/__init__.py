@@ -81,10 +81,22 @@ def final_linear(net: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def features_and_logits(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input of the final Linear classifier, logits) from one forward of `net` (with autograd)."""
+def embedding_norm(net: nn.Module) -> nn.Module | None:
+    """The body's last BatchNorm, None if it has none: on resnet20 / resnet34 the BatchNorm1d(128) of
+    the reference's FC block, whose input is the reference's CIFAR `embedding` (the 128-d ReLU output
+    before `linear_batchnorm`, longtanle/FeDEQ utils/resnet_cifar.py lines 241-245) and whose output
+    feeds the classifier."""
+    body = getattr(net, "body", None)
+    norms = [m for m in body.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if body is not None else []
+    return norms[-1] if norms else None
+
+
+def features_and_logits(net: nn.Module, x: torch.Tensor, at: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input of the module `at`, logits) from one forward of `net` (with autograd); `at` defaults to
+    the final Linear classifier, so the features are the classifier's input."""
     seen: list[torch.Tensor] = []
-    hook = final_linear(net).register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    layer = final_linear(net) if at is None else at
+    hook = layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     try:
         logits = net(x)
     finally:

@@ -73,6 +73,28 @@ def test_serial_and_ray_are_bit_identical(method, ray_backend, tiny):
     assert serial.history[-1]["acc/mean"] > 0
 
 
+# The reference-protocol options take other paths through the engine and the methods: a cohort of
+# every client (local), v_i from w_i and held-out clients scored with w (ditto), head-first epochs, a
+# uniform average and kept statistics (fedper, fedrep), the exp(-L2) vote over a train-mode datastore
+# (knnper). The same bits on both backends.
+@pytest.mark.parametrize("method, sets", [
+    ("local", {"local.participation": "all"}),
+    ("ditto", {"ditto.personal_init": "global", "ditto.unseen": "global"}),
+    ("fedper", {"fedper.head_epochs": 1, "fedper.server_weights": "uniform", "fedper.unseen_bn": "keep"}),
+    ("fedrep", {"fedrep.server_weights": "uniform", "fedrep.unseen_bn": "keep"}),
+    ("knnper", {"knnper.kernel": "exp_l2", "knnper.store_mode": "train"}),
+])
+def test_reference_protocol_options_are_bit_identical_too(method, sets, ray_backend, tiny):
+    cfg = tiny_config(tiny, methods=method, rounds=2, fraction=0.34, frac_unseen=0.15, **sets)
+    ds = load_dataset(cfg, 0)
+    serial = engine.run_method(cfg, method, 0, ds, SerialBackend())
+    ray = engine.run_method(cfg, method, 0, ds, ray_backend)
+    for s, r in zip(serial.history, ray.history, strict=True):
+        assert {k: v for k, v in s.items() if k not in NONDETERMINISTIC} == \
+               {k: v for k, v in r.items() if k not in NONDETERMINISTIC}
+    assert serial.ledger.entries == ray.ledger.entries
+
+
 def test_one_call_returns_job_order_and_serials_bits(ray_backend, tiny):
     """`run` directly, with what the engine never sends: jobs out of id order and two distinct
     payloads (each put once and shared by its jobs), more jobs than chunks (2 actors x 2)."""

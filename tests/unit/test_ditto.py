@@ -13,7 +13,7 @@ from fedeq_bench.methods.ditto import Ditto, DittoConfig, V
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.local import OWN, Local
 from fedeq_bench.methods.nets import build_model
-from tests.helpers import tiny_config, write_tiny_npz
+from tests.helpers import tiny_config, trajectory, write_tiny_npz
 
 
 def eval_rng(rnd=1, cid=0):
@@ -151,3 +151,64 @@ def test_engine_ditto_never_sends_v_and_with_lam_zero_scores_as_local(tiny):
     # Personalized accuracy is v_i's; with lam = 0, v_i is local's model, so every score matches.
     for dh, lh in zip(ditto.history, local.history, strict=True):
         assert {k: dh[k] for k in engine.EVAL_METRICS} == {k: lh[k] for k in engine.EVAL_METRICS}
+
+
+# tests/helpers.py `trajectory(Ditto)`, recorded from the code before personal_init and unseen existed.
+BEFORE_OPTIONS = {"up1": 18.900714854827697, "state1": 6.990489578295637, "loss1": 1.06716055671374,
+                  "up2": 20.540440372958187, "state2": 8.542398390633025, "loss2": 0.9226542264223099,
+                  "eval": 0.7447540760040283, "personalized": 11.072966258577708, "eval_unseen": 0.6043230295181274}
+
+
+def test_default_options_keep_the_numbers():
+    assert (DittoConfig().personal_init, DittoConfig().unseen) == ("persist", "personalize")
+    # Same machine: equal bit for bit; the tolerance only absorbs another CPU's float rounding.
+    assert trajectory(Ditto) == pytest.approx(BEFORE_OPTIONS, rel=1e-6)
+    assert trajectory(Ditto, personal_init="global") != pytest.approx(BEFORE_OPTIONS, rel=1e-6)
+
+
+def test_personal_init_global_restarts_v_from_the_just_trained_global_copy():
+    # A linear model, one full-batch step each (n = batch = 8), by hand:
+    #   global step   w_i = w - lr * g(w)
+    #   personal step v   = w_i - lr * (g(w_i) + lam * (w_i - w))     (from w_i, not from the old v_i)
+    d = data(n=8)
+    w = {"0.weight": 0.05 * torch.arange(12.0).reshape(3, 4), "0.bias": torch.tensor([0.2, -0.1, 0.0])}
+    old_v = {V + "0.weight": torch.full((3, 4), 9.0), V + "0.bias": torch.full((3,), 9.0)}
+    algo = Ditto(DittoConfig(lr=0.1, local_epochs=1, batch_size=8, lam=2.0, personal_init="global"),
+                 Task("mlp", (4,), 3), net=nn.Sequential(nn.Linear(4, 3)))
+    up, new, m = algo.local_update(w, old_v, d, seeding.generator(0, "local", 1, 0))
+    assert m["steps"] == 2
+    gW, gb = ce_grad(w["0.weight"], w["0.bias"], d.train_x, d.train_y)
+    wi_W, wi_b = w["0.weight"] - 0.1 * gW, w["0.bias"] - 0.1 * gb
+    assert torch.allclose(up["0.weight"], wi_W, atol=1e-6) and torch.allclose(up["0.bias"], wi_b, atol=1e-6)
+    hW, hb = ce_grad(wi_W, wi_b, d.train_x, d.train_y)
+    assert torch.allclose(new[V + "0.weight"], wi_W - 0.1 * (hW + 2.0 * (wi_W - w["0.weight"])), atol=1e-6)
+    assert torch.allclose(new[V + "0.bias"], wi_b - 0.1 * (hb + 2.0 * (wi_b - w["0.bias"])), atol=1e-6)
+    # The old v_i plays no part: the same update without one.
+    _, fresh, _ = algo.local_update(w, {}, d, seeding.generator(0, "local", 1, 0))
+    assert all(torch.equal(fresh[k], new[k]) for k in new)
+
+
+def test_unseen_global_scores_the_final_w_as_fedavg_does():
+    algo, server = make(unseen="global")
+    d = data()
+    down = algo.broadcast(server, 5, 3)
+    assert algo.personalize(down, {}, d, seeding.generator(0, "personalize", 1, 5)) == {}  # nothing trained
+    fedavg, _ = make(FedAvg, MethodConfig)
+    assert algo.evaluate(down, {}, d, eval_rng()) == fedavg.evaluate(down, {}, d, eval_rng())
+    # personal_init = "global" with the default unseen: the v one whole local update leaves.
+    g, _ = make(personal_init="global")
+    _, ref, _ = g.local_update(down, {}, d, seeding.generator(0, "personalize", 1, 5))
+    got = g.personalize(down, {}, d, seeding.generator(0, "personalize", 1, 5))
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_engine_unseen_global_gives_fedavgs_held_out_accuracy(tiny):
+    """Ditto's w is FedAvg's bit for bit, and FedAvg scores held-out clients with w: so must Ditto
+    with unseen = "global" (and not with the default, which trains v on this task)."""
+    runs = {}
+    for name, method, sets in (("global", "ditto", {"ditto.unseen": "global"}), ("default", "ditto", {}),
+                               ("fedavg", "fedavg", {})):
+        cfg = tiny_config(tiny, methods=method, rounds=2, fraction=0.5, frac_unseen=0.34, **sets)
+        runs[name] = engine.run_method(cfg, method, 0, load_dataset(cfg, 0), SerialBackend()).final
+    assert runs["global"]["acc/unseen"] == runs["fedavg"]["acc/unseen"]
+    assert runs["default"]["acc/unseen"] != runs["fedavg"]["acc/unseen"]

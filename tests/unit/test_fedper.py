@@ -8,7 +8,7 @@ from bench.loop import engine
 from bench.loop.backends import SerialBackend
 from fedeq_bench.core import seeding
 from fedeq_bench.methods.fedper import FedPer
-from tests.helpers import eval_rng, method_setup, tiny_config, write_tiny_npz
+from tests.helpers import check_unseen_bn, eval_rng, method_setup, tiny_config, trajectory, write_tiny_npz
 
 BODY_KEYS = {"body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias"}
 HEAD_KEYS = {"head.weight", "head.bias"}
@@ -103,3 +103,55 @@ def test_engine_counts_exactly_the_body_bytes_and_never_sends_the_head(tiny):
         assert h["bytes/down"] == 6 * down and h["bytes/up"] == 6 * up
     assert res.ledger.keys_sent() == BODY_KEYS | {"num_samples"}
     assert (res.params_shared, res.params_personal) == (4 * 200 + 200 + 200 * 200 + 200, 200 * 3 + 3)
+
+
+# tests/helpers.py `trajectory(FedPer)`, recorded from the code before head_epochs, server_weights and
+# unseen_bn existed.
+BEFORE_OPTIONS = {"up1": 18.76396688009993, "state1": 0.13674797472776845, "loss1": 1.0669091840585072,
+                  "up2": 20.40369234248203, "state2": 0.1367480304761557, "loss2": 0.920618732770284,
+                  "eval": 0.7374559640884399, "personalized": 0.13674757566855078, "eval_unseen": 0.772036075592041}
+
+
+def test_default_options_keep_the_numbers():
+    cfg = FedPer.Config()
+    assert (cfg.head_epochs, cfg.server_weights, cfg.unseen_bn) == (0, "samples", "drop")
+    # Same machine: equal bit for bit; the tolerance only absorbs another CPU's float rounding.
+    assert trajectory(FedPer) == pytest.approx(BEFORE_OPTIONS, rel=1e-6)
+    assert trajectory(FedPer, unseen_bn="keep") == trajectory(FedPer)  # mlp has no BatchNorm
+    assert trajectory(FedPer, head_epochs=1) != pytest.approx(BEFORE_OPTIONS, rel=1e-6)
+
+
+def test_head_epochs_train_the_head_alone_before_the_joint_epochs():
+    # n == batch: one full-batch step per epoch. By hand, head_epochs = 1, local_epochs = 1:
+    #   head step:  h1 = h - lr * dCE/dh (phi, h)              (phi frozen)
+    #   joint step: phi' = phi - lr * dCE/dphi (phi, h1),  h2 = h1 - lr * dCE/dh (phi, h1)
+    algo, server, ref, d = setup(lr=0.1, batch=8, n=8, head_epochs=1)
+    state = algo.init_client(0, server, None)
+    up, new_state, m = algo.local_update(algo.broadcast(server, 0, 1), state, d, seeding.generator(0, "local", 1, 0))
+    assert m["steps"] == 2
+    head = dict(ref.head.named_parameters())
+    g = torch.autograd.grad(F.cross_entropy(ref(d.train_x), d.train_y), list(head.values()))
+    with torch.no_grad():
+        for p, gp in zip(head.values(), g, strict=True):
+            p.sub_(0.1 * gp)
+    names = [n for n, _ in ref.named_parameters()]
+    grads = dict(zip(names, torch.autograd.grad(F.cross_entropy(ref(d.train_x), d.train_y),
+                                                list(ref.parameters())), strict=True))
+    for name, p in ref.named_parameters():
+        got = up[name] if name in BODY_KEYS else new_state[name]
+        assert torch.allclose(got, p.detach() - 0.1 * grads[name], atol=1e-6), name
+
+
+def test_server_weights_uniform_is_the_plain_mean_of_bodies():
+    a_server = setup()[1]
+    a = {k: torch.full_like(a_server[k], 2.0) for k in BODY_KEYS} | {"num_samples": torch.tensor(3)}
+    b = {k: torch.full_like(a_server[k], -1.0) for k in BODY_KEYS} | {"num_samples": torch.tensor(1)}
+    algo, server, _, _ = setup(server_weights="uniform")
+    new, _ = algo.aggregate(server, [(1, b), (0, a)], 1)
+    for k in BODY_KEYS:  # (2 - 1) / 2, where the default gives 1.25 (test above)
+        assert torch.allclose(new[k], torch.full_like(server[k], 0.5))
+    assert all(torch.equal(new[k], server[k]) for k in HEAD_KEYS)
+
+
+def test_unseen_bn_keep_scores_held_out_clients_with_their_own_statistics():
+    check_unseen_bn(FedPer, unseen_head_epochs=1)

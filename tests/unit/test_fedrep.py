@@ -1,9 +1,10 @@
 """FedRep: head epochs with the body frozen, then body epochs with the head frozen; head stays home."""
+import pytest
 import torch
 
 from fedeq_bench.core import seeding
 from fedeq_bench.methods.fedrep import FedRep
-from tests.helpers import eval_rng, method_setup
+from tests.helpers import check_unseen_bn, eval_rng, method_setup, trajectory
 
 
 def setup(head_epochs=2, epochs=1):
@@ -56,3 +57,32 @@ def test_evaluation_uses_global_body_and_own_head():
     m = algo.evaluate(algo.broadcast(server, 0, 1), head, d, eval_rng())
     # A zero weight with bias favouring class 2 predicts 2 for every input, whatever the body.
     assert m["test_acc"] == float((d.test_y == 2).sum()) / 4
+
+
+# tests/helpers.py `trajectory(FedRep)`, recorded from the code before server_weights and unseen_bn existed.
+BEFORE_OPTIONS = {"up1": 31.68909438135836, "state1": 0.13674859050479427, "loss1": 0.9163166715039147,
+                  "up2": 36.726429138295316, "state2": 0.13674841703323182, "loss2": 0.6108264144923952,
+                  "eval": 0.3896437883377075, "personalized": 0.136748317439924, "eval_unseen": 0.4647868573665619}
+
+
+def test_default_options_keep_the_numbers():
+    assert (FedRep.Config().server_weights, FedRep.Config().unseen_bn) == ("samples", "drop")
+    # Same machine: equal bit for bit; the tolerance only absorbs another CPU's float rounding.
+    assert trajectory(FedRep) == pytest.approx(BEFORE_OPTIONS, rel=1e-6)
+    # mlp has no BatchNorm: keeping statistics changes nothing here.
+    assert trajectory(FedRep, unseen_bn="keep") == trajectory(FedRep)
+
+
+def test_server_weights_uniform_is_the_plain_mean_of_bodies():
+    algo, server, _ = setup()
+    body = [k for k in server if k.startswith("body.")]
+    a = {k: torch.full_like(server[k], 2.0) for k in body} | {"num_samples": torch.tensor(3)}
+    b = {k: torch.full_like(server[k], -1.0) for k in body} | {"num_samples": torch.tensor(1)}
+    uniform, _ = method_setup(FedRep, data_seed=1, server_weights="uniform")[:2]
+    for alg, want in ((algo, (2.0 * 3 - 1.0) / 4), (uniform, (2.0 - 1.0) / 2)):  # 1.25 by n_i, 0.5 plain
+        new, _ = alg.aggregate(server, [(1, b), (0, a)], 1)
+        assert all(torch.allclose(new[k], torch.full_like(server[k], want)) for k in body)
+
+
+def test_unseen_bn_keep_scores_held_out_clients_with_their_own_statistics():
+    check_unseen_bn(FedRep, head_epochs=1)

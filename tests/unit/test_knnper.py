@@ -12,6 +12,8 @@ from fedeq_bench.methods.base import ClientTensors, MethodConfig, Task
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.knnper import KNNPer, KNNPerConfig, features_and_logits, knn_probs
 from fedeq_bench.methods.nets import BodyHead, build_model
+from fedeq_bench.methods.train import load
+from tests.helpers import bn_net, trajectory
 
 
 def eval_rng(rnd=1, cid=0):
@@ -179,3 +181,108 @@ def test_per_position_targets_put_every_training_token_in_the_datastore():
     assert plain == eval_metrics(fedavg.net, d)  # the per-token evaluation (60 test tokens)
     m = KNNPer(KNNPerConfig(**cfg, mix=1.0), task).evaluate(down, {}, d, eval_rng())
     assert m["test_acc"] == 1.0 and m["test_n"] == 6.0  # 60 of 60 tokens; test_n counts windows
+
+
+# tests/helpers.py `trajectory(KNNPer)`, recorded from the code before kernel, features and store_mode existed.
+BEFORE_OPTIONS = {"up1": 18.900714854827697, "state1": 0.0, "loss1": 1.0669091840585072,
+                  "up2": 20.540440372958187, "state2": 0.0, "loss2": 0.920618732770284,
+                  "eval": 0.8304543495178223, "personalized": 0.0, "eval_unseen": 0.8304543495178223}
+
+
+def test_default_options_keep_the_numbers():
+    cfg = KNNPerConfig()
+    assert (cfg.kernel, cfg.features, cfg.store_mode) == ("softmax_sq", "head_input", "eval")
+    # Same machine: equal bit for bit; the tolerance only absorbs another CPU's float rounding.
+    assert trajectory(KNNPer) == pytest.approx(BEFORE_OPTIONS, rel=1e-6)
+    assert trajectory(KNNPer, kernel="exp_l2")["eval"] != pytest.approx(BEFORE_OPTIONS["eval"], rel=1e-6)
+
+
+def test_exp_l2_kernel_weighs_neighbours_by_exp_of_minus_the_plain_distance():
+    q = torch.tensor([[0.0, 1.0]])
+    # L2 distances from (0, 1): (0,0) -> 1, (1,0) -> sqrt 2, (0,2) -> 1, (3,3) -> sqrt 13. k = 3 keeps
+    # 1 (label 0), 1 (label 1), sqrt 2 (label 0); weights exp(-d) normalized (the reference's
+    # knn_softmax), no temperature: p0 = (e^-1 + e^-sqrt2) / z, p1 = e^-1 / z, z = 2 e^-1 + e^-sqrt2.
+    r2 = math.exp(-math.sqrt(2.0))
+    z = 2 * E1 + r2
+    for t in (1.0, 5.0):  # the temperature argument plays no part
+        p = knn_probs(q, KEYS, LABELS, k=3, temperature=t, num_classes=3, kernel="exp_l2")
+        assert torch.allclose(p, torch.tensor([[(E1 + r2) / z, E1 / z, 0.0]]), atol=1e-6)
+    # Far keys: every exp(-d) underflows in float32 (d ~ 200), yet the row is the normalized vote.
+    far = knn_probs(q + 200.0, KEYS, LABELS, k=2, temperature=1.0, num_classes=3, kernel="exp_l2")
+    assert torch.isfinite(far).all() and abs(float(far.sum()) - 1.0) < 1e-6
+    # Through evaluate: the identity-body method with mix = 1 scores the exp_l2 vote; a set
+    # temperature is refused with one line, since the kernel has none.
+    algo = KNNPer(KNNPerConfig(model="mlp", k=3, mix=1.0, kernel="exp_l2"), Task("mlp", (2,), 3),
+                  net=BodyHead(nn.Identity(), nn.Linear(2, 3)))
+    assert algo.temperature() == 1.0
+    d = ClientTensors(KEYS, LABELS, q, torch.tensor([0]), q, torch.tensor([0]))
+    down = {"head.weight": torch.zeros(3, 2), "head.bias": torch.zeros(3)}
+    m = algo.evaluate(down, {}, d, eval_rng())
+    assert m["test_acc"] == 1.0 and m["test_loss"] == pytest.approx(-math.log((E1 + r2) / z), rel=1e-6)
+    bad = KNNPer(KNNPerConfig(model="mlp", kernel="exp_l2", temperature=2.0), Task("mlp", (2,), 3),
+                 net=BodyHead(nn.Identity(), nn.Linear(2, 3)))
+    with pytest.raises(BenchError, match="temperature applies to kernel=softmax_sq"):
+        bad.temperature()
+
+
+def bn_method(**cfg):
+    """kNN-Per on tests/helpers.py's bn_net (body Linear(4, 8), BatchNorm1d(8), ReLU; head Linear(8, 3))."""
+    algo = KNNPer(KNNPerConfig(model="mlp", k=3, **cfg), Task("mlp", (4,), 3), net=bn_net())
+    server = algo.init_server(bn_net(), seeding.generator(0, "server_init"))
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(10, 4, generator=g), torch.randint(0, 3, (10,), generator=g)
+    return algo, algo.broadcast(server, 0, 1), ClientTensors(x, y, x[:2], y[:2], x[6:], y[6:])
+
+
+def test_pre_norm_features_are_the_input_of_the_last_batchnorm():
+    algo, down, d = bn_method(features="pre_norm")
+    load(algo.net, down)
+    algo.net.eval()
+    keys, labels = algo._datastore(d.train_x, d.train_y)
+    # The BatchNorm's input is the body's Linear output, 8 features (T = 8 * scale).
+    assert torch.equal(keys, d.train_x @ down["body.0.weight"].T + down["body.0.bias"]) and torch.equal(labels, d.train_y)
+    assert algo.temperature() == 8.0
+    head_input, _, _ = bn_method()
+    load(head_input.net, down)
+    head_input.net.eval()
+    assert not torch.equal(head_input._datastore(d.train_x, d.train_y)[0], keys)  # after BN and ReLU instead
+    # On the paper's ResNets it is the FC block's BatchNorm1d(128), right before the classifier
+    # (the reference's CIFAR `embedding`); built on the meta device: shapes only.
+    from fedeq_bench.methods.nets import embedding_norm
+
+    with torch.device("meta"):
+        for name, shape, classes in (("resnet20", (1, 28, 28), 62), ("resnet34", (3, 32, 32), 10)):
+            net = build_model(name, shape, classes)
+            norm = embedding_norm(net)
+            assert norm is net.body.fc[-1] and isinstance(norm, nn.BatchNorm1d) and norm.num_features == 128
+    # A model with no BatchNorm in its body is refused with one line, by param_split, which the harness
+    # calls before anything is recorded (bench/experiment/sizing.py); so is a temperature with exp_l2.
+    mlp = KNNPer(KNNPerConfig(model="mlp", features="pre_norm"), Task("mlp", (4,), 3))
+    with pytest.raises(BenchError, match="pre_norm needs a BatchNorm in the model's body.*'mlp' has none"):
+        mlp.param_split(build_model("mlp", (4,), 3))
+    exp = KNNPer(KNNPerConfig(model="mlp", kernel="exp_l2", temperature=1.0), Task("mlp", (4,), 3))
+    with pytest.raises(BenchError, match="temperature applies to kernel=softmax_sq"):
+        exp.param_split(build_model("mlp", (4,), 3))
+
+
+def test_store_mode_train_embeds_the_datastore_with_batch_statistics_and_puts_the_buffers_back():
+    algo, down, d = bn_method(store_mode="train")
+    load(algo.net, down)
+    algo.net.eval()
+    before = {k: v.clone() for k, v in algo.net.state_dict().items()}
+    keys, _ = algo._datastore(d.train_x, d.train_y)
+    # By hand: one train-mode BatchNorm over the 10 training rows (biased variance, eps 1e-5, scale 1,
+    # shift 0), then ReLU: the classifier's input.
+    h = d.train_x @ down["body.0.weight"].T + down["body.0.bias"]
+    want = torch.relu((h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5))
+    assert torch.allclose(keys, want, atol=1e-5)
+    after = algo.net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and not algo.net.training
+    # The eval-mode datastore uses the running statistics (0 and 1) instead, and scores differ.
+    eval_algo, _, _ = bn_method()
+    load(eval_algo.net, down)
+    eval_algo.net.eval()
+    assert torch.allclose(eval_algo._datastore(d.train_x, d.train_y)[0], torch.relu(h / math.sqrt(1 + 1e-5)), atol=1e-5)
+    trained = bn_method(store_mode="train", mix=1.0)
+    plain = bn_method(mix=1.0)
+    assert trained[0].evaluate(down, {}, d, eval_rng()) != plain[0].evaluate(down, {}, d, eval_rng())

@@ -74,3 +74,41 @@ def test_evaluation_uses_the_clients_own_model():
     own[OWN + "head.weight"] = torch.zeros(3, 200)
     own[OWN + "head.bias"] = torch.tensor([0.0, 0.0, 1.0])  # predicts class 2 for every input
     assert algo.evaluate({}, own, d, eval_rng())["test_acc"] == float((d.test_y == 2).sum()) / 3
+
+
+# Final-round numbers of `local` on this file's tiny task (fraction 0.5, 2 of 6 clients held out),
+# computed with the code before `participation` existed: the default must keep them.
+BEFORE_PARTICIPATION = {"loss/train": (1.1476865410804749, 1.1294620037078857), "acc/unseen": 0.125}
+
+
+def run_local(tiny, fraction=0.5, **sets):
+    cfg = tiny_config(tiny, methods="local", rounds=2, fraction=fraction, frac_unseen=0.34, **sets)
+    return engine.run_method(cfg, "local", 0, load_dataset(cfg, 0), SerialBackend())
+
+
+def test_participation_sampled_is_the_default_and_keeps_the_numbers(tiny):
+    res = run_local(tiny)
+    assert Local.Config().participation == "sampled"
+    # Same machine: equal bit for bit; the tolerance only absorbs another CPU's float rounding.
+    assert [h["loss/train"] for h in res.history] == pytest.approx(BEFORE_PARTICIPATION["loss/train"], rel=1e-6)
+    assert res.final["acc/unseen"] == BEFORE_PARTICIPATION["acc/unseen"]
+    # A cohort of 2 of the 4 training clients per round; this seed's schedule leaves one never sampled.
+    assert [h["clients/never_trained"] for h in res.history] == [2, 1]
+
+
+def test_participation_all_trains_every_client_every_round_at_zero_bytes(tiny):
+    res = run_local(tiny, **{"local.participation": "all"})
+    ds = load_dataset(tiny_config(tiny, methods="local", rounds=2, fraction=0.5, frac_unseen=0.34), 0)
+    train = sorted(ds.train_ids)
+    assert len(train) == 4
+    # The ledger has a (down, up) row for every training client in both rounds, all of 0 bytes.
+    assert sorted((e[0], e[1]) for e in res.ledger.entries if e[2] == "up") == [(r, c) for r in (1, 2) for c in train]
+    assert res.ledger.total() == 0 and all(h["bytes/cumulative"] == 0 for h in res.history)
+    assert all(h["clients/never_trained"] == 0 and h["mem/peak_train_bytes"] > 0 for h in res.history)
+    # Every client trains in both rounds with its own streams ("local", round, cid): exactly what the
+    # default gives when the schedule samples everyone (fraction 1), and not what it gives at 0.5.
+    full = run_local(tiny, fraction=1.0)
+    keys = ("loss/train", *engine.EVAL_METRICS, "acc/unseen")
+    for h, f in zip(res.history, full.history, strict=True):
+        assert {k: h[k] for k in keys} == {k: f[k] for k in keys}
+    assert res.history[-1]["loss/train"] != run_local(tiny).history[-1]["loss/train"]

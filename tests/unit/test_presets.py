@@ -58,6 +58,17 @@ def test_preset_carries_the_reference_settings(name):
     else:
         assert (fedeq.solver, fedeq.dual_init, fedeq.server_weights) == ("anderson", 0.0, "samples")
     assert cfg.methods["fedrep"].head_epochs == 3
+    # The baselines by the reference's runners (trainers/vision/*.py, trainers/sequence/*.py), cited
+    # line by line in the presets' comments and docs/methods.md.
+    vision = name != "shakespeare"
+    fedper, fedrep, ditto, knnper = (cfg.methods[m] for m in ("fedper", "fedrep", "ditto", "knnper"))
+    assert cfg.methods["local"].participation == "all"
+    assert (ditto.personal_init, ditto.unseen) == ("global", "global")
+    assert fedper.head_epochs == 3 and fedper.unseen_head_epochs == 3
+    assert fedper.server_weights == ("samples" if vision else "uniform") and fedrep.server_weights == "uniform"
+    assert (fedper.unseen_bn, fedrep.unseen_bn) == (("keep", "keep") if vision else ("drop", "drop"))
+    assert (knnper.kernel, knnper.store_mode) == ("exp_l2", "train")
+    assert knnper.features == ("pre_norm" if name.startswith("cifar") else "head_input")
     # finetune_frac 0.3 of the rounds as FedAvg: rounds 1 .. 0.3 * rounds, then fine-tuning.
     assert cfg.methods["fedavg_ft"].switch_round == int(0.3 * run.rounds) + 1
 
