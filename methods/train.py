@@ -26,7 +26,7 @@ bench/config.py). The worker sets them around each client job from the method's 
   * eval_dropout: `eval_mode` (every evaluation forward) leaves the modules that apply dropout in
     training mode, and only those (BatchNorm keeps its running statistics): the reference evaluates
     Shakespeare through `seq_pred_fn` (utils/jax_utils.py:362), whose `model.apply` keeps the
-    models' default `is_training=True` (utils/model_utils.py:1180, 1235). The masks come from
+    models' default `is_training=True` (utils/model_utils.py:1182, 1236). The masks come from
     torch's global generator, which the worker seeds per job from the `global` stream.
 """
 from __future__ import annotations

@@ -111,7 +111,7 @@ def test_eval_dropout_off_evaluates_deterministically_and_draws_nothing():
 
 def test_eval_dropout_evaluates_as_the_reference_with_is_training_true():
     # longtanle/FeDEQ utils/jax_utils.py:362-364 `seq_pred_fn` calls model.apply without is_training,
-    # whose default is True (utils/model_utils.py:1180, 1235): evaluation with dropout on. For a model
+    # whose default is True (utils/model_utils.py:1182, 1236): evaluation with dropout on. For a model
     # whose only train-mode difference is dropout, that is its train-mode forward.
     torch.manual_seed(0)
     net = build_model("transformer8", (8,), 5)
