@@ -68,6 +68,15 @@ class RunConfig:
     """Fraction of each client's training data held out as validation (what sweeps optimize)."""
     frac_unseen: float = ranged(0.0, ge=0, lt=1)
     """Fraction of clients held out of training and personalized after it (acc/unseen)."""
+    unseen_pick: Literal["random", "last"] = "random"
+    """Which clients are held out: `random` (stream `unseen`) or `last`, the highest client ids (the
+    FeDEQ reference's trainers/base.py)."""
+    drop_last: bool = False
+    """Local SGD drops each epoch's last partial mini-batch, a client with fewer samples than the
+    batch size taking them all as one batch (the FeDEQ reference's utils/data_utils.py)."""
+    eval_dropout: bool = False
+    """Evaluate every method with dropout on, masks drawn from the job's `global` stream (the FeDEQ
+    reference's Shakespeare evaluation); models without dropout are unaffected."""
     data_dir: str | None = None
     """Directory searched first for file-based datasets."""
     eval_every: int = ranged(1, ge=1)

@@ -15,7 +15,7 @@ from fedeq_bench.core.errors import BenchError
 
 # The run keys (bench/config.py RunConfig) that shape a dataset; their flags are generated from
 # RunConfig, spelled and documented as in bench.run.
-DATA_KEYS = ("dataset", "clients", "partition", "val_frac", "frac_unseen", "data_dir")
+DATA_KEYS = ("dataset", "clients", "partition", "val_frac", "frac_unseen", "unseen_pick", "data_dir")
 
 
 def build_parser() -> tuple[cli.Parser, list[str]]:

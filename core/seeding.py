@@ -32,7 +32,7 @@ STREAMS = {
     "eval": "(rnd, cid): Method.evaluate, e.g. fine-tuning before testing (bench/loop/backends.py)",
     "personalize": "(rnd, cid): Method.personalize of a held-out client (bench/loop/backends.py)",
     "global": "(kind, rnd, cid): torch's global generator during one client job, for model code that "
-              "draws from it, such as dropout (bench/loop/backends.py)",
+              "draws from it, such as dropout (at evaluation too with eval_dropout) (bench/loop/backends.py)",
     "perf": "(): the generated workload of bench/perf/workloads.py and tests/perf",
 }
 

@@ -25,6 +25,11 @@ class Task:
     device: str = "cpu"
     cpu_memory: str = "live"
     """How the worker meters a local update's memory on CPU (`--cpu-memory`); methods ignore it."""
+    drop_last: bool = False
+    """Local SGD drops each epoch's last partial mini-batch (`--drop-last`); the worker applies it to
+    every job (methods/train.py `job_options`), so methods need not read it."""
+    eval_dropout: bool = False
+    """Evaluations run with dropout on (`--eval-dropout`); applied by the worker like `drop_last`."""
 
 
 @dataclass

@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.errors import BenchError, unknown
 from fedeq_bench.core.files import require_dir
 from fedeq_bench.core.registry import Registry
 from fedeq_bench.core.seeding import numpy_rng
+
+UNSEEN_PICKS = ("random", "last")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,9 @@ class DataArgs:
     """Fraction of each client's training samples carved off as its validation split."""
     frac_unseen: float = 0.0
     """Fraction of clients held out of training, personalized after training (`acc/unseen`)."""
+    unseen_pick: str = "random"
+    """Which clients are held out: `random` (stream `unseen`) or `last`, the round(frac_unseen * n)
+    highest client ids, as the FeDEQ reference holds out its last client indices (trainers/base.py)."""
     data_dir: str | None = None
     """Where file-based datasets look first."""
 
@@ -208,7 +213,12 @@ def build_federated(
     n_unseen = int(round(args.frac_unseen * n))
     if n_unseen >= n:
         raise BenchError(f"frac_unseen={args.frac_unseen} leaves no training client among {n}")
-    unseen = tuple(sorted(int(c) for c in numpy_rng(args.seed, "unseen").permutation(n)[:n_unseen]))
+    if args.unseen_pick == "last":
+        unseen = tuple(range(n - n_unseen, n))
+    elif args.unseen_pick == "random":
+        unseen = tuple(sorted(int(c) for c in numpy_rng(args.seed, "unseen").permutation(n)[:n_unseen]))
+    else:
+        raise unknown("unseen_pick", args.unseen_pick, UNSEEN_PICKS)
     input_shape = tuple(int(d) for d in clients[0].train_x.shape[1:])
     ds = FederatedDataset(
         name=name,

@@ -68,7 +68,7 @@ from fedeq_bench.methods.base import (
     register_method,
 )
 from fedeq_bench.methods.nets import body_of, head_of, split_names
-from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot, with_num_samples
+from fedeq_bench.methods.train import draws_dropout, eval_metrics, load, sgd_epochs, snapshot, with_num_samples
 
 THETA, HEAD, DUAL, NORM = "theta.", "head.", "dual.", "norm."
 FEATURE_CHUNK = 1024  # examples per body forward when caching the head step's features
@@ -96,8 +96,13 @@ class FeDEQConfig(MethodConfig):
     """Forward solver steps at most; raising it lowers residuals at more compute (not more memory)."""
     tol: float = ranged(1e-3, gt=0)
     """Forward solver's residual tolerance (in stop_mode's unit); lowering it costs more steps."""
-    stop_mode: Literal["abs", "rel"] = "abs"
-    """Forward residual: `abs` ||f(z) - z||_2 per example (reference) or `rel` (/ ||f(z)||, looser on large states)."""
+    stop_mode: Literal["abs", "rel", "batch"] = "abs"
+    """Forward residual: `abs` ||f(z) - z||_2 per example (reference, vision), `rel` (/ ||f(z)||, looser on
+    large states) or `batch`, the whole batch's ||f(Z) - Z||_F / sqrt(numel Z), solver=broyden only (the
+    reference's sequence DEQ with tol 1e-6; a Broyden adjoint then stops on it too, at b_tol)."""
+    second_solve: bool = False
+    """Where the body's output is not differentiated (evaluation, the head step), return a second solve
+    from f(z*) instead of z*, as the reference's sequence DEQ does (methods/deq/layer.py)."""
     anderson_variant: Literal["reference", "torchdeq"] = "reference"
     """Anderson (solver=anderson): `reference` m plain warm-up steps, per-example stop, last iterate;
     `torchdeq` 2 warm-up steps, batch-wide stop, lowest-residual iterate."""
@@ -126,6 +131,9 @@ class FeDEQ(Method):
     model_kind = "deq"
 
     def __init__(self, cfg, task, net=None):
+        if cfg.stop_mode == "batch" and cfg.solver != "broyden":
+            raise BenchError(f"fedeq.stop_mode=batch (the reference's Broyden rule) needs fedeq.solver=broyden, "
+                             f"got {cfg.solver!r}")
         super().__init__(cfg, task, net)
         self._solves: list[dict[str, torch.Tensor]] = []  # solver stats of the current call only
         self._b_solves: list[dict[str, torch.Tensor]] = []  # adjoint solves (implicit backward), the same
@@ -142,7 +150,7 @@ class FeDEQ(Method):
                 if isinstance(m, DEQ):
                     kw = {"variant": self.cfg.anderson_variant} if self.cfg.solver == "anderson" else {}
                     m.configure(solver=self.cfg.solver, max_iter=self.cfg.max_iter, tol=self.cfg.tol,
-                                stop_mode=self.cfg.stop_mode, solver_kw=kw,
+                                stop_mode=self.cfg.stop_mode, second_solve=self.cfg.second_solve, solver_kw=kw,
                                 backward=self.cfg.backward, b_max_iter=self.cfg.b_max_iter, b_tol=self.cfg.b_tol,
                                 b_solver=self.cfg.b_solver)
                     m.backward_stats_hooks.append(lambda stats: self._b_solves.append(stats))
@@ -287,13 +295,7 @@ class FeDEQ(Method):
                 return False
             if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
                 return False
-            if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0:
-                return False
-            if isinstance(m, torch.nn.MultiheadAttention) and m.dropout > 0:
-                return False
-            # Dropout drawn in code (F.dropout with the module's rate: the transformers' layers).
-            rate = getattr(m, "dropout", None)
-            if isinstance(rate, float) and rate > 0:
+            if draws_dropout(m):  # nn.Dropout, attention dropout, F.dropout at the module's rate
                 return False
             if isinstance(m, DEQ) and not (m.solver == "anderson" and m.solver_kw.get("variant") == "reference"):
                 return False  # torchdeq's solvers stop batch-wide: an example's z* depends on its batch

@@ -78,7 +78,7 @@ from fedeq_bench.core.ranges import ranged
 from fedeq_bench.methods.base import MethodConfig, register_method
 from fedeq_bench.methods.fedavg import FedAvg
 from fedeq_bench.methods.nets import embedding_norm, features_and_logits, final_linear
-from fedeq_bench.methods.train import EVAL_CHUNK, as_rows, load, metrics_from_counts
+from fedeq_bench.methods.train import EVAL_CHUNK, as_rows, eval_mode, load, metrics_from_counts
 
 QUERY_ROWS = 256
 """Query rows per distance matrix: with per-position targets the datastore holds every training
@@ -230,7 +230,7 @@ class KNNPer(FedAvg):
     def evaluate(self, down, state, data, rng):
         net = self.net
         load(net, down)
-        net.eval()
+        eval_mode(net)  # net.eval(), with dropout kept on under the run's eval_dropout
         keys = labels = None
         if data.num_train > 0:
             keys, labels = self._datastore(data.train_x, data.train_y)

@@ -15,19 +15,36 @@ last position: the next-character-only form, from the same network.
 Per-client metrics: `test_acc` = correct tokens / tokens and `test_loss` = mean CE per token;
 `test_n` counts examples. Every Shakespeare window has the same T tokens, so the engine's
 example-weighted `acc/weighted` equals the token micro-average the reference reports.
+
+Two run options change these steps for every method (`[run] drop_last`, `[run] eval_dropout`,
+bench/config.py). The worker sets them around each client job from the method's Task
+(`job_options`), so that no method has to pass them on and none can forget to:
+  * drop_last: `minibatches` drops each epoch's last partial batch, and a client with fewer samples
+    than the batch size trains on all of them as one batch (the FeDEQ reference's
+    `epoch_generator`, utils/data_utils.py:243-250, with trainers/base.py:96's
+    batch size min(n, B)).
+  * eval_dropout: `eval_mode` (every evaluation forward) leaves the modules that apply dropout in
+    training mode, and only those (BatchNorm keeps its running statistics): the reference evaluates
+    Shakespeare through `seq_pred_fn` (utils/jax_utils.py:362), whose `model.apply` keeps the
+    models' default `is_training=True` (utils/model_utils.py:1182, 1236). The masks come from
+    torch's global generator, which the worker seeds per job from the `global` stream.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.methods.base import NUM_SAMPLES, ClientTensors, Message, Metrics, State
+from fedeq_bench.methods.base import NUM_SAMPLES, ClientTensors, Message, Metrics, State, Task
 
 EVAL_CHUNK = 1024
+_DROP_LAST: ContextVar[bool] = ContextVar("drop_last", default=False)
+_EVAL_DROPOUT: ContextVar[bool] = ContextVar("eval_dropout", default=False)
 LOAD_NAMES_SHOWN = 8
 """How many unknown and valid names a refused `load` lists (a ResNet has hundreds)."""
 
@@ -89,13 +106,31 @@ def num_tokens(y: torch.Tensor) -> int:
     return int(y.numel())
 
 
+@contextlib.contextmanager
+def job_options(task: Task):
+    """The run options of `task` (drop_last, eval_dropout) for the steps below, within the block:
+    the worker wraps every client job in it (bench/loop/backends.py). Outside one, both are off."""
+    drop, dropout = _DROP_LAST.set(task.drop_last), _EVAL_DROPOUT.set(task.eval_dropout)
+    try:
+        yield
+    finally:
+        _EVAL_DROPOUT.reset(dropout)
+        _DROP_LAST.reset(drop)
+
+
 def minibatches(x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, rng: torch.Generator):
     """`epochs` shuffled passes of (x, y) in mini-batches: one permutation per epoch, drawn from `rng`
-    (CPU) when the epoch starts, so the batch order is identical on every backend and device."""
+    (CPU) when the epoch starts, so the batch order is identical on every backend and device.
+    With the run's drop_last, batches of min(n, batch_size) only (module docstring)."""
     n = int(y.shape[0])
+    drop_last = _DROP_LAST.get()
+    if drop_last:
+        batch_size = max(1, min(n, batch_size))  # max: a client with no samples has no batches
     for _ in range(epochs):
         order = torch.randperm(n, generator=rng).to(x.device)
         for start in range(0, n, batch_size):
+            if drop_last and start + batch_size > n:
+                break
             idx = order[start : start + batch_size]
             yield x[idx], y[idx]
 
@@ -134,11 +169,30 @@ def sgd_epochs(
     return (total / steps if steps else float("nan")), steps
 
 
+def draws_dropout(m: nn.Module) -> bool:
+    """Whether module `m` itself applies dropout in training mode: an nn.Dropout, or a module with a
+    float `dropout` rate above 0 (nn.MultiheadAttention; the transformers' layers, which call F.dropout)."""
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return m.p > 0
+    rate = getattr(m, "dropout", None)
+    return isinstance(rate, float) and rate > 0
+
+
+def eval_mode(net: nn.Module) -> None:
+    """`net.eval()`; with the run's eval_dropout, the modules that apply dropout (`draws_dropout`)
+    are put back in training mode, each alone (not its children: a BatchNorm stays in eval mode)."""
+    net.eval()
+    if _EVAL_DROPOUT.get():
+        for m in net.modules():
+            if draws_dropout(m):
+                m.training = True
+
+
 @torch.no_grad()
 def correct_and_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[int, float]:
     """(number correct, summed CE loss) over (x, y), evaluated in chunks; counted in tokens where
     `y` has one label per position."""
-    net.eval()
+    eval_mode(net)
     correct, loss = 0, 0.0
     for s in range(0, int(y.shape[0]), EVAL_CHUNK):
         out, yb = net(x[s : s + EVAL_CHUNK]), y[s : s + EVAL_CHUNK]

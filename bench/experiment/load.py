@@ -71,7 +71,7 @@ def load_dataset(cfg, seed: int, sized: bool = False):
     if not sized:
         sizing.check_before_load(cfg, seeds=[seed], whole_run=False)
     args = DataArgs(seed=seed, clients=run.clients, partition=run.partition, val_frac=run.val_frac,
-                    frac_unseen=run.frac_unseen, data_dir=run.data_dir)
+                    frac_unseen=run.frac_unseen, unseen_pick=run.unseen_pick, data_dir=run.data_dir)
     return get_dataset(run.dataset, cfg.datasets[name], args)
 
 

@@ -35,6 +35,7 @@ from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError
 from fedeq_bench.core.types import ClientTensors, MethodSpec, State
 from fedeq_bench.datasets.base import ClientData, FederatedDataset
+from fedeq_bench.methods.train import job_options
 
 CHUNKS_PER_WORKER = 2
 """Ray calls per actor and `run`: fewer calls cost less overhead, more let the pool balance."""
@@ -170,7 +171,7 @@ class Worker:
             # Built outside the seeded global generator: whether this job builds the method or finds
             # it cached must not shift the job's draws.
             method = self.method(spec)
-            with job_global_rng(seed, kind, rnd, cid, spec.task.device):
+            with job_global_rng(seed, kind, rnd, cid, spec.task.device), job_options(spec.task):
                 return self._run(kind, method, spec, job, seed, rnd, measure)
         except BenchError as e:
             return Result(cid, error=str(e))

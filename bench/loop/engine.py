@@ -229,7 +229,8 @@ def run_method(
     mcfg = resolve_method(config, method, dataset.default_models)
     model_name = mcfg.model
     device = backend.set_dataset(dataset.fingerprint, dataset)
-    task = Task(model_name, dataset.input_shape, dataset.num_classes, device, run.cpu_memory)
+    task = Task(model_name, dataset.input_shape, dataset.num_classes, device, run.cpu_memory,
+                drop_last=run.drop_last, eval_dropout=run.eval_dropout)
     spec = MethodSpec(METHODS.get(method), mcfg, task)
     # The driver's copy (init, broadcast, aggregate: the server side) works on CPU tensors, whatever
     # device the actors train on: a cluster's head node need not have a GPU.

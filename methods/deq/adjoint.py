@@ -138,10 +138,10 @@ def gmres(vjp: VJP, v: Tensor, max_iter: int = 50, tol: float = 1e-3) -> tuple[T
 def _fixed_point_form(name: str) -> AdjointSolver:
     fn = SOLVERS.get(name)
 
-    def adjoint(vjp: VJP, v: Tensor, max_iter: int = 20, tol: float = 1e-3, *,
+    def adjoint(vjp: VJP, v: Tensor, max_iter: int = 20, tol: float = 1e-3, *, stop_mode: str = "rel",
                 diverge_above: float = DIVERGE_ABOVE, **kw) -> tuple[Tensor, dict[str, Tensor]]:
         try:
-            return solve(lambda g: vjp(g) + v, torch.zeros_like(v), name, max_iter, tol,
+            return solve(lambda g: vjp(g) + v, torch.zeros_like(v), name, max_iter, tol, stop_mode=stop_mode,
                          diverge_above=diverge_above, **kw)
         except DEQDivergence as e:
             raise DEQDivergence(f"backward (adjoint) {e}") from None
@@ -162,8 +162,10 @@ def check_options(name: str, options: dict) -> None:
 
 
 def solve_adjoint(vjp: VJP, v: Tensor, solver: str = "gmres", max_iter: int = 50, tol: float = 1e-3, *,
-                  diverge_above: float = DIVERGE_ABOVE, **options) -> tuple[Tensor, dict[str, Tensor]]:
-    """g with g = J^T g + v (vjp(u) = J^T u); returns (g, stats) (module docstring).
+                  stop_mode: str = "rel", diverge_above: float = DIVERGE_ABOVE,
+                  **options) -> tuple[Tensor, dict[str, Tensor]]:
+    """g with g = J^T g + v (vjp(u) = J^T u); returns (g, stats) (module docstring). `stop_mode`: the
+    fixed-point solvers' residual ("rel", or "batch" for broyden: the DEQ layer's stop_mode="batch").
 
     Runs under torch.no_grad (the products themselves call torch.autograd.grad on a graph built
     earlier, which no_grad does not stop)."""
@@ -172,4 +174,4 @@ def solve_adjoint(vjp: VJP, v: Tensor, solver: str = "gmres", max_iter: int = 50
     with torch.no_grad():
         if solver == "gmres":
             return fn(vjp, v.detach(), max_iter, tol)
-        return fn(vjp, v.detach(), max_iter, tol, diverge_above=diverge_above, **options)
+        return fn(vjp, v.detach(), max_iter, tol, stop_mode=stop_mode, diverge_above=diverge_above, **options)

@@ -36,7 +36,19 @@ same as ours): it takes func(z) closures and an argparse-like config, returns tr
 its stats are not ours; the three backward modes are a few lines each on top of our solve().
 
 In eval mode (module.training False) or under torch.no_grad only the forward solve runs, and z* is
-returned as is.
+returned as is; with `second_solve`, a second solve started from f(z*) is returned instead.
+
+`second_solve` is FeDEQ's reference sequence DEQ (longtanle/FeDEQ deq/solver/deq_seq.py:24-29): it
+solves, applies f once (z1 = f(z*)), then calls `rootfind_grad` from z1, a `jax.custom_vjp` whose
+primal body is a second Broyden solve (rootfind.py:49-56) but whose differentiation rule returns z1
+unchanged (`dumb_fwd`, rootfind.py:59-60, 70). So where the output is differentiated through the
+DEQ (the representation step) the reference's value is f(z*), what "implicit" returns here already;
+everywhere else (evaluation, and the head-only step, whose loss is differentiated w.r.t. the head
+alone so the custom_vjp runs its primal body) it is the second solve's answer. This layer does the
+same: the second solve replaces z* exactly where z* is returned without a graph. Its statistics are
+merged into `last_stats`: nstep adds both solves' steps, residual and converged are the second's.
+With `stop_mode="batch"`, a Broyden adjoint (`b_solver="broyden"`) also stops on the batch residual
+(b_tol), as the reference's backward Broyden does with eps = 2e-10 sqrt(z.size) (rootfind.py:26-29).
 """
 from __future__ import annotations
 
@@ -69,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
     "phantom_steps": 5,
     "phantom_tau": 0.5,
     "diverge_above": DIVERGE_ABOVE,
+    "second_solve": False,
 }
 
 
@@ -108,6 +121,10 @@ def _validate(key: str, v: Any) -> Any:
         return _real(key, v, 0.0, 1.0, lo_open=True)
     if key == "diverge_above":
         return _real(key, v, 0.0, lo_open=True)
+    if key == "second_solve":
+        if not isinstance(v, bool):
+            raise BenchError(f"DEQ setting second_solve must be true or false, got {v!r}")
+        return v
     if key in ("solver_kw", "b_solver_kw"):
         if not isinstance(v, dict):
             raise BenchError(f"DEQ setting {key} must be a dict of solver options, got {v!r}")
@@ -119,13 +136,14 @@ class _Adjoint:
     """What the implicit backward needs, captured at forward time (a later configure() does not
     change a graph already built)."""
 
-    __slots__ = ("z", "z_star", "owner", "solver", "max_iter", "tol", "solver_kw", "diverge_above")
+    __slots__ = ("z", "z_star", "owner", "solver", "max_iter", "tol", "stop_mode", "solver_kw", "diverge_above")
     z: Tensor
     z_star: Tensor
     owner: DEQ
     solver: str
     max_iter: int
     tol: float
+    stop_mode: str
     solver_kw: dict[str, Any]
     diverge_above: float
 
@@ -152,7 +170,7 @@ class _ImplicitBackward(torch.autograd.Function):
             return torch.autograd.grad(z, z_star, u, retain_graph=True)[0]
 
         # Raises DEQDivergence("backward (adjoint) ...") on NaN/inf (methods/deq/adjoint.py).
-        g, stats = solve_adjoint(vjp, grad, adj.solver, adj.max_iter, adj.tol,
+        g, stats = solve_adjoint(vjp, grad, adj.solver, adj.max_iter, adj.tol, stop_mode=adj.stop_mode,
                                  diverge_above=adj.diverge_above, **adj.solver_kw)
         adj.owner.last_backward_stats = stats
         for hook in adj.owner.backward_stats_hooks:
@@ -169,7 +187,9 @@ class DEQ(nn.Module):
       max_iter=20          forward steps at most; more: smaller residual, more time (not memory)
       tol=1e-3             stop when every example's residual is below it
       stop_mode="abs"      the forward residual: "abs" ||f(z) - z|| per example (FeDEQ's reference
-                           and torchdeq's default), "rel" ||f(z) - z|| / ||f(z)||
+                           and torchdeq's default), "rel" ||f(z) - z|| / ||f(z)||, "batch" the
+                           whole batch's ||f(Z) - Z||_F / sqrt(numel Z), broyden only (the reference's
+                           sequence DEQ; also its Broyden adjoint's rule: module docstring)
       solver_kw={}         forward solver options (anderson: m, lam, beta; broyden: memory)
       backward="implicit"  implicit, jfb, phantom (module docstring)
       b_solver="gmres"     solver of the implicit backward's adjoint g = J^T g + dL/dz: gmres (one
@@ -185,6 +205,8 @@ class DEQ(nn.Module):
                            grows linearly (phantom_steps applications of func are kept)
       phantom_tau=0.5      phantom: damping in (0, 1]; smaller: smoother but shorter reach
       diverge_above=1e3    raise DEQDivergence when the lowest residual exceeds it
+      second_solve=False   where z* is returned without a graph (eval, no_grad, nothing to
+                           differentiate), return a second solve from f(z*) (module docstring)
     """
 
     # The settings, set from DEFAULTS in __init__ (declared here so that they are typed: nn.Module's
@@ -202,6 +224,7 @@ class DEQ(nn.Module):
     phantom_steps: int
     phantom_tau: float
     diverge_above: float
+    second_solve: bool
 
     def __init__(self, func: nn.Module, **settings: Any):
         super().__init__()
@@ -219,6 +242,9 @@ class DEQ(nn.Module):
         new = {key: _validate(key, v) for key, v in kw.items()}
         merged = {**self.settings(), **new}
         _check_kw(merged["solver"], SOLVERS.get(merged["solver"]), merged["solver_kw"])
+        if merged["stop_mode"] == "batch" and merged["solver"] != "broyden":
+            raise BenchError(f"DEQ stop_mode 'batch' (the FeDEQ reference's Broyden rule) needs solver 'broyden', "
+                             f"got {merged['solver']!r}")
         check_options(merged["b_solver"], merged["b_solver_kw"])
         for key, v in new.items():
             setattr(self, key, v)
@@ -231,15 +257,13 @@ class DEQ(nn.Module):
 
     def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
         z0 = torch.zeros_like(x) if z0 is None else z0
-        z_star, self.last_stats = solve(lambda z: self.func(z, x), z0, self.solver, self.max_iter, self.tol,
-                                        stop_mode=self.stop_mode,
-                                        diverge_above=self.diverge_above, **self.solver_kw)
+        z_star, self.last_stats = self._solve(x, z0)
         if not (self.training and torch.is_grad_enabled()):
-            return z_star
+            return self._second_solve(x, z_star)
         if not (x.requires_grad or any(p.requires_grad for p in self.func.parameters())):
             # Nothing below needs a gradient (e.g. FeDEQ's head-only step with the body frozen):
             # skip the backward's extra application of func and its adjoint solve.
-            return z_star
+            return self._second_solve(x, z_star)
         if self.backward == "jfb":
             return self.func(z_star.detach(), x)
         if self.backward == "phantom":
@@ -254,8 +278,26 @@ class DEQ(nn.Module):
         adj = _Adjoint()
         adj.z, adj.z_star, adj.owner = z, z_star, self
         adj.solver, adj.max_iter, adj.tol = self.b_solver, self.b_max_iter, self.b_tol
+        adj.stop_mode = "batch" if self.stop_mode == "batch" and self.b_solver == "broyden" else "rel"
         adj.solver_kw, adj.diverge_above = dict(self.b_solver_kw), self.diverge_above
         return _ImplicitBackward.apply(z, adj)
+
+    def _solve(self, x: Tensor, z0: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return solve(lambda z: self.func(z, x), z0, self.solver, self.max_iter, self.tol, stop_mode=self.stop_mode,
+                     diverge_above=self.diverge_above, **self.solver_kw)
+
+    def _second_solve(self, x: Tensor, z_star: Tensor) -> Tensor:
+        """z* as it is, or with `second_solve` the solve from f(z*) (module docstring), its stats merged."""
+        if not self.second_solve:
+            return z_star
+        with torch.no_grad():
+            z1 = self.func(z_star, x)
+        z2, second = self._solve(x, z1)
+        first = self.last_stats
+        assert first is not None  # set by forward's first solve
+        self.last_stats = {**second, "nstep": first["nstep"] + second["nstep"],
+                           "residual_first": first["residual_first"]}
+        return z2
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.settings().items())

@@ -13,7 +13,7 @@ utils/hk_transformer.py `UTDEQBlock`, `UTBlock` of github.com/longtanle/FeDEQ). 
            z* = f(z*, u),  z0 = 0,  f(z, u) = LN_f(layer_4(... layer_1(z, u) ..., u))
            (f is one block of 4 layers with their own weights; the DEQ ties that block across its
            iterations)                                                           (shared theta)
-    head:  logits = Linear(LN(layer(z*, E[tokens]))[:, -1])                     (personal w_i)
+    head:  logits = Linear(LN(layer(z*, E[tokens])))  at every position, (B, T, V)  (personal w_i)
     (BodyHead: the body hands the head the tuple (z*, injection, attention mask).)
 `transformer8` (explicit): body h = layer_7(... layer_1(0, u) ..., u); head as above with
 injection u (the reference's UTBlock names its last layer, final LN and classifier `player`).

@@ -216,7 +216,7 @@ def test_unknown_solver_and_bad_settings_fail_helpfully():
         solve(torch.cos, torch.zeros(2), max_iter=0)
     with pytest.raises(BenchError, match="tol must be >= 0"):
         solve(torch.cos, torch.zeros(2), tol=-1.0)
-    with pytest.raises(BenchError, match=r"^unknown stop_mode 'relative'; choose from abs, rel$"):
+    with pytest.raises(BenchError, match=r"^unknown stop_mode 'relative'; choose from abs, rel, batch$"):
         solve(torch.cos, torch.zeros(2), stop_mode="relative")
     with pytest.raises(BenchError, match=r"^unknown anderson variant 'jax'; choose from reference, torchdeq$"):
         solve(torch.cos, torch.zeros(2), variant="jax")
