@@ -169,8 +169,8 @@ def round_bytes(datasets: Sequence[str] = tuple(DATASETS), seed: int = 0,
     return rows
 
 
-def _ratio(num: float, den: float) -> str:
-    return f"{num / den:.2f}x" if num and den else "-"
+def _ratio(num: float, den: float, digits: int = 2) -> str:
+    return f"{num / den:.{digits}f}x" if num and den else "-"
 
 
 def bytes_table(datasets: Sequence[str] = tuple(DATASETS), seed: int = 0) -> str:
@@ -181,7 +181,7 @@ def bytes_table(datasets: Sequence[str] = tuple(DATASETS), seed: int = 0) -> str
     for r in rows:
         f = fedeq[r["dataset"]]
         body.append((r["dataset"], r["method"], r["model"], f"{r['down']:,}", f"{r['up']:,}", f"{r['params']:,}",
-                     _ratio(r["down"] + r["up"], f["down"] + f["up"]), _ratio(r["params"], f["params"])))
+                     _ratio(r["down"] + r["up"], f["down"] + f["up"], 3), _ratio(r["params"], f["params"], 3)))
     title = (f"Bytes per client in round 1 (the wire codec's exact encoding of each method's messages) on the paper "
              f"presets, and the model parameters in the uplink; the paper: FeDEQ's communication up to "
              f"{PAPER_BYTES_RATIO:g}x smaller")
