@@ -14,6 +14,11 @@ FedRep update on the paired explicit model at equal epochs (bench/perf/workloads
 
 `python -m bench.perf --scale`: round time and memory of FedAvg and FeDEQ at 100, 1,000 and 10,000
 clients, a fixed cohort per round and a sampled evaluation (bench/perf/scale.py says what each column is).
+
+`python -m bench.perf --bytes-claim`: the FeDEQ paper's "up to 4 times" smaller communication, from each
+paper preset's real encoded messages of round 1; `--memory-claim`: its "1.5 times" smaller training
+memory, one metered local update per method on the paper's models and batch sizes, FeDEQ once per
+adjoint solver in `--b-solvers` (bench/perf/claims.py says what each measures).
 """
 from __future__ import annotations
 
@@ -42,7 +47,22 @@ def main(argv=None) -> int:
     p.add_argument("--cohort", type=int, default=10, help="--scale: clients trained per round (default 10)")
     p.add_argument("--eval-clients", type=int, default=20, help="--scale: clients per sampled evaluation (default 20)")
     p.add_argument("--state-budget-gb", type=float, default=None, help="--scale: client-state memory budget")
+    p.add_argument("--bytes-claim", action="store_true",
+                   help="bytes per client of every paper preset's methods against FeDEQ's (bench/perf/claims.py)")
+    p.add_argument("--memory-claim", action="store_true",
+                   help="peak training memory of one local update per paper method and model (bench/perf/claims.py)")
+    p.add_argument("--datasets", default=None,
+                   help="--bytes-claim, --memory-claim: comma list of paper datasets (default: femnist,cifar10,"
+                        "cifar100,shakespeare)")
+    p.add_argument("--b-solvers", default=None,
+                   help="--memory-claim: comma list of FeDEQ adjoint solvers (default: normal_cg,gmres, the "
+                        "reference's and the harness's)")
+    p.add_argument("--claim-methods", default=None,
+                   help="--memory-claim: comma list of the presets' methods to meter (default: fedeq,fedavg,fedrep,"
+                        "ditto,knnper)")
     args = p.parse_args(argv)
+    if args.bytes_claim or args.memory_claim:
+        return claims_main(p, args)
     if args.scale:
         from bench.perf import scale
 
@@ -74,6 +94,34 @@ def main(argv=None) -> int:
 
             print()
             print(whole_process_table(args.rounds, args.lr, args.batch_size, workers, repeats=args.repeats))
+    except KeyboardInterrupt:
+        cli.fail("interrupted")
+        return cli.EXIT_INTERRUPTED
+    return 0
+
+
+def claims_main(p: cli.Parser, args) -> int:
+    """--bytes-claim and --memory-claim: every name checked before anything is measured (one line, exit 2)."""
+    from bench.perf import claims
+    from fedeq_bench.core.errors import BenchError
+
+    def names(value, default):
+        return default if value is None else tuple(x.strip() for x in value.split(",") if x.strip())
+
+    try:
+        datasets = names(args.datasets, tuple(claims.DATASETS))
+        for d in datasets:
+            claims.paper_config(d)
+        b_solvers = claims.check_b_solvers(names(args.b_solvers, claims.DEFAULT_B_SOLVERS))
+        methods = claims.check_methods(datasets, names(args.claim_methods, claims.MEMORY_METHODS))
+        if args.bytes_claim:
+            print(claims.bytes_table(datasets))
+        if args.memory_claim:
+            if args.bytes_claim:
+                print()
+            print(claims.memory_table(datasets, b_solvers, methods))
+    except BenchError as e:
+        p.error(str(e))
     except KeyboardInterrupt:
         cli.fail("interrupted")
         return cli.EXIT_INTERRUPTED
