@@ -69,6 +69,9 @@ from fedeq_bench.methods.deq.solvers import DIVERGE_ABOVE, SOLVERS, DEQDivergenc
 AdjointSolver = Callable[..., tuple[Tensor, dict[str, Tensor]]]
 ADJOINT_SOLVERS: Registry[AdjointSolver] = Registry("solver")
 VJP = Callable[[Tensor], Tensor]
+JVP = Callable[[Tensor], Tensor]
+# Solvers that take no options and no diverge_above (they cannot run away on a finite J).
+KRYLOV = ("gmres", "bicgstab", "normal_cg")
 
 
 def _stats(batch: int, nstep: int, res: float, tol: float, like: Tensor) -> dict[str, Tensor]:
@@ -135,6 +138,108 @@ def gmres(vjp: VJP, v: Tensor, max_iter: int = 50, tol: float = 1e-3) -> tuple[T
     return g, _stats(batch, k, res, tol, v)
 
 
+def _per_example(a: Tensor, b: Tensor) -> Tensor:
+    """<a_i, b_i> for every example i of the batch: shape (batch,)."""
+    return (a * b).flatten(1).sum(1)
+
+
+@ADJOINT_SOLVERS.register("normal_cg")
+def normal_cg(vjp: VJP, v: Tensor, max_iter: int = 50, tol: float = 1e-3,
+              jvp: JVP | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """CG on the normal equations (I - J)(I - J^T) g = (I - J) v, per example, as the reference
+    (module docstring); no options. jvp(w) = J w is required (the layer passes it)."""
+    if jvp is None:
+        raise TypeError("normal_cg needs jvp(w) = J w beside vjp(u) = J^T u")
+    batch = v.shape[0]
+    if not torch.isfinite(v).all():
+        raise DEQDivergence("backward (adjoint) normal_cg: dL/dz is not finite")
+
+    def col(s: Tensor) -> Tensor:  # (batch,) -> broadcastable against v
+        return s.view(-1, *([1] * (v.dim() - 1)))
+
+    b = v - jvp(v)  # the normal right-hand side (I - J) v: one JVP
+    if not torch.isfinite(b).all():
+        raise DEQDivergence("backward (adjoint) normal_cg solver diverged: non-finite J v")
+    bs = _per_example(b, b)
+    atol2 = tol**2 * bs  # jax's cg: stop once ||r||^2 <= max(tol^2 ||b||^2, atol^2), atol = 0
+    x, r, p, gamma = torch.zeros_like(v), b, b, bs  # x0 = 0: r0 = b - A x0 = b (A x0 = 0 not evaluated)
+    k = torch.zeros(batch, dtype=torch.int64, device=v.device)
+    active = (gamma > atol2) & (k < max_iter)
+    while bool(active.any()):
+        q = p - vjp(p)  # (I - J^T) p: one VJP
+        Ap = q - jvp(q)  # (I - J) q: one JVP
+        if not torch.isfinite(Ap).all():
+            raise DEQDivergence("backward (adjoint) normal_cg solver diverged: "
+                                f"non-finite product at step {int(k.max()) + 1}")
+        alpha = gamma / _per_example(p, Ap)
+        x_new = x + col(alpha) * p
+        r_new = r - col(alpha) * Ap
+        gamma_new = _per_example(r_new, r_new)
+        p_new = r_new + col(gamma_new / gamma) * p
+        # An example that has stopped keeps its iterate (jax's while_loop under vmap selects).
+        m = col(active)
+        x, r, p = torch.where(m, x_new, x), torch.where(m, r_new, r), torch.where(m, p_new, p)
+        gamma = torch.where(active, gamma_new, gamma)
+        k = k + active
+        active = (gamma > atol2) & (k < max_iter)
+    res = torch.where(bs > 0, (gamma / torch.where(bs > 0, bs, 1.0)).sqrt(), 0.0)
+    return x, {"nstep": k, "residual": res, "residual_first": torch.ones_like(res), "converged": res <= tol}
+
+
+@ADJOINT_SOLVERS.register("bicgstab")
+def bicgstab(vjp: VJP, v: Tensor, max_iter: int = 50, tol: float = 1e-3) -> tuple[Tensor, dict[str, Tensor]]:
+    """BiCGStab on (I - J^T) g = v from g0 = 0, one system over the batch; no options."""
+    shape, batch = v.shape, v.shape[0]
+    b = v.reshape(-1)
+    beta0 = float(b.norm())
+    if not torch.isfinite(b).all():
+        raise DEQDivergence("backward (adjoint) bicgstab: dL/dz is not finite")
+    if beta0 == 0.0:
+        return torch.zeros_like(v), _stats(batch, 0, 0.0, tol, v)
+    k = 0
+
+    def K(u: Tensor) -> Tensor:  # (I - J^T) u, counted
+        nonlocal k
+        k += 1
+        w = u - vjp(u.view(shape)).reshape(-1)
+        if not torch.isfinite(w).all():
+            raise DEQDivergence(f"backward (adjoint) bicgstab solver diverged: non-finite J^T u at product {k}")
+        return w
+
+    x, r = torch.zeros_like(b), b.clone()
+    r_hat = b  # the shadow residual r^_0 = r_0 (never written)
+    p, q = torch.zeros_like(b), torch.zeros_like(b)  # q: van der Vorst's v_i = A p_i
+    rho = alpha = omega = 1.0
+    res = 1.0
+    while k < max_iter and res > tol:
+        rho_new = float(r_hat @ r)
+        if rho_new == 0.0:  # breakdown: r orthogonal to the shadow residual
+            break
+        p = r + (rho_new / rho) * (alpha / omega) * (p - omega * q)
+        q = K(p)
+        denom = float(r_hat @ q)
+        if denom == 0.0:
+            break
+        alpha = rho_new / denom
+        x = x + alpha * p
+        r = r - alpha * q  # s
+        res = float(r.norm()) / beta0
+        if res <= tol or k >= max_iter:
+            break
+        t = K(r)
+        tt = float(t @ t)
+        if tt == 0.0:  # (I - J^T) s = 0 with s != 0: singular; x stays at the half step
+            break
+        omega = float(t @ r) / tt
+        x = x + omega * r
+        r = r - omega * t
+        res = float(r.norm()) / beta0
+        rho = rho_new
+        if omega == 0.0:  # stagnation: the next step would divide by it
+            break
+    return x.view(shape), _stats(batch, k, res, tol, v)
+
+
 def _fixed_point_form(name: str) -> AdjointSolver:
     fn = SOLVERS.get(name)
 
@@ -157,19 +262,24 @@ for _name in ("anderson", "broyden", "fixed_point"):
 
 
 def check_options(name: str, options: dict) -> None:
-    """Reject options the named adjoint solver does not take (gmres takes none), as `solve` does."""
+    """Reject options the named adjoint solver does not take (gmres, bicgstab, normal_cg take none), as
+    `solve` does."""
     _check_kw(name, ADJOINT_SOLVERS.get(name), options)
 
 
 def solve_adjoint(vjp: VJP, v: Tensor, solver: str = "gmres", max_iter: int = 50, tol: float = 1e-3, *,
-                  diverge_above: float = DIVERGE_ABOVE, **options) -> tuple[Tensor, dict[str, Tensor]]:
-    """g with g = J^T g + v (vjp(u) = J^T u); returns (g, stats) (module docstring).
+                  jvp: JVP | None = None, diverge_above: float = DIVERGE_ABOVE,
+                  **options) -> tuple[Tensor, dict[str, Tensor]]:
+    """g with g = J^T g + v (vjp(u) = J^T u); returns (g, stats) (module docstring). jvp(w) = J w
+    is called by normal_cg only.
 
     Runs under torch.no_grad (the products themselves call torch.autograd.grad on a graph built
     earlier, which no_grad does not stop)."""
     fn = ADJOINT_SOLVERS.get(solver)
     check_options(solver, options)
     with torch.no_grad():
-        if solver == "gmres":
+        if solver == "normal_cg":
+            return fn(vjp, v.detach(), max_iter, tol, jvp)
+        if solver in KRYLOV:
             return fn(vjp, v.detach(), max_iter, tol)
         return fn(vjp, v.detach(), max_iter, tol, diverge_above=diverge_above, **options)

@@ -151,9 +151,23 @@ class _ImplicitBackward(torch.autograd.Function):
             # continues through the same graph to the parameters and x.
             return torch.autograd.grad(z, z_star, u, retain_graph=True)[0]
 
+        built: list[tuple[Tensor, Tensor]] = []
+
+        def jvp(w: Tensor) -> Tensor:  # w -> J w, for normal_cg only: the double-backward trick
+            # h(u0) = J^T u0 with its own graph (create_graph), built once on first use and kept for
+            # the solve: h is linear in u0, so its VJP with w is (J^T)^T w = J w. Nothing re-runs
+            # func (no second BatchNorm update, no fresh dropout draw).
+            if not built:
+                with torch.enable_grad():
+                    u0 = torch.zeros_like(z, requires_grad=True)
+                    built.append((u0, torch.autograd.grad(z, z_star, u0, retain_graph=True, create_graph=True)[0]))
+            u0, h = built[0]
+            return torch.autograd.grad(h, u0, w, retain_graph=True)[0]
+
         # Raises DEQDivergence("backward (adjoint) ...") on NaN/inf (methods/deq/adjoint.py).
-        g, stats = solve_adjoint(vjp, grad, adj.solver, adj.max_iter, adj.tol,
+        g, stats = solve_adjoint(vjp, grad, adj.solver, adj.max_iter, adj.tol, jvp=jvp,
                                  diverge_above=adj.diverge_above, **adj.solver_kw)
+        built.clear()  # the double-backward graph goes before the main backward continues
         adj.owner.last_backward_stats = stats
         for hook in adj.owner.backward_stats_hooks:
             hook(stats)
