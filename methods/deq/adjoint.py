@@ -30,6 +30,33 @@ Solvers:
     batch's z size per product made, up to twice that while the basis grows by doubling (at most
     max_iter + 1), against Anderson's 2 m = 10. Written here rather than taken from a library:
     scipy's gmres works on one float64 numpy vector on the host and torch has none.
+  * "normal_cg": the reference's solve (longtanle/FeDEQ `deq/solver/linear_solve.py`
+    `solve_normal_cg`, called from `deq/solver/implicit_diff.py` `root_vjp` with the tol 1e-3 and
+    maxiter 50 of `utils/model_utils.py` line 59): conjugate gradient (jax.scipy.sparse.linalg.cg)
+    on the normal equations of K g = v, K = I - J^T,
+        K^T K g = K^T v,   i.e.  (I - J)(I - J^T) g = (I - J) v,
+    from g0 = 0, one VJP (K p) and one JVP (K^T (K p)) per step, plus one JVP for the right-hand
+    side K^T v. jax's rule: stop once ||r||^2 <= tol^2 ||K^T v||^2, r the normal residual
+    K^T v - K^T K g, or after max_iter steps. Per example, as the reference runs it under vmap:
+    every example has its own step sizes and stops on its own (its iterate is then kept, as
+    jax's while_loop under vmap does); the products still run over the whole batch. So its
+    statistics are per example, its residual is the normal one ||r|| / ||K^T v|| that tol bounds,
+    and nstep counts its steps (each one VJP and one JVP). jax also evaluates K^T K g0 = 0 once
+    before the loop; we skip that product (the same iterates). Correct only for a func that treats
+    examples independently (every DEQ block here); the products need jvp(w) = J w, which the layer
+    gives by the double-backward trick (methods/deq/layer.py). Memory: a few batch-sized vectors,
+    whatever max_iter, plus the double-backward graph of one application of func. It converges
+    with the squared condition number of K, so max_iter 50 often stops it short of tol.
+  * "bicgstab": BiCGStab (van der Vorst, "Bi-CGSTAB: A fast and smoothly converging variant of Bi-CG
+    for the solution of nonsymmetric linear systems", SIAM J. Sci. Stat. Comput. 1992) on K g = v
+    from g0 = 0, shadow residual r^_0 = v, two VJPs per step, no options. One system over the batch,
+    like gmres, and for the same reason: it is correct for any func, and its residual is gmres'
+    ||v + J^T g - g|| / ||v|| (per-example systems would let examples stop on their own but
+    would be wrong where func couples them). Stops when the recurrence's residual is <= tol (after
+    the half step where that already holds) or after max_iter products; returns the last iterate.
+    Memory: 7 batch-sized vectors, whatever max_iter. Its residual is not monotone (BiCGStab is
+    not a minimal-residual method) and it can break down (a zero inner product): it then returns
+    the iterate it has, reported unconverged if above tol.
   * "anderson", "broyden", "fixed_point": the fixed-point solvers of methods/deq/solvers.py on
     g -> J^T g + v from g0 = 0, per example, with their own relative residual
     ||J^T g + v - g|| / ||J^T g + v|| and options (the harness's implicit backward before GMRES:
@@ -49,9 +76,7 @@ float64; at initialization / after 20 SGD steps of lr 0.01, batch 10):
     BiCGStab (scipy) 14 / 26, Anderson with lam = 1e-12 15 / 30 (m = 10: 15 / 25), Anderson with
     the default absolute ridge 1e-4 ~100 / ~200, fixed-point ~50 / ~100. GMRES is fewest by
     construction (least residual over the same Krylov space); a small-ridge Anderson comes close.
-The FeDEQ reference (longtanle/FeDEQ, jaxopt's implicit diff) runs CG on the normal equations
-(tol 1e-3, 50 steps), which needs a Jacobian-vector product as well as a VJP per step and
-converges with the squared condition number. On a block that training made expansive (spectral
+On a block that training made expansive (spectral
 radius of J above 1) GMRES still converges but needs ~150 products; the fixed-point solvers diverge;
 deq/b_unconverged_frac shows it.
 """

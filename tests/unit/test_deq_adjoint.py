@@ -6,7 +6,6 @@ independent implementation, to a relative residual of 1e-10.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -336,31 +335,12 @@ def fmnist():
 
 
 def _exact_adjoint(func: nn.Module, z_star, x, v, rtol: float = 1e-10) -> tuple[torch.Tensor, float]:
-    """g = (I - J^T)^-1 v at z* in float64 by scipy's GMRES on VJPs; returns (g, true residual)."""
-    import scipy.sparse.linalg as sla
+    """g = (I - J^T)^-1 v at z* in float64 by scipy on VJPs (BiCGStab, GMRES where it stalls: a
+    different implementation from the code under test); returns (gradient, true residual). The
+    same helper `python -m bench.perf --adjoint` measures against."""
+    from bench.perf.adjoint import exact_adjoint
 
-    f64 = copy.deepcopy(func).double()
-    z = z_star.double().requires_grad_()
-    fz = f64(z, x.double())
-    shape, n = v.shape, v.numel()
-
-    def matvec(u):
-        u = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float64)).view(shape)
-        return (u - torch.autograd.grad(fz, z, u, retain_graph=True)[0]).numpy().ravel()
-
-    b = v.double().numpy().ravel()
-    # scipy's BiCGStab first: float64, a short recurrence (scipy's GMRES spends ~0.2 s per step on its
-    # own Gram-Schmidt here), a different Krylov method from the code under test; scipy's GMRES where
-    # BiCGStab stalls (seen on 32 images after training).
-    op = sla.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
-    g, info = sla.bicgstab(op, b, rtol=rtol, atol=0.0, maxiter=300)
-    if info != 0:
-        g, info = sla.gmres(op, b, rtol=rtol, atol=0.0, restart=300, maxiter=2)
-    assert info == 0
-    res = float(np.linalg.norm(matvec(g) - b) / np.linalg.norm(b))
-    g = torch.from_numpy(g).view(shape)
-    grads = torch.autograd.grad(fz, list(f64.parameters()), g)
-    return torch.cat([t.flatten() for t in grads]), res
+    return exact_adjoint(func, z_star, x, v, rtol)
 
 
 def _cos(a, b) -> float:
@@ -443,3 +423,40 @@ def test_engine_logs_backward_statistics_every_round(tmp_path):
     for h in res.history:
         assert 1 <= h["deq/b_nstep_mean"] <= 50
         assert (h["deq/b_residual_max"] <= 1e-3) == (h["deq/b_unconverged_frac"] == 0.0), h
+
+
+# ------------------------------------------------------------------- python -m bench.perf --adjoint
+def test_perf_adjoint_covers_every_solver_and_refuses_unknown_models(capsys):
+    from bench.perf import __main__ as perf_main
+    from bench.perf.adjoint import as_input, settings
+
+    labels = [label for label, _ in settings()]
+    assert labels == [f"implicit, {n}" for n in ADJOINT_SOLVERS.names()] + ["jfb", "phantom"]
+    x, shape = as_input(torch.ones(2, 1, 28, 28), "deq_resnet_m_ref")  # pad 2 on each side, 3 channels
+    assert shape == (3, 32, 32) and float(x[0, 2, 0, 0]) == 0.0 and float(x[0, 2, 2, 2]) == 1.0
+    with pytest.raises(SystemExit) as e:
+        perf_main.main(["--adjoint", "--models", "deq_mlp,resnet20"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--models: unknown resnet20; choose from deq_mlp, deq_resnet_s" in err[0]
+
+
+def test_pick_default_follows_its_rule():
+    # Rows as adjoint_table makes them (model, batch, phase, backward, cos, products, b_res, s/step, peak MB):
+    # normal_cg is below the cosine bar in one row (0.893), jfb is not an implicit solver; of the rest
+    # bicgstab and anderson tie on memory (25.0 vs 25.05 MB, within 0.1 MB a row) and bicgstab is faster.
+    from bench.perf.adjoint import pick_default
+
+    def row(phase, solver, cos, secs, mb):
+        return ("deq_resnet_s", 10, phase, solver, f"{cos:.4f}", "1", "-", f"{secs:.3f}", f"{mb:.1f}")
+
+    rows = []
+    for phase in ("init", "after 3 steps"):
+        rows += [row(phase, "implicit, gmres", 1.0, 0.5, 47.7), row(phase, "implicit, bicgstab", 0.9999, 0.6, 25.0),
+                 row(phase, "implicit, anderson", 0.995, 0.9, 25.1), row(phase, "jfb", 0.6, 0.1, 20.0),
+                 row(phase, "implicit, normal_cg", 0.893 if phase == "init" else 0.999, 0.7, 24.0)]
+    verdict = pick_default(rows)
+    assert verdict.startswith("rule (cosine >= 0.99 everywhere, least peak memory, ties by time) picks bicgstab: ")
+    assert verdict.endswith("below the cosine bar: normal_cg")
+    rows = [r if r[3] != "implicit, anderson" else (*r[:7], "0.100", r[8]) for r in rows]
+    assert " picks anderson: " in pick_default(rows)  # now the faster of the two tied
