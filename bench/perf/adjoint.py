@@ -6,7 +6,7 @@ step) on a fixed check batch per backward setting: every registered `b_solver` w
 b_max_iter / b_tol, then backward="jfb" and "phantom". Columns:
 
 * cos: cosine between the step's gradient of the DEQ block's parameters and the exact implicit
-  gradient at the same z* (the adjoint solved in float64 by scipy to a relative residual of 1e-10,
+  gradient at the same z* (the adjoint solved in float64 by scipy to a relative residual of 1e-8,
   `exact_adjoint`; every setting shares the same forward solve, hence the same z* and dL/dz*);
 * products: adjoint products over the whole batch, VJPs (+ JVPs for normal_cg, whose first JVP forms
   its right-hand side); the fixed-point solvers' steps; phantom's unrolled applications of f;
@@ -40,7 +40,7 @@ MODELS = ("deq_mlp", "deq_resnet_s", "deq_resnet_s_ref", "deq_resnet_m", "deq_re
 DEFAULT_MODELS = ("deq_mlp", "deq_resnet_s", "deq_resnet_s_ref")  # the M models take ~10x longer each
 BATCH = {"deq_mlp": 32, "deq_resnet_s": 10, "deq_resnet_s_ref": 10, "deq_resnet_m": 20, "deq_resnet_m_ref": 20}
 LR = 0.01  # the paper presets' FEMNIST and CIFAR-10 lr
-EXACT_RTOL = 1e-10
+EXACT_RTOL = 1e-8  # ample for 4-decimal cosines; the unit tests ask 1e-10
 MIN_COS = 0.99  # pick_default's bar on the gradient cosine to the exact solve
 
 
@@ -181,9 +181,10 @@ def model_rows(model_name: str, images: torch.Tensor, labels: torch.Tensor, step
             rows.append((model_name, batch, phase, label, f"{_cos(got['grad'], exact):.4f}",
                          _products(cfg, stats, layer.phantom_steps), b_res, f"{statistics.median(times):.3f}",
                          f"{meter.peak_bytes / 1e6:.1f}"))
+            print(" | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)  # progress
         model.load_state_dict(start)
         layer.configure(**defaults)
-        if exact_res > 1e-8:
+        if exact_res > 1e-6:  # a cosine to 4 decimals needs no more
             rows.append((model_name, batch, phase, f"(exact solve reached only {exact_res:.1e})", *["-"] * 5))
     return rows
 
