@@ -116,9 +116,10 @@ class FeDEQConfig(MethodConfig):
     """Server average weighted by n_i (`samples`) or uniform over the cohort (reference code)."""
     backward: Literal["implicit", "jfb", "phantom"] = "implicit"
     """Gradient: implicit differentiation, Jacobian-free (one step), or phantom (k unrolled steps)."""
-    b_solver: Literal["gmres", "anderson", "broyden", "fixed_point"] = "gmres"
-    """Adjoint solver of the implicit backward: `gmres` (Krylov, one system over the batch) or a
-    fixed-point solver (`anderson`: the harness's earlier default; methods/deq/adjoint.py)."""
+    b_solver: Literal["gmres", "bicgstab", "normal_cg", "anderson", "broyden", "fixed_point"] = "gmres"
+    """Adjoint solver of the implicit backward: `gmres` (Krylov, one system over the batch), `bicgstab`
+    (constant memory, one system), `normal_cg` (the reference's CG on the normal equations, per example)
+    or a fixed-point solver (`anderson`: the harness's earlier default; methods/deq/adjoint.py)."""
     b_max_iter: int = ranged(50, ge=1)
     """Vector-Jacobian products at most in the implicit backward's adjoint solve (gmres keeps one vector each)."""
     b_tol: float = ranged(1e-3, gt=0)

@@ -12,6 +12,10 @@ to the plain loop as a script; Ray both starting its own instance and attached t
 (the reference's stopping rule and Anderson, and the earlier rel/torchdeq/no-cache form) next to a
 FedRep update on the paired explicit model at equal epochs (bench/perf/workloads.py, fedeq_update_table).
 
+`python -m bench.perf --adjoint`: the implicit backward's adjoint solvers (every registered b_solver, JFB,
+phantom) on real Fashion-MNIST images: gradient cosine to an exact float64 solve, products, seconds and
+peak memory of one SGD step (bench/perf/adjoint.py).
+
 `python -m bench.perf --scale`: round time and memory of FedAvg and FeDEQ at 100, 1,000 and 10,000
 clients, a fixed cohort per round and a sampled evaluation (bench/perf/scale.py says what each column is).
 
@@ -36,13 +40,19 @@ def main(argv=None) -> int:
     p.add_argument("--workers", default="1,2", help="comma list of Ray worker counts to measure")
     p.add_argument("--method", choices=("fedavg", "fedeq"), default="fedavg",
                    help="fedavg: the harness-overhead table (default); fedeq: seconds per FeDEQ local update")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed repeats per row, the median shown (--method fedeq: updates; --whole: processes)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per row, the median shown (--method fedeq: updates; --whole: processes; "
+                        "--adjoint: steps); default 3, --adjoint 1")
     p.add_argument("--whole", action="store_true",
                    help="also time whole processes (plain script, bench.run serial and Ray, Ray attached to a "
                         "running `ray start --head`), start to exit")
     p.add_argument("--scale", action="store_true",
                    help="round time and memory against the number of clients (bench/perf/scale.py)")
+    p.add_argument("--adjoint", action="store_true",
+                   help="adjoint solvers side by side on real Fashion-MNIST images (bench/perf/adjoint.py)")
+    p.add_argument("--models", default=None,
+                   help="--adjoint: comma list of DEQ models, or `all` (default deq_mlp,deq_resnet_s,deq_resnet_s_ref)")
+    p.add_argument("--steps", type=int, default=3, help="--adjoint: SGD steps before the second measurement (default 3)")
     p.add_argument("--clients", default="100,1000,10000", help="--scale: comma list of federation sizes")
     p.add_argument("--cohort", type=int, default=10, help="--scale: clients trained per round (default 10)")
     p.add_argument("--eval-clients", type=int, default=20, help="--scale: clients per sampled evaluation (default 20)")
@@ -61,6 +71,19 @@ def main(argv=None) -> int:
                    help="--memory-claim: comma list of the presets' methods to meter (default: fedeq,fedavg,fedrep,"
                         "ditto,knnper)")
     args = p.parse_args(argv)
+    if args.adjoint:
+        from bench.perf import adjoint
+
+        models = adjoint.DEFAULT_MODELS if args.models is None else (
+            adjoint.MODELS if args.models == "all" else tuple(m for m in args.models.split(",") if m))
+        bad = [m for m in models if m not in adjoint.MODELS]
+        if bad or not models:
+            p.error(f"--models: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(adjoint.MODELS)} or all")
+        repeats = 1 if args.repeats is None else args.repeats
+        if args.steps < 1 or repeats < 1:
+            p.error("--steps and --repeats must be >= 1")
+        print(adjoint.adjoint_table(models, steps=args.steps, repeats=repeats))
+        return 0
     if args.bytes_claim or args.memory_claim:
         return claims_main(p, args)
     if args.scale:
@@ -74,6 +97,7 @@ def main(argv=None) -> int:
                                 eval_clients=args.eval_clients, state_budget_gb=args.state_budget_gb))
         return 0
     args.rounds = 30 if args.rounds is None else args.rounds
+    args.repeats = 3 if args.repeats is None else args.repeats
     if args.method == "fedeq":
         from bench.perf.workloads import fedeq_update_table
 

@@ -30,6 +30,33 @@ Solvers:
     batch's z size per product made, up to twice that while the basis grows by doubling (at most
     max_iter + 1), against Anderson's 2 m = 10. Written here rather than taken from a library:
     scipy's gmres works on one float64 numpy vector on the host and torch has none.
+  * "normal_cg": the reference's solve (longtanle/FeDEQ `deq/solver/linear_solve.py`
+    `solve_normal_cg`, called from `deq/solver/implicit_diff.py` `root_vjp` with the tol 1e-3 and
+    maxiter 50 of `utils/model_utils.py` line 59): conjugate gradient (jax.scipy.sparse.linalg.cg)
+    on the normal equations of K g = v, K = I - J^T,
+        K^T K g = K^T v,   i.e.  (I - J)(I - J^T) g = (I - J) v,
+    from g0 = 0, one VJP (K p) and one JVP (K^T (K p)) per step, plus one JVP for the right-hand
+    side K^T v. jax's rule: stop once ||r||^2 <= tol^2 ||K^T v||^2, r the normal residual
+    K^T v - K^T K g, or after max_iter steps. Per example, as the reference runs it under vmap:
+    every example has its own step sizes and stops on its own (its iterate is then kept, as
+    jax's while_loop under vmap does); the products still run over the whole batch. So its
+    statistics are per example, its residual is the normal one ||r|| / ||K^T v|| that tol bounds,
+    and nstep counts its steps (each one VJP and one JVP). jax also evaluates K^T K g0 = 0 once
+    before the loop; we skip that product (the same iterates). Correct only for a func that treats
+    examples independently (every DEQ block here); the products need jvp(w) = J w, which the layer
+    gives by the double-backward trick (methods/deq/layer.py). Memory: a few batch-sized vectors,
+    whatever max_iter, plus the double-backward graph of one application of func. It converges
+    with the squared condition number of K, so max_iter 50 often stops it short of tol.
+  * "bicgstab": BiCGStab (van der Vorst, "Bi-CGSTAB: A fast and smoothly converging variant of Bi-CG
+    for the solution of nonsymmetric linear systems", SIAM J. Sci. Stat. Comput. 1992) on K g = v
+    from g0 = 0, shadow residual r^_0 = v, two VJPs per step, no options. One system over the batch,
+    like gmres, and for the same reason: it is correct for any func, and its residual is gmres'
+    ||v + J^T g - g|| / ||v|| (per-example systems would let examples stop on their own but
+    would be wrong where func couples them). Stops when the recurrence's residual is <= tol (after
+    the half step where that already holds) or after max_iter products; returns the last iterate.
+    Memory: 7 batch-sized vectors, whatever max_iter. Its residual is not monotone (BiCGStab is
+    not a minimal-residual method) and it can break down (a zero inner product): it then returns
+    the iterate it has, reported unconverged if above tol.
   * "anderson", "broyden", "fixed_point": the fixed-point solvers of methods/deq/solvers.py on
     g -> J^T g + v from g0 = 0, per example, with their own relative residual
     ||J^T g + v - g|| / ||J^T g + v|| and options (the harness's implicit backward before GMRES:
@@ -49,9 +76,7 @@ float64; at initialization / after 20 SGD steps of lr 0.01, batch 10):
     BiCGStab (scipy) 14 / 26, Anderson with lam = 1e-12 15 / 30 (m = 10: 15 / 25), Anderson with
     the default absolute ridge 1e-4 ~100 / ~200, fixed-point ~50 / ~100. GMRES is fewest by
     construction (least residual over the same Krylov space); a small-ridge Anderson comes close.
-The FeDEQ reference (longtanle/FeDEQ, jaxopt's implicit diff) runs CG on the normal equations
-(tol 1e-3, 50 steps), which needs a Jacobian-vector product as well as a VJP per step and
-converges with the squared condition number. On a block that training made expansive (spectral
+On a block that training made expansive (spectral
 radius of J above 1) GMRES still converges but needs ~150 products; the fixed-point solvers diverge;
 deq/b_unconverged_frac shows it.
 """
@@ -69,6 +94,9 @@ from fedeq_bench.methods.deq.solvers import DIVERGE_ABOVE, SOLVERS, DEQDivergenc
 AdjointSolver = Callable[..., tuple[Tensor, dict[str, Tensor]]]
 ADJOINT_SOLVERS: Registry[AdjointSolver] = Registry("solver")
 VJP = Callable[[Tensor], Tensor]
+JVP = Callable[[Tensor], Tensor]
+# Solvers that take no options and no diverge_above (they cannot run away on a finite J).
+KRYLOV = ("gmres", "bicgstab", "normal_cg")
 
 
 def _stats(batch: int, nstep: int, res: float, tol: float, like: Tensor) -> dict[str, Tensor]:
@@ -135,6 +163,108 @@ def gmres(vjp: VJP, v: Tensor, max_iter: int = 50, tol: float = 1e-3) -> tuple[T
     return g, _stats(batch, k, res, tol, v)
 
 
+def _per_example(a: Tensor, b: Tensor) -> Tensor:
+    """<a_i, b_i> for every example i of the batch: shape (batch,)."""
+    return (a * b).flatten(1).sum(1)
+
+
+@ADJOINT_SOLVERS.register("normal_cg")
+def normal_cg(vjp: VJP, v: Tensor, max_iter: int = 50, tol: float = 1e-3,
+              jvp: JVP | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """CG on the normal equations (I - J)(I - J^T) g = (I - J) v, per example, as the reference
+    (module docstring); no options. jvp(w) = J w is required (the layer passes it)."""
+    if jvp is None:
+        raise TypeError("normal_cg needs jvp(w) = J w beside vjp(u) = J^T u")
+    batch = v.shape[0]
+    if not torch.isfinite(v).all():
+        raise DEQDivergence("backward (adjoint) normal_cg: dL/dz is not finite")
+
+    def col(s: Tensor) -> Tensor:  # (batch,) -> broadcastable against v
+        return s.view(-1, *([1] * (v.dim() - 1)))
+
+    b = v - jvp(v)  # the normal right-hand side (I - J) v: one JVP
+    if not torch.isfinite(b).all():
+        raise DEQDivergence("backward (adjoint) normal_cg solver diverged: non-finite J v")
+    bs = _per_example(b, b)
+    atol2 = tol**2 * bs  # jax's cg: stop once ||r||^2 <= max(tol^2 ||b||^2, atol^2), atol = 0
+    x, r, p, gamma = torch.zeros_like(v), b, b, bs  # x0 = 0: r0 = b - A x0 = b (A x0 = 0 not evaluated)
+    k = torch.zeros(batch, dtype=torch.int64, device=v.device)
+    active = (gamma > atol2) & (k < max_iter)
+    while bool(active.any()):
+        q = p - vjp(p)  # (I - J^T) p: one VJP
+        Ap = q - jvp(q)  # (I - J) q: one JVP
+        if not torch.isfinite(Ap).all():
+            raise DEQDivergence("backward (adjoint) normal_cg solver diverged: "
+                                f"non-finite product at step {int(k.max()) + 1}")
+        alpha = gamma / _per_example(p, Ap)
+        x_new = x + col(alpha) * p
+        r_new = r - col(alpha) * Ap
+        gamma_new = _per_example(r_new, r_new)
+        p_new = r_new + col(gamma_new / gamma) * p
+        # An example that has stopped keeps its iterate (jax's while_loop under vmap selects).
+        m = col(active)
+        x, r, p = torch.where(m, x_new, x), torch.where(m, r_new, r), torch.where(m, p_new, p)
+        gamma = torch.where(active, gamma_new, gamma)
+        k = k + active
+        active = (gamma > atol2) & (k < max_iter)
+    res = torch.where(bs > 0, (gamma / torch.where(bs > 0, bs, 1.0)).sqrt(), 0.0)
+    return x, {"nstep": k, "residual": res, "residual_first": torch.ones_like(res), "converged": res <= tol}
+
+
+@ADJOINT_SOLVERS.register("bicgstab")
+def bicgstab(vjp: VJP, v: Tensor, max_iter: int = 50, tol: float = 1e-3) -> tuple[Tensor, dict[str, Tensor]]:
+    """BiCGStab on (I - J^T) g = v from g0 = 0, one system over the batch; no options."""
+    shape, batch = v.shape, v.shape[0]
+    b = v.reshape(-1)
+    beta0 = float(b.norm())
+    if not torch.isfinite(b).all():
+        raise DEQDivergence("backward (adjoint) bicgstab: dL/dz is not finite")
+    if beta0 == 0.0:
+        return torch.zeros_like(v), _stats(batch, 0, 0.0, tol, v)
+    k = 0
+
+    def K(u: Tensor) -> Tensor:  # (I - J^T) u, counted
+        nonlocal k
+        k += 1
+        w = u - vjp(u.view(shape)).reshape(-1)
+        if not torch.isfinite(w).all():
+            raise DEQDivergence(f"backward (adjoint) bicgstab solver diverged: non-finite J^T u at product {k}")
+        return w
+
+    x, r = torch.zeros_like(b), b.clone()
+    r_hat = b  # the shadow residual r^_0 = r_0 (never written)
+    p, q = torch.zeros_like(b), torch.zeros_like(b)  # q: van der Vorst's v_i = A p_i
+    rho = alpha = omega = 1.0
+    res = 1.0
+    while k < max_iter and res > tol:
+        rho_new = float(r_hat @ r)
+        if rho_new == 0.0:  # breakdown: r orthogonal to the shadow residual
+            break
+        p = r + (rho_new / rho) * (alpha / omega) * (p - omega * q)
+        q = K(p)
+        denom = float(r_hat @ q)
+        if denom == 0.0:
+            break
+        alpha = rho_new / denom
+        x = x + alpha * p
+        r = r - alpha * q  # s
+        res = float(r.norm()) / beta0
+        if res <= tol or k >= max_iter:
+            break
+        t = K(r)
+        tt = float(t @ t)
+        if tt == 0.0:  # (I - J^T) s = 0 with s != 0: singular; x stays at the half step
+            break
+        omega = float(t @ r) / tt
+        x = x + omega * r
+        r = r - omega * t
+        res = float(r.norm()) / beta0
+        rho = rho_new
+        if omega == 0.0:  # stagnation: the next step would divide by it
+            break
+    return x.view(shape), _stats(batch, k, res, tol, v)
+
+
 def _fixed_point_form(name: str) -> AdjointSolver:
     fn = SOLVERS.get(name)
 
@@ -157,21 +287,25 @@ for _name in ("anderson", "broyden", "fixed_point"):
 
 
 def check_options(name: str, options: dict) -> None:
-    """Reject options the named adjoint solver does not take (gmres takes none), as `solve` does."""
+    """Reject options the named adjoint solver does not take (gmres, bicgstab, normal_cg take none), as
+    `solve` does."""
     _check_kw(name, ADJOINT_SOLVERS.get(name), options)
 
 
 def solve_adjoint(vjp: VJP, v: Tensor, solver: str = "gmres", max_iter: int = 50, tol: float = 1e-3, *,
-                  stop_mode: str = "rel", diverge_above: float = DIVERGE_ABOVE,
+                  stop_mode: str = "rel", jvp: JVP | None = None, diverge_above: float = DIVERGE_ABOVE,
                   **options) -> tuple[Tensor, dict[str, Tensor]]:
     """g with g = J^T g + v (vjp(u) = J^T u); returns (g, stats) (module docstring). `stop_mode`: the
     fixed-point solvers' residual ("rel", or "batch" for broyden: the DEQ layer's stop_mode="batch").
+    jvp(w) = J w is called by normal_cg only.
 
     Runs under torch.no_grad (the products themselves call torch.autograd.grad on a graph built
     earlier, which no_grad does not stop)."""
     fn = ADJOINT_SOLVERS.get(solver)
     check_options(solver, options)
     with torch.no_grad():
-        if solver == "gmres":
+        if solver == "normal_cg":
+            return fn(vjp, v.detach(), max_iter, tol, jvp)
+        if solver in KRYLOV:
             return fn(vjp, v.detach(), max_iter, tol)
         return fn(vjp, v.detach(), max_iter, tol, stop_mode=stop_mode, diverge_above=diverge_above, **options)

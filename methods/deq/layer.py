@@ -10,7 +10,8 @@ of the solver's iterations is kept; the backward pass is one of
              computed as: z = func(z*.detach(), x) with autograd (one application), and in its
              backward the incoming dL/dz is replaced by g, solved with `b_solver` (J^T g by
              torch.autograd.grad, a vector-Jacobian product on that one application's graph;
-             default GMRES to a relative residual of 1e-3, methods/deq/adjoint.py says why).
+             normal_cg also needs J w, got by differentiating that VJP once more; the default
+             solver and why: methods/deq/adjoint.py).
   "jfb"      (Jacobian-free backpropagation; Fung et al., "JFB: Jacobian-Free Backpropagation for
              Implicit Networks", AAAI 2022): z = func(z*.detach(), x); gradient through that step
              only, i.e. g = dL/dz (the Neumann series of (I - J)^-T cut after its first term).
@@ -169,9 +170,23 @@ class _ImplicitBackward(torch.autograd.Function):
             # continues through the same graph to the parameters and x.
             return torch.autograd.grad(z, z_star, u, retain_graph=True)[0]
 
+        built: list[tuple[Tensor, Tensor]] = []
+
+        def jvp(w: Tensor) -> Tensor:  # w -> J w, for normal_cg only: the double-backward trick
+            # h(u0) = J^T u0 with its own graph (create_graph), built once on first use and kept for
+            # the solve: h is linear in u0, so its VJP with w is (J^T)^T w = J w. Nothing re-runs
+            # func (no second BatchNorm update, no fresh dropout draw).
+            if not built:
+                with torch.enable_grad():
+                    u0 = torch.zeros_like(z, requires_grad=True)
+                    built.append((u0, torch.autograd.grad(z, z_star, u0, retain_graph=True, create_graph=True)[0]))
+            u0, h = built[0]
+            return torch.autograd.grad(h, u0, w, retain_graph=True)[0]
+
         # Raises DEQDivergence("backward (adjoint) ...") on NaN/inf (methods/deq/adjoint.py).
-        g, stats = solve_adjoint(vjp, grad, adj.solver, adj.max_iter, adj.tol, stop_mode=adj.stop_mode,
+        g, stats = solve_adjoint(vjp, grad, adj.solver, adj.max_iter, adj.tol, stop_mode=adj.stop_mode, jvp=jvp,
                                  diverge_above=adj.diverge_above, **adj.solver_kw)
+        built.clear()  # the double-backward graph goes before the main backward continues
         adj.owner.last_backward_stats = stats
         for hook in adj.owner.backward_stats_hooks:
             hook(stats)
@@ -193,14 +208,20 @@ class DEQ(nn.Module):
       solver_kw={}         forward solver options (anderson: m, lam, beta; broyden: memory)
       backward="implicit"  implicit, jfb, phantom (module docstring)
       b_solver="gmres"     solver of the implicit backward's adjoint g = J^T g + dL/dz: gmres (one
-                           Krylov solve over the batch) or anderson, broyden, fixed_point on the
-                           fixed point (methods/deq/adjoint.py)
-      b_max_iter=50        its vector-Jacobian products at most (gmres keeps one vector per product)
-      b_tol=1e-3           its tolerance: gmres, ||J^T g + dL/dz - g|| / ||dL/dz|| over the batch
-                           (gradient cosine >= 0.9999 to the exact one on deq_resnet_s; 1e-2
-                           takes ~0.6x the products, cosine down to 0.993 on 8 images);
+                           Krylov solve over the batch, one stored vector per product), bicgstab
+                           (one system over the batch, constant memory), normal_cg (the reference's
+                           CG on the normal equations, per example; one VJP and one JVP per step,
+                           the JVP by double backward), or anderson, broyden, fixed_point on the
+                           fixed point (methods/deq/adjoint.py, which gives the measurements and the
+                           rule the default follows)
+      b_max_iter=50        its products at most: gmres, bicgstab VJPs; normal_cg steps (VJP + JVP);
+                           the fixed-point solvers' steps
+      b_tol=1e-3           its tolerance: gmres, bicgstab ||J^T g + dL/dz - g|| / ||dL/dz|| over the
+                           batch (gmres: gradient cosine >= 0.9999 to the exact one on deq_resnet_s;
+                           1e-2 takes ~0.6x the products, cosine down to 0.993 on 8 images);
+                           normal_cg, per example, the normal residual over ||(I - J) dL/dz||;
                            the fixed-point solvers, their per-example relative residual
-      b_solver_kw={}       its options (gmres: none)
+      b_solver_kw={}       its options (gmres, bicgstab, normal_cg: none)
       phantom_steps=5      phantom: unrolled steps; more: closer to the implicit gradient, memory
                            grows linearly (phantom_steps applications of func are kept)
       phantom_tau=0.5      phantom: damping in (0, 1]; smaller: smoother but shorter reach

@@ -6,7 +6,6 @@ independent implementation, to a relative residual of 1e-10.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +105,7 @@ def test_zero_gradient_and_non_finite_products():
 def test_fixed_point_solvers_remain_available_by_name():
     # The harness's earlier adjoint (Anderson, absolute ridge 1e-4, 20 steps) and the other
     # fixed-point solvers still solve g = J^T g + v when given enough steps.
-    assert ADJOINT_SOLVERS.names() == ["anderson", "broyden", "fixed_point", "gmres"]
+    assert ADJOINT_SOLVERS.names() == ["anderson", "bicgstab", "broyden", "fixed_point", "gmres", "normal_cg"]
     shape = (3, 4)
     M = _contraction(12, 0.5, 7)
     v = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(8))
@@ -115,8 +114,168 @@ def test_fixed_point_solvers_remain_available_by_name():
         g, st = solve_adjoint(_linear(M, shape), v, name, 100, 1e-12, **kw)
         torch.testing.assert_close(g, expected, rtol=1e-9, atol=1e-10)
         assert set(st) == set(STATS_KEYS)
-    with pytest.raises(BenchError, match=r"^unknown option 'lam' for solver 'gmres'; choose from none$"):
-        solve_adjoint(_linear(M, shape), v, "gmres", 10, 1e-3, lam=1.0)
+    for name in ("gmres", "bicgstab", "normal_cg"):
+        with pytest.raises(BenchError, match=rf"^unknown option 'lam' for solver '{name}'; choose from none$"):
+            solve_adjoint(_linear(M, shape), v, name, 10, 1e-3, lam=1.0)
+
+
+# ----------------------------------------------------------------------------------- normal_cg
+def _transposed(M: torch.Tensor, shape):
+    """jvp(w) = J w for the J of _linear (J^T = M, so J = M^T)."""
+    return lambda w: (M.T @ w.reshape(-1)).view(shape)
+
+
+def test_normal_cg_by_hand_on_a_2x2_system():
+    # One example with 2 unknowns, J^T = M = [[0.5, 0], [0, 0]]: K = I - J^T = diag(0.5, 1), v = (1, 1).
+    # Normal equations K^T K g = K^T v: diag(0.25, 1) g = (0.5, 1); exact g = (2, 1).
+    # CG from x0 = 0 (jax's cg, as the reference's solve_normal_cg runs it):
+    #   r0 = p0 = b = (0.5, 1), gamma0 = 0.25 + 1 = 1.25;  A p0 = (0.125, 1), <p0, A p0> = 0.0625 + 1 = 1.0625
+    #   alpha0 = 1.25 / 1.0625 = 20/17;  x1 = (10/17, 20/17);  r1 = b - alpha0 A p0 = (6/17, -3/17)
+    #   gamma1 = 36/289 + 9/289 = 45/289;  residual ||r1|| / ||b|| = sqrt(gamma1 / gamma0) = 6/17.
+    # Step 2 (tol 0.1: 6/17 > 0.1): beta0 = gamma1 / gamma0 = 36/289;
+    #   p1 = r1 + beta0 p0 = (120/289, -15/289);  A p1 = (30/289, -15/289);  <p1, A p1> = 3825/289^2
+    #   alpha1 = (45/289) / (3825/289^2) = 17/5;  x2 = x1 + alpha1 p1 = (10/17 + 24/17, 20/17 - 3/17) = (2, 1),
+    #   exact (CG is exact in 2 dimensions), residual 0.
+    M = torch.tensor([[0.5, 0.0], [0.0, 0.0]], dtype=F64)
+    shape = (1, 2)
+    v = torch.tensor([[1.0, 1.0]], dtype=F64)
+    g, st = solve_adjoint(_linear(M, shape), v, "normal_cg", max_iter=1, tol=0.1, jvp=_transposed(M, shape))
+    torch.testing.assert_close(g, torch.tensor([[10 / 17, 20 / 17]], dtype=F64), rtol=1e-14, atol=0)
+    # residual = ||r1|| / ||b|| = sqrt((45/289) / 1.25) = sqrt(36/289) = 6/17 > tol: unconverged at 1 step.
+    assert int(st["nstep"][0]) == 1 and float(st["residual"][0]) == pytest.approx(6 / 17, rel=1e-14)
+    assert not st["converged"].any()
+    g, st = solve_adjoint(_linear(M, shape), v, "normal_cg", max_iter=50, tol=0.1, jvp=_transposed(M, shape))
+    torch.testing.assert_close(g, torch.tensor([[2.0, 1.0]], dtype=F64), rtol=1e-13, atol=1e-13)
+    assert int(st["nstep"][0]) == 2 and st["converged"].all()
+
+
+def _scipy_cg_iterates(A: np.ndarray, b: np.ndarray, tol: float, maxiter: int) -> list[np.ndarray]:
+    """scipy's CG on A x = b from 0 with rtol=tol, atol=0 (stop once ||r|| <= tol ||b||, jax's rule),
+    every iterate recorded through its callback."""
+    import scipy.sparse.linalg as sla
+
+    xs: list[np.ndarray] = []
+    x, info = sla.cg(A, b, rtol=tol, atol=0.0, maxiter=maxiter, callback=lambda xk: xs.append(xk.copy()))
+    assert not xs or np.array_equal(xs[-1], x)
+    return xs
+
+
+@pytest.mark.parametrize("tol", [1e-2, 1e-6])
+def test_normal_cg_matches_scipy_cg_on_the_normal_equations_per_example(tol):
+    # Three examples of 8 unknowns, each with its own J_i (block diagonal over the batch, as a
+    # per-example func gives): normal_cg must take, per example, the iterates scipy's CG takes on
+    # K_i^T K_i g = K_i^T v_i, K_i = I - J_i^T, and stop at the same step.
+    batch, d = 3, 8
+    gen = torch.Generator().manual_seed(11)
+    Ms = [_contraction(d, s, 20 + i) for i, s in enumerate((0.0, 0.8, 0.95))]  # example 0: J = 0, K = I
+    M = torch.block_diag(*Ms)
+    shape = (batch, d)
+    v = torch.randn(shape, dtype=F64, generator=gen)
+    for steps in range(1, 12):
+        g, st = solve_adjoint(_linear(M, shape), v, "normal_cg", max_iter=steps, tol=tol, jvp=_transposed(M, shape))
+        for i, Mi in enumerate(Ms):
+            K = (torch.eye(d, dtype=F64) - Mi).numpy()
+            xs = _scipy_cg_iterates(K.T @ K, K.T @ v[i].numpy(), tol, steps)
+            assert int(st["nstep"][i]) == len(xs), (steps, i)
+            if xs:
+                np.testing.assert_allclose(g[i].numpy(), xs[-1], rtol=1e-9, atol=1e-12)
+            r = K.T @ (v[i].numpy() - K @ g[i].numpy())
+            assert float(st["residual"][i]) == pytest.approx(np.linalg.norm(r) / np.linalg.norm(K.T @ v[i].numpy()),
+                                                             rel=1e-6)
+    # Per-example stopping: example 0 (K = I) is solved by its first step and then kept as it is.
+    _, st = solve_adjoint(_linear(M, shape), v, "normal_cg", max_iter=50, tol=1e-6, jvp=_transposed(M, shape))
+    assert int(st["nstep"][0]) == 1 < int(st["nstep"][2]) and st["converged"].all()
+
+
+def test_normal_cg_needs_a_jvp():
+    M = _contraction(4, 0.5, 9)
+    with pytest.raises(TypeError, match="normal_cg needs jvp"):
+        solve_adjoint(_linear(M, (1, 4)), torch.ones(1, 4, dtype=F64), "normal_cg", 10, 1e-3)
+
+
+# ------------------------------------------------------------------------------------ bicgstab
+def test_bicgstab_solves_one_system_to_its_tolerance():
+    # Against torch.linalg.solve on the explicit (I - M); the reported residual is the recurrence's,
+    # checked against the true ||v + J^T g - g|| / ||v||; a coupled batch (as test_gmres_solves_one_
+    # system_over_a_coupled_batch) is solved as one system.
+    shape = (4, 25)
+    M = _contraction(100, 0.9, 12)
+    v = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(13))
+    exact = torch.linalg.solve(torch.eye(100, dtype=F64) - M, v.reshape(-1)).view(shape)
+    g, st = solve_adjoint(_linear(M, shape), v, "bicgstab", max_iter=200, tol=1e-10)
+    torch.testing.assert_close(g, exact, rtol=1e-8, atol=1e-9)
+    assert st["converged"].all() and set(st) == set(STATS_KEYS)
+    for tol in (1e-2, 1e-5):
+        g, st = solve_adjoint(_linear(M, shape), v, "bicgstab", max_iter=200, tol=tol)
+        true = float((_linear(M, shape)(g) + v - g).norm() / v.norm())
+        assert true == pytest.approx(float(st["residual"][0]), rel=1e-6) and true <= tol
+    _, st = solve_adjoint(_linear(M, shape), v, "bicgstab", max_iter=3, tol=1e-12)  # the budget counts products
+    assert int(st["nstep"][0]) == 3 and not st["converged"].any()
+    C = torch.zeros(6, 6, dtype=F64)
+    C[3:, :3], C[:3, :3] = 0.5 * torch.eye(3, dtype=F64), 0.3 * torch.eye(3, dtype=F64)
+    w = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]], dtype=F64)
+    g, _ = solve_adjoint(_linear(C, (2, 3)), w, "bicgstab", max_iter=20, tol=1e-12)
+    torch.testing.assert_close(g, torch.stack([w[0] / 0.7, w[0] / 1.4]), rtol=1e-12, atol=1e-12)
+
+
+def test_krylov_solvers_on_zero_and_non_finite_input():
+    shape = (2, 3)
+    M = _contraction(6, 0.5, 6)
+    jvp = _transposed(M, shape)
+    for name in ("bicgstab", "normal_cg"):
+        g, st = solve_adjoint(_linear(M, shape), torch.zeros(shape, dtype=F64), name, 10, 1e-3, jvp=jvp)
+        assert torch.equal(g, torch.zeros(shape, dtype=F64)) and int(st["nstep"].max()) == 0 and st["converged"].all()
+        with pytest.raises(DEQDivergence, match=rf"^backward \(adjoint\) {name} solver diverged: non-finite"):
+            solve_adjoint(lambda u: u * float("nan"), torch.ones(shape), name, 10, 1e-3,
+                          jvp=lambda w: w * float("nan"))
+
+
+# ------------------------------------------------------------- both as the layer's b_solver
+@pytest.mark.parametrize("b_solver", ["normal_cg", "bicgstab"])
+def test_new_solvers_give_the_exact_gradient_in_a_deq_layer(b_solver):
+    # A small, well-conditioned deq_mlp (its W z term at N(0, 0.01) init: J has norm ~0.1), float64:
+    # the implicit gradient with each solver against the exact adjoint (_exact_adjoint, scipy float64
+    # to 1e-10) at the same z*. The layer's jvp (double backward) is what normal_cg uses here.
+    torch.manual_seed(0)
+    model = build_model("deq_mlp", (12,), 3).double().train()
+    layer = model.body.deq
+    layer.configure(b_solver=b_solver, b_tol=1e-10, b_max_iter=100, tol=1e-12, max_iter=60)
+    x = torch.randn(5, 12, dtype=F64, generator=torch.Generator().manual_seed(14))
+    y = torch.tensor([0, 1, 2, 0, 1])
+    cos, cos_jfb, st, exact_res = _check_default_gradient(model, x, y, "abs")
+    assert exact_res < 1e-8 and st["converged"].all()
+    assert cos == pytest.approx(1.0, abs=1e-9), cos
+    assert cos_jfb < 1 - 1e-6  # JFB differs: the check can see a wrong adjoint
+
+
+def test_normal_cg_is_given_the_layers_double_backward_jvp(monkeypatch):
+    # What the layer hands normal_cg as jvp(w) is J w: checked against torch.func.jvp on func at z*.
+    import fedeq_bench.methods.deq.adjoint as adjoint_mod
+
+    torch.manual_seed(0)
+    model = build_model("deq_mlp", (6,), 3).double().train()
+    layer = model.body.deq
+    real, seen = adjoint_mod.normal_cg, {}
+
+    def spy(vjp, v, max_iter, tol, jvp):
+        seen["w"] = torch.randn(v.shape, dtype=v.dtype, generator=torch.Generator().manual_seed(15))
+        seen["Jw"] = jvp(seen["w"])
+        return real(vjp, v, max_iter, tol, jvp)
+
+    monkeypatch.setitem(adjoint_mod.ADJOINT_SOLVERS._items, "normal_cg", spy)
+    x = torch.randn(4, 6, dtype=F64, generator=torch.Generator().manual_seed(16))
+    cap = {}
+    handle = layer.register_forward_hook(lambda mod, args, out: cap.update(x=args[0].detach()))  # returns None
+    try:
+        layer.configure(b_solver="normal_cg")
+        model(x).sum().backward()
+    finally:
+        handle.remove()
+    assert "Jw" in seen
+    with torch.no_grad():
+        z_star = layer(cap["x"], z0=cap["x"])
+    _, expected = torch.func.jvp(lambda z: layer.func(z, cap["x"]), (z_star,), (seen["w"],))
+    torch.testing.assert_close(seen["Jw"], expected, rtol=1e-10, atol=1e-12)
 
 
 def test_layer_defaults():
@@ -176,31 +335,12 @@ def fmnist():
 
 
 def _exact_adjoint(func: nn.Module, z_star, x, v, rtol: float = 1e-10) -> tuple[torch.Tensor, float]:
-    """g = (I - J^T)^-1 v at z* in float64 by scipy's GMRES on VJPs; returns (g, true residual)."""
-    import scipy.sparse.linalg as sla
+    """g = (I - J^T)^-1 v at z* in float64 by scipy on VJPs (BiCGStab, GMRES where it stalls: a
+    different implementation from the code under test); returns (gradient, true residual). The
+    same helper `python -m bench.perf --adjoint` measures against."""
+    from bench.perf.adjoint import exact_adjoint
 
-    f64 = copy.deepcopy(func).double()
-    z = z_star.double().requires_grad_()
-    fz = f64(z, x.double())
-    shape, n = v.shape, v.numel()
-
-    def matvec(u):
-        u = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float64)).view(shape)
-        return (u - torch.autograd.grad(fz, z, u, retain_graph=True)[0]).numpy().ravel()
-
-    b = v.double().numpy().ravel()
-    # scipy's BiCGStab first: float64, a short recurrence (scipy's GMRES spends ~0.2 s per step on its
-    # own Gram-Schmidt here), a different Krylov method from the code under test; scipy's GMRES where
-    # BiCGStab stalls (seen on 32 images after training).
-    op = sla.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
-    g, info = sla.bicgstab(op, b, rtol=rtol, atol=0.0, maxiter=300)
-    if info != 0:
-        g, info = sla.gmres(op, b, rtol=rtol, atol=0.0, restart=300, maxiter=2)
-    assert info == 0
-    res = float(np.linalg.norm(matvec(g) - b) / np.linalg.norm(b))
-    g = torch.from_numpy(g).view(shape)
-    grads = torch.autograd.grad(fz, list(f64.parameters()), g)
-    return torch.cat([t.flatten() for t in grads]), res
+    return exact_adjoint(func, z_star, x, v, rtol)
 
 
 def _cos(a, b) -> float:
@@ -283,3 +423,40 @@ def test_engine_logs_backward_statistics_every_round(tmp_path):
     for h in res.history:
         assert 1 <= h["deq/b_nstep_mean"] <= 50
         assert (h["deq/b_residual_max"] <= 1e-3) == (h["deq/b_unconverged_frac"] == 0.0), h
+
+
+# ------------------------------------------------------------------- python -m bench.perf --adjoint
+def test_perf_adjoint_covers_every_solver_and_refuses_unknown_models(capsys):
+    from bench.perf import __main__ as perf_main
+    from bench.perf.adjoint import as_input, settings
+
+    labels = [label for label, _ in settings()]
+    assert labels == [f"implicit, {n}" for n in ADJOINT_SOLVERS.names()] + ["jfb", "phantom"]
+    x, shape = as_input(torch.ones(2, 1, 28, 28), "deq_resnet_m_ref")  # pad 2 on each side, 3 channels
+    assert shape == (3, 32, 32) and float(x[0, 2, 0, 0]) == 0.0 and float(x[0, 2, 2, 2]) == 1.0
+    with pytest.raises(SystemExit) as e:
+        perf_main.main(["--adjoint", "--models", "deq_mlp,resnet20"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--models: unknown resnet20; choose from deq_mlp, deq_resnet_s" in err[0]
+
+
+def test_pick_default_follows_its_rule():
+    # Rows as adjoint_table makes them (model, batch, phase, backward, cos, products, b_res, s/step, peak MB):
+    # normal_cg is below the cosine bar in one row (0.893), jfb is not an implicit solver; of the rest
+    # bicgstab and anderson tie on memory (25.0 vs 25.05 MB, within 0.1 MB a row) and bicgstab is faster.
+    from bench.perf.adjoint import pick_default
+
+    def row(phase, solver, cos, secs, mb):
+        return ("deq_resnet_s", 10, phase, solver, f"{cos:.4f}", "1", "-", f"{secs:.3f}", f"{mb:.1f}")
+
+    rows = []
+    for phase in ("init", "after 3 steps"):
+        rows += [row(phase, "implicit, gmres", 1.0, 0.5, 47.7), row(phase, "implicit, bicgstab", 0.9999, 0.6, 25.0),
+                 row(phase, "implicit, anderson", 0.995, 0.9, 25.1), row(phase, "jfb", 0.6, 0.1, 20.0),
+                 row(phase, "implicit, normal_cg", 0.893 if phase == "init" else 0.999, 0.7, 24.0)]
+    verdict = pick_default(rows)
+    assert verdict.startswith("rule (cosine >= 0.99 everywhere, least peak memory, ties by time) picks bicgstab: ")
+    assert verdict.endswith("below the cosine bar: normal_cg")
+    rows = [r if r[3] != "implicit, anderson" else (*r[:7], "0.100", r[8]) for r in rows]
+    assert " picks anderson: " in pick_default(rows)  # now the faster of the two tied
