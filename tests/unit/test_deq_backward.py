@@ -227,7 +227,7 @@ def test_configure_validates_and_applies():
     layer = DEQ(Cell(4))
     with pytest.raises(BenchError, match=r"^unknown solver 'andersen'; choose from anderson, broyden, fixed_point$"):
         layer.configure(solver="andersen")
-    with pytest.raises(BenchError, match=r"^unknown solver 'newton'; choose from anderson, broyden, fixed_point, gmres$"):
+    with pytest.raises(BenchError, match=r"^unknown solver 'newton'; choose from anderson, bicgstab, broyden, fixed_point, gmres, normal_cg$"):
         layer.configure(b_solver="newton")
     with pytest.raises(BenchError, match=r"^unknown solver 'gmres'; choose from anderson, broyden, fixed_point$"):
         layer.configure(solver="gmres")  # a linear solver: only the adjoint is linear
