@@ -62,6 +62,14 @@ Solvers:
     ||J^T g + v - g|| / ||J^T g + v|| and options (the harness's implicit backward before GMRES:
     "anderson", absolute ridge lam = 1e-4, 20 steps; locuslab/deq and torchdeq do the same).
 
+The default stays "gmres", by the rule `python -m bench.perf --adjoint` applies (cosine >= 0.99 to
+an exact float64 solve in every row, then the least peak memory, ties by time; docs/performance.md,
+Adjoint solvers, has the tables): on deq_mlp every solver passes and the memory is the same
+(1.1 MB); on deq_resnet_s_ref at initialization (10 Fashion-MNIST test images) no solver converges
+in 50 products, and against GMRES-50 (65.2 MB) bicgstab reaches cosine 0.27 (25.5 MB; its residual
+rises to 2.8 by 150 products), normal_cg 0.85 (34.1 MB), JFB 0.63 (23.2 MB). The M models and the
+exact solves on the S models are still to be measured.
+
 Why GMRES, and why tol 1e-3 (measured on 32 Fashion-MNIST test images through deq_resnet_s,
 float32, at the z* of the default forward solve, against the exact adjoint there from scipy in
 float64; at initialization / after 20 SGD steps of lr 0.01, batch 10):
