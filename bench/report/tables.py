@@ -315,7 +315,7 @@ def communication_table(group: Group, target_fraction: float, k: int) -> Table:
                         "(MB total, mean over seeds)", notes)
     if ratio:
         cells[RATIO_COLUMN] = ratio
-    return stat_table(group, "communication", COMMUNICATION, ["method"], notes, cells, (TARGET_COLUMN,))
+    return stat_table(group, "communication", COMMUNICATION, ["method"], notes, cells, best_extra=(TARGET_COLUMN,))
 
 
 def cost_table(group: Group) -> Table:
@@ -386,17 +386,18 @@ def verdict(group: Group, k: int | None = None) -> str:
     mem = method_means(group, lambda r: peak(r, "mem/peak_train_bytes") / 1e6)
     if not acc:
         return ""
-    parts = [f"Accuracy is {HEADLINE}, the mean of the last {k} evaluated rounds, mean over seeds."]
+    parts = [f"Accuracy is {HEADLINE}, the mean of the last {k} evaluated round{'s' if k > 1 else ''}, mean over "
+             f"seeds."]
     best = max(acc, key=acc.__getitem__)
     parts.append(f"Most accurate: {best} ({acc[best]:.4f}).")
-    for what, means, unit in (("fewest MB sent", mb, "the bytes"), ("least peak training memory", mem, "the memory")):
+    for what, means, unit in (("Fewest MB sent", mb, "bytes"), ("Least peak training memory", mem, "memory")):
         if not means:
             continue
         low = min(means, key=means.__getitem__)
-        text = f"{what.capitalize()}: {low} ({fmt(means[low], 'mb')} MB"
+        text = f"{what}: {low} ({fmt(means[low], 'mb')} MB"
         ref = means.get(REFERENCE)
         if ref and low != REFERENCE:
-            text += f", {means[low] / ref:.2f}x {REFERENCE}'s {unit.split()[-1]}"
+            text += f", {means[low] / ref:.2f}x {REFERENCE}'s {unit}"
         parts.append(text + ").")
     for means, cost, unit in ((mb, "MB total", "MB"), (mem, "peak train MB", "memory")):
         points = {m: (acc[m], means[m]) for m in acc if m in means}
