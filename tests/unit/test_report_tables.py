@@ -85,7 +85,7 @@ def test_the_methods_table_has_every_method_and_every_column(data):
 # column -> the value of one run, from MLflow's run (latest metric values), histories and params.
 FROM_MLFLOW = {
     "acc/weighted final": lambda run, h, _: run.data.metrics["acc/weighted"],
-    # 4 evaluated rounds (3 rounds and round 0): k = max(1, 4 // 10) = 1, the final round's value.
+    # 3 evaluated rounds (rounds 1..3): k = max(1, 3 // 10) = 1, the final round's value.
     "acc/weighted last-k": lambda run, h, _: h["acc/weighted"][-1],
     "acc/weighted best round": lambda run, h, _: max(h["acc/weighted"]),
     "acc/mean": lambda run, h, _: run.data.metrics["acc/mean"],
