@@ -137,8 +137,9 @@ def pareto_figures(group: Group, k: int) -> list[Figure]:
             ys.append(means[m][0])
         series.append(Series("Pareto front", xs, ys, hover=[f"Pareto front: {', '.join(front)}"] * len(xs),
                              color="#000000", variant="front"))
-        out.append(Figure(name, f"{group.dataset}: accuracy ({T.HEADLINE}, mean of the last {k} evaluated "
-                          f"rounds) vs {xlabel.split(' (')[0]} (points: seeds; open: mean)",
+        last = f"the last {k} evaluated rounds" if k > 1 else "the last evaluated round"
+        out.append(Figure(name, f"{group.dataset}: accuracy ({T.HEADLINE}, mean of {last}) vs "
+                          f"{xlabel.split(' (')[0]} (points: seeds; open: mean)",
                           xlabel, f"{T.HEADLINE} last-{k} mean", "scatter", series))
     return out
 
@@ -237,7 +238,8 @@ def to_svg(fig: Figure) -> str:
         if fig.kind == "scatter":
             for i, s in enumerate(fig.series):
                 if s.variant == "front":
-                    ax.plot(s.x, s.y, color=s.color, linestyle="--", linewidth=1, label=s.label, gid=f"series-{i}")
+                    ax.plot(s.x, s.y, color=s.color, linestyle="--", linewidth=1, marker="x", markersize=5,
+                            label=s.label, gid=f"series-{i}")
                 elif s.variant == "mean":
                     ax.scatter(s.x, s.y, s=110, marker="D", facecolors="none", edgecolors=s.color, linewidths=1.6,
                                gid=f"series-{i}", zorder=3)
@@ -302,8 +304,9 @@ def to_plotly(fig: Figure) -> dict:
                   "hovertext": s.hover, "hovertemplate": "%{hovertext}<extra></extra>"}
         if fig.kind == "scatter":
             if s.variant == "front":
-                data.append({**common, "type": "scatter", "mode": "lines",
-                             "line": {"color": s.color, "dash": "dash", "width": 1}})
+                data.append({**common, "type": "scatter", "mode": "lines+markers",  # a front of one: a marker
+                             "line": {"color": s.color, "dash": "dash", "width": 1},
+                             "marker": {"color": s.color, "size": 6, "symbol": "x-thin-open"}})
             else:  # a method's mean toggles with its seeds (one legend group, one legend entry)
                 group = s.label[:-len(" mean")] if s.variant == "mean" else s.label
                 data.append({**common, "type": "scatter", "mode": "markers", "legendgroup": group,

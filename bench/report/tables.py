@@ -386,8 +386,8 @@ def verdict(group: Group, k: int | None = None) -> str:
     mem = method_means(group, lambda r: peak(r, "mem/peak_train_bytes") / 1e6)
     if not acc:
         return ""
-    parts = [f"Accuracy is {HEADLINE}, the mean of the last {k} evaluated round{'s' if k > 1 else ''}, mean over "
-             f"seeds."]
+    parts = [f"Accuracy is {HEADLINE}, the mean of the last {k} evaluated round{'s' if k > 1 else ''} "
+             f"(mean over seeds)."]
     best = max(acc, key=acc.__getitem__)
     parts.append(f"Most accurate: {best} ({acc[best]:.4f}).")
     for what, means, unit in (("Fewest MB sent", mb, "bytes"), ("Least peak training memory", mem, "memory")):

@@ -108,9 +108,11 @@ WIDER = """() => {
   const w = window.innerWidth, out = [];
   for (const el of document.querySelectorAll("body *")) {
     const r = el.getBoundingClientRect();
-    if (r.width && (r.right > w + 0.5 || r.left < -0.5)) out.push(`${el.tagName}.${el.className} ${r.left}..${r.right}`);
+    const name = `${el.tagName}.${el.getAttribute("class")}`;
+    // Right of the viewport (plotly parks a text-measuring <svg> far left, at -10000 px: never seen).
+    if (r.width && r.right > w + 0.5) out.push(`${name} ${r.left}..${r.right}`);
     if (el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).overflowX !== "visible")
-      out.push(`${el.tagName}.${el.className} scrolls: ${el.scrollWidth} > ${el.clientWidth}`);
+      out.push(`${name} scrolls: ${el.scrollWidth} > ${el.clientWidth}`);
   }
   const doc = document.documentElement;
   if (doc.scrollWidth > w) out.push(`page scrolls: ${doc.scrollWidth} > ${w}`);

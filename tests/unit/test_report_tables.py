@@ -426,7 +426,7 @@ def test_the_verdict_names_the_best_and_the_fronts(data, mlflow_runs):
     mb = {m: statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW["MB total"])) for m in METHODS}
     mem = {m: statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW["peak train MB"])) for m in METHODS}
     best = max(acc, key=acc.get)
-    assert text.startswith("Accuracy is acc/weighted, the mean of the last 1 evaluated round, mean over seeds.")
+    assert text.startswith("Accuracy is acc/weighted, the mean of the last 1 evaluated round (mean over seeds).")
     assert f"Most accurate: {best} ({acc[best]:.4f})." in text
     assert f"Fewest MB sent: {min(mb, key=mb.get)} (" in text
     assert f"Least peak training memory: {min(mem, key=mem.get)} (" in text
