@@ -194,8 +194,8 @@ def comparable_groups(records: list[RunRecord], parents: list[Provenance]) -> li
     found: list[dict] = []  # {"key": (dataset, partition, task), "methods": {method: method keys}, "runs", "files"}
     for (dataset, partition, task, parent), runs in buckets.items():
         keys = {r.method: comparable_config(r, config.get(parent, {}))[1] for r in runs}
-        home = next((g for g in found if g["key"] == (dataset, partition, task)
-                     and all(g["methods"].get(m, k) == k for m, k in keys.items())), None)
+        home = next((f for f in found if f["key"] == (dataset, partition, task)
+                     and all(f["methods"].get(m, k) == k for m, k in keys.items())), None)
         if home is None:
             home = {"key": (dataset, partition, task), "methods": {}, "runs": [], "files": set()}
             found.append(home)
@@ -203,10 +203,10 @@ def comparable_groups(records: list[RunRecord], parents: list[Provenance]) -> li
         home["runs"] += runs
         home["files"].add(config_file(command.get(parent, "")) or "")
     groups = []
-    for g in found:
-        (dataset, partition, task), rs = g["key"], g["runs"]
+    for f in found:
+        (dataset, partition, task), rs = f["key"], f["runs"]
         cfg = dict(task)
-        for keys in g["methods"].values():
+        for keys in f["methods"].values():
             cfg.update(keys)
         groups.append(Group(dataset=dataset, partition=partition, runs=rs, seeds=sorted({r.seed for r in rs}),
                             methods=list(dict.fromkeys(r.method for r in rs)), config=cfg))

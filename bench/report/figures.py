@@ -298,7 +298,7 @@ def to_plotly(fig: Figure) -> dict:
     hover shows its `hover` text), plus for each line series with a band one more trace, the band,
     filled, without legend entry or hover, toggled with its series (same legendgroup). NaN becomes
     None (a gap), so json.dumps gives valid JSON."""
-    data = []
+    data: list[dict[str, Any]] = []
     for s in fig.series:
         common = {"name": s.label, "legendgroup": s.label, "x": _finite(s.x), "y": _finite(s.y),
                   "hovertext": s.hover, "hovertemplate": "%{hovertext}<extra></extra>"}
