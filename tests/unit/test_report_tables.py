@@ -434,3 +434,14 @@ def test_the_verdict_names_the_best_and_the_fronts(data, mlflow_runs):
         front = [m for m in METHODS if not any(acc[o] >= acc[m] and means[o] <= means[m]
                                                and (acc[o] > acc[m] or means[o] < means[m]) for o in METHODS)]
         assert f"Pareto set on accuracy vs {cost}: {', '.join(front)}" in text
+
+
+def test_bad_report_options_are_one_line(tmp_path):
+    from bench import report
+
+    uri = f"sqlite:///{tmp_path}/none.db"  # never opened: the options are checked first
+    with pytest.raises(BenchError, match=r"^--last-k is a number of evaluated rounds, at least 1; got 0$"):
+        report.build(uri, "x", last_k=0)
+    with pytest.raises(BenchError, match=r"^--target is a fraction of the best mean last-k accuracy, in \(0, 1\]"):
+        report.build(uri, "x", target=1.5)
+    assert not (tmp_path / "none.db").exists()
