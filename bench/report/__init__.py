@@ -36,15 +36,19 @@ def default_out(name: str) -> str:
 
 
 def build(tracking_uri: str, experiment: str, runs=None, out: str | None = None, sweep: str | None = None,
-          target: float = 0.95) -> ReportPaths:
+          target: float = 0.95, last_k: int | None = None) -> ReportPaths:
     """Read the comparisons of `experiment` (or only the parent run ids `runs`; or the study `sweep`)
-    and write the report to `out` (default reports/<experiment> or reports/<study>). `target`: the
-    fraction of the best method's final accuracy that the MB-to-target column measures up to.
-    Raises BenchError on bad input (unknown experiment, run or study; no runs)."""
+    and write the report to `out` (default reports/<experiment> or reports/<study>). Runs are pooled as
+    seeds only when their configs agree (collect.comparable_groups). `last_k`: the headline accuracy is
+    the mean of the last k evaluated rounds (default None: a tenth of them, at least 1); `target`: the
+    fraction of the best method's mean last-k accuracy that the MB-to-target column measures up to.
+    Raises BenchError on bad input (unknown experiment, run or study; no runs; a bad option)."""
     from bench.report import collect, figures, html, markdown, tables
 
     if not 0 < target <= 1:
-        raise BenchError(f"--target is a fraction of the best final accuracy, in (0, 1]; got {target}")
+        raise BenchError(f"--target is a fraction of the best mean last-k accuracy, in (0, 1]; got {target}")
+    if last_k is not None and last_k < 1:
+        raise BenchError(f"--last-k is a number of evaluated rounds, at least 1; got {last_k}")
     if sweep is not None and runs:
         raise BenchError("give --sweep STUDY or --runs PARENT_ID,..., not both")
     if sweep is not None:
@@ -54,8 +58,12 @@ def build(tracking_uri: str, experiment: str, runs=None, out: str | None = None,
                     for g in data.groups]
     else:
         data = collect.collect(tracking_uri, experiment, runs)
-        sections = [(g, tables.group_tables(g, data.parents, target), figures.group_figures(g))
-                    for g in data.groups]
+        sections = []
+        for g in data.groups:
+            k, _ = tables.last_k(g, last_k)
+            g.verdict = tables.verdict(g, k)
+            sections.append((g, tables.group_tables(g, data.parents, target, k),
+                             figures.pareto_figures(g, k) + figures.group_figures(g)))
     if not data.groups:
         raise BenchError(f"{data.name!r}: its parent run(s) have no child runs, so there is nothing to report")
     out_dir = out or default_out(data.name)

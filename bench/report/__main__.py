@@ -33,7 +33,11 @@ def build_parser() -> cli.Parser:
     p.add_argument("--tracking-uri", default=uri,
                    help=f"MLflow tracking store (default: {uri}, from $MLFLOW_TRACKING_URI when set)")
     p.add_argument("--target", type=float, default=0.95,
-                   help="MB-to-target column: this fraction of the best method's final acc/weighted (default: 0.95)")
+                   help="MB-to-target column: this fraction of the best method's mean last-k acc/weighted "
+                        "(default: 0.95)")
+    p.add_argument("--last-k", type=int, default=None, metavar="K",
+                   help="headline accuracy: the mean acc/weighted of the last K evaluated rounds (default: a tenth "
+                        "of the evaluated rounds, at least 1)")
     return p
 
 
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         runs = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else None
         paths = report.build(args.tracking_uri, args.experiment, runs=runs, out=args.out, sweep=args.sweep,
-                             target=args.target)
+                             target=args.target, last_k=args.last_k)
         print(f"report: {paths.html}")
         print(f"markdown: {paths.markdown}")
         return 0

@@ -17,6 +17,7 @@ import contextlib
 import csv
 import io
 import os
+import shlex
 import tempfile
 
 from bench.report.model import Group, Provenance, ReportData, RunRecord
@@ -140,6 +141,103 @@ def grouped(records: list[RunRecord]) -> list[Group]:
             for (d, part), rs in by_key.items()]
 
 
+NEUTRAL = frozenset({"methods", "seeds", "backend", "workers", "address", "cpus_per_client", "state_budget_gb",
+                     "checkpoint_every", "experiment", "tracking_uri", "run_name", "data_dir"})
+"""Run keys (bench/config.py RunConfig) that never change a run's numbers: which methods and seeds an
+invocation ran, where and how it ran (Serial == Ray bit for bit; any state budget or worker count gives
+the same numbers), where it is recorded. `data_dir` only says where files are read from: equal data has
+equal `dataset_fingerprint` (compared through the dataset and partition). Every other run key is compared."""
+
+
+def comparable_config(r: RunRecord, parent_config: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(task keys, method keys) of run `r`: what changes its results, seed aside. Task keys are the
+    parent's `run.*` params but NEUTRAL ones and its dataset's table (`synthetic.*`); method keys are
+    the child's own `<method>.*` params (a method key left unset reads `None`: the run's value)."""
+    dataset = r.dataset.split(":")[0]
+    task = {k: v for k, v in parent_config.items()
+            if (k.startswith("run.") and k[len("run."):] not in NEUTRAL) or k.startswith(f"{dataset}.")}
+    method = {k: v for k, v in r.params.items() if k.startswith(f"{r.method}.")}
+    return task, method
+
+
+def config_file(command: str) -> str | None:
+    """The `--config FILE` of a recorded command line (a preset such as configs/tuned/synthetic.toml)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    for i, w in enumerate(words):
+        if w == "--config" and i + 1 < len(words):
+            return words[i + 1]
+        if w.startswith("--config="):
+            return w[len("--config="):]
+    return None
+
+
+LABEL_KEYS = 6
+"""A group's label names at most this many differing keys (then `+N more`: the provenance has them all)."""
+
+
+def comparable_groups(records: list[RunRecord], parents: list[Provenance]) -> list[Group]:
+    """Runs grouped so that a group pools only comparable runs: one dataset and partition, equal task
+    keys, and for each method equal method keys (`comparable_config`). An invocation (a parent run)
+    joins the first group it agrees with on every key of every method it ran, else starts a new one;
+    so a `--rounds 2` run or a tuned preset's rerun is its own group, never another seed of a row.
+    Groups sharing a dataset and partition are labelled by the keys whose values differ between them."""
+    config = {p.run_id: p.config for p in parents}
+    command = {p.run_id: p.command for p in parents}
+    # (dataset, partition, task keys, parent) -> runs, in first-seen order
+    buckets: dict[tuple, list[RunRecord]] = {}
+    for r in records:
+        task, _ = comparable_config(r, config.get(r.parent_id, {}))
+        buckets.setdefault((r.dataset, r.partition, tuple(sorted(task.items())), r.parent_id), []).append(r)
+    found: list[dict] = []  # {"key": (dataset, partition, task), "methods": {method: method keys}, "runs", "files"}
+    for (dataset, partition, task, parent), runs in buckets.items():
+        keys = {r.method: comparable_config(r, config.get(parent, {}))[1] for r in runs}
+        home = next((f for f in found if f["key"] == (dataset, partition, task)
+                     and all(f["methods"].get(m, k) == k for m, k in keys.items())), None)
+        if home is None:
+            home = {"key": (dataset, partition, task), "methods": {}, "runs": [], "files": set()}
+            found.append(home)
+        home["methods"].update(keys)
+        home["runs"] += runs
+        home["files"].add(config_file(command.get(parent, "")) or "")
+    groups = []
+    for f in found:
+        (dataset, partition, task), rs = f["key"], f["runs"]
+        cfg = dict(task)
+        for keys in f["methods"].values():
+            cfg.update(keys)
+        groups.append(Group(dataset=dataset, partition=partition, runs=rs, seeds=sorted({r.seed for r in rs}),
+                            methods=list(dict.fromkeys(r.method for r in rs)), config=cfg))
+    for i, g in enumerate(groups):
+        g.label = label(g, [o for o in groups if (o.dataset, o.partition) == (g.dataset, g.partition) and o is not g],
+                        found[i]["files"] - {""})
+    return groups
+
+
+def label(group: Group, others: list[Group], files: set[str]) -> str:
+    """`config FILE; key=value, ...`: the keys whose values differ between `group` and `others` (its
+    dataset and partition's other groups; `unrecorded` where a run did not record one); empty alone."""
+    if not others:
+        return ""
+    task = ("run.", group.dataset.split(":")[0] + ".")
+
+    def differs(k: str) -> bool:
+        if k.startswith(task):  # the task: compared with every other group
+            return any(o.config.get(k) != group.config.get(k) for o in others)
+        # a method's key: compared with the groups that ran that method
+        return k in group.config and any(k in o.config and o.config[k] != group.config[k] for o in others)
+
+    differ = sorted((k for k in set(group.config).union(*(o.config for o in others)) if differs(k)),
+                    key=lambda k: (not k.startswith(task), k))  # the task's keys first
+    shown = [f"{k.removeprefix('run.')}={group.config.get(k, 'unrecorded')}" for k in differ[:LABEL_KEYS]]
+    if len(differ) > LABEL_KEYS:
+        shown.append(f"+{len(differ) - LABEL_KEYS} more (see the provenance)")
+    text = ", ".join(shown) or "an equal config, another invocation"
+    return "; ".join([*(f"config {f}" for f in sorted(files)), text])
+
+
 def children(client, exp_id: str, parent_id: str) -> list:
     return search(client, exp_id, f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
@@ -166,8 +264,9 @@ def collect(tracking_uri: str, experiment: str, parent_ids=None) -> ReportData:
     else:
         parents = comparisons
     records = [record(client, c) for p in parents for c in children(client, exp_id, p.info.run_id)]
+    provs = [provenance(p) for p in parents]
     return ReportData(name=experiment, experiment=experiment, tracking_uri=tracking_uri,
-                      parents=[provenance(p) for p in parents], groups=grouped(records))
+                      parents=provs, groups=comparable_groups(records, provs))
 
 
 def trial_label(number: int | str) -> str:

@@ -55,14 +55,15 @@ class Series:
 @dataclass
 class Figure:
     name: str
-    """File-name stem and HTML id part: acc_vs_round, acc_vs_mb, peak_memory, client_acc, deq_steps,
-    deq_residual."""
+    """File-name stem and HTML id part: acc_vs_total_mb, acc_vs_memory (the answer at a glance),
+    acc_vs_round, acc_vs_mb, peak_memory, client_acc, deq_steps, deq_residual."""
     title: str
     xlabel: str
     ylabel: str
     kind: str
-    """"line" (x numeric, optional band), "bar" (one bar per category, error bar lo..hi) or "box"
-    (a box and every point per category; series of one category stand side by side)."""
+    """"line" (x numeric, optional band), "bar" (one bar per category, error bar lo..hi), "box"
+    (a box and every point per category; series of one category stand side by side) or "scatter"
+    (points; a series with variant "mean" is one large open marker, "front" a dashed line)."""
     series: list[Series]
     ylog: bool = False
 
@@ -92,6 +93,55 @@ def group_figures(group: Group, accuracy: str = ACC) -> list[Figure]:
         figs.append(_line(name, f"{prefix}DEQ {ylabel.split(' (')[0]}, forward and adjoint ({BAND})",
                           "round", ylabel, series, ylog=ylog))
     return [f for f in figs if f is not None]
+
+
+def pareto_figures(group: Group, k: int) -> list[Figure]:
+    """The answer at a glance, drawn: accuracy (mean HEADLINE of the last k evaluated rounds) against
+    total MB sent and against peak training memory. Every FINISHED seed is a point, each method's mean a
+    larger open marker, the Pareto front over the means (tables.pareto, the same set the verdict names)
+    a dashed staircase. A figure no run can fill (no memory logged) is left out."""
+    from bench.report import tables as T  # the numbers: the tables' own functions, so the two agree
+
+    runs = [r for r in group.runs if r.status == "FINISHED"]
+    methods = [m for m in group.methods if any(r.method == m for r in runs)]
+    color = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(methods)}
+    acc = lambda r: T.last_k_mean(r, T.HEADLINE, k)  # noqa: E731
+    out = []
+    for name, xlabel, cost in (("acc_vs_total_mb", "total MB sent (up + down)",
+                                lambda r: r.final("bytes/cumulative") / 1e6),
+                               ("acc_vs_memory", "peak training memory (MB)",
+                                lambda r: T.peak(r, "mem/peak_train_bytes") / 1e6)):
+        series, means = [], {}
+        for m in methods:
+            pts = [(r.seed, cost(r), acc(r)) for r in T.finished(group, m)]
+            pts = [p for p in pts if math.isfinite(p[1]) and math.isfinite(p[2])]
+            if not pts:
+                continue
+            series.append(Series(m, [x for _, x, _ in pts], [y for _, _, y in pts],
+                                 hover=[f"{m}, seed {s}<br>{xlabel} {x:.4g}<br>accuracy {y:.4f}" for s, x, y in pts],
+                                 color=color[m]))
+            mx, my = sum(x for _, x, _ in pts) / len(pts), sum(y for _, _, y in pts) / len(pts)
+            means[m] = (my, mx)
+            series.append(Series(f"{m} mean", [mx], [my], hover=[f"{m}, mean of {len(pts)} seed(s)<br>{xlabel} "
+                                                               f"{mx:.4g}<br>accuracy {my:.4f}"],
+                                 color=color[m], variant="mean"))
+        if not series:
+            continue
+        front = sorted(T.pareto(means), key=lambda m: means[m][1])
+        xs, ys = [], []
+        for i, m in enumerate(front):  # a staircase: each front point holds its accuracy up to the next's cost
+            if i:
+                xs.append(means[m][1])
+                ys.append(means[front[i - 1]][0])
+            xs.append(means[m][1])
+            ys.append(means[m][0])
+        series.append(Series("Pareto front", xs, ys, hover=[f"Pareto front: {', '.join(front)}"] * len(xs),
+                             color="#000000", variant="front"))
+        last = f"the last {k} evaluated rounds" if k > 1 else "the last evaluated round"
+        out.append(Figure(name, f"{group.dataset}: accuracy ({T.HEADLINE}, mean of {last}) vs "
+                          f"{xlabel.split(' (')[0]} (points: seeds; open: mean)",
+                          xlabel, f"{T.HEADLINE} last-{k} mean", "scatter", series))
+    return out
 
 
 def _line(name, title, xlabel, ylabel, series, ylog=False) -> Figure | None:
@@ -185,7 +235,17 @@ def to_svg(fig: Figure) -> str:
     with matplotlib.rc_context({"svg.hashsalt": "fedeq-bench", "svg.fonttype": "none"}):
         mfig = MplFigure(figsize=(7, 4.2), layout="constrained")
         ax = mfig.add_subplot()
-        if fig.kind == "line":
+        if fig.kind == "scatter":
+            for i, s in enumerate(fig.series):
+                if s.variant == "front":
+                    ax.plot(s.x, s.y, color=s.color, linestyle="--", linewidth=1, marker="x", markersize=5,
+                            label=s.label, gid=f"series-{i}")
+                elif s.variant == "mean":
+                    ax.scatter(s.x, s.y, s=110, marker="D", facecolors="none", edgecolors=s.color, linewidths=1.6,
+                               gid=f"series-{i}", zorder=3)
+                else:
+                    ax.scatter(s.x, s.y, s=22, color=s.color, label=s.label, gid=f"series-{i}", zorder=2)
+        elif fig.kind == "line":
             for i, s in enumerate(fig.series):
                 if s.lo is not None and s.hi is not None:
                     ax.fill_between(s.x, s.lo, s.hi, color=s.color, alpha=0.18, linewidth=0)
@@ -238,11 +298,23 @@ def to_plotly(fig: Figure) -> dict:
     hover shows its `hover` text), plus for each line series with a band one more trace, the band,
     filled, without legend entry or hover, toggled with its series (same legendgroup). NaN becomes
     None (a gap), so json.dumps gives valid JSON."""
-    data = []
+    data: list[dict[str, Any]] = []
     for s in fig.series:
         common = {"name": s.label, "legendgroup": s.label, "x": _finite(s.x), "y": _finite(s.y),
                   "hovertext": s.hover, "hovertemplate": "%{hovertext}<extra></extra>"}
-        if fig.kind == "line":
+        if fig.kind == "scatter":
+            if s.variant == "front":
+                data.append({**common, "type": "scatter", "mode": "lines+markers",  # a front of one: a marker
+                             "line": {"color": s.color, "dash": "dash", "width": 1},
+                             "marker": {"color": s.color, "size": 6, "symbol": "x-thin-open"}})
+            else:  # a method's mean toggles with its seeds (one legend group, one legend entry)
+                group = s.label[:-len(" mean")] if s.variant == "mean" else s.label
+                data.append({**common, "type": "scatter", "mode": "markers", "legendgroup": group,
+                             "showlegend": s.variant != "mean",
+                             "marker": {"color": s.color, "size": 14 if s.variant else 7,
+                                        "symbol": "diamond-open" if s.variant else "circle",
+                                        "line": {"width": 2 if s.variant else 0, "color": s.color}}})
+        elif fig.kind == "line":
             if s.lo is not None and s.hi is not None:
                 data.append({"type": "scatter", "name": f"{s.label} band", "legendgroup": s.label,
                              "x": _finite(s.x + s.x[::-1]), "y": _finite(s.hi + s.lo[::-1]),

@@ -24,6 +24,8 @@ CODE = ("command", "git commit", "run id")
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; padding: 1em 2em;
        max-width: 1400px; color: #222; }
+.verdict { background: #f6f8fb; border-left: 3px solid #1f77b4; padding: .5em .8em; }
+td { overflow-wrap: anywhere; }
 .wide { overflow-x: auto; }
 h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 1em 0 .3em; font-size: 13px; }
@@ -76,13 +78,14 @@ def write(data: ReportData, sections: list[tuple[Group, list[Table], list[Figure
     body = [f"<h1>{esc(data.name)}</h1>",
             f'<p class="meta">MLflow experiment <code>{esc(data.experiment)}</code> in '
             f"<code>{esc(data.tracking_uri)}</code>; {len(data.parents)} invocation(s).</p>"]
-    toc = [f'<li><a href="#s{i}">{esc(g.dataset)}: {esc(g.partition)}</a></li>'
-           for i, (g, _, _) in enumerate(sections)]
+    toc = [f'<li><a href="#s{i}">{esc(g.title)}</a></li>' for i, (g, _, _) in enumerate(sections)]
     body.append(f'<nav><ul>{"".join(toc)}<li><a href="#provenance">Provenance</a></li></ul></nav>')
     for i, (group, tables, figs) in enumerate(sections):
-        body.append(f'<section id="s{i}"><h2>{esc(group.dataset)}: {esc(group.partition)}</h2>')
+        body.append(f'<section id="s{i}"><h2>{esc(group.title)}</h2>')
         body.append(f'<p class="meta">Seeds {esc(", ".join(map(str, group.seeds)))}; methods '
                     f'{esc(", ".join(group.methods))}.</p>')
+        if group.verdict:
+            body.append(f'<p class="verdict"><strong>At a glance.</strong> {esc(group.verdict)}</p>')
         body += [_table(t) for t in tables]
         for fig in figs:
             fid = f"s{i}-{fig.name}"

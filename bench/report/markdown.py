@@ -52,8 +52,10 @@ def write(data: ReportData, sections: list[tuple[Group, list[Table], list]], pro
              f"MLflow experiment `{data.experiment}` in `{data.tracking_uri}`; "
              f"{len(data.parents)} parent run(s): {', '.join(f'`{p.run_id}`' for p in data.parents)}.", ""]
     for (group, tables, figs), gslug in zip(sections, group_slugs([s[0] for s in sections]), strict=True):
-        lines += [f"## {group.dataset} / {group.partition}", "",
+        lines += [f"## {group.title}", "",
                   f"Seeds {', '.join(map(str, group.seeds))}; methods {', '.join(group.methods)}.", ""]
+        if group.verdict:
+            lines += [f"**At a glance.** {group.verdict}", ""]
         for t in tables:
             lines += [table(t), ""]
         for fig in figs:

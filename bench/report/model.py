@@ -80,6 +80,19 @@ class Group:
     """Every seed some run of this group used (a method missing one of them is said to)."""
     methods: list[str]
     """Methods in first-seen order."""
+    label: str = ""
+    """What sets this group apart from the other groups of its dataset and partition (`rounds=2`,
+    `config configs/tuned/synthetic.toml; fedrep.lr=0.01`); empty when it is the only one."""
+    config: dict[str, str] = field(default_factory=dict)
+    """The comparable config its runs share (collect.comparable_config: everything that changes results,
+    seed aside): run and dataset keys, and each method's own keys."""
+    verdict: str = ""
+    """The answer at a glance (tables.verdict), shown above the tables; empty for a sweep."""
+
+    @property
+    def title(self) -> str:
+        """`dataset / partition`, with the label in brackets when there is one."""
+        return f"{self.dataset} / {self.partition}" + (f" [{self.label}]" if self.label else "")
 
 
 @dataclass

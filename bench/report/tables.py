@@ -1,10 +1,13 @@
 """The report's tables, built from `ReportData` (bench/report/model.py); no MLflow, no torch.
 
-    group_tables(group, parents, target=0.95)  # per dataset x partition: methods, then every run
+    group_tables(group, parents, target=0.95)  # per group: accuracy, communication, cost, every run
+    verdict(group)                             # per group: the answer at a glance, one paragraph
     provenance_tables(data)                    # per parent run: command, commit, versions, config
     sweep_tables(group, parents)               # a study: trials, best values, every run
 
 Only FINISHED runs enter the numbers; every run, whatever its status, is a row of the runs table.
+The headline, in every report, is HEADLINE (acc/weighted) as the mean of its last k evaluated rounds
+(`last_k`), one lucky round deciding nothing; the final round and the best round stand beside it.
 A cell over seeds is `mean ± std` with the SAMPLE std (ddof=1, bench/experiment/ `seed_stat`), as
 `bench.run`'s terminal table; one seed: the mean alone. Accuracy has 4 decimals and MB at least 3
 decimals and 4 significant digits, so every number can be checked against MLflow (the tests do).
@@ -22,8 +25,12 @@ from bench.report.stats import Stat, seed_stat
 REFERENCE = "fedeq"
 """The method the ratio column compares with (the method this benchmark is about)."""
 DASH = "—"
-ACCURACY = ("acc/weighted", "acc/mean", "acc/bottom10", "acc/unseen")
-"""acc/weighted first: the paper-comparable figure (accuracy over all test samples of all clients)."""
+HEADLINE = "acc/weighted"
+"""The headline metric of every report (comparison and sweep): accuracy over all test samples of all
+clients, the figure comparable with the FeDEQ paper."""
+ACCURACY = ("acc/mean", "acc/bottom10", "acc/unseen")
+"""The other accuracies, final round."""
+LAST_K, FINAL, BEST_ROUND = f"{HEADLINE} last-k", f"{HEADLINE} final", f"{HEADLINE} best round"
 
 # -- one run's numbers ----------------------------------------------------------------------------
 
@@ -44,41 +51,60 @@ def peak(r: RunRecord, metric: str) -> float:
     return max(v) if v else math.nan
 
 
-def mb_to_target(r: RunRecord, target: float) -> float | None:
-    """MB sent (bytes/cumulative, up + down) up to and including the first evaluated round whose
-    acc/weighted reaches `target`; None when no round does."""
+def last_k_mean(r: RunRecord, metric: str, k: int) -> float:
+    """Mean of the metric's last k logged (evaluated) rounds, all of them when fewer; nan when never logged."""
+    _, v = r.series(metric)
+    return math.fsum(v[-k:]) / len(v[-k:]) if v else math.nan
+
+
+def mb_to_target(r: RunRecord, target: float, k: int = 1) -> float | None:
+    """MB sent (bytes/cumulative, up + down) up to and including the first evaluated round at which the
+    mean HEADLINE of that round and the k - 1 evaluated rounds before it reaches `target` (k = 1: the
+    round's own accuracy); None when no such window does. A window needs k evaluated rounds, so with
+    k > 1 one lucky early round does not reach the target."""
     sent = dict(r.history.get("bytes/cumulative", []))
-    for rnd, acc in r.history.get("acc/weighted", []):
-        if acc >= target and rnd in sent:
+    acc = r.history.get(HEADLINE, [])
+    for i in range(k - 1, len(acc)):
+        rnd = acc[i][0]
+        if math.fsum(a for _, a in acc[i - k + 1:i + 1]) / k >= target and rnd in sent:
             return sent[rnd] / 1e6
     return None
 
 
 def wall_s(r: RunRecord) -> float:
-    """Sum of time/round_s (training and evaluation rounds; data loading and setup not counted), or
-    the run's end - start when it logged no round times."""
+    """Sum of time/round_s (training and evaluation rounds; data loading and setup not counted), as
+    bench.run's table and summary.json; the run's end - start when it logged no round times."""
     s = total(r, "time/round_s")
     if math.isnan(s) and r.start_ms is not None and r.end_ms is not None:
         return (r.end_ms - r.start_ms) / 1e3
     return s
 
 
-# (column, per-run value, format, best: max or min or None). MB columns are per client message bytes
-# / 1e6, as bench/experiment/'s SUMMARY.
-COLUMNS: list[tuple[str, Callable[[RunRecord], float], str, Callable | None]] = [
-    *((name, (lambda n: lambda r: r.final(n))(name), "acc", max) for name in ACCURACY),
+# (column, per-run value, format, best: max or min or None), per table. MB columns are per client
+# message bytes / 1e6, as bench/experiment/'s SUMMARY. The last-k column's value needs k: see columns().
+Column = tuple[str, Callable[[RunRecord], float], str, Callable | None]
+COMMUNICATION: list[Column] = [
     ("MB up/round", lambda r: per_round(r, "bytes/up") / 1e6, "mb", min),
     ("MB down/round", lambda r: per_round(r, "bytes/down") / 1e6, "mb", min),
     ("MB up", lambda r: total(r, "bytes/up") / 1e6, "mb", min),
     ("MB down", lambda r: total(r, "bytes/down") / 1e6, "mb", min),
     ("MB total", lambda r: r.final("bytes/cumulative") / 1e6, "mb", min),
+]
+COST: list[Column] = [
     ("peak train MB", lambda r: peak(r, "mem/peak_train_bytes") / 1e6, "mb", min),
     # Parameter counts are a property of the method, not a score: no best is marked.
     ("params shared", lambda r: float(r.params.get("params/shared", "nan")), "int", None),
     ("params personal", lambda r: float(r.params.get("params/personal", "nan")), "int", None),
     ("wall s", wall_s, "s", min),
 ]
-TARGET_COLUMN, RATIO_COLUMN = "MB to target", "bytes vs FeDEQ"
+TARGET_COLUMN, RATIO_COLUMN, MEMORY_RATIO_COLUMN = "MB to target", "bytes vs FeDEQ", "memory vs FeDEQ"
+
+
+def accuracy_columns(k: int) -> list[Column]:
+    return [(LAST_K, lambda r: last_k_mean(r, HEADLINE, k), "acc", max),
+            (FINAL, lambda r: r.final(HEADLINE), "acc", max),
+            (BEST_ROUND, lambda r: peak(r, HEADLINE), "acc", max),
+            *((name, (lambda n: lambda r: r.final(n))(name), "acc", max) for name in ACCURACY)]
 
 
 # -- formatting -----------------------------------------------------------------------------------
@@ -160,23 +186,37 @@ def seed_notes(group: Group) -> list[str]:
     return notes
 
 
-def target_of(group: Group, fraction: float) -> tuple[float, str, float] | None:
-    """(target accuracy, best method, its final mean acc/weighted): `fraction` of the best method's."""
-    means = {}
+def last_k(group: Group, k: int | None = None) -> tuple[int, int]:
+    """(k, n): the last-k window and the most evaluated rounds (logged HEADLINE values) of a FINISHED run
+    of the group. k: as given (at most n), else a tenth of n rounded down, at least 1."""
+    n = max((len(r.history.get(HEADLINE, [])) for r in group.runs if r.status == "FINISHED"), default=0)
+    k = min(k, n) if k is not None else n // 10
+    return max(1, k), n
+
+
+def method_means(group: Group, get: Callable[[RunRecord], float]) -> dict[str, float]:
+    """Method -> mean over its FINISHED seeds of `get(run)`, for the methods whose every seed has a value."""
+    out = {}
     for m in group.methods:
-        vals = [r.final("acc/weighted") for r in finished(group, m)]
+        vals = [get(r) for r in finished(group, m)]
         if vals and not any(math.isnan(v) for v in vals):
-            means[m] = seed_stat(vals).mean
+            out[m] = seed_stat(vals).mean
+    return out
+
+
+def target_of(group: Group, fraction: float, k: int = 1) -> tuple[float, str, float] | None:
+    """(target accuracy, best method, its mean last-k HEADLINE): `fraction` of the best method's."""
+    means = method_means(group, lambda r: last_k_mean(r, HEADLINE, k))
     if not means:
         return None
     best = max(means, key=means.__getitem__)
     return fraction * means[best], best, means[best]
 
 
-def target_cell(runs: list[RunRecord], target: float | None) -> Cell:
+def target_cell(runs: list[RunRecord], target: float | None, k: int = 1) -> Cell:
     if target is None or not runs:
         return Cell(DASH)
-    mbs = [mb_to_target(r, target) for r in runs]
+    mbs = [mb_to_target(r, target, k) for r in runs]
     reached = [x for x in mbs if x is not None]
     if not reached:
         return Cell("never")
@@ -185,57 +225,185 @@ def target_cell(runs: list[RunRecord], target: float | None) -> Cell:
     return stat_cell(reached, "mb")
 
 
-def method_table(group: Group, target_fraction: float = 0.95) -> Table:
-    """One row per method: final accuracies, bytes, memory, parameters, time, over FINISHED seeds."""
-    tgt = target_of(group, target_fraction)
-    target = tgt[0] if tgt else None
-    totals = {m: seed_stat([r.final("bytes/cumulative") for r in finished(group, m)]).mean
-              for m in group.methods if finished(group, m)}
-    ref = totals.get(REFERENCE)
-    with_ratio = ref is not None and ref > 0
-    names = [c[0] for c in COLUMNS]
-    at = names.index("MB total") + 1
-    columns = ["method", "model", "seeds", *names[:at], TARGET_COLUMN, *names[at:]]
-    columns += [RATIO_COLUMN] if with_ratio else []
-    rows, notes = [], []
+def model_of(group: Group, m: str) -> str:
+    return next((r.model for r in finished(group, m)), next(r.model for r in group.runs if r.method == m))
+
+
+def ratio_cells(group: Group, get: Callable[[RunRecord], float], what: str, notes: list[str]) -> dict[str, Cell]:
+    """Method -> `1.29x`: its mean of `get` over the REFERENCE method's, with a note per method
+    (`fedrep sends 1.29x the bytes of fedeq`); {} when the group has no REFERENCE run with a value > 0."""
+    means = method_means(group, get)
+    ref = means.get(REFERENCE)
+    if ref is None or not ref > 0:
+        return {}
+    out = {}
+    for m in group.methods:
+        if m in means:
+            ratio = means[m] / ref
+            out[m] = Cell(f"{ratio:.2f}x", ratio)
+            if m != REFERENCE:
+                notes.append(what.format(method=m, ratio=f"{ratio:.2f}x", ref=REFERENCE))
+        else:
+            out[m] = Cell(DASH)
+    return out
+
+
+def seeds_note(group: Group) -> str:
+    n = sorted({len(finished(group, m)) for m in group.methods} - {0, 1})
+    return (f"mean ± sample std (ddof=1) over {' or '.join(map(str, n))} seeds" if n
+            else "one seed per method (no std)")
+
+
+BEST_NOTE = "best value of each column in bold (highest accuracy; fewest MB, least memory, least time)"
+
+
+def stat_table(group: Group, title: str, columns: list[Column], lead: list[str], notes: list[str],
+               extra: dict[str, dict[str, Cell]] | None = None, after: str | None = None,
+               best_extra: tuple[str, ...] = ()) -> Table:
+    """One row per method: `lead` columns (method, model, seeds), a stat cell per column over FINISHED
+    seeds, and the `extra` columns (name -> method -> cell) after column `after` (default: at the end);
+    best values marked."""
+    extra = extra or {}
+    names = [c[0] for c in columns]
+    at = names.index(after) + 1 if after is not None else len(names)
+    head = [*lead, *names[:at], *extra, *names[at:]]
+    rows = []
     for m in group.methods:
         runs = finished(group, m)
-        model = next((r.model for r in runs), next(r.model for r in group.runs if r.method == m))
-        cells = {name: stat_cell([get(r) for r in runs], kind) for name, get, kind, _ in COLUMNS}
-        cells[TARGET_COLUMN] = target_cell(runs, target)
-        if with_ratio:
-            assert ref is not None  # with_ratio says so
-            if m in totals:
-                ratio = totals[m] / ref
-                cells[RATIO_COLUMN] = Cell(f"{ratio:.2f}x", ratio)
-                if m != REFERENCE:
-                    notes.append(f"{m} sends {ratio:.2f}x the bytes of {REFERENCE} (MB total, mean over seeds)")
-            else:
-                cells[RATIO_COLUMN] = Cell(DASH)
-        rows.append([Cell(m), Cell(model), Cell(str(len(runs)), float(len(runs))), *(cells[c] for c in columns[3:])])
-        if not runs:
-            statuses = ", ".join(sorted({r.status for r in group.runs if r.method == m}))
-            notes.append(f"{m}: no FINISHED run ({statuses}); its row is empty")
-    for name, _, _, better in COLUMNS:
+        cells = {"method": Cell(m), "model": Cell(model_of(group, m)), "seeds": Cell(str(len(runs)), float(len(runs))),
+                 **{name: stat_cell([get(r) for r in runs], kind) for name, get, kind, _ in columns},
+                 **{name: by_method.get(m, Cell(DASH)) for name, by_method in extra.items()}}
+        rows.append([cells[c] for c in head])
+    for name, _, _, better in columns:
         if better is not None:
-            mark_best(rows, columns.index(name), better)
-    mark_best(rows, columns.index(TARGET_COLUMN), min)
-    n = sorted({len(finished(group, m)) for m in group.methods} - {0, 1})
-    head = [f"final round; mean ± sample std (ddof=1) over {' or '.join(map(str, n))} seeds"
-            if n else "final round; one seed per method (no std)",
-            "best value of each column in bold (highest accuracy; fewest MB, least memory, least time); "
-            "only FINISHED runs count"]
-    if target is None:
-        head.append(f"{TARGET_COLUMN}: no FINISHED run logged acc/weighted, so there is no target")
+            mark_best(rows, head.index(name), better)
+    for name in best_extra:
+        mark_best(rows, head.index(name), min)
+    return Table(f"{group.title}: {title}", head, rows, notes)
+
+
+def accuracy_table(group: Group, k: int, n: int) -> Table:
+    """Headline accuracy (last-k mean, final round, best round) and the other final accuracies."""
+    notes = [f"headline: {HEADLINE}, the mean of the last k = {k} of {n} evaluated rounds (a tenth, at least 1, "
+             f"unless --last-k says), so that one round does not decide; beside it the final round and the best "
+             f"round; acc/mean, acc/bottom10, acc/unseen: final round", seeds_note(group),
+             BEST_NOTE + "; only FINISHED runs count"]
+    for m in group.methods:
+        if not finished(group, m):
+            statuses = ", ".join(sorted({r.status for r in group.runs if r.method == m}))
+            notes.append(f"{m}: no FINISHED run ({statuses}); its rows are empty")
+    return stat_table(group, "accuracy", accuracy_columns(k), ["method", "model", "seeds"],
+                      notes + seed_notes(group) + repeat_notes(group))
+
+
+def communication_table(group: Group, target_fraction: float, k: int) -> Table:
+    """Bytes per round and in total, MB to the target accuracy, bytes as a multiple of FeDEQ's."""
+    tgt = target_of(group, target_fraction, k)
+    target = tgt[0] if tgt else None
+    notes = [seeds_note(group), "MB up/round, MB down/round: mean over rounds; MB up, MB down, MB total "
+             "(bytes/cumulative): over the run"]
+    if tgt is None:
+        notes.append(f"{TARGET_COLUMN}: no FINISHED run logged {HEADLINE}, so there is no target")
     else:
-        assert tgt is not None  # target is tgt[0]
-        head.append(f"{TARGET_COLUMN}: MB sent (up + down, bytes/cumulative) until acc/weighted first reaches "
-                    f"{target:.4f} = {target_fraction:.0%} of the best final mean acc/weighted ({tgt[1]}, "
-                    f"{tgt[2]:.4f}); mean over seeds; never: no evaluated round reaches it")
-    head.append("MB up/round, MB down/round: mean over rounds; MB up, MB down, MB total: over the run; "
-                "peak train MB: max over rounds of mem/peak_train_bytes; wall s: sum of time/round_s")
-    return Table(f"{group.dataset} / {group.partition}: methods", columns, rows,
-                 head + notes + seed_notes(group) + repeat_notes(group))
+        window = (f"the mean {HEADLINE} of {k} consecutive evaluated rounds first reaches" if k > 1
+                  else f"{HEADLINE} first reaches")
+        notes.append(f"{TARGET_COLUMN}: MB sent (up + down, bytes/cumulative, at the window's last round) until "
+                     f"{window} {tgt[0]:.4f} = {target_fraction:.0%} of the best mean last-{k} {HEADLINE} "
+                     f"({tgt[1]}, {tgt[2]:.4f}); mean over seeds; never: no window reaches it")
+    cells = {TARGET_COLUMN: {m: target_cell(finished(group, m), target, k) for m in group.methods}}
+    ratio = ratio_cells(group, lambda r: r.final("bytes/cumulative"), "{method} sends {ratio} the bytes of {ref} "
+                        "(MB total, mean over seeds)", notes)
+    if ratio:
+        cells[RATIO_COLUMN] = ratio
+    return stat_table(group, "communication", COMMUNICATION, ["method"], notes, cells, best_extra=(TARGET_COLUMN,))
+
+
+def cost_table(group: Group) -> Table:
+    """Peak training memory (and as a multiple of FeDEQ's), parameter counts, wall time."""
+    notes = [seeds_note(group), "peak train MB: max over rounds of mem/peak_train_bytes, the peak memory of one "
+             "client's local update (per method: never another method's)",
+             "wall s: the sum of the run's time/round_s (training and evaluation rounds; data loading and "
+             "setup not counted), the same figure as bench.run's table and summary.json"]
+    ratio = ratio_cells(group, lambda r: peak(r, "mem/peak_train_bytes"), "{method} needs {ratio} the peak "
+                        "training memory of {ref} (peak train MB, mean over seeds)", notes)
+    # memory vs FeDEQ right after peak train MB
+    return stat_table(group, "cost", COST, ["method"], notes, {MEMORY_RATIO_COLUMN: ratio} if ratio else {},
+                      after="peak train MB")
+
+
+def group_tables(group: Group, parents: Sequence[Provenance] = (), target: float = 0.95,
+                 k: int | None = None) -> list[Table]:
+    """The accuracy, communication and cost tables and the runs table of one comparable group. `k`: the
+    last-k window (default a tenth of the evaluated rounds, at least 1); `target`: the fraction of the
+    best mean last-k accuracy that MB to target measures up to."""
+    k, n = last_k(group, k)
+    by_id = {p.run_id: p for p in parents}
+    runs = runs_table(group, f"{group.title}: every run", lambda r: rerun_command(by_id, r),
+                      "command: the comparison's recorded command plus --methods and --seeds, rerunning that run")
+    return [accuracy_table(group, k, n), communication_table(group, target, k), cost_table(group), runs]
+
+
+# -- the answer at a glance -----------------------------------------------------------------------
+
+
+def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The names whose (accuracy, cost) no other point dominates (at least as accurate and at most as
+    costly, better in one), in the order given; points with a nan left out."""
+    ok = {m: p for m, p in points.items() if not any(math.isnan(x) for x in p)}
+    return [m for m, (a, c) in ok.items()
+            if not any(a2 >= a and c2 <= c and (a2 > a or c2 < c) for m2, (a2, c2) in ok.items() if m2 != m)]
+
+
+def distance(points: dict[str, tuple[float, float]], front: list[str], m: str) -> tuple[float, float | None]:
+    """How far the dominated point m is from the front: (the most accuracy a front point gains at no more
+    cost, the least cost ratio at which a front point is at least as accurate; None for a cost of 0)."""
+    a, c = points[m]
+    gain = max(points[f][0] - a for f in front if points[f][1] <= c)
+    ratios = [points[f][1] / c for f in front if points[f][0] >= a] if c > 0 else []
+    return gain, (min(ratios) if ratios else None)
+
+
+def _front_sentence(points: dict[str, tuple[float, float]], cost: str, unit: str) -> str:
+    front = pareto(points)
+    off = []
+    for m in points:
+        if m in front or m not in points or any(math.isnan(x) for x in points[m]):
+            continue
+        gain, ratio = distance(points, front, m)
+        off.append(f"{m} {gain:.4f} below it at no more {unit}" + (
+            f" (or {ratio:.2f}x its {unit} for its accuracy)" if ratio is not None else ""))
+    return (f"Pareto set on accuracy vs {cost}: {', '.join(front)}"
+            + (f"; off it: {'; '.join(off)}." if off else "; no method is off it."))
+
+
+def verdict(group: Group, k: int | None = None) -> str:
+    """One paragraph, generated from the numbers: the best method on accuracy (mean last-k HEADLINE),
+    bytes (MB total) and memory (peak train MB), with FeDEQ's multiples, and the Pareto sets on accuracy
+    vs MB total and vs peak train MB, with how far each method off them is. Empty without FINISHED runs."""
+    k, _ = last_k(group, k)
+    acc = method_means(group, lambda r: last_k_mean(r, HEADLINE, k))
+    mb = method_means(group, lambda r: r.final("bytes/cumulative") / 1e6)
+    mem = method_means(group, lambda r: peak(r, "mem/peak_train_bytes") / 1e6)
+    if not acc:
+        return ""
+    parts = [f"Accuracy is {HEADLINE}, the mean of the last {k} evaluated round{'s' if k > 1 else ''} "
+             f"(mean over seeds)."]
+    best = max(acc, key=acc.__getitem__)
+    parts.append(f"Most accurate: {best} ({acc[best]:.4f}).")
+    for what, means, unit in (("Fewest MB sent", mb, "bytes"), ("Least peak training memory", mem, "memory")):
+        if not means:
+            continue
+        low = min(means, key=means.__getitem__)
+        text = f"{what}: {low} ({fmt(means[low], 'mb')} MB"
+        ref = means.get(REFERENCE)
+        if ref and low != REFERENCE:
+            text += f", {means[low] / ref:.2f}x {REFERENCE}'s {unit}"
+        parts.append(text + ").")
+    for means, cost, unit in ((mb, "MB total", "MB"), (mem, "peak train MB", "memory")):
+        points = {m: (acc[m], means[m]) for m in acc if m in means}
+        if points:
+            parts.append(_front_sentence(points, cost, unit))
+    return " ".join(parts)
 
 
 def rerun_command(parents: dict[str, Provenance], r: RunRecord) -> str:
@@ -263,15 +431,6 @@ def runs_table(group: Group, title: str, command: Callable[[RunRecord], str], no
     return Table(title, ["method", "seed", "status", "run id", metric, "command"], rows, notes)
 
 
-def group_tables(group: Group, parents: Sequence[Provenance] = (), target: float = 0.95) -> list[Table]:
-    """The methods table and the runs table of one dataset x partition."""
-    by_id = {p.run_id: p for p in parents}
-    runs = runs_table(group, f"{group.dataset} / {group.partition}: every run",
-                      lambda r: rerun_command(by_id, r),
-                      "command: the comparison's recorded command plus --methods and --seeds, rerunning that run")
-    return [method_table(group, target), runs]
-
-
 # -- provenance -----------------------------------------------------------------------------------
 
 
@@ -281,7 +440,7 @@ def fingerprints(data: ReportData, parent_id: str) -> list[tuple[str, str]]:
     for g in data.groups:
         fp = {r.seed: r.fingerprint for r in sorted(g.runs, key=lambda r: r.seed) if r.parent_id == parent_id}
         if fp:
-            out.append((f"{g.dataset} / {g.partition}", "; ".join(f"seed {s}: {f}" for s, f in fp.items())))
+            out.append((g.title, "; ".join(f"seed {s}: {f}" for s, f in fp.items())))
     return out
 
 

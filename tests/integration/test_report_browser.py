@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
-FIGURES = ("acc_vs_round", "acc_vs_mb", "peak_memory", "client_acc", "deq_steps", "deq_residual")
+FIGURES = ("acc_vs_total_mb", "acc_vs_memory", "acc_vs_round", "acc_vs_mb", "peak_memory", "client_acc", "deq_steps", "deq_residual")
 METHODS = ("fedeq", "fedavg", "fedrep")
 
 
@@ -87,7 +87,7 @@ def test_html_report_opens_offline_in_chromium_and_draws_every_figure_and_table(
         first.locator("th").first.click()
         twice = page.evaluate(col)
         shot = page.screenshot(full_page=False)
-        figure_shot = page.locator(f"#{ids[1]}").screenshot()  # the accuracy-vs-MB figure
+        figure_shot = page.locator(f"#{ids[3]}").screenshot()  # the accuracy-vs-MB figure
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)  # for a look after a failure
 
     assert errors == []
@@ -102,6 +102,42 @@ def test_html_report_opens_offline_in_chromium_and_draws_every_figure_and_table(
         colours = img.getcolors(maxcolors=1 << 20)
         assert len(colours) > min_colours
         assert max(ImageStat.Stat(img).stddev) > 10  # not one flat colour
+
+
+WIDER = """() => {
+  const w = window.innerWidth, out = [];
+  for (const el of document.querySelectorAll("body *")) {
+    const r = el.getBoundingClientRect();
+    const name = `${el.tagName}.${el.getAttribute("class")}`;
+    // Right of the viewport (plotly parks a text-measuring <svg> far left, at -10000 px: never seen).
+    if (r.width && r.right > w + 0.5) out.push(`${name} ${r.left}..${r.right}`);
+    if (el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).overflowX !== "visible")
+      out.push(`${name} scrolls: ${el.scrollWidth} > ${el.clientWidth}`);
+  }
+  const doc = document.documentElement;
+  if (doc.scrollWidth > w) out.push(`page scrolls: ${doc.scrollWidth} > ${w}`);
+  return out;
+}"""
+"""Every element that sticks out of the viewport, scrolls sideways, or makes the page scroll sideways."""
+
+
+def test_the_report_fits_a_1280_px_page_with_no_horizontal_scroll(report_dir):
+    """At 1280 px (the viewport `opened` uses) every table, note and figure fits: no element is wider
+    than the viewport or scrolls sideways (the table of 17 columns that was split did). The check
+    itself fails on a page with one table too wide, so it can."""
+    need_browser()
+    with opened(Path(report_dir) / "index.html") as (page, errors, _):
+        assert page.viewport_size["width"] == 1280
+        page.wait_for_function("() => Array.from(document.querySelectorAll('div.plot')).every("
+                               "d => d.querySelector('.main-svg'))", timeout=30_000)
+        page.evaluate("() => document.querySelectorAll('details').forEach(d => d.open = true)")  # the configs too
+        too_wide = page.evaluate(WIDER)
+        assert too_wide == [] and errors == []
+        # The same check on the page with a table of 40 wide columns added: it is caught.
+        page.evaluate("""() => { const div = document.createElement("div"); div.className = "wide";
+          div.innerHTML = "<table><tr>" + "<td class='num'>0.8846 ± 0.0123</td>".repeat(40) + "</tr></table>";
+          document.body.appendChild(div); }""")
+        assert page.evaluate(WIDER)
 
 
 def test_the_browser_check_sees_a_request_and_an_error(tmp_path):

@@ -50,13 +50,19 @@ def test_report_md_holds_the_mlflow_numbers(report_store, tmp_path):
     assert proc.stdout.splitlines() == [f"report: {out}/index.html", f"markdown: {out}/report.md"]
     text = (out / "report.md").read_text()
     found = markdown_tables(text)
-    (title,) = [t for t in found if t.endswith(": methods")]
-    rows = {r["method"]: r for r in found[title]}
-    assert list(rows) == ["fedeq", "fedavg", "fedrep"]
-    assert list(rows["fedeq"]) == [
-        "method", "model", "seeds", "acc/weighted", "acc/mean", "acc/bottom10", "acc/unseen", "MB up/round",
-        "MB down/round", "MB up", "MB down", "MB total", "MB to target", "peak train MB", "params shared",
-        "params personal", "wall s", "bytes vs FeDEQ"]
+    rows: dict[str, dict[str, str]] = {}
+    for part, columns in (("accuracy", ["method", "model", "seeds", "acc/weighted last-k", "acc/weighted final",
+                                        "acc/weighted best round", "acc/mean", "acc/bottom10", "acc/unseen"]),
+                          ("communication", ["method", "MB up/round", "MB down/round", "MB up", "MB down",
+                                             "MB total", "MB to target", "bytes vs FeDEQ"]),
+                          ("cost", ["method", "peak train MB", "memory vs FeDEQ", "params shared",
+                                    "params personal", "wall s"])):
+        (title,) = [t for t in found if t.endswith(f": {part}")]
+        assert [r["method"] for r in found[title]] == ["fedeq", "fedavg", "fedrep"]
+        assert list(found[title][0]) == columns
+        for r in found[title]:
+            rows.setdefault(r["method"], {}).update(r)
+    assert "**At a glance.** Accuracy is acc/weighted, the mean of the last 1 evaluated round" in text
 
     client = MlflowClient(tracking_uri=report_store["uri"])
     exp = client.get_experiment_by_name("report-test")
@@ -65,10 +71,11 @@ def test_report_md_holds_the_mlflow_numbers(report_store, tmp_path):
     for method, row in rows.items():
         runs = [r for r in children if r.data.params["method"] == method]
         assert len(runs) == 2
-        for col in ("acc/weighted", "acc/mean", "acc/bottom10", "acc/unseen"):
-            want = statistics.mean(r.data.metrics[col] for r in runs)
+        for col in ("acc/weighted final", "acc/mean", "acc/bottom10", "acc/unseen"):
+            metric = col.removesuffix(" final")
+            want = statistics.mean(r.data.metrics[metric] for r in runs)
             assert mean_of(row[col]) == pytest.approx(want, abs=5e-5), (method, col)  # 4 decimals
-            assert row[col].endswith(f" ± {statistics.stdev(r.data.metrics[col] for r in runs):.4f}")
+            assert row[col].endswith(f" ± {statistics.stdev(r.data.metrics[metric] for r in runs):.4f}")
         mb = statistics.mean(r.data.metrics["bytes/cumulative"] for r in runs) / 1e6
         assert mean_of(row["MB total"]) == pytest.approx(mb, rel=5e-4)  # 4 significant digits at least
         history = lambda r, k: [m.value for m in client.get_metric_history(r.info.run_id, k)]  # noqa: E731

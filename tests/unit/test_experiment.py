@@ -29,17 +29,17 @@ def test_seed_stat_is_mean_and_sample_std():
     assert std != pytest.approx(math.sqrt((d[0] ** 2 + d[1] ** 2 + d[2] ** 2) / 3))
 
 
-def test_one_seed_has_std_zero():
-    assert seed_stat([0.8]) == (0.8, 0.0)
+def test_one_seed_has_no_std():
+    assert seed_stat([0.8]) == (0.8, None)  # summary.json: [0.8, null], not a spread of 0
     with pytest.raises(ValueError):
         seed_stat([])
 
 
 def result(method, seed, acc, up_bytes, wall_s=1.0, model="mlp"):
     """A MethodResult with one round: `acc` as every accuracy, `up_bytes` sent up, 2x that sent down."""
-    r = MethodResult(method, seed, model, wall_s=wall_s)
+    r = MethodResult(method, seed, model, wall_s=wall_s + 10.0)  # the whole method: setup counted too
     r.history.append({"acc/mean": acc, "acc/weighted": acc, "acc/bottom10": acc,
-                      "mem/peak_train_bytes": 2e6})
+                      "mem/peak_train_bytes": 2e6, "time/round_s": wall_s})
     r.ledger.record(1, 0, "up", b"x" * up_bytes, ["w"])
     r.ledger.record(1, 0, "down", b"x" * (2 * up_bytes), ["w"])
     return r
@@ -54,7 +54,9 @@ def test_summarize_groups_by_method_over_seeds():
     assert fedavg["acc/mean"] == seed_stat([0.80, 0.84, 0.86])
     assert fedavg["mb_up"] == (1000 / 1e6, 0.0) and fedavg["mb_down"] == (2000 / 1e6, 0.0)
     assert fedavg["peak_train_mb"].mean == pytest.approx(2e6 / 1e6)
-    assert fedrep["acc/weighted"] == (0.9, 0.0) and fedrep["mb_up"] == (3000 / 1e6, 0.0)
+    assert fedrep["acc/weighted"] == (0.9, None) and fedrep["mb_up"] == (3000 / 1e6, None)
+    # wall s: the sum of time/round_s, as the report's (not the method's whole time, 10 s more here).
+    assert fedrep["wall_s"] == (1.0, None)
 
 
 # -- the table ------------------------------------------------------------------------------------

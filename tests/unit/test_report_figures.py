@@ -135,6 +135,27 @@ def test_method_names_are_not_assumed_and_missing_data_drops_the_figure():
     assert figs["acc_vs_mb"].series[0].color != figs["acc_vs_mb"].series[1].color
 
 
+def test_pareto_figures_plot_every_seed_the_mean_and_the_front():
+    """k = 1: accuracy is each run's last acc/weighted. By hand: fedeq seeds (2.0 MB, 0.7), (2.5 MB, 0.9),
+    mean (2.25, 0.8); fedavg (8, 0.6), (8, 0.4), mean (8, 0.5); the FAILED seed 2 (999) nowhere. On MB,
+    fedeq dominates fedavg: the front is fedeq alone. On memory (fedeq peaks 5 and 4 MB, mean 4.5;
+    fedavg 1 and 2, mean 1.5) both are on it: a staircase (1.5, 0.5) -> (4.5, 0.5) -> (4.5, 0.8)."""
+    figs = by_name(F.pareto_figures(make_group(), 1))
+    assert list(figs) == ["acc_vs_total_mb", "acc_vs_memory"]
+    mb = figs["acc_vs_total_mb"]
+    assert mb.kind == "scatter" and [s.label for s in mb.series] == ["fedeq", "fedeq mean", "fedavg", "fedavg mean",
+                                                                     "Pareto front"]
+    assert (series(mb, "fedeq").x, series(mb, "fedeq").y) == ([2.0, 2.5], [0.7, 0.9])
+    assert (series(mb, "fedavg").x, series(mb, "fedavg").y) == ([8.0, 8.0], [0.6, 0.4])
+    assert series(mb, "fedeq mean").x == [2.25] and series(mb, "fedeq mean").y == [pytest.approx(0.8)]
+    assert series(mb, "Pareto front").x == [2.25] and series(mb, "Pareto front").y == [pytest.approx(0.8)]
+    front = series(figs["acc_vs_memory"], "Pareto front")
+    assert front.x == [1.5, 4.5, 4.5] and front.y == pytest.approx([0.5, 0.5, 0.8])
+    # k = 2: the mean of both rounds, (0.5 + 0.7) / 2 = 0.6 and (0.3 + 0.9) / 2 = 0.6 for fedeq.
+    assert series(by_name(F.pareto_figures(make_group(), 2))["acc_vs_total_mb"], "fedeq").y == \
+        pytest.approx([0.6, 0.6])
+
+
 def test_a_sweep_plots_validation_accuracy():
     # Trials log acc/val, not acc/weighted (bench/tuning/study.py TEST_METRICS); the sweep report asks for it.
     g = Group("synthetic", "p", [run("trial 0", 0, {"acc/val": [0.2, 0.6], "bytes/cumulative": [1e6, 2e6]}),
@@ -159,10 +180,10 @@ SVG = "{http://www.w3.org/2000/svg}"
 
 
 @pytest.mark.parametrize("name", ["acc_vs_round", "acc_vs_mb", "peak_memory", "client_acc", "deq_steps",
-                                  "deq_residual"])
+                                  "deq_residual", "acc_vs_total_mb", "acc_vs_memory"])
 def test_svg_parses_with_one_element_per_series_and_is_deterministic(name):
     pytest.importorskip("matplotlib")
-    fig = by_name(F.group_figures(make_group()))[name]
+    fig = by_name(F.group_figures(make_group()) + F.pareto_figures(make_group(), 1))[name]
     svg = F.to_svg(fig)
     root = ET.fromstring(svg)
     assert root.tag == f"{SVG}svg"
@@ -172,9 +193,9 @@ def test_svg_parses_with_one_element_per_series_and_is_deterministic(name):
     assert F.to_svg(fig) == svg  # no date, fixed hash salt
 
 
-@pytest.mark.parametrize("name", ["acc_vs_round", "peak_memory", "client_acc", "deq_residual"])
+@pytest.mark.parametrize("name", ["acc_vs_round", "peak_memory", "client_acc", "deq_residual", "acc_vs_memory"])
 def test_plotly_has_one_trace_per_series_plus_its_band(name):
-    fig = by_name(F.group_figures(make_group()))[name]
+    fig = by_name(F.group_figures(make_group()) + F.pareto_figures(make_group(), 1))[name]
     out = F.to_plotly(fig)
     main = [t for t in out["data"] if t.get("fill") != "toself"]
     bands = [t for t in out["data"] if t.get("fill") == "toself"]

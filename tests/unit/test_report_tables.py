@@ -20,9 +20,11 @@ from bench.tracking import Tracker
 from fedeq_bench.core.errors import BenchError
 
 METHODS = ["fedeq", "fedavg", "fedrep"]
-COLUMNS = ["method", "model", "seeds", "acc/weighted", "acc/mean", "acc/bottom10", "acc/unseen", "MB up/round",
-           "MB down/round", "MB up", "MB down", "MB total", "MB to target", "peak train MB", "params shared",
-           "params personal", "wall s", "bytes vs FeDEQ"]
+ACCURACY = ["method", "model", "seeds", "acc/weighted last-k", "acc/weighted final", "acc/weighted best round",
+            "acc/mean", "acc/bottom10", "acc/unseen"]
+COMMUNICATION = ["method", "MB up/round", "MB down/round", "MB up", "MB down", "MB total", "MB to target",
+                 "bytes vs FeDEQ"]
+COST = ["method", "peak train MB", "memory vs FeDEQ", "params shared", "params personal", "wall s"]
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +49,19 @@ def mlflow_runs(report_store):
     return out
 
 
-def row_of(table, method):
-    (row,) = [row for row in table.rows if row[0].text == method]
-    return {c: cell for c, cell in zip(table.columns, row, strict=True)}
+def row_of(tables_, method):
+    """{column: cell} of `method` over the accuracy, communication and cost tables (a table or a list)."""
+    out = {}
+    for table in tables_ if isinstance(tables_, list) else [tables_]:
+        (row,) = [row for row in table.rows if row[0].text == method]
+        out.update(zip(table.columns, row, strict=True))
+    return out
+
+
+def numbers(group, parents, **kw):
+    """The accuracy, communication and cost tables of a group (group_tables without the runs table)."""
+    *three, _ = tables.group_tables(group, parents, **kw)
+    return three
 
 
 def per_method(mlflow_runs, method, value):
@@ -59,17 +71,23 @@ def per_method(mlflow_runs, method, value):
 def test_the_methods_table_has_every_method_and_every_column(data):
     (group,) = data.groups
     assert (group.dataset, group.methods, group.seeds) == ("synthetic", METHODS, [0, 1])
-    table, runs = tables.group_tables(group, data.parents)
-    assert table.columns == COLUMNS
-    assert [row[0].text for row in table.rows] == METHODS
-    for row in table.rows:
-        assert all(cell.text not in ("", "—") for cell in row), [c.text for c in row]  # every column filled
+    acc, comm, cost, runs = tables.group_tables(group, data.parents)
+    assert (acc.columns, comm.columns, cost.columns) == (ACCURACY, COMMUNICATION, COST)
+    assert [t.title for t in (acc, comm, cost)] == [f"synthetic / {group.partition}: {w}"
+                                                    for w in ("accuracy", "communication", "cost")]
+    for table in (acc, comm, cost):
+        assert [row[0].text for row in table.rows] == METHODS
+        for row in table.rows:
+            assert all(cell.text not in ("", "—") for cell in row), [c.text for c in row]  # every column filled
     assert len(runs.rows) == 6
 
 
 # column -> the value of one run, from MLflow's run (latest metric values), histories and params.
 FROM_MLFLOW = {
-    "acc/weighted": lambda run, h, _: run.data.metrics["acc/weighted"],
+    "acc/weighted final": lambda run, h, _: run.data.metrics["acc/weighted"],
+    # 3 evaluated rounds (rounds 1..3): k = max(1, 3 // 10) = 1, the final round's value.
+    "acc/weighted last-k": lambda run, h, _: h["acc/weighted"][-1],
+    "acc/weighted best round": lambda run, h, _: max(h["acc/weighted"]),
     "acc/mean": lambda run, h, _: run.data.metrics["acc/mean"],
     "acc/bottom10": lambda run, h, _: run.data.metrics["acc/bottom10"],
     "acc/unseen": lambda run, h, _: run.data.metrics["acc/unseen"],
@@ -86,14 +104,14 @@ FROM_MLFLOW = {
 
 
 def test_every_number_is_the_mean_and_sample_std_of_the_mlflow_metrics(data, mlflow_runs):
-    (table, _) = tables.group_tables(data.groups[0], data.parents)
+    table = numbers(data.groups[0], data.parents)
     for m in METHODS:
         row = row_of(table, m)
         assert row["seeds"].text == "2" and row["model"].text == mlflow_runs[(m, 0)][0].data.params["model"]
         for col, get in FROM_MLFLOW.items():
             vals = per_method(mlflow_runs, m, get)
             assert row[col].value == pytest.approx(statistics.mean(vals), rel=1e-12, abs=1e-15), (m, col)
-            if col == "acc/weighted":  # 4 decimals, then the sample std over the two seeds
+            if col == "acc/weighted final":  # 4 decimals, then the sample std over the two seeds
                 assert row[col].text == f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}"
         # MB total is up + down over the run, as bytes/cumulative says.
         assert row["MB total"].value == pytest.approx(row["MB up"].value + row["MB down"].value)
@@ -110,10 +128,10 @@ def mb_to_target_by_hand(run, hist, steps, target):
 
 @pytest.mark.parametrize("fraction", [0.95, 0.5, 1.0])
 def test_mb_to_target_walks_the_accuracy_and_bytes_histories(data, mlflow_runs, fraction):
-    (table, _) = tables.group_tables(data.groups[0], data.parents, target=fraction)
-    best = max(statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW["acc/weighted"])) for m in METHODS)
+    table = numbers(data.groups[0], data.parents, target=fraction)
+    best = max(statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW["acc/weighted last-k"])) for m in METHODS)
     target = fraction * best
-    assert any(f"first reaches {target:.4f} = {fraction:.0%}" in n for n in table.notes)
+    assert any(f"first reaches {target:.4f} = {fraction:.0%}" in n for n in table[1].notes)
     for m in METHODS:
         mbs = per_method(mlflow_runs, m, lambda *a: mb_to_target_by_hand(*a, target))
         cell = row_of(table, m)["MB to target"]
@@ -128,35 +146,41 @@ def test_mb_to_target_walks_the_accuracy_and_bytes_histories(data, mlflow_runs, 
 
 
 def test_best_marks_the_highest_accuracy_and_the_fewest_bytes(data):
-    (table, _) = tables.group_tables(data.groups[0], data.parents)
-    best_of = {"acc/weighted": max, "acc/mean": max, "acc/bottom10": max, "acc/unseen": max, "MB up": min,
+    best_of = {"acc/weighted final": max, "acc/weighted last-k": max, "acc/weighted best round": max, "acc/mean": max, "acc/bottom10": max, "acc/unseen": max, "MB up": min,
                "MB down": min, "MB total": min, "MB up/round": min, "MB down/round": min, "peak train MB": min,
                "wall s": min}
+    three = numbers(data.groups[0], data.parents)
     for col, better in best_of.items():
+        (table,) = [t for t in three if col in t.columns]
         j = table.columns.index(col)
         values = [row[j].value for row in table.rows]
         marked = [row[0].text for row in table.rows if row[j].best]
         assert marked == [row[0].text for row in table.rows if row[j].value == better(values)], col
-    for col in ("method", "params shared", "params personal", "bytes vs FeDEQ"):  # no best there
-        assert not any(row[table.columns.index(col)].best for row in table.rows)
+    for col in ("method", "params shared", "params personal", "bytes vs FeDEQ", "memory vs FeDEQ"):  # no best
+        for table in [t for t in three if col in t.columns]:
+            assert not any(row[table.columns.index(col)].best for row in table.rows)
 
 
-def test_the_ratio_column_is_total_mb_over_fedeq_s(data, mlflow_runs):
-    (table, _) = tables.group_tables(data.groups[0], data.parents)
-    total = {m: statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW["MB total"])) for m in METHODS}
-    for m in METHODS:
-        ratio = total[m] / total["fedeq"]
-        cell = row_of(table, m)["bytes vs FeDEQ"]
-        assert cell.value == pytest.approx(ratio) and cell.text == f"{ratio:.2f}x"
-    assert row_of(table, "fedeq")["bytes vs FeDEQ"].text == "1.00x"
-    ratio = total["fedrep"] / total["fedeq"]
-    assert f"fedrep sends {ratio:.2f}x the bytes of fedeq (MB total, mean over seeds)" in table.notes
+def test_the_ratio_columns_are_total_mb_and_peak_memory_over_fedeq_s(data, mlflow_runs):
+    _, comm, cost = numbers(data.groups[0], data.parents)
+    for col, ratio_col, table, note in (
+            ("MB total", "bytes vs FeDEQ", comm, "fedrep sends {:.2f}x the bytes of fedeq (MB total, mean over seeds)"),
+            ("peak train MB", "memory vs FeDEQ", cost,
+             "fedrep needs {:.2f}x the peak training memory of fedeq (peak train MB, mean over seeds)")):
+        means = {m: statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW[col])) for m in METHODS}
+        for m in METHODS:
+            ratio = means[m] / means["fedeq"]
+            cell = row_of(table, m)[ratio_col]
+            assert cell.value == pytest.approx(ratio) and cell.text == f"{ratio:.2f}x"
+        assert row_of(table, "fedeq")[ratio_col].text == "1.00x"
+        assert note.format(means["fedrep"] / means["fedeq"]) in table.notes
 
-    # Without FeDEQ in the group there is nothing to compare with: no ratio column.
+    # Without FeDEQ in the group there is nothing to compare with: no ratio columns.
     g = data.groups[0]
     without = Group(g.dataset, g.partition, [r for r in g.runs if r.method != "fedeq"], g.seeds, ["fedavg", "fedrep"])
-    (table, _) = tables.group_tables(without, data.parents)
-    assert "bytes vs FeDEQ" not in table.columns and not any("bytes of fedeq" in n for n in table.notes)
+    _, comm, cost = numbers(without, data.parents)
+    assert "bytes vs FeDEQ" not in comm.columns and not any("bytes of fedeq" in n for n in comm.notes)
+    assert "memory vs FeDEQ" not in cost.columns and not any("memory of fedeq" in n for n in cost.notes)
 
 
 def test_collect_reads_histories_and_the_clients_csv(data, mlflow_runs, report_store):
@@ -211,17 +235,17 @@ def test_failed_and_pruned_runs_are_shown_and_a_missing_seed_is_said(damaged, re
     data = collect.collect(uri, report_store["experiment"])
     (group,) = data.groups
     assert group.seeds == [0, 1, 2]
-    table, runs = tables.group_tables(group, data.parents)
+    *table, runs = tables.group_tables(group, data.parents)
     fedrep = row_of(table, "fedrep")
     assert fedrep["seeds"].text == "1"
-    assert fedrep["acc/weighted"].text == f"{mlflow_runs[('fedrep', 0)][0].data.metrics['acc/weighted']:.4f}"  # no ±
+    assert fedrep["acc/weighted final"].text == f"{mlflow_runs[('fedrep', 0)][0].data.metrics['acc/weighted']:.4f}"  # no ±
     for note in ["fedrep: no FINISHED run for seed 1 (FAILED)", "fedavg: no FINISHED run for seed 2 (PRUNED)",
                  "fedeq: no FINISHED run for seed 2 (no run)", "fedrep: no FINISHED run for seed 2 (no run)"]:
-        assert note in table.notes
+        assert note in table[0].notes
     # The pruned run's accuracy of 1.0 sets no target: the best FINISHED mean does.
-    best = max(statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW["acc/weighted"])) for m in ("fedeq", "fedavg"))
+    best = max(statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW["acc/weighted last-k"])) for m in ("fedeq", "fedavg"))
     best = max(best, mlflow_runs[("fedrep", 0)][0].data.metrics["acc/weighted"])
-    assert any(f"first reaches {0.95 * best:.4f}" in n for n in table.notes)
+    assert any(f"first reaches {0.95 * best:.4f}" in n for n in table[1].notes)
 
     shown = {(row[0].text, row[1].text): {c: cell.text for c, cell in zip(runs.columns, row, strict=True)}
              for row in runs.rows}
@@ -263,20 +287,161 @@ def test_a_single_seed_has_no_std():
 
 
 def test_a_seed_run_twice_counts_once_the_newest(report_store, mlflow_runs, tmp_path):
-    """Two comparisons in one experiment both ran fedavg seed 0: the newer run's numbers are used, not
-    an average of two configs, and a note says which run."""
+    """Two comparisons with one config in one experiment both ran fedavg seed 0: the newer run's numbers
+    are used, not an average of two runs, and a note says which run."""
     shutil.copy(f"{report_store['dir']}/mlflow.db", tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = Tracker(uri, report_store["experiment"])
     old = mlflow_runs[("fedavg", 0)][0]
-    with tracker.run("again", {"kind": "comparison"}, {"kind": "comparison"}) as parent:
+    same = dict(MlflowClient(tracking_uri=uri).get_run(report_store["parent"]).data.params)
+    with tracker.run("again", same, {"kind": "comparison"}) as parent:
         with tracker.run("fedavg seed=0", dict(old.data.params), {"method": "fedavg"}, parent=parent) as new:
             tracker.log_metrics(new, 3, {"acc/weighted": 0.25})
     data = collect.collect(uri, report_store["experiment"])
-    (group,) = data.groups
-    (table, runs) = tables.group_tables(group, data.parents)
+    (group,) = data.groups  # one config: one group, no label
+    assert group.label == ""
+    (*table, runs) = tables.group_tables(group, data.parents)
     fedavg = row_of(table, "fedavg")
     seed1 = mlflow_runs[("fedavg", 1)][0].data.metrics["acc/weighted"]
-    assert fedavg["seeds"].text == "2" and fedavg["acc/weighted"].value == pytest.approx((0.25 + seed1) / 2)
-    assert f"fedavg seed 0: 2 FINISHED runs (several comparisons); the numbers use the newest, {new}" in table.notes
+    assert fedavg["seeds"].text == "2" and fedavg["acc/weighted final"].value == pytest.approx((0.25 + seed1) / 2)
+    assert f"fedavg seed 0: 2 FINISHED runs (several comparisons); the numbers use the newest, {new}" in table[0].notes
     assert len(runs.rows) == 7  # both runs listed
+
+
+def test_unlike_runs_are_never_pooled(report_store, tmp_path):
+    """The mix a user's experiment held: the comparison (fedeq, fedavg, fedrep; 3 rounds; seeds 0, 1),
+    a `--rounds 2 --seeds 5` FedRep run, and FedRep seed 0 rerun with a tuned preset (`--config`). Each is
+    its own group, labelled by what differs; the comparison's tables are exactly those of its own report."""
+    from bench import config as C
+    from bench import experiment
+
+    shutil.copy(f"{report_store['dir']}/mlflow.db", tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    (tmp_path / "tuned.toml").write_text("[fedrep]\nlr = 0.02\n")
+    base = {"dataset": "synthetic", "clients": 6, "backend": "serial", "tracking_uri": uri,
+            "experiment": report_store["experiment"], "frac_unseen": 0.2}
+    for config_file, flags, command in (
+            (None, {"methods": "fedrep", "rounds": 2, "seeds": "5"}, "python -m bench.run --rounds 2 --seeds 5"),
+            (str(tmp_path / "tuned.toml"), {"methods": "fedrep", "rounds": 3, "seeds": "0"},
+             f"python -m bench.run --config {tmp_path / 'tuned.toml'} --methods fedrep")):
+        cfg = experiment.validate(C.from_cli(config_file, {**base, **flags}, []))
+        experiment.compare(cfg, command=command, quiet=True)
+
+    data = collect.collect(uri, report_store["experiment"])
+    first, rounds2, tuned = data.groups
+    assert [g.methods for g in data.groups] == [METHODS, ["fedrep"], ["fedrep"]]
+    assert [g.seeds for g in data.groups] == [[0, 1], [5], [0]]
+    assert first.label == "rounds=3, fedrep.lr=None"  # None: the run's lr (0.05), as the tuned group's is not
+    assert rounds2.label == "rounds=2, fedrep.lr=None"
+    assert tuned.label == f"config {tmp_path / 'tuned.toml'}; rounds=3, fedrep.lr=0.02"
+    assert first.title.endswith(" [rounds=3, fedrep.lr=None]")
+
+    # The comparison's numbers are those of its own report, to the last digit, and no note of repeats.
+    (alone,) = collect.collect(uri, report_store["experiment"], [report_store["parent"]]).groups
+    assert alone.label == ""
+    mixed, own = numbers(first, data.parents), numbers(alone, data.parents)
+    for t_mixed, t_own in zip(mixed, own, strict=True):
+        assert [[c.text for c in row] for row in t_mixed.rows] == [[c.text for c in row] for row in t_own.rows]
+        assert [n for n in t_mixed.notes if "FINISHED runs (several" in n] == []
+    fedrep = row_of(mixed, "fedrep")
+    assert fedrep["seeds"].text == "2"
+    # The other groups stand alone: one seed each, no FeDEQ to compare with.
+    for g in (rounds2, tuned):
+        acc, comm, cost, runs = tables.group_tables(g, data.parents)
+        assert row_of(acc, "fedrep")["seeds"].text == "1" and "bytes vs FeDEQ" not in comm.columns
+        assert len(runs.rows) == 1
+
+
+def test_groups_are_labelled_only_by_the_keys_that_differ():
+    """Hand-made runs (collect.comparable_groups reads only params): fedeq's own key never labels a group
+    that did not run fedeq, and an invocation agreeing with an earlier one on every key joins it."""
+    from bench.report.model import Provenance, RunRecord
+
+    def parent(pid, rounds, command=""):
+        return Provenance(pid, pid, "FINISHED", command, "c", {"run.rounds": rounds, "run.seeds": pid,
+                                                              "run.backend": "ray", "synthetic.alpha": "0.5"}, {})
+
+    def run(pid, method, seed, **keys):
+        return RunRecord(f"{pid}-{method}-{seed}", pid, method, seed, "FINISHED", "synthetic", "p", "f", "m",
+                         {f"{method}.{k}": v for k, v in keys.items()})
+
+    parents = [parent("a", "30"), parent("b", "30"), parent("c", "2"), parent("d", "30", "x --config t.toml")]
+    parents[1].config["run.backend"] = "serial"  # how it ran: the same numbers
+    records = [run("a", "fedeq", 0, rho="1"), run("a", "fedrep", 0, lr="None"), run("b", "fedrep", 1, lr="None"),
+               run("c", "fedrep", 0, lr="None"), run("d", "fedrep", 0, lr="0.01")]
+    groups = collect.comparable_groups(records, parents)
+    assert [[r.run_id for r in g.runs] for g in groups] == [["a-fedeq-0", "a-fedrep-0", "b-fedrep-1"],
+                                                            ["c-fedrep-0"], ["d-fedrep-0"]]
+    assert [g.label for g in groups] == ["rounds=30, fedrep.lr=None", "rounds=2, fedrep.lr=None",
+                                         "config t.toml; rounds=30, fedrep.lr=0.01"]
+    assert collect.comparable_groups(records[:3], parents)[0].label == ""
+
+
+def test_last_k_and_mb_to_target_by_hand():
+    """A hand-made run: acc/weighted over 10 evaluated rounds, bytes/cumulative 10 MB a round. The
+    expected values are worked out here by hand, not with the functions under test."""
+    from bench.report.model import RunRecord
+
+    acc = [0.10, 0.90, 0.20, 0.50, 0.60, 0.70, 0.80, 0.70, 0.90, 0.60]
+    r = RunRecord("r", "p", "fedeq", 0, "FINISHED", "synthetic", "p", "f", "m", {},
+                  {"acc/weighted": list(enumerate(acc, 1)),
+                   "bytes/cumulative": [(i, 10e6 * i) for i in range(1, 11)]})
+    assert tables.last_k_mean(r, "acc/weighted", 1) == 0.60
+    assert tables.last_k_mean(r, "acc/weighted", 3) == pytest.approx((0.70 + 0.90 + 0.60) / 3)  # 0.7333
+    assert tables.last_k_mean(r, "acc/weighted", 50) == pytest.approx(sum(acc) / 10)  # fewer rounds: all of them
+    assert tables.peak(r, "acc/weighted") == 0.90
+    # k = 1: round 2's lucky 0.90 reaches 0.85 at 20 MB. k = 3: windows end at rounds 3..10, means
+    # 0.4, 0.533, 0.433, 0.6, 0.7, 0.733, 0.8 (rounds 7-9: 0.8+0.7+0.9 = 2.4 / 3), so 0.75 at round 9: 90 MB.
+    assert tables.mb_to_target(r, 0.85, 1) == 20.0
+    assert tables.mb_to_target(r, 0.75, 3) == 90.0
+    assert tables.mb_to_target(r, 0.85, 3) is None
+    # k: a tenth of the evaluated rounds, at least 1; or as given, at most the rounds there are.
+    group = Group("synthetic", "p", [r], [0], ["fedeq"])
+    assert tables.last_k(group) == (1, 10) and tables.last_k(group, 3) == (3, 10) and tables.last_k(group, 99) == (10, 10)
+    r.history["acc/weighted"] = [(i, 0.5) for i in range(1, 31)]
+    assert tables.last_k(group) == (3, 30)
+
+
+def test_the_pareto_set_of_a_hand_made_table():
+    """accuracy up, cost down. c is dominated by b (more accurate, cheaper); e ties d on cost and is less
+    accurate; a and b and d trade accuracy against cost; f has a nan (no memory logged) and is left out."""
+    points = {"a": (0.70, 10.0), "b": (0.80, 20.0), "c": (0.75, 30.0), "d": (0.90, 40.0), "e": (0.85, 40.0),
+              "f": (0.99, math.nan)}
+    front = tables.pareto(points)
+    assert front == ["a", "b", "d"]
+    # c: b gains 0.05 at no more cost (a is cheaper but less accurate: 0.70 < 0.75); b needs 20/30 of its cost.
+    gain, ratio = tables.distance(points, front, "c")
+    assert gain == pytest.approx(0.05) and ratio == pytest.approx(20 / 30)
+    # e: at cost <= 40 the best front accuracy is d's 0.90 (+0.05); at accuracy >= 0.85 only d, at 40/40.
+    gain, ratio = tables.distance(points, front, "e")
+    assert gain == pytest.approx(0.05) and ratio == pytest.approx(1.0)
+    assert tables.pareto({"x": (0.5, 1.0), "y": (0.5, 1.0)}) == ["x", "y"]  # equal points dominate neither
+
+
+def test_the_verdict_names_the_best_and_the_fronts(data, mlflow_runs):
+    """The paragraph is generated from the numbers in the tables (k = 1 here: 3 rounds)."""
+    group = data.groups[0]
+    text = tables.verdict(group)
+    acc = {m: statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW["acc/weighted last-k"])) for m in METHODS}
+    mb = {m: statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW["MB total"])) for m in METHODS}
+    mem = {m: statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW["peak train MB"])) for m in METHODS}
+    best = max(acc, key=acc.get)
+    assert text.startswith("Accuracy is acc/weighted, the mean of the last 1 evaluated round (mean over seeds).")
+    assert f"Most accurate: {best} ({acc[best]:.4f})." in text
+    assert f"Fewest MB sent: {min(mb, key=mb.get)} (" in text
+    assert f"Least peak training memory: {min(mem, key=mem.get)} (" in text
+    for cost, means in (("MB total", mb), ("peak train MB", mem)):
+        front = [m for m in METHODS if not any(acc[o] >= acc[m] and means[o] <= means[m]
+                                               and (acc[o] > acc[m] or means[o] < means[m]) for o in METHODS)]
+        assert f"Pareto set on accuracy vs {cost}: {', '.join(front)}" in text
+
+
+def test_bad_report_options_are_one_line(tmp_path):
+    from bench import report
+
+    uri = f"sqlite:///{tmp_path}/none.db"  # never opened: the options are checked first
+    with pytest.raises(BenchError, match=r"^--last-k is a number of evaluated rounds, at least 1; got 0$"):
+        report.build(uri, "x", last_k=0)
+    with pytest.raises(BenchError, match=r"^--target is a fraction of the best mean last-k accuracy, in \(0, 1\]"):
+        report.build(uri, "x", target=1.5)
+    assert not (tmp_path / "none.db").exists()
