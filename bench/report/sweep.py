@@ -167,8 +167,7 @@ def sweep_figures(group: Group) -> list[F.Figure]:
     color |= {m: RERUN_COLOR for m in group.methods if is_rerun(m)}
     prefix = f"{group.dataset}: "
     ylabel = "accuracy: acc/val (trials), test accuracy (best rerun)"
-    shown = ("trials: validation acc/val, dashed if not finished; best trial's rerun: test acc/weighted, and "
-             "acc/mean dashed (unweighted over clients, as acc/val)")
+    shown = "trials: validation acc/val; best trial's rerun: test acc/weighted, acc/mean dashed"
 
     def curves(**x) -> list[F.Series | None]:
         out = []
