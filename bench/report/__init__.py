@@ -6,8 +6,8 @@
     report.log_artifacts(paths, MlflowClient(uri), parent_run_id)           # under report/ in the UI
 
 The steps, one module each: `collect` reads the runs with MLflow's client (no torch, no engine) into
-`model.ReportData`; `tables` and `figures` build what each dataset x partition shows; `markdown` and
-`html` write it; `stats` (seed statistics) and `text` (the one Markdown table writer) serve the
+`model.ReportData`; `tables` and `figures` build what each dataset x partition shows (`sweep`: a
+study's page); `markdown` and `html` write it; `stats` (seed statistics) and `text` (the one Markdown table writer) serve the
 terminal table too. `python -m bench.report` is the command line (bench/report/__main__.py). It may
 import bench.tracking, bench.config, bench.cli and the library's core: never torch, the round loop
 or the experiment library (tests/unit/test_layers.py).
@@ -44,6 +44,7 @@ def build(tracking_uri: str, experiment: str, runs=None, out: str | None = None,
     fraction of the best method's mean last-k accuracy that the MB-to-target column measures up to.
     Raises BenchError on bad input (unknown experiment, run or study; no runs; a bad option)."""
     from bench.report import collect, figures, html, markdown, tables
+    from bench.report import sweep as sweep_page
 
     if not 0 < target <= 1:
         raise BenchError(f"--target is a fraction of the best mean last-k accuracy, in (0, 1]; got {target}")
@@ -53,9 +54,8 @@ def build(tracking_uri: str, experiment: str, runs=None, out: str | None = None,
         raise BenchError("give --sweep STUDY or --runs PARENT_ID,..., not both")
     if sweep is not None:
         data = collect.collect_sweep(tracking_uri, experiment, sweep)
-        # Trials log acc/val only (the test-named metrics would be validation figures): plot what they optimized.
-        sections = [(g, tables.sweep_tables(g, data.parents), figures.group_figures(g, accuracy="acc/val"))
-                    for g in data.groups]
+        # Trials by acc/val (they log no test metric), the best trial's rerun by test accuracy: sweep.py.
+        sections = sweep_page.sections(data)
     else:
         data = collect.collect(tracking_uri, experiment, runs)
         sections = []

@@ -301,4 +301,21 @@ def collect_sweep(tracking_uri: str, experiment: str, study: str) -> ReportData:
     number = lambda r: int(r.params["trial_number"]) if r.params.get("trial_number", "").isdigit() else -1  # noqa: E731
     records.sort(key=lambda r: (r.method.startswith("best"), number(r), r.seed))
     return ReportData(name=study, experiment=experiment, tracking_uri=tracking_uri,
-                      parents=[provenance(p) for p in parents], groups=grouped(records))
+                      parents=[provenance(p) for p in parents], groups=grouped(records),
+                      images=optuna_figures(client, [p.info.run_id for p in parents]))
+
+
+def optuna_figures(client, parent_ids: list[str]) -> dict[str, bytes]:
+    """Optuna's figures as a sweep logged them on its parent run (`figures/<name>.png`, bench/tuning/
+    pareto.py `log_figures`), name -> PNG bytes, from the newest parent that logged any: a resumed
+    study's newest invocation drew them over every trial so far. {} when none did."""
+    for run_id in reversed(parent_ids):  # oldest first: the newest is last
+        pngs = [f.path for f in client.list_artifacts(run_id, "figures") if f.path.endswith(".png")]
+        if pngs:
+            out = {}
+            with tempfile.TemporaryDirectory() as tmp, no_progress_bar():
+                for path in sorted(pngs):
+                    with open(client.download_artifacts(run_id, path, tmp), "rb") as f:
+                        out[os.path.basename(path)[:-len(".png")]] = f.read()
+            return out
+    return {}

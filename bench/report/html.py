@@ -1,20 +1,22 @@
 """The report as one self-contained HTML file: tables, interactive figures, provenance.
 
 Everything the page needs is inside it: plotly.js (the copy bundled with the installed plotly package,
-inlined), the figures' data as JSON, a few lines of CSS and a table sort. It requests nothing: no CDN,
+inlined), the figures' data as JSON (a sweep's Optuna figures as PNG data: URIs), a few lines of CSS
+and a table sort. It requests nothing: no CDN,
 no web font, no MathJax (`typesetMath: false`), so it opens from disk on a machine with no network
 (tests/integration/test_report_browser.py checks that in Chromium). Text from MLflow (method names,
 commands, config values) is escaped.
 """
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
 from pathlib import Path
 
 from bench.report.figures import Figure, to_plotly
-from bench.report.model import Group, ReportData, Table
+from bench.report.model import Group, Image, ReportData, Table
 
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "typesetMath": False, "showLink": False}
 # Text that is code (a command, a commit, a run id), shown in <code>: a column with one of these
@@ -66,7 +68,7 @@ for (const [id, fig] of Object.entries(FIGURES)) Plotly.newPlot(id, fig.data, fi
 """
 
 
-def write(data: ReportData, sections: list[tuple[Group, list[Table], list[Figure]]],
+def write(data: ReportData, sections: list[tuple[Group, list[Table], list[Figure | Image]]],
           provenance: list[Table], path: str | Path) -> str:
     """Write the report to `path` (the index.html file; its folder is created) and return the path.
 
@@ -89,6 +91,9 @@ def write(data: ReportData, sections: list[tuple[Group, list[Table], list[Figure
         body += [_table(t) for t in tables]
         for fig in figs:
             fid = f"s{i}-{fig.name}"
+            if isinstance(fig, Image):
+                body.append(_image(fid, fig))
+                continue
             figures[fid] = to_plotly(fig)
             body.append(f'<figure><div class="plot" id="{fid}"></div><noscript>{esc(fig.title)}: the '
                         "interactive figures need JavaScript; report.md beside this file has them as "
@@ -146,6 +151,17 @@ def _table(t: Table) -> str:
     return (f'<div class="wide"><table class="sortable"><caption>{esc(t.title)}</caption><thead><tr>{head}'
             f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
             + (f'<ul class="notes">{notes}</ul>' if notes else ""))
+
+
+def _image(fid: str, img: Image) -> str:
+    """A picture drawn elsewhere (a sweep's Optuna figures) inlined as a data: URI, nothing fetched;
+    without one, the sentence saying why it is absent."""
+    esc = html.escape
+    if img.png is None:
+        return f'<p class="meta" id="{fid}"><strong>{esc(img.title)}</strong>: {esc(img.note)}.</p>'
+    data = base64.b64encode(img.png).decode("ascii")
+    return (f'<figure id="{fid}"><img src="data:image/png;base64,{data}" alt="{esc(img.title)}" '
+            f'style="max-width: 100%"><figcaption class="meta">{esc(img.title)}</figcaption></figure>')
 
 
 def _config(p) -> str:

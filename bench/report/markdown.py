@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench.report import figures as F
 from bench.report import text
-from bench.report.model import Group, ReportData, Table
+from bench.report.model import Group, Image, ReportData, Table
 from bench.report.text import escape
 
 
@@ -45,7 +45,8 @@ def table(t: Table) -> str:
 
 def write(data: ReportData, sections: list[tuple[Group, list[Table], list]], provenance: list[Table],
           out_dir: str | Path) -> str:
-    """Write out_dir/report.md and out_dir/figures/<group-slug>-<figure>.svg; returns report.md's path."""
+    """Write out_dir/report.md and out_dir/figures/<group-slug>-<figure>.svg (.png for an `Image`);
+    returns report.md's path."""
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     lines = [f"# Report: {data.name}", "",
@@ -59,9 +60,16 @@ def write(data: ReportData, sections: list[tuple[Group, list[Table], list]], pro
         for t in tables:
             lines += [table(t), ""]
         for fig in figs:
-            name = f"{gslug}-{fig.name}.svg"
-            (out / "figures" / name).write_text(F.to_svg(fig), encoding="utf-8")
             alt = fig.title.replace("[", "(").replace("]", ")")
+            if isinstance(fig, Image):  # drawn elsewhere (a sweep's Optuna figures): the PNG as it is
+                if fig.png is None:
+                    lines += [f"*{escape(fig.title)}*: {escape(fig.note)}.", ""]
+                    continue
+                name = f"{gslug}-{fig.name}.png"
+                (out / "figures" / name).write_bytes(fig.png)
+            else:
+                name = f"{gslug}-{fig.name}.svg"
+                (out / "figures" / name).write_text(F.to_svg(fig), encoding="utf-8")
             lines += [f"![{alt}](figures/{name})", ""]
     lines += ["## Provenance", ""]
     for t in provenance:

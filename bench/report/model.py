@@ -102,6 +102,22 @@ class ReportData:
     tracking_uri: str
     parents: list[Provenance]
     groups: list[Group]
+    images: dict[str, bytes] = field(default_factory=dict)
+    """A sweep: Optuna's figures as its parent run logged them (`figures/<name>.png`), name -> PNG
+    bytes, from the newest parent run that logged any; empty for a comparison."""
+
+
+@dataclass
+class Image:
+    """A picture drawn elsewhere and shown as it is (a sweep's Optuna figures, PNG), or, with no
+    picture, the sentence saying why it is absent. Figures the report draws itself are `figures.Figure`."""
+
+    name: str
+    """File-name stem and HTML id part (optimization_history, param_importances, slice, pareto_front)."""
+    title: str
+    png: bytes | None = None
+    note: str = ""
+    """Without a picture: why it is absent (one sentence)."""
 
 
 @dataclass

@@ -3,7 +3,8 @@
     group_tables(group, parents, target=0.95)  # per group: accuracy, communication, cost, every run
     verdict(group)                             # per group: the answer at a glance, one paragraph
     provenance_tables(data)                    # per parent run: command, commit, versions, config
-    sweep_tables(group, parents)               # a study: trials, best values, every run
+
+(A study's tables are bench/report/sweep.py's.)
 
 Only FINISHED runs enter the numbers; every run, whatever its status, is a row of the runs table.
 The headline, in every report, is HEADLINE (acc/weighted) as the mean of its last k evaluated rounds
@@ -467,65 +468,3 @@ def provenance_tables(data: ReportData, config: bool = True) -> list[Table]:
                             [[Cell(k), Cell(v)] for k, v in params],
                             ["every param of the parent run (a child run adds its method's resolved fields)"]))
     return tables
-
-
-# -- a sweep --------------------------------------------------------------------------------------
-
-STATE_ORDER = ("RUNNING", "FAILED", "KILLED", "PRUNED")
-"""A trial with several seed runs shows the first of these any of its runs has (else FINISHED)."""
-
-
-def trial_state(runs: list[RunRecord]) -> str:
-    statuses = {r.status for r in runs}
-    return next((s for s in STATE_ORDER if s in statuses), "FINISHED")
-
-
-def sweep_tables(group: Group, parents: Sequence[Provenance] = ()) -> list[Table]:
-    """A study: one row per trial (state, swept values, final acc/val over seeds, MB, memory, time),
-    the best values per study invocation, and every run."""
-    trials = [m for m in group.methods if any(r.params.get("trial_number") for r in group.runs if r.method == m)
-              and not m.startswith("best")]
-    keys = sorted({k for r in group.runs for k in r.params if k.startswith("trial.")})
-    columns = ["trial", "state", "seeds", *(k[len("trial."):] for k in keys), "acc/val", "MB total",
-               "peak train MB", "wall s"]
-    rows = []
-    for m in trials:
-        runs = [r for r in group.runs if r.method == m]
-        state = trial_state(runs)
-        done = [r for r in runs if r.status == "FINISHED"]
-        if state == "FINISHED":
-            acc = stat_cell([r.final("acc/val") for r in done], "acc")
-        else:  # where a pruned or failed trial stopped, not a final value
-            rounds, vals = runs[0].series("acc/val")
-            acc = Cell(f"{fmt(vals[-1], 'acc')} (round {rounds[-1]}, {runs[0].status})" if vals else DASH)
-        number = runs[0].params.get("trial_number", DASH)
-        rows.append([Cell(number), Cell(state),
-                     Cell(str(len(runs))), *(Cell(runs[0].params.get(k, DASH)) for k in keys), acc,
-                     stat_cell([r.final("bytes/cumulative") / 1e6 for r in done], "mb"),
-                     stat_cell([peak(r, "mem/peak_train_bytes") / 1e6 for r in done], "mb"),
-                     stat_cell([wall_s(r) for r in done], "s")])
-    mark_best(rows, columns.index("acc/val"), max)
-    for col in ("MB total", "peak train MB", "wall s"):
-        mark_best(rows, columns.index(col), min)
-    out = [Table(f"{group.dataset} / {group.partition}: trials", columns, rows,
-                 ["acc/val: final validation accuracy (the objective), mean ± sample std over seeds; "
-                  "a trial not FINISHED shows where it stopped", "swept values: the trial's `trial.*` params"])]
-    best_rows = []
-    for p in parents:
-        best = {k[len("best."):]: v for k, v in sorted(p.config.items()) if k.startswith("best.")}
-        number = best.pop("trial_number", DASH)
-        values = "; ".join(f"{k}={v}" for k, v in best.items()) or DASH
-        score = p.metrics.get("best/value")
-        test = p.metrics.get("best/test_acc")
-        best_rows.append([Cell(p.config.get("study", DASH)), Cell(p.run_id), Cell(number), Cell(values),
-                          Cell(fmt(score, "acc"), score) if score is not None else Cell(DASH),
-                          Cell(fmt(test, "acc"), test) if test is not None else Cell(DASH)])
-    out.append(Table(f"{group.dataset} / {group.partition}: best values", ["study", "parent run", "best trial",
-                     "values", "acc/val", "test acc/mean"], best_rows,
-                     ["one row per sweep invocation (a resume adds one); test acc/mean: the best values rerun "
-                      "once on the test split (best/test_acc), never used to choose"]))
-    by_id = {p.run_id: p for p in parents}
-    out.append(runs_table(group, f"{group.dataset} / {group.partition}: every run",
-                          lambda r: by_id[r.parent_id].command or DASH if r.parent_id in by_id else DASH,
-                          "command: the study's recorded command (rerunning it resumes the study)", "acc/val"))
-    return out

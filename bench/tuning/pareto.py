@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.report import text
+from bench.report.sweep import MIN_IMPORTANCE_TRIALS
 from bench.tuning.objectives import COLUMN, OBJECTIVE, shown
 from bench.tuning.storage import best_values
 
@@ -50,10 +51,16 @@ def log_pareto(tracker, run_id: str, rows, objectives) -> None:
     tracker.log_metrics(run_id, 0, {"pareto/size": float(len(rows))})
 
 
-def log_figures(tracker, run_id: str, study, objectives=("acc",)) -> None:
+def log_figures(tracker, run_id: str, study, objectives=("acc",),
+                min_importance_trials: int = MIN_IMPORTANCE_TRIALS) -> None:
     """Optuna's matplotlib figures as artifacts: optimization history, parameter importances and slice
     plots (of accuracy), and with several objectives the Pareto front. Skipped without matplotlib;
-    a figure that cannot be drawn (importances need two completed trials) is left out."""
+    a figure that cannot be drawn is left out. Parameter importances are drawn only from
+    `min_importance_trials` COMPLETE trials on (bench/report/sweep.py `MIN_IMPORTANCE_TRIALS`, where the
+    report says why they are absent): Optuna draws them from two, but a ranking fitted to a handful of
+    points says little."""
+    from optuna.trial import TrialState
+
     try:
         import matplotlib
 
@@ -66,8 +73,10 @@ def log_figures(tracker, run_id: str, study, objectives=("acc",)) -> None:
     # Several objectives: history, importances and slices need one target; accuracy is the first.
     target = {"target": lambda t: t.values[0], "target_name": OBJECTIVE} if multi else {}
     plots: list[tuple[str, Callable[..., Any], dict[str, Any]]]
+    completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     plots = [("optimization_history", vis.plot_optimization_history, target),
-             ("param_importances", vis.plot_param_importances, target),
+             *([("param_importances", vis.plot_param_importances, target)]
+               if completed >= min_importance_trials else []),
              ("slice", vis.plot_slice, target)]
     if multi:
         plots.append(("pareto_front", vis.plot_pareto_front,

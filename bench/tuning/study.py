@@ -27,8 +27,9 @@ What a sweep does, and why:
   running mean over seeds at round r does not exist yet when round r of seed 0 is reported; pruning
   on seed 0's curve stops a bad trial before its other seeds cost anything.
 - **Test, once.** After the study, the best trial's values are rerun on the real data for every
-  seed (child runs tagged `kind=best-test`), and the mean final `acc/mean` is logged on the
-  study's parent run as `best/test_acc` (never used to choose anything).
+  seed (child runs tagged `kind=best-test`), and the mean final `acc/weighted` and `acc/mean` are
+  logged on the study's parent run as `best/test_acc_weighted` (the headline, as in every report)
+  and `best/test_acc` (never used to choose anything).
 - **Equal budgets.** Several methods: one study each, with the same number of trials, sampler seed
   and pruner; `presets.write` writes every method's best values as `[method]` tables of a preset that
   `python -m bench.run --config` loads as is.
@@ -110,7 +111,7 @@ class SweepOptions:
     sampler_seed: int | None = None
     """TPESampler seed; None: the run's first seed."""
     final_test: bool = True
-    """Rerun the best trial's values once on the test split (best/test_acc)."""
+    """Rerun the best trial's values once on the test split (best/test_acc_weighted, best/test_acc)."""
     tuned_out: str | None = None
     """Where the tuned preset goes; None: configs/tuned/<dataset>.toml."""
     figures: bool = True
@@ -125,11 +126,14 @@ class StudyOutcome:
     best_value: float | None
     best_params: dict[str, Any]
     test_acc: float | None
+    """The best values rerun on test: mean over seeds of the final acc/mean (best/test_acc)."""
     trials: int
     """Trials the study holds in COMPLETE or PRUNED state."""
     objectives: tuple[str, ...] = ("acc",)
     pareto: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     """Several objectives: the Pareto front, one row per trial (`pareto_rows`), most accurate first."""
+    test_weighted: float | None = None
+    """The same rerun's mean final acc/weighted (best/test_acc_weighted), the headline of every report."""
 
 
 def method_space(cfg, method: str, opts: SweepOptions) -> dict:
@@ -261,7 +265,7 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
         run_trials(study, objective, opts.trials, opts.n_jobs)
         end_orphans(tracker, study, name)
 
-        best_value, best_params, test_acc, pareto = None, {}, None, []
+        best_value, best_params, test_acc, test_weighted, pareto = None, {}, None, None, []
         best = chosen_trial(study, multi)
         if multi:
             pareto = pareto_rows(study, objectives, space)
@@ -278,16 +282,17 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
                 bt = tracker.scoped("best ", {"trial_number": str(best.number)}, {"kind": "best-test", "study": name})
                 b = backends.get()
                 try:
-                    accs = [experiment.run_one(bcfg, bt, parent, b, method, s, real[s], quiet=True)
-                            .final["acc/mean"] for s in run.seeds]
+                    finals = [experiment.run_one(bcfg, bt, parent, b, method, s, real[s], quiet=True).final
+                              for s in run.seeds]
                 finally:
                     backends.put(b)
-                test_acc = sum(accs) / len(accs)
-                tracker.log_metrics(parent, 0, {"best/test_acc": test_acc})
+                test_acc = sum(f["acc/mean"] for f in finals) / len(finals)
+                test_weighted = sum(f["acc/weighted"] for f in finals) / len(finals)
+                tracker.log_metrics(parent, 0, {"best/test_acc": test_acc, "best/test_acc_weighted": test_weighted})
         if opts.figures:
             log_figures(tracker, parent, study, objectives)
     return StudyOutcome(method, name, parent, best_value, best_params, test_acc, counted(study), objectives,
-                        pareto)
+                        pareto, test_weighted)
 
 
 def sweep(cfg, opts: SweepOptions, command: str = "", quiet: bool = True, datasets: dict | None = None,
@@ -345,7 +350,7 @@ def format_outcomes(outcomes) -> str:
     rows = []
     for o in outcomes:
         best = "none completed" if o.best_value is None else f"{OBJECTIVE}={o.best_value:.4f}"
-        test = "" if o.test_acc is None else f"  test acc/mean={o.test_acc:.4f}"
+        test = "" if o.test_acc is None else f"  test acc/weighted={o.test_weighted:.4f} acc/mean={o.test_acc:.4f}"
         vals = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in o.best_params.items())
         what = "most accurate on the Pareto front" if len(o.objectives) > 1 else "best"
         rows.append(f"{o.method}: study {o.study_name!r}, {o.trials} trials; {what} {best}{test}  [{vals}]")

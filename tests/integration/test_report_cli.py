@@ -126,8 +126,7 @@ def test_a_sweep_report_lists_its_trials(tmp_path):
         "methods": "fedavg", "dataset": "synthetic", "clients": 6, "rounds": 2, "backend": "serial", "seeds": "0",
         "tracking_uri": uri, "experiment": "sweep-test"}))
     opts = study.SweepOptions(trials=2, space=str(tmp_path / "space.toml"), pruner="none",
-                              storage=f"sqlite:///{tmp_path}/optuna.db", tuned_out=str(tmp_path / "tuned.toml"),
-                              figures=False)
+                              storage=f"sqlite:///{tmp_path}/optuna.db", tuned_out=str(tmp_path / "tuned.toml"))
     (outcome,), _ = study.sweep(cfg, opts, command="python -m bench.sweep --method fedavg --trials 2")
 
     out = tmp_path / "sweep-report"
@@ -142,19 +141,31 @@ def test_a_sweep_report_lists_its_trials(tmp_path):
     assert [r["trial"] for r in trials] == ["0", "1"]
     for row in trials:
         run = by_number[row["trial"]]
-        assert row["state"] == "FINISHED" and row["fedavg.lr"] == run.data.params["trial.fedavg.lr"]
+        # Swept values at 4 significant digits (MLflow holds str() of the float, 17 digits).
+        assert row["state"] == "FINISHED" and row["fedavg.lr"] == f"{float(run.data.params['trial.fedavg.lr']):#.4g}"
         assert float(row["acc/val"]) == pytest.approx(run.data.metrics["acc/val"], abs=5e-5)
     (best,) = [rows for t, rows in found.items() if t.endswith(": best values")]
+    assert list(best[0])[-3:] == ["acc/val", "test acc/weighted", "test acc/mean"]  # the headline first
     # The best trial, as the parent run recorded it; its acc/val is the highest (two trials may tie).
     assert best[0]["best trial"] == client.get_run(outcome.parent_run_id).data.params["best.trial_number"]
     top = max(r.data.metrics["acc/val"] for r in by_number.values())
     assert by_number[best[0]["best trial"]].data.metrics["acc/val"] == top
     assert float(best[0]["acc/val"]) == pytest.approx(top, abs=5e-5)
     assert float(best[0]["test acc/mean"]) == pytest.approx(outcome.test_acc, abs=5e-5)
+    assert float(best[0]["test acc/weighted"]) == pytest.approx(outcome.test_weighted, abs=5e-5)
     assert (out / "index.html").exists()
-    # Its accuracy figure draws every trial (trials log acc/val, which is what a sweep report plots).
+    # Its accuracy figure draws every trial by acc/val and the best trial's rerun by test accuracy.
     (svg,) = (out / "figures").glob("*acc_vs_round.svg")
-    assert "trial 0" in svg.read_text() and "trial 1" in svg.read_text()
+    best_label = f"best (trial {best[0]['best trial']}) on test"
+    for label in ("trial 0", "trial 1", f"{best_label}: acc/weighted", f"{best_label}: acc/mean"):
+        assert label in svg.read_text()
+    # Optuna's figures, as the sweep logged them on the parent run; two completed trials: no importances.
+    text = (out / "report.md").read_text()
+    for name in ("optimization_history", "slice"):
+        (png,) = (out / "figures").glob(f"*-{name}.png")
+        assert png.read_bytes()[:4] == b"\x89PNG" and f"(figures/{png.name})" in text
+    assert not list((out / "figures").glob("*param_importances*"))
+    assert "left out: the study has 2 completed trial(s), and importances need at least 5" in text
 
     # Logged on the study's parent run, the report is one click away in the MLflow UI.
     report.log_artifacts(report.ReportPaths(str(out), str(out / "index.html"), str(out / "report.md")), client,

@@ -5,6 +5,7 @@ Every study here is tiny: synthetic data, 6 clients, 2 rounds, the serial backen
 """
 from __future__ import annotations
 
+import os
 import time
 from itertools import pairwise
 
@@ -86,10 +87,47 @@ def test_three_trials_are_three_child_runs_with_their_params_and_the_best_goes_t
     (best,) = runs(env, "best-test")
     assert parent.data.metrics["best/test_acc"] == pytest.approx(best.data.metrics["acc/mean"])
     assert out.test_acc == pytest.approx(best.data.metrics["acc/mean"])
+    # acc/weighted too, the headline of every report (one seed: the mean is the run's value).
+    assert parent.data.metrics["best/test_acc_weighted"] == pytest.approx(best.data.metrics["acc/weighted"])
+    assert out.test_weighted == pytest.approx(best.data.metrics["acc/weighted"])
+    assert f"test acc/weighted={out.test_weighted:.4f} acc/mean={out.test_acc:.4f}" in study.format_outcomes([out])
     arts = {a.path for a in MlflowClient(tracking_uri=env["uri"]).list_artifacts(parent.info.run_id, "figures")}
     pytest.importorskip("matplotlib")  # figures are skipped silently without it
-    assert {"figures/optimization_history.png", "figures/slice.png"} <= arts
+    # Three completed trials: no importances (fewer than bench/report/sweep.py MIN_IMPORTANCE_TRIALS).
+    assert arts == {"figures/optimization_history.png", "figures/slice.png"}
     assert tuned == env["tuned"]
+
+
+class Artifacts:
+    """A tracker stand-in for `pareto.log_figures`: records the names it logs."""
+
+    def __init__(self):
+        self.client, self.logged = self, []
+
+    def log_artifact(self, run_id, path, folder):
+        self.logged.append(f"{folder}/{os.path.basename(path)}")
+
+
+@pytest.mark.parametrize("completed", [4, 5])
+def test_importances_are_drawn_only_from_5_completed_trials(completed):
+    pytest.importorskip("matplotlib")
+    from bench.report.sweep import MIN_IMPORTANCE_TRIALS
+    from bench.tuning.pareto import log_figures
+
+    st = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    st.optimize(lambda t: t.suggest_float("a", 0, 1) + t.suggest_float("b", 0, 1), n_trials=completed)
+
+    def pruned(t):
+        t.suggest_float("a", 0, 1), t.suggest_float("b", 0, 1)
+        raise optuna.TrialPruned()
+
+    st.optimize(pruned, n_trials=1)
+    assert [t.state for t in st.trials].count(TrialState.COMPLETE) == completed  # the pruned one does not count
+    tracker = Artifacts()
+    log_figures(tracker, "run", st)
+    drawn = "figures/param_importances.png" in tracker.logged
+    assert drawn == (completed >= MIN_IMPORTANCE_TRIALS)
+    assert {"figures/optimization_history.png", "figures/slice.png"} <= set(tracker.logged)
 
 
 def test_a_pruned_trial_is_pruned_in_optuna_and_killed_with_a_tag_in_mlflow(env):
