@@ -16,6 +16,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
+from bench import cli
 from bench.report.model import Cell, Group, Provenance, ReportData, RunRecord, Table
 from bench.report.stats import Stat, seed_stat
 
@@ -239,12 +240,14 @@ def method_table(group: Group, target_fraction: float = 0.95) -> Table:
 
 
 def rerun_command(parents: dict[str, Provenance], r: RunRecord) -> str:
-    """The parent's recorded command with `--methods M --seeds S` appended (argparse keeps the last
-    value given, so this reruns exactly the one method x seed)."""
+    """The parent's recorded command less its methods and seeds, with `--methods M --seeds S` appended
+    (so each flag appears once and this reruns exactly the one method x seed), as it runs here
+    (bench/cli.py: `python` is this interpreter's path)."""
     p = parents.get(r.parent_id)
     if p is None or not p.command:
         return DASH
-    return f"{p.command} --methods {shlex.quote(r.method)} --seeds {r.seed}"
+    return cli.runnable(f"{cli.without_keys(p.command, ('methods', 'seeds'))} --methods {shlex.quote(r.method)} "
+                        f"--seeds {r.seed}")
 
 
 def runs_table(group: Group, title: str, command: Callable[[RunRecord], str], note: str,
@@ -367,6 +370,6 @@ def sweep_tables(group: Group, parents: Sequence[Provenance] = ()) -> list[Table
                       "once on the test split (best/test_acc), never used to choose"]))
     by_id = {p.run_id: p for p in parents}
     out.append(runs_table(group, f"{group.dataset} / {group.partition}: every run",
-                          lambda r: by_id[r.parent_id].command or DASH if r.parent_id in by_id else DASH,
+                          lambda r: cli.runnable(by_id[r.parent_id].command) or DASH if r.parent_id in by_id else DASH,
                           "command: the study's recorded command (rerunning it resumes the study)", "acc/val"))
     return out
