@@ -28,8 +28,8 @@ class Parser(argparse.ArgumentParser):
         sys.stderr.write(f"error: {message} (see {runnable(self.prog)} --help)\n")
         sys.exit(EXIT_BAD_INPUT)
 
-    def __init__(self, *args, epilog: str | typing.Callable[[], str] | None = None, **kwargs):
-        super().__init__(*args, epilog=None if callable(epilog) else epilog, **kwargs)
+    def __init__(self, *, epilog: str | typing.Callable[[], str] | None = None, **kwargs):
+        super().__init__(epilog=None if callable(epilog) else epilog, **kwargs)
         self.late_epilog = epilog if callable(epilog) else None
 
     def format_help(self) -> str:
