@@ -196,13 +196,13 @@ def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = No
             opened = reopened(tracker, resume, {**process_tags(), "resumed_by": command})
         with opened as parent:
             progress.parent, progress.resume = parent, resume_command(cfg, parent, progress.resume_flags)
+            progress.finished = [f"{m} seed {s}" for (m, s), done in plan.items() if not isinstance(done, str)]
             if not quiet:
                 print(f"parent run {parent} (if interrupted: {progress.resume})", file=sys.stderr)
 
             def one(method, seed):  # resuming: a finished pair's result, or the child run to continue
                 done, label = plan.get((method, seed)), f"{method} seed {seed}"
-                if done is not None and not isinstance(done, str):
-                    progress.finished.append(label)
+                if done is not None and not isinstance(done, str):  # in progress.finished already
                     return done
                 observe = None if on_round is None else functools.partial(on_round, method, seed)
                 progress.running = label

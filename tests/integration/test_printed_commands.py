@@ -135,6 +135,14 @@ def test_the_interrupt_line_names_killed_and_finished_runs_and_its_resume_comman
     assert client.get_run(parent).info.status == "KILLED"
     assert {k: r.info.status for k, r in runs.items()} == {("fedavg", 0): "FINISHED", ("fedrep", 0): "KILLED"}
 
+    # Interrupted again while resuming (fedrep's round 2): fedavg, finished by the first invocation, is
+    # still said to be FINISHED, and the same command continues.
+    proc = typed(["-m", "tests.integration.faulty", "sigint-after", "fedrep:0:2", "--", "--resume", parent, "--quiet",
+                  "--no-report"], tmp_path)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == line
+    assert client.get_run(parent).info.status == "KILLED"
+
     again = shell(resume, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert client.get_run(parent).info.status == "FINISHED"
