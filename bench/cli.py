@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -19,11 +20,102 @@ EXIT_INTERRUPTED = 130
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (`error: ...; see --help`) and exit code 2."""
+    """argparse, but a usage error is one line (`error: ...; see --help`) and exit code 2, and the
+    epilog may be a function, called only when the help is shown (so listing the registered methods,
+    which imports torch, costs nothing to a command that is not asking for help)."""
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
-        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        sys.stderr.write(f"error: {message} (see {runnable(self.prog)} --help)\n")
         sys.exit(EXIT_BAD_INPUT)
+
+    def __init__(self, *, epilog: str | typing.Callable[[], str] | None = None, **kwargs):
+        super().__init__(epilog=None if callable(epilog) else epilog, **kwargs)
+        self.late_epilog = epilog if callable(epilog) else None
+
+    def format_help(self) -> str:
+        if self.late_epilog is not None:
+            self.epilog, self.late_epilog = self.late_epilog(), None
+        return super().format_help()
+
+
+# -- commands printed for the user to type ---------------------------------------------------------
+# A command a CLI prints (a resume, a rerun, `mlflow ui`) must run as shown from the directory the
+# user is in, whether or not the virtual environment is active: so it names this interpreter and
+# the console scripts beside it by path, never a bare `python` or `mlflow` that PATH may not find.
+
+
+def shown_path(path: str) -> str:
+    """`path` as a command word that runs from the current directory: relative when it lies under
+    it (`.venv/bin/python`, `./python`: a word with a slash is not looked up on PATH), else absolute;
+    shell-quoted."""
+    path, here = os.path.abspath(path), os.getcwd()
+    if path.startswith(here.rstrip(os.sep) + os.sep):
+        rel = os.path.relpath(path, here)
+        path = rel if os.sep in rel else os.path.join(".", rel)
+    return shlex.quote(path)
+
+
+def python() -> str:
+    """This interpreter, as a command word (`.venv/bin/python`): its path as Python was started with it,
+    links not followed (a virtual environment's `python` is a link to the base interpreter, which does
+    not see the environment's packages)."""
+    return shown_path(sys.executable) if sys.executable else "python"
+
+
+def runnable(command: str) -> str:
+    """A command line written `python -m ...` (as commands are recorded and documented) with `python`
+    replaced by this interpreter (`python`), so that it runs as printed; any other line unchanged."""
+    word, sep, rest = command.partition(" ")
+    return f"{python()}{sep}{rest}" if word == "python" and sep else command
+
+
+def without_keys(command: str, keys: typing.Collection[str]) -> str:
+    """A recorded command line less what sets the run keys `keys`: `--key VALUE`, `--key=VALUE` (also
+    as argparse's abbreviation, `--meth`: a recorded command was parsed, so an abbreviation in it was
+    unambiguous) and `--set [run.]key=VALUE`; so appending `--key VALUE` gives each key once."""
+    flags = ["--" + k.replace("_", "-") for k in keys]
+    sets = {*keys, *(f"run.{k}" for k in keys)}
+    words, out, i = shlex.split(command), [], 0
+    while i < len(words):
+        word = words[i]
+        flag, eq, value = word.partition("=")
+        if len(flag) > 2 and any(f.startswith(flag) for f in flags):
+            i += 1 if eq else 2
+            continue
+        if word == "--set" and i + 1 < len(words) or flag == "--set" and eq:
+            assignment = value if eq else words[i + 1]
+            if assignment.partition("=")[0].strip() in sets:
+                i += 1 if eq else 2
+                continue
+        out.append(word)
+        i += 1
+    return shlex.join(out)
+
+
+def program(name: str, module: str | None = None, distribution: str | None = None) -> str | None:
+    """The console script `name` as a command word that runs as printed: the one beside this
+    interpreter (`.venv/bin/mlflow`), else the one its `distribution` installed (a virtual environment
+    that sees another's packages), else `python -m module`, else the one on PATH; None if none is found."""
+    from importlib import metadata
+
+    beside = os.path.join(os.path.dirname(sys.executable or ""), name)
+    if sys.executable and os.access(beside, os.X_OK):
+        return shown_path(beside)
+    files = []
+    if distribution is not None:
+        try:
+            files = metadata.distribution(distribution).files or []
+        except metadata.PackageNotFoundError:
+            pass
+    for f in files:  # its RECORD lists the scripts it installed, e.g. ../../../bin/mlflow
+        if f.name == name and f.parent.name in ("bin", "Scripts") and os.access(str(f.locate()), os.X_OK):
+            return shown_path(str(f.locate()))
+    if module is not None:
+        return f"{python()} -m {module}"
+    import shutil
+
+    found = shutil.which(name)
+    return shown_path(found) if found else None
 
 
 def fail(message: str) -> None:
@@ -31,10 +123,15 @@ def fail(message: str) -> None:
     sys.stderr.flush()
 
 
-def run_guarded(work: typing.Callable[[], int], interrupted: str = "interrupted") -> int:
+def run_guarded(work: typing.Callable[[], int],
+                interrupted: str | typing.Callable[[], str] = "interrupted") -> int:
     """A command's body with the exits every CLI shares: SIGTERM handled as Ctrl-C, a BenchError as one
-    line and exit 2, an interrupt as `interrupted` and exit 130; any other exception is a bug and keeps
-    its traceback. `work` returns the exit code (0)."""
+    line and exit 2, an interrupt as `interrupted` (a function: called then, to say what the work had
+    done) and exit 130; any other exception is a bug and keeps its traceback. `work` returns the exit
+    code (0)."""
+    def said() -> str:
+        return interrupted() if callable(interrupted) else interrupted
+
     _INTERRUPTS.clear()  # this command's interrupts only (a notebook may call several)
     sigterm_as_interrupt()
     signal.signal(signal.SIGINT, _raise_interrupt)
@@ -48,10 +145,10 @@ def run_guarded(work: typing.Callable[[], int], interrupted: str = "interrupted"
         if not interrupt_requested():
             fail(str(e))
             return EXIT_BAD_INPUT
-        fail(interrupted)
+        fail(said())
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        fail(interrupted)
+        fail(said())
         return EXIT_INTERRUPTED
     except BaseException:
         # Some libraries turn a KeyboardInterrupt raised inside them into their own error (pydantic's
@@ -59,7 +156,7 @@ def run_guarded(work: typing.Callable[[], int], interrupted: str = "interrupted"
         # SIGTERM, whatever comes out is that interrupt.
         if not interrupt_requested():
             raise
-        fail(interrupted)
+        fail(said())
         return EXIT_INTERRUPTED
 
 
@@ -143,11 +240,14 @@ def _metavar(tp, name: str) -> str:
     return {int: "INT", float: "FLOAT"}.get(tp, name.upper())
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, names=None) -> list[str]:
+def add_config_flags(parser: argparse.ArgumentParser, cls, names=None,
+                     defaults_shown: typing.Mapping[str, str] | None = None) -> list[str]:
     """One `--field-name` flag per field of the config dataclass `cls` (or only `names`), in field order.
 
     Help is the field's docstring and its default here (the environment's, where bench/config.py
-    says the environment supplies one). Every flag defaults to None, meaning "not typed": only
+    says the environment supplies one); `defaults_shown` replaces the default's text for the fields
+    a command does not default that way (bench.sweep has no default method: `(no default: ...)`).
+    Every flag defaults to None, meaning "not typed": only
     typed flags override a preset (--config). Values stay strings and are typed by
     `config.coerce`, so a wrong type reads as every other config error (`rounds expects int, got
     '1.5'`); booleans are `--flag` / `--no-flag`. Returns the field names, for `config_flags`.
@@ -165,6 +265,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, names=None) -> list[s
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         source = f", from ${C.ENV_KEYS[name]}" if name in from_env else ""
         help_ = docs.get(name, "") + ("" if default is None else f" (default: {shown}{source})")
+        if defaults_shown and name in defaults_shown:
+            help_ = f"{docs.get(name, '')} ({defaults_shown[name]})"
         help_ = help_.replace("%", "%%")  # argparse %-formats help strings
         flag = "--" + name.replace("_", "-")
         if tp is bool:
@@ -172,6 +274,15 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, names=None) -> list[s
         else:
             parser.add_argument(flag, dest=name, default=None, metavar=_metavar(tp, name), help=help_)
     return names
+
+
+def registered() -> str:
+    """The registered methods and datasets, for a help epilog (imports them: call it only for help)."""
+    from fedeq_bench.datasets.base import DATASETS
+    from fedeq_bench.methods import METHODS
+
+    datasets = [f"{n}:PATH" if n == "npz" else n for n in DATASETS.names()]
+    return f"Methods: {', '.join(METHODS.names())} (or all). Datasets: {', '.join(datasets)}."
 
 
 def add_preset_args(parser: argparse.ArgumentParser, set_help: str) -> None:

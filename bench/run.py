@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import shlex
 import sys
+import typing
 
 from bench import cli
 from bench.loop.actor import Pool
 from bench.loop.early_pool import early_pool
 from bench.quick_exit import exit_now
 from fedeq_bench.core.errors import BenchError
+
+if typing.TYPE_CHECKING:
+    from bench.experiment import Progress
 
 PROG = "python -m bench.run"
 
@@ -30,8 +34,9 @@ def build_parser() -> tuple[cli.Parser, list[str]]:
     """The parser, and the run keys it has flags for (every RunConfig field)."""
     from bench.config import RunConfig
 
-    p = cli.Parser(prog=PROG, description=__doc__.strip().splitlines()[0],
-                   epilog="Precedence: defaults < MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME < --config < flags < --set.")
+    p = cli.Parser(prog=cli.runnable(PROG), description=__doc__.strip().splitlines()[0],
+                   epilog=lambda: cli.registered() + " Precedence: defaults < MLFLOW_TRACKING_URI, "
+                                                     "MLFLOW_EXPERIMENT_NAME < --config < flags < --set.")
     keys = cli.add_config_flags(p, RunConfig)
     cli.add_preset_args(p, "any run, method or dataset key, e.g. fedrep.head_epochs=10 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -75,16 +80,28 @@ def main(argv: list[str] | None = None, on_round=None) -> int:
     """The command; `on_round(method, seed, round, metrics)` is `experiment.compare`'s (tests use it to
     inject a fault at a known round of a real command)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    command = cli.runnable(shlex.join([*PROG.split(), *argv]))  # this invocation, as it runs here
+    progress: Progress | None = None  # once the work has got that far
+    resuming: str | None = None
+
+    def interrupted() -> str:
+        """What the interrupt left (which runs are KILLED, which stay FINISHED) and how to go on."""
+        if progress is not None and progress.parent is not None:
+            return progress.interrupted()
+        if resuming is not None:
+            return f"interrupted before run {resuming} was reopened (it is as it was); continue with: {command}"
+        return f"interrupted before anything was recorded; start again with: {command}"
 
     def work() -> int:
+        nonlocal progress, resuming
         parser, keys = build_parser()
         first = parser.parse_args(argv)
-        resuming = first.resume is not None
+        resuming = first.resume
         # Ray and its actors start now, from the flags, while torch, the config and the data load
         # (bench/loop/early_pool.py); compare adopts the pool or stops it.
-        early = None if resuming else early_pool(first.config, cli.config_flags(first, keys), first.set)
+        early = None if resuming is not None else early_pool(first.config, cli.config_flags(first, keys), first.set)
         try:
-            cfg, args = resume_config(argv) if resuming else resolve_config(argv)
+            cfg, args = resume_config(argv) if resuming is not None else resolve_config(argv)
             if args.report:  # before the run, not after it: a file named like the folder is one line now
                 from fedeq_bench.core.files import require_output_dir
                 require_output_dir(args.report_dir, "--report-dir")
@@ -104,16 +121,20 @@ def main(argv: list[str] | None = None, on_round=None) -> int:
             if isinstance(e, BenchError):
                 return cli.EXIT_BAD_INPUT
             raise
+        flags = ((["--quiet"] if args.quiet else []) + ([] if args.report else ["--no-report"])
+                 + (["--report-dir", args.report_dir] if args.report and args.report_dir != "reports" else []))
+        progress = experiment.Progress(command=command, resume_flags=tuple(flags))
         rows, parent = experiment.compare(cfg, command=shlex.join([*PROG.split(), *argv]), quiet=args.quiet,
-                                          resume=args.resume, early=early, on_round=on_round)
+                                          resume=args.resume, early=early, on_round=on_round, progress=progress)
         print(experiment.format_table(rows))
         print("\n" + experiment.recorded_line(cfg, parent))
         if args.report:
+            progress.report = experiment.report_command(cfg, parent, args.report_dir)
             paths = experiment.report(cfg, parent, args.report_dir)
             print(f"report: {paths.html} (also {paths.markdown}, and in MLflow under the parent run's report/)")
         return 0
 
-    return cli.run_guarded(work, "interrupted; runs so far are kept and marked KILLED")
+    return cli.run_guarded(work, interrupted)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python -m bench.sweep --methods all --trials 20 --dataset fmnist    # every method, same budget
     python -m bench.sweep --method fedeq --objective acc,bytes --trials 60   # Pareto front (NSGA-II)
     python -m bench.sweep --method fedeq --trials 20 --n-jobs 2         # two trials at once on Ray
-    optuna-dashboard sqlite:///optuna.db                               # watch it live
+    .venv/bin/optuna-dashboard sqlite:///optuna.db                     # watch it live
 
 Every RunConfig flag of bench.run works here too (--config, --set as well). One Optuna study per
 method, resumed by the same command; each trial is an MLflow child run of the study's parent run.
@@ -27,7 +27,7 @@ def build_parser() -> tuple[cli.Parser, list[str]]:
     from bench.config import RunConfig
     from bench.tuning.storage import PRUNERS
 
-    p = cli.Parser(prog=PROG, description=__doc__.strip().splitlines()[0])
+    p = cli.Parser(prog=cli.runnable(PROG), description=__doc__.strip().splitlines()[0], epilog=cli.registered)
     p.add_argument("--method", default=None, help="the method to tune (or --methods a,b,c / all: one study each)")
     p.add_argument("--trials", type=int, required=True, help="trials per study (a resumed study runs the missing ones)")
     p.add_argument("--params", default=None, help="sweep only these keys of the space, e.g. rho,tol")
@@ -44,7 +44,9 @@ def build_parser() -> tuple[cli.Parser, list[str]]:
     p.add_argument("--tuned-out", default=None, help="tuned preset path (default: configs/tuned/DATASET.toml)")
     p.add_argument("--no-final-test", dest="final_test", action="store_false",
                    help="do not rerun the best trial on the test split")
-    keys = cli.add_config_flags(p, RunConfig)
+    keys = cli.add_config_flags(p, RunConfig, defaults_shown={  # leaving both out is an error (`resolve`)
+        "methods": "no default: give --method NAME or --methods a,b,c (or all); with --config, the preset's "
+                   f"methods, else {','.join(RunConfig.methods)}"})
     cli.add_preset_args(p, "any run, method or dataset key, fixed for every trial (repeatable)")
     p.add_argument("--quiet", action="store_true", help="less Optuna logging")
     return p, keys
@@ -75,6 +77,14 @@ def resolve(argv: list[str]):
     return cfg, opts, args
 
 
+def dashboard(storage: str) -> str:
+    """How to watch the study: optuna-dashboard by path (bench/cli.py's `program`), or how to get it."""
+    exe = cli.program("optuna-dashboard", distribution="optuna-dashboard")
+    if exe is None:
+        return f"watch it with optuna-dashboard, which is not installed: {cli.python()} -m pip install optuna-dashboard"
+    return f"watch: {exe} {shlex.quote(storage)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
 
@@ -86,12 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         outcomes, tuned = study.sweep(cfg, opts, command=shlex.join([*PROG.split(), *argv]), quiet=args.quiet)
         print(study.format_outcomes(outcomes))
         if tuned:
-            print(f"\nbest values written to {tuned} (rerun on test: python -m bench.run --config {tuned})")
+            print(f"\nbest values written to {tuned} (rerun on test: "
+                  f"{cli.runnable('python -m bench.run')} --config {shlex.quote(tuned)})")
         print(experiment.recorded_line(cfg, outcomes[-1].parent_run_id) if outcomes else "")
-        print(f"Optuna storage: {opts.storage} (watch: optuna-dashboard {opts.storage})")
+        print(f"Optuna storage: {opts.storage} ({dashboard(opts.storage)})")
         return 0
 
-    return cli.run_guarded(work, "interrupted; the study resumes with the same command (finished trials are kept)")
+    return cli.run_guarded(work, "interrupted; finished trials are kept, and the same command resumes the study: "
+                                 + cli.runnable(shlex.join([*PROG.split(), *argv])))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ bench.tracking, bench.config and bench.cli, never bench.tuning or bench.perf (te
 """
 from bench.experiment.load import check_models, describe_data, load_checked, load_dataset, make_backend, validate
 from bench.experiment.resume import RESUME_KEYS, recorded_config
-from bench.experiment.runs import compare, recorded_line, report, run_one
+from bench.experiment.runs import Progress, compare, recorded_line, report, report_command, run_one
 from bench.experiment.summary import format_table, summarize
 
-__all__ = ["RESUME_KEYS", "check_models", "compare", "describe_data", "format_table", "load_checked", "load_dataset",
-           "make_backend", "recorded_config", "recorded_line", "report", "run_one", "summarize", "validate"]
+__all__ = ["RESUME_KEYS", "Progress", "check_models", "compare", "describe_data", "format_table", "load_checked", "load_dataset",
+           "make_backend", "recorded_config", "recorded_line", "report", "report_command", "run_one", "summarize", "validate"]

@@ -2,12 +2,13 @@
 does: one parent run per invocation, a child run per method x seed, the summary and the report."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from collections.abc import Callable
 
 from bench.experiment.load import load_checked
-from bench.experiment.resume import PROG_HINT, drop_checkpoints, logged_steps, process_tags, reopened, resume_plan
+from bench.experiment.resume import drop_checkpoints, logged_steps, process_tags, reopened, resume_command, resume_plan
 from bench.experiment.summary import clients_csv, format_table, summarize
 
 
@@ -78,9 +79,50 @@ def run_one(cfg, tracker, parent: str | None, backend, method: str, seed: int, d
     return result
 
 
+@dataclasses.dataclass
+class Progress:
+    """What `compare` has recorded so far, for the line an interrupt prints (`interrupted`): which runs
+    end KILLED, which stay FINISHED, and the command that continues. The caller makes it and may set
+    `command` (the invocation as it runs here), `resume_flags` (flags the --resume command repeats)
+    and, once every run has finished, `report` (the command that writes the report)."""
+
+    command: str = ""
+    resume_flags: tuple[str, ...] = ()
+    report: str = ""
+    parent: str | None = None
+    """The parent run, once it is recorded (or reopened)."""
+    resume: str = ""
+    """The command that continues the parent run (`resume_command`)."""
+    pairs: list[str] = dataclasses.field(default_factory=list)
+    """Every method x seed of the invocation, `fedrep seed 0`, in the order they run."""
+    finished: list[str] = dataclasses.field(default_factory=list)
+    running: str | None = None
+    done: bool = False
+    """Every run FINISHED and the parent run ended FINISHED."""
+
+    def interrupted(self) -> str:
+        """One line: what the interrupt left and how to go on."""
+        if self.parent is None:
+            return "interrupted before anything was recorded" + (f"; start again with: {self.command}"
+                                                                  if self.command else "")
+        if self.done:
+            return (f"interrupted after every run had FINISHED (parent run {self.parent}); "
+                    + (f"the report was not finished; write it with: {self.report}" if self.report
+                       else "nothing is lost"))
+        killed = ", ".join([f"the parent run {self.parent}"]
+                           + ([f"{self.running} (its rounds so far are kept)"] if self.running else []))
+        parts = [f"KILLED: {killed}"]
+        if self.finished:
+            parts.append(f"FINISHED (kept as they are): {', '.join(self.finished)}")
+        left = [p for p in self.pairs if p not in self.finished and p != self.running]
+        if left:
+            parts.append(f"not started: {', '.join(left)}")
+        return f"interrupted; {'; '.join(parts)}; continue with: {self.resume}"
+
+
 def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = None,
-            early=None, on_round: Callable[[str, int, int, dict[str, float]], None] | None = None
-            ) -> tuple[list[dict], str]:
+            early=None, on_round: Callable[[str, int, int, dict[str, float]], None] | None = None,
+            progress: Progress | None = None) -> tuple[list[dict], str]:
     """What `python -m bench.run` does: every method x seed of a validated config, recorded in MLflow.
 
     Order matters for what a failure leaves behind: all data is loaded and every model checked, then
@@ -101,6 +143,9 @@ def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = No
 
     `on_round(method, seed, round, metrics)`: called after each round of each method x seed is logged
     (the tests inject faults through it, e.g. a SIGKILL at a known round).
+
+    `progress`: filled in as runs start and finish (`Progress`), for the line bench.run prints when
+    it is interrupted; the hint printed at the start (not `quiet`) is its `resume` command.
     """
     from bench import cli
     from bench import config as C
@@ -112,6 +157,8 @@ def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = No
 
     run = cfg.run
     starting = None
+    progress = Progress() if progress is None else progress
+    progress.pairs = [f"{method} seed {seed}" for seed in run.seeds for method in run.methods]
 
     try:
         if early is not None and (run.backend != "ray" or early.keys != A.pool_keys(run)):
@@ -148,16 +195,22 @@ def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = No
             plan = resume_plan(tracker.client, resume, cfg)
             opened = reopened(tracker, resume, {**process_tags(), "resumed_by": command})
         with opened as parent:
+            progress.parent, progress.resume = parent, resume_command(cfg, parent, progress.resume_flags)
+            progress.finished = [f"{m} seed {s}" for (m, s), done in plan.items() if not isinstance(done, str)]
             if not quiet:
-                print(f"parent run {parent} (if interrupted: {PROG_HINT} --resume {parent})", file=sys.stderr)
+                print(f"parent run {parent} (if interrupted: {progress.resume})", file=sys.stderr)
 
             def one(method, seed):  # resuming: a finished pair's result, or the child run to continue
-                done = plan.get((method, seed))
-                if done is not None and not isinstance(done, str):
+                done, label = plan.get((method, seed)), f"{method} seed {seed}"
+                if done is not None and not isinstance(done, str):  # in progress.finished already
                     return done
                 observe = None if on_round is None else functools.partial(on_round, method, seed)
-                return run_one(cfg, tracker, parent, backend, method, seed, datasets[seed], quiet, on_round=observe,
-                               checkpoints=run.checkpoint_every > 0, resume=done)
+                progress.running = label
+                result = run_one(cfg, tracker, parent, backend, method, seed, datasets[seed], quiet,
+                                 on_round=observe, checkpoints=run.checkpoint_every > 0, resume=done)
+                progress.finished.append(label)
+                progress.running = None
+                return result
 
             results = [one(method, seed) for seed in run.seeds for method in run.methods]
             closed = True
@@ -166,6 +219,7 @@ def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = No
             rows = summarize(results)
             tracker.log_text(parent, format_table(rows) + "\n", "summary.md")
             tracker.log_json(parent, rows, "summary.json")
+        progress.done = True
         drop_checkpoints(tracker.client, parent)
     finally:
         if not closed:
@@ -191,21 +245,52 @@ def report(cfg, parent: str, report_dir: str = "reports"):
     """Build the comparison report of one invocation (its parent run) into
     `report_dir/<experiment>-<parent id[:8]>/` and log it as artifacts of the parent run (report/).
     Returns bench.report's ReportPaths."""
-    import os
-
     from bench import report as R
-    from bench.report.markdown import slug
     from bench.tracking import open_client
 
     run = cfg.run
-    out = os.path.join(report_dir, f"{slug(run.experiment, 60)}-{parent[:8]}")
-    paths = R.build(run.tracking_uri, run.experiment, runs=[parent], out=out)
+    paths = R.build(run.tracking_uri, run.experiment, runs=[parent], out=report_out(cfg, parent, report_dir))
     R.log_artifacts(paths, open_client(run.tracking_uri), parent)
     return paths
 
 
+def report_out(cfg, parent: str, report_dir: str = "reports") -> str:
+    """The folder `report` writes: `report_dir/<experiment>-<parent id[:8]>/`."""
+    import os
+
+    from bench.report.markdown import slug
+
+    return os.path.join(report_dir, f"{slug(cfg.run.experiment, 60)}-{parent[:8]}")
+
+
+def report_command(cfg, parent: str, report_dir: str = "reports") -> str:
+    """The `python -m bench.report` command that writes `report`'s files, as it runs here (bench/cli.py's
+    `runnable`); it does not copy them to the parent run's artifacts as `report` does."""
+    import shlex
+
+    from bench import cli
+    from bench import config as C
+
+    env = C.env_defaults()
+    words = ["python", "-m", "bench.report", "--runs", parent, "--out", report_out(cfg, parent, report_dir)]
+    if cfg.run.tracking_uri != env.get("tracking_uri", C.RunConfig.tracking_uri):
+        words += ["--tracking-uri", cfg.run.tracking_uri]
+    if cfg.run.experiment != env.get("experiment", C.RunConfig.experiment):
+        words += ["--experiment", cfg.run.experiment]
+    return cli.runnable(shlex.join(words))
+
+
 def recorded_line(cfg, parent: str) -> str:
-    """Where the runs went, and how to look at them."""
+    """Where the runs went, and how to look at them: a command that runs as printed (bench/cli.py's
+    `program`: MLflow's script by path, venv active or not), or the address of an MLflow server."""
+    import shlex
+
+    from bench import cli
+
     run = cfg.run
+    if run.tracking_uri.startswith(("http://", "https://")):
+        browse = f"open {run.tracking_uri} in a browser"
+    else:
+        browse = f"{cli.program('mlflow', 'mlflow', 'mlflow')} ui --backend-store-uri {shlex.quote(run.tracking_uri)}"
     return (f"recorded in {run.tracking_uri} (experiment {run.experiment!r}, parent run {parent}); "
-            f"browse with: mlflow ui --backend-store-uri {run.tracking_uri}")
+            f"browse with: {browse}")

@@ -32,7 +32,7 @@ from bench import cli
 
 
 def main(argv=None) -> int:
-    p = cli.Parser(prog="python -m bench.perf", description=__doc__.splitlines()[0])
+    p = cli.Parser(prog=cli.runnable("python -m bench.perf"), description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=None, help="rounds per measurement (default 30; --scale: 6)")
     p.add_argument("--warmup", type=int, default=5, help="first rounds left out of the median (default 5)")
     p.add_argument("--lr", type=float, default=0.05, help="local learning rate (default 0.05)")

@@ -20,6 +20,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
+from bench import cli
 from bench.report.model import Cell, Group, Provenance, ReportData, RunRecord, Table
 from bench.report.stats import Stat, seed_stat
 
@@ -408,12 +409,14 @@ def verdict(group: Group, k: int | None = None) -> str:
 
 
 def rerun_command(parents: dict[str, Provenance], r: RunRecord) -> str:
-    """The parent's recorded command with `--methods M --seeds S` appended (argparse keeps the last
-    value given, so this reruns exactly the one method x seed)."""
+    """The parent's recorded command less its methods and seeds, with `--methods M --seeds S` appended
+    (so each flag appears once and this reruns exactly the one method x seed), as it runs here
+    (bench/cli.py: `python` is this interpreter's path)."""
     p = parents.get(r.parent_id)
     if p is None or not p.command:
         return DASH
-    return f"{p.command} --methods {shlex.quote(r.method)} --seeds {r.seed}"
+    return cli.runnable(f"{cli.without_keys(p.command, ('methods', 'seeds'))} --methods {shlex.quote(r.method)} "
+                        f"--seeds {r.seed}")
 
 
 def runs_table(group: Group, title: str, command: Callable[[RunRecord], str], note: str,

@@ -3,6 +3,9 @@
     python -m tests.integration.faulty kill-after METHOD:SEED:ROUND -- BENCH_RUN_ARGS...
         `python -m bench.run ARGS`, SIGKILLed right after that round of that method x seed is logged
         (through `bench.run.main`'s `on_round` callable): a `kill -9` at a known point.
+    python -m tests.integration.faulty sigint-after METHOD:SEED:ROUND -- BENCH_RUN_ARGS...
+        `python -m bench.run ARGS`, sending itself SIGINT right after that round is logged: a Ctrl-C
+        at a known point (earlier runs FINISHED, this one part-way).
     python -m tests.integration.faulty sigint-in-write ARTIFACT -- BENCH_RUN_ARGS...
         `python -m bench.run ARGS`, sending itself SIGINT just as the artifact ARTIFACT's write starts
         (inside the tracker's deferred-signal block, where MLflow's client is called): the Ctrl-C a
@@ -17,10 +20,10 @@ import signal
 import sys
 
 
-def kill_after(at: str):
+def kill_after(at: str, sig: int = signal.SIGKILL):
     def on_round(method, seed, rnd, metrics):
         if f"{method}:{seed}:{rnd}" == at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig)
     return on_round
 
 
@@ -45,6 +48,8 @@ def main(argv: list[str]) -> int:
     assert sep == "--", "usage: faulty WHAT ARG -- ARGS"
     if what == "kill-after":
         code = bench_run.main(rest, on_round=kill_after(arg))
+    elif what == "sigint-after":
+        code = bench_run.main(rest, on_round=kill_after(arg, signal.SIGINT))
     elif what == "sigint-in-write":
         sigint_in_write(arg)
         code = bench_run.main(rest)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 import socket
 import subprocess
 import sys
@@ -40,6 +40,16 @@ def test_a_two_trial_study_from_the_command_line(tmp_path):
     exp = client.get_experiment_by_name("fedeq-bench")
     statuses = sorted(r.info.status for r in client.search_runs([exp.experiment_id]))
     assert statuses == ["FINISHED"] * 4  # parent, 2 trials, the best on test
+    # The printed `rerun on test: PYTHON -m bench.run --config configs/tuned/synthetic.toml` runs as printed
+    # from a shell without the venv (a smaller task appended, to keep the test short).
+    rerun = re.search(r"\(rerun on test: (.+)\)$", proc.stdout, re.M).group(1)
+    assert rerun == f"{sys.executable} -m bench.run --config configs/tuned/synthetic.toml", rerun
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV" and not k.startswith("MLFLOW_")}
+    again = subprocess.run(f"{rerun} --clients 6 --rounds 1 --backend serial --quiet --no-report", shell=True,
+                           cwd=tmp_path, env={**env, "PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT}, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "| fedavg " in again.stdout
 
 
 def test_bad_pruner_is_one_line_exit_2_and_records_nothing(tmp_path):
@@ -66,26 +76,30 @@ def test_an_acc_bytes_study_prints_its_pareto_front(tmp_path):
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert table[0].split("|")[1:4] == [" trial ", " acc/val ", " MB sent "]
     assert sorted(int(line.split("|")[1]) for line in table[1:]) == front
-    # The README's `optuna-dashboard sqlite:///optuna.db` shows this study: its API lists it with
-    # both directions, its trials and its Pareto front.
-    study_json = dashboard_study(tmp_path / "optuna.db", st._study_id)
+    # The printed `watch: .../optuna-dashboard sqlite:///optuna.db`, run as printed (no active venv),
+    # shows this study: its API lists it with both directions, its trials and its Pareto front.
+    study_json = dashboard_study(out, tmp_path, st._study_id)
     assert study_json["name"] == "lg_fedavg-synthetic-acc-bytes"
     assert [t["state"] for t in study_json["trials"]] == ["Complete"] * 3
     assert sorted(t["number"] for t in study_json["best_trials"]) == front
 
 
-def dashboard_study(db, study_id):
-    """Start `optuna-dashboard sqlite:///DB` on a free local port and read one study from its API."""
-    exe = shutil.which("optuna-dashboard", path=os.path.dirname(sys.executable))
-    if exe is None:
+def dashboard_study(stdout, cwd, study_id):
+    """Run the `watch: ...` command bench.sweep printed, in `cwd`, from a shell whose PATH lacks the
+    virtual environment, on a free local port (added), and read one study from its API."""
+    watch = re.search(r"\(watch: (.+)\)$", stdout, re.M)
+    if watch is None:
+        assert "optuna-dashboard, which is not installed" in stdout, stdout
         if os.environ.get("CI"):
             pytest.fail("optuna-dashboard is not installed (it is in the dev extras)")
         pytest.skip("optuna-dashboard not installed (pip install -e '.[dev]')")
+    assert watch.group(1).split()[1:] == ["sqlite:///optuna.db"], watch.group(1)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    proc = subprocess.Popen(f"exec {watch.group(1)} --host 127.0.0.1 --port {port}", shell=True, cwd=cwd,
+                            env={**env, "PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while True:
