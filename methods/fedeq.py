@@ -39,13 +39,14 @@ solve as the reference's (utils/model_utils.py, deq/solver/anderson.py there): A
 ridge 1e-4, 20 steps, stop when ||f(z) - z||_2 <= 1e-3 per example (stop_mode = "abs"), m = 5
 plain steps before accelerating, the last iterate returned (anderson_variant = "reference").
 
-Speed: the personal step trains w_i with the body frozen, so z* of each training
-example is the same in every epoch of that step. Where the body computes the same thing in train
-mode whatever the batch (no BatchNorm, no dropout, and a per-example solver: the reference
-Anderson), the body runs once over the client's data and the head trains on those features
-(`cache_head_features`): the same head update up to float rounding (tested). Elsewhere (DEQ-ResNet's
-BatchNorm, the transformer's dropout, torchdeq's batch-wide stopping) the body runs per batch, in
-train mode, as the reference does.
+Speed option, off by default: the personal step trains w_i with the body frozen, so z* of each
+training example is the same in every epoch of that step. Where the body computes the same thing in
+train mode whatever the batch (no BatchNorm, no dropout, and a per-example solver: the reference
+Anderson), `cache_head_features = true` runs the body once over the client's data and trains the head
+on those features: the same head update up to float rounding (tested), but the client then holds
+z* of all its examples at once, which is what a device's peak memory would have to hold (on the
+default task 10.6 MB against 1.5 MB per batch: it, not the adjoint, made FeDEQ's peak 16x FedRep's
+there). Off (the default, as the reference): the body runs per batch, in train mode.
 """
 from __future__ import annotations
 
@@ -106,8 +107,9 @@ class FeDEQConfig(MethodConfig):
     anderson_variant: Literal["reference", "torchdeq"] = "reference"
     """Anderson (solver=anderson): `reference` m plain warm-up steps, per-example stop, last iterate;
     `torchdeq` 2 warm-up steps, batch-wide stop, lowest-residual iterate."""
-    cache_head_features: bool = True
-    """Personal step: compute z* once per round and train the head on it, where that is exact (module docstring)."""
+    cache_head_features: bool = False
+    """Personal step: compute z* once per round and train the head on it, where that is exact; faster,
+    but holds z* of all the client's examples at once, so peak memory grows with the data (module docstring)."""
     penalty_scale: Literal["none", "tokens"] = "none"
     """`tokens`: divide the ADMM penalty by the batch's non-padding input tokens (reference, Shakespeare)."""
     dual_init: float = ranged(0.0)  # any finite value: a Lagrange multiplier has no sign

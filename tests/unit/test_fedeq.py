@@ -330,3 +330,22 @@ def test_token_penalty_scale_divides_the_penalty_by_the_batch_token_count():
     img = ClientTensors(d.train_x[:, None, :], d.train_y, d.test_x, d.test_y, d.val_x, d.val_y)
     with pytest.raises(BenchError, match="penalty_scale=tokens needs token-id inputs"):
         step(algo, server, algo.init_client(0, server, None), img)
+
+
+def test_by_default_the_body_never_sees_more_than_a_batch():
+    """The default (no head-feature cache, as the reference) runs the body on one mini-batch at a time,
+    so the metered peak follows the batch; the cache runs it once over the client's whole data (all n
+    rows at once), the memory a device would then need. Batch 5 against the client's n > 5 examples."""
+    from fedeq_bench.methods.nets import body_of
+
+    seen = {}
+    for cache in (None, True):
+        kw = {} if cache is None else {"cache_head_features": cache}
+        algo, server, d = setup(personal_epochs=2, shared_epochs=1, batch_size=5, **kw)
+        rows: list[int] = []
+        handle = body_of(algo.net).register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+        step(algo, server, algo.init_client(0, server, None), d)
+        handle.remove()
+        seen[cache] = max(rows)
+    assert seen[None] == 5
+    assert seen[True] > 5
