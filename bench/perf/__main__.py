@@ -65,8 +65,8 @@ def main(argv=None) -> int:
                    help="--bytes-claim, --memory-claim: comma list of paper datasets (default: femnist,cifar10,"
                         "cifar100,shakespeare)")
     p.add_argument("--b-solvers", default=None,
-                   help="--memory-claim: comma list of FeDEQ adjoint solvers (default: normal_cg,gmres, the "
-                        "reference's and the harness's)")
+                   help="--memory-claim: comma list of FeDEQ adjoint solvers, `preset` for each paper preset's own "
+                        "(the reference's) (default: preset,gmres, the reference's and the harness's)")
     p.add_argument("--claim-methods", default=None,
                    help="--memory-claim: comma list of the presets' methods to meter (default: fedeq,fedavg,fedrep,"
                         "ditto,knnper)")

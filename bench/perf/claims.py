@@ -58,8 +58,11 @@ PAPER_BYTES_RATIO = 4.0
 """The paper: FeDEQ's communication is "up to 4 times" smaller than the baselines'."""
 PAPER_MEMORY_RATIO = 1.5
 """The paper: FeDEQ's training memory footprint is "1.5 times" smaller than the baselines'."""
-DEFAULT_B_SOLVERS = tuple(dict.fromkeys(("normal_cg", FeDEQConfig.b_solver)))
-"""The reference's adjoint solver (CG on the normal equations, jaxopt's default) and the harness's default."""
+PRESET = "preset"
+"""In `--b-solvers`: the adjoint the paper preset itself sets, the reference's (CG on the normal equations
+on the vision presets, a 20-step Broyden on Shakespeare's)."""
+DEFAULT_B_SOLVERS = tuple(dict.fromkeys((PRESET, FeDEQConfig.b_solver)))
+"""The reference's adjoint solver (each preset's own) and the harness's default."""
 MEMORY_METHODS = ("fedeq", "fedavg", "fedrep", "ditto", "knnper")
 """`--memory-claim`'s methods: FeDEQ, FedAvg (the explicit model alone), and those that do more in an
 update: FedRep (a head step, then a body step), Ditto (a second, personal model) and kNN-Per (whose
@@ -82,7 +85,8 @@ def check_b_solvers(names: Sequence[str]) -> tuple[str, ...]:
         raise BenchError("--b-solvers needs at least one adjoint solver")
     cfg = C.default_config()
     for name in names:
-        C.apply(cfg, {"fedeq.b_solver": name})
+        if name != PRESET:
+            C.apply(cfg, {"fedeq.b_solver": name})
     return tuple(dict.fromkeys(names))
 
 
@@ -212,9 +216,9 @@ def update_memory(datasets: Sequence[str] = tuple(DATASETS), b_solvers: Sequence
         ds = synthetic_client(name, cfg.run.batch_size, seed)  # one batch of the preset's size
         for method in methods:
             for b in b_solvers if method == "fedeq" else (None,):
-                run_cfg = cfg if b is None else C.apply(cfg, {"fedeq.b_solver": b})
+                run_cfg = cfg if b in (None, PRESET) else C.apply(cfg, {"fedeq.b_solver": b})
                 r = _client_round(run_cfg, method, ds, seed, epochs=1, backend=backend)
-                rows.append({"dataset": name, "b_solver": b, **r})
+                rows.append({"dataset": name, "b_solver": b, "b_used": run_cfg.methods["fedeq"].b_solver, **r})
     return rows
 
 
@@ -228,7 +232,8 @@ def memory_table(datasets: Sequence[str] = tuple(DATASETS), b_solvers: Sequence[
     fedeq = {(r["dataset"], r["b_solver"]): r["peak"] for r in rows if r["method"] == "fedeq"}
     body = []
     for r in rows:
-        label = r["method"] if r["b_solver"] is None else f"{r['method']} (b_solver={r['b_solver']})"
+        label = r["method"] if r["b_solver"] is None else (
+            f"{r['method']} (b_solver={r['b_used']}{', the preset' if r['b_solver'] == PRESET else ''})")
         vjps = r["metrics"].get("deq/b_nstep_mean")
         ratios = ["-" if r["method"] == "fedeq" or (r["dataset"], b) not in fedeq
                   else _ratio(r["peak"], fedeq[(r["dataset"], b)]) for b in b_solvers]
@@ -238,6 +243,6 @@ def memory_table(datasets: Sequence[str] = tuple(DATASETS), b_solvers: Sequence[
              f"synthetic inputs), metered by {meter_name(device)} on {device}; "
              f"the paper: FeDEQ's footprint {PAPER_MEMORY_RATIO:g}x smaller")
     columns = ["dataset", "method", "model", "batch", "peak MB", "adjoint steps", "update s",
-               *(f"explicit / FeDEQ ({b})" for b in b_solvers)]
+               *(f"explicit / FeDEQ ({'the preset' if b == PRESET else b})" for b in b_solvers)]
     return title + "\n" + text.table(columns, body, right=[False, False, False, True, True, True, True,
                                                            *(True for _ in b_solvers)])

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from bench.perf import claims
 
-# Solvers registered now; the product's default list (claims.DEFAULT_B_SOLVERS) names the reference's
-# normal_cg, which the command refuses with one line until methods/deq/adjoint.py has it.
-B_SOLVERS = ("gmres", "anderson")
+# The preset's own adjoint (normal_cg, the reference's) and the harness's default.
+B_SOLVERS = ("preset", "gmres")
 
 
 def test_fedeq_memory_claim_rows(benchmark):

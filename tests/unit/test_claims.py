@@ -111,6 +111,7 @@ def test_epochs_are_capped_not_raised():
 def test_bad_names_are_one_line_before_anything_is_measured():
     with pytest.raises(BenchError, match=r"fedeq.b_solver must be one of .*gmres.*, got 'nope'"):
         claims.check_b_solvers(["gmres", "nope"])
+    assert claims.check_b_solvers(["preset", "gmres", "preset"]) == ("preset", "gmres")
     with pytest.raises(BenchError, match=r"unknown paper dataset 'mnist'; choose from cifar10, cifar100"):
         claims.paper_config("mnist")
     with pytest.raises(BenchError, match=r"the femnist preset has no method 'fedprox'"):
