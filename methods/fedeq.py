@@ -118,10 +118,11 @@ class FeDEQConfig(MethodConfig):
     """Server average weighted by n_i (`samples`) or uniform over the cohort (reference code)."""
     backward: Literal["implicit", "jfb", "phantom"] = "implicit"
     """Gradient: implicit differentiation, Jacobian-free (one step), or phantom (k unrolled steps)."""
-    b_solver: Literal["gmres", "bicgstab", "normal_cg", "anderson", "broyden", "fixed_point"] = "gmres"
-    """Adjoint solver of the implicit backward: `gmres` (Krylov, one system over the batch), `bicgstab`
-    (constant memory, one system), `normal_cg` (the reference's CG on the normal equations, per example)
-    or a fixed-point solver (`anderson`: the harness's earlier default; methods/deq/adjoint.py)."""
+    b_solver: Literal["gmres", "bicgstab", "normal_cg", "anderson", "broyden", "fixed_point"] = "normal_cg"
+    """Adjoint solver of the implicit backward: `normal_cg` (the reference's CG on the normal equations,
+    per example; the default by the measured rule in docs/performance.md, Adjoint solvers), `gmres`
+    (Krylov, one system over the batch, one stored vector per product: the default before),
+    `bicgstab` (constant memory, one system) or a fixed-point solver (methods/deq/adjoint.py)."""
     b_max_iter: int = ranged(50, ge=1)
     """Vector-Jacobian products at most in the implicit backward's adjoint solve (gmres keeps one vector each)."""
     b_tol: float = ranged(1e-3, gt=0)

@@ -189,34 +189,44 @@ def model_rows(model_name: str, images: torch.Tensor, labels: torch.Tensor, step
     return rows
 
 
-def pick_default(rows: list[tuple], min_cos: float = MIN_COS, slack: float = 0.02) -> str:
-    """The rule the default b_solver follows, applied to the table's rows: among the implicit
-    solvers whose gradient cosine is >= min_cos in every row (every model, both phases), the least
-    peak memory summed over the rows, ties (within 0.1 MB per row) broken by the least s/step summed.
-    Where no solver reaches min_cos everywhere, the same among those whose worst-row cosine is within
-    `slack` of the best worst-row cosine (the most accurate, then the cheapest)."""
+MONOTONE = ("gmres", "normal_cg")
+"""The adjoint solvers whose residual ||v - (I - J^T) g|| can never rise from one product to the next
+on any nonsingular system: GMRES minimizes it over its Krylov space, CG on the normal equations (CGNR)
+minimizes it over its own. So neither can diverge, where BiCGStab and the fixed-point solvers can (a
+block that training made expansive: methods/deq/adjoint.py)."""
+
+
+def pick_default(rows: list[tuple], min_cos: float = MIN_COS) -> str:
+    """The rule the default b_solver follows, applied to the table's rows:
+
+    1. only the solvers that cannot diverge (MONOTONE) are candidates: a default must not fail a run;
+    2. the rows where at least one implicit solver reaches cosine >= min_cos decide; where none does,
+       the system is beyond every solver's product budget and no solver is accurate there;
+    3. among the candidates with cosine >= min_cos in every deciding row, the least peak memory summed
+       over those rows, ties (within 0.1 MB per row) broken by the least s/step summed."""
     per: dict[str, list[tuple]] = {}
     for row in rows:
         if row[3].startswith("implicit, "):
             per.setdefault(row[3].removeprefix("implicit, "), []).append(row)
-    if not per:
-        return "no implicit solver measured"
-    worst = {name: min(float(r[4]) for r in rs) for name, rs in per.items()}
-    ok = {name: rs for name, rs in per.items() if worst[name] >= min_cos}
-    bar = f"cosine >= {min_cos} everywhere"
+    cases: dict[tuple, list[tuple]] = {}
+    for row in rows:
+        if row[3].startswith("implicit, "):
+            cases.setdefault(row[:3], []).append(row)
+    deciding = {case for case, rs in cases.items() if any(float(r[4]) >= min_cos for r in rs)}
+    undecided = sorted(f"{c[0]} {c[2]}" for c in set(cases) - deciding)
+    ok = {name: [r for r in rs if r[:3] in deciding] for name, rs in per.items() if name in MONOTONE}
+    ok = {name: rs for name, rs in ok.items() if rs and all(float(r[4]) >= min_cos for r in rs)}
+    tail = "; rows no solver reaches the bar in (not deciding): " + (", ".join(undecided) or "none")
     if not ok:
-        top = max(worst.values())
-        ok = {name: rs for name, rs in per.items() if worst[name] >= top - slack}
-        bar = f"no solver reaches cosine {min_cos} everywhere; worst-row cosine within {slack} of the best, {top:.4f}"
+        return f"no solver that cannot diverge ({', '.join(MONOTONE)}) reaches cosine {min_cos}" + tail
     mem = {name: sum(float(r[8]) for r in rs) for name, rs in ok.items()}
     secs = {name: sum(float(r[7]) for r in rs) for name, rs in ok.items()}
     least = min(mem.values())
     tied = [name for name in ok if mem[name] <= least + 0.1 * len(ok[name])]
     best = min(tied, key=lambda name: secs[name])
-    return (f"rule ({bar}, least peak memory, ties by time) picks {best}: "
-            + ", ".join(f"{n} {mem[n]:.1f} MB / {secs[n]:.2f} s" for n in sorted(ok, key=mem.__getitem__))
-            + "; left out: " + (", ".join(f"{n} (worst cosine {worst[n]:.4f})" for n in sorted(set(per) - set(ok)))
-                                or "none"))
+    return (f"rule (cannot diverge, cosine >= {min_cos} in every deciding row, least peak memory, ties by "
+            f"time) picks {best}: " + ", ".join(f"{n} {mem[n]:.1f} MB / {secs[n]:.2f} s"
+                                               for n in sorted(ok, key=mem.__getitem__)) + tail)
 
 
 def adjoint_table(models: tuple[str, ...] = DEFAULT_MODELS, steps: int = 3, repeats: int = 1,

@@ -1,6 +1,6 @@
 """Adjoint solvers of the implicit backward: g = J^T g + v, i.e. (I - J^T) g = v, chosen by name.
 
-    g, stats = solve_adjoint(vjp, v, solver="gmres", max_iter=50, tol=1e-3)
+    g, stats = solve_adjoint(vjp, v, solver="normal_cg", max_iter=50, tol=1e-3, jvp=jvp)
 
 vjp(u) = J^T u with J = d func / dz at z* (one torch.autograd.grad through the graph of one
 application of func), v = dL/dz*, both batch first. The DEQ layer's implicit backward
@@ -18,7 +18,7 @@ same values repeated for each example, keeping the (batch,) shape and the keys o
 first residual is 1 by definition.
 
 Solvers:
-  * "gmres" (default): GMRES (Saad & Schultz, "GMRES: A generalized minimal residual algorithm for
+  * "gmres": GMRES (Saad & Schultz, "GMRES: A generalized minimal residual algorithm for
     solving nonsymmetric linear systems", SIAM J. Sci. Stat. Comput. 1986) from g0 = 0, without
     restarts: after k vector-Jacobian products it returns the g of the Krylov space
     span{v, J^T v, ..., (J^T)^(k-1) v} with the smallest residual, so its residual never rises and
@@ -62,13 +62,17 @@ Solvers:
     ||J^T g + v - g|| / ||J^T g + v|| and options (the harness's implicit backward before GMRES:
     "anderson", absolute ridge lam = 1e-4, 20 steps; locuslab/deq and torchdeq do the same).
 
-The default stays "gmres", by the rule `python -m bench.perf --adjoint` applies (cosine >= 0.99 to
-an exact float64 solve in every row, then the least peak memory, ties by time; docs/performance.md,
-Adjoint solvers, has the tables): on deq_mlp every solver passes and the memory is the same
-(1.1 MB); on deq_resnet_s_ref at initialization (10 Fashion-MNIST test images) no solver converges
-in 50 products, and against GMRES-50 (65.2 MB) bicgstab reaches cosine 0.27 (25.5 MB; its residual
-rises to 2.8 by 150 products), normal_cg 0.85 (34.1 MB), JFB 0.63 (23.2 MB). The M models and the
-exact solves on the S models are still to be measured.
+The default is "normal_cg" (methods/deq/layer.py, FeDEQConfig), by the rule `python -m bench.perf
+--adjoint` applies (bench/perf/adjoint.py pick_default; docs/performance.md, Adjoint solvers, has the
+table): only solvers that cannot diverge are candidates (gmres and normal_cg: both minimize the true
+residual over their Krylov spaces, so it never rises); the rows where some solver reaches gradient
+cosine 0.99 to an exact float64 solve decide; among the candidates at >= 0.99 in every deciding row,
+the least peak memory, ties by time. Measured on real Fashion-MNIST images (deq_mlp batch 32,
+deq_resnet_s and deq_resnet_s_ref batch 10, at initialization and after 3 SGD steps): on deq_mlp
+every solver reaches 1.0000 at 1.1 MB; on deq_resnet_s normal_cg 0.9996 / 0.9999 at 33.4 MB, gmres
+1.0000 at 47.5 / 31.4 MB (bicgstab 25.4 MB and fixed_point 24.9 MB are lighter but can diverge); on
+deq_resnet_s_ref no solver reaches 0.99 in 50 products (cosines 0.20-0.64), so those rows do not
+decide. normal_cg: 69.0 MB over the deciding rows, gmres 81.1 MB.
 
 Why GMRES, and why tol 1e-3 (measured on 32 Fashion-MNIST test images through deq_resnet_s,
 float32, at the z* of the default forward solve, against the exact adjoint there from scipy in

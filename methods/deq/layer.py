@@ -75,7 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "stop_mode": "abs",
     "solver_kw": {},
     "backward": "implicit",
-    "b_solver": "gmres",
+    "b_solver": "normal_cg",
     "b_max_iter": 50,
     "b_tol": 1e-3,
     "b_solver_kw": {},
@@ -207,7 +207,8 @@ class DEQ(nn.Module):
                            sequence DEQ; also its Broyden adjoint's rule: module docstring)
       solver_kw={}         forward solver options (anderson: m, lam, beta; broyden: memory)
       backward="implicit"  implicit, jfb, phantom (module docstring)
-      b_solver="gmres"     solver of the implicit backward's adjoint g = J^T g + dL/dz: gmres (one
+      b_solver="normal_cg" solver of the implicit backward's adjoint g = J^T g + dL/dz: normal_cg
+                           (the default), gmres (one
                            Krylov solve over the batch, one stored vector per product), bicgstab
                            (one system over the batch, constant memory), normal_cg (the reference's
                            CG on the normal equations, per example; one VJP and one JVP per step,
