@@ -34,6 +34,7 @@ from torch import nn
 
 from bench.loop.memory import make_meter
 from bench.report import text
+from fedeq_bench.methods.deq import DEQ
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 MODELS = ("deq_mlp", "deq_resnet_s", "deq_resnet_s_ref", "deq_resnet_m", "deq_resnet_m_ref")
@@ -114,10 +115,17 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()))
 
 
+def _deq(model: nn.Module) -> DEQ:
+    """The model's DEQ layer (every DEQ model here has it at body.deq)."""
+    layer = model.get_submodule("body.deq")
+    assert isinstance(layer, DEQ), type(layer)
+    return layer
+
+
 def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, capture: bool = False) -> dict:
     """One SGD step on (x, y); with capture, also the DEQ's injection, z0 and dL/dz, and the DEQ
     block's gradient before the update."""
-    layer, out = model.body.deq, {}
+    layer, out = _deq(model), {}
     handle = None
     if capture:
         def hook(mod, args, kwargs, z):
@@ -132,7 +140,7 @@ def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, capture: bool = Fa
     finally:
         if handle is not None:
             handle.remove()
-    out["grad"] = torch.cat([p.grad.flatten() for p in layer.func.parameters()])
+    out["grad"] = torch.cat([p.grad.flatten() for p in layer.func.parameters() if p.grad is not None])
     opt.step()
     return out
 
@@ -149,9 +157,9 @@ def model_rows(model_name: str, images: torch.Tensor, labels: torch.Tensor, step
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(model_name, shape, 10).train()
-    layer = model.body.deq
+    layer = _deq(model)
     defaults = layer.settings()
-    rows = []
+    rows: list[tuple] = []
     for phase in ("init", f"after {steps} steps"):
         if phase != "init":
             layer.configure(**defaults)

@@ -343,7 +343,7 @@ def test_by_default_the_body_never_sees_more_than_a_batch():
         kw = {} if cache is None else {"cache_head_features": cache}
         algo, server, d = setup(personal_epochs=2, shared_epochs=1, batch_size=5, **kw)
         rows: list[int] = []
-        handle = body_of(algo.net).register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+        handle = body_of(algo.net).register_forward_pre_hook(lambda mod, args, rows=rows: rows.append(args[0].shape[0]))
         step(algo, server, algo.init_client(0, server, None), d)
         handle.remove()
         seen[cache] = max(rows)
