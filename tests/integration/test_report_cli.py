@@ -92,7 +92,13 @@ def test_report_md_holds_the_mlflow_numbers(report_store, tmp_path):
     (runs_title,) = [t for t in found if t.endswith(": every run")]
     assert {(r["method"], r["seed"], r["status"]) for r in found[runs_title]} == {
         (m, s, "FINISHED") for m in ("fedeq", "fedavg", "fedrep") for s in ("0", "1")}
-    assert f"{report_store['command']} --methods fedrep --seeds 1" in text
+    # The recorded command less its --methods and --seeds, then the run's own, each flag once, with
+    # `python` as the interpreter's path (tests/unit/test_commands.py has the path rules).
+    rest = " ".join(w for w in report_store["command"].split()[3:] if w not in ("--methods", "fedeq,fedavg,fedrep",
+                                                                                 "--seeds", "0,1"))
+    rerun = re.search(r"(\S*python\S*) -m bench\.run (.*?) --methods fedrep --seeds 1\b", text)
+    assert rerun and rerun.group(2) == rest, (rest, rerun and rerun.group(0))
+    assert os.path.samefile(rerun.group(1), sys.executable)
 
 
 def test_unknown_experiment_is_one_line_and_exit_2(report_store, tmp_path):
