@@ -134,24 +134,16 @@ def ray_head():
         head.stop()
 
 
-RAY_CLUSTER_FILES = ("tests/integration/test_multinode.py", "tests/integration/test_ray_client_and_jobs.py")
-"""The Ray tests that start a cluster of their own (head and worker nodes, Ray Client, the job API)."""
-
-
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     """Groups for `pytest -n 2 --dist loadgroup --no-loadscope-reorder` (`make test`), one worker each,
-    in this order: the Ray tests (marked `ray`) that use a local Ray, one at a time, since two local
-    Rays on two cores starve each other's actors; the Ray tests that start a cluster of their own
-    (RAY_CLUSTER_FILES), one at a time, on the other worker meanwhile; then every other test file, a
-    group of its own (its module fixtures are built once, on one worker), in collection order. The two
-    long groups go first, so the short ones balance the two workers at the end
-    (`--no-loadscope-reorder` keeps this order)."""
-    order = {}
+    in this order: the Ray tests (marked `ray`), one at a time, since two local Rays on two cores
+    starve each other's actors; then every other test file, a group of its own (its module fixtures are
+    built once, on one worker), in collection order. The long Ray group goes first, so the short ones
+    balance the two workers at the end (`--no-loadscope-reorder` keeps this order)."""
+    after_ray = {}
     for item in items:
-        group = item.nodeid.split("::")[0]
-        if item.get_closest_marker("ray"):
-            group = "ray-cluster" if group in RAY_CLUSTER_FILES else "ray"
-        order[item] = {"ray": 0, "ray-cluster": 1}.get(group, 2)
+        group = "ray" if item.get_closest_marker("ray") else item.nodeid.split("::")[0]
+        after_ray[item] = group != "ray"
         item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=order.__getitem__)  # stable: the Ray groups first, then the files in their order
+    items.sort(key=after_ray.__getitem__)  # stable: the Ray group first, then the files in their order
