@@ -43,7 +43,7 @@ def build(tracking_uri: str, experiment: str, runs=None, out: str | None = None,
     the mean of the last k evaluated rounds (default None: a tenth of them, at least 1); `target`: the
     fraction of the best method's mean last-k accuracy that the MB-to-target column measures up to.
     Raises BenchError on bad input (unknown experiment, run or study; no runs; a bad option)."""
-    from bench.report import collect, figures, html, markdown, tables
+    from bench.report import collect, figures, html, markdown, tables, verdict
     from bench.report import sweep as sweep_page
 
     if not 0 < target <= 1:
@@ -61,7 +61,7 @@ def build(tracking_uri: str, experiment: str, runs=None, out: str | None = None,
         sections = []
         for g in data.groups:
             k, _ = tables.last_k(g, last_k)
-            g.verdict = tables.verdict(g, k)
+            g.verdict = verdict.verdict(g, k)
             sections.append((g, tables.group_tables(g, data.parents, target, k),
                              figures.pareto_figures(g, k) + figures.group_figures(g)))
     if not data.groups:

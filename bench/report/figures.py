@@ -98,9 +98,10 @@ def group_figures(group: Group, accuracy: str = ACC) -> list[Figure]:
 def pareto_figures(group: Group, k: int) -> list[Figure]:
     """The answer at a glance, drawn: accuracy (mean HEADLINE of the last k evaluated rounds) against
     total MB sent and against peak training memory. Every FINISHED seed is a point, each method's mean a
-    larger open marker, the Pareto front over the means (tables.pareto, the same set the verdict names)
+    larger open marker, the Pareto front over the means (verdict.pareto, the same set the verdict names)
     a dashed staircase. A figure no run can fill (no memory logged) is left out."""
     from bench.report import tables as T  # the numbers: the tables' own functions, so the two agree
+    from bench.report.verdict import pareto
 
     runs = [r for r in group.runs if r.status == "FINISHED"]
     methods = [m for m in group.methods if any(r.method == m for r in runs)]
@@ -127,7 +128,7 @@ def pareto_figures(group: Group, k: int) -> list[Figure]:
                                  color=color[m], variant="mean"))
         if not series:
             continue
-        front = sorted(T.pareto(means), key=lambda m: means[m][1])
+        front = sorted(pareto(means), key=lambda m: means[m][1])
         xs, ys = [], []
         for i, m in enumerate(front):  # a staircase: each front point holds its accuracy up to the next's cost
             if i:

@@ -87,7 +87,7 @@ class Group:
     """The comparable config its runs share (collect.comparable_config: everything that changes results,
     seed aside): run and dataset keys, and each method's own keys."""
     verdict: str = ""
-    """The answer at a glance (tables.verdict), shown above the tables; empty for a sweep."""
+    """The answer at a glance (verdict.verdict), shown above the tables; empty for a sweep."""
 
     @property
     def title(self) -> str:

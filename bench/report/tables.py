@@ -345,69 +345,6 @@ def group_tables(group: Group, parents: Sequence[Provenance] = (), target: float
     return [accuracy_table(group, k, n), communication_table(group, target, k), cost_table(group), runs]
 
 
-# -- the answer at a glance -----------------------------------------------------------------------
-
-
-def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
-    """The names whose (accuracy, cost) no other point dominates (at least as accurate and at most as
-    costly, better in one), in the order given; points with a nan left out."""
-    ok = {m: p for m, p in points.items() if not any(math.isnan(x) for x in p)}
-    return [m for m, (a, c) in ok.items()
-            if not any(a2 >= a and c2 <= c and (a2 > a or c2 < c) for m2, (a2, c2) in ok.items() if m2 != m)]
-
-
-def distance(points: dict[str, tuple[float, float]], front: list[str], m: str) -> tuple[float, float | None]:
-    """How far the dominated point m is from the front: (the most accuracy a front point gains at no more
-    cost, the least cost ratio at which a front point is at least as accurate; None for a cost of 0)."""
-    a, c = points[m]
-    gain = max(points[f][0] - a for f in front if points[f][1] <= c)
-    ratios = [points[f][1] / c for f in front if points[f][0] >= a] if c > 0 else []
-    return gain, (min(ratios) if ratios else None)
-
-
-def _front_sentence(points: dict[str, tuple[float, float]], cost: str, unit: str) -> str:
-    front = pareto(points)
-    off = []
-    for m in points:
-        if m in front or m not in points or any(math.isnan(x) for x in points[m]):
-            continue
-        gain, ratio = distance(points, front, m)
-        off.append(f"{m} {gain:.4f} below it at no more {unit}" + (
-            f" (or {ratio:.2f}x its {unit} for its accuracy)" if ratio is not None else ""))
-    return (f"Pareto set on accuracy vs {cost}: {', '.join(front)}"
-            + (f"; off it: {'; '.join(off)}." if off else "; no method is off it."))
-
-
-def verdict(group: Group, k: int | None = None) -> str:
-    """One paragraph, generated from the numbers: the best method on accuracy (mean last-k HEADLINE),
-    bytes (MB total) and memory (peak train MB), with FeDEQ's multiples, and the Pareto sets on accuracy
-    vs MB total and vs peak train MB, with how far each method off them is. Empty without FINISHED runs."""
-    k, _ = last_k(group, k)
-    acc = method_means(group, lambda r: last_k_mean(r, HEADLINE, k))
-    mb = method_means(group, lambda r: r.final("bytes/cumulative") / 1e6)
-    mem = method_means(group, lambda r: peak(r, "mem/peak_train_bytes") / 1e6)
-    if not acc:
-        return ""
-    parts = [f"Accuracy is {HEADLINE}, the mean of the last {k} evaluated round{'s' if k > 1 else ''} "
-             f"(mean over seeds)."]
-    best = max(acc, key=acc.__getitem__)
-    parts.append(f"Most accurate: {best} ({acc[best]:.4f}).")
-    for what, means, unit in (("Fewest MB sent", mb, "bytes"), ("Least peak training memory", mem, "memory")):
-        if not means:
-            continue
-        low = min(means, key=means.__getitem__)
-        text = f"{what}: {low} ({fmt(means[low], 'mb')} MB"
-        ref = means.get(REFERENCE)
-        if ref and low != REFERENCE:
-            text += f", {means[low] / ref:.2f}x {REFERENCE}'s {unit}"
-        parts.append(text + ").")
-    for means, cost, unit in ((mb, "MB total", "MB"), (mem, "peak train MB", "memory")):
-        points = {m: (acc[m], means[m]) for m in acc if m in means}
-        if points:
-            parts.append(_front_sentence(points, cost, unit))
-    return " ".join(parts)
-
-
 def rerun_command(parents: dict[str, Provenance], r: RunRecord) -> str:
     """The parent's recorded command less its methods and seeds, with `--methods M --seeds S` appended
     (so each flag appears once and this reruns exactly the one method x seed), as it runs here

@@ -122,14 +122,19 @@ def _stats(batch: int, nstep: int, res: float, tol: float, like: Tensor) -> dict
     }
 
 
+def _rhs(name: str, v: Tensor) -> tuple[Tensor, float]:
+    """v flattened into one system's right-hand side, and its norm; DEQDivergence if not finite."""
+    b = v.reshape(-1)
+    if not torch.isfinite(b).all():
+        raise DEQDivergence(f"backward (adjoint) {name}: dL/dz is not finite")
+    return b, float(b.norm())
+
+
 @ADJOINT_SOLVERS.register("gmres")
 def gmres(vjp: VJP, v: Tensor, max_iter: int = 50, tol: float = 1e-3) -> tuple[Tensor, dict[str, Tensor]]:
     """GMRES on (I - J^T) g = v from g0 = 0, one system over the batch; no options."""
     shape, batch = v.shape, v.shape[0]
-    b = v.reshape(-1)
-    beta = float(b.norm())
-    if not torch.isfinite(b).all():
-        raise DEQDivergence("backward (adjoint) gmres: dL/dz is not finite")
+    b, beta = _rhs("gmres", v)
     if beta == 0.0:  # nothing flows back: g = 0 exactly
         return torch.zeros_like(v), _stats(batch, 0, 0.0, tol, v)
     # The Krylov basis grows by doubling, so a solve that stops early holds only what it used.
@@ -227,10 +232,7 @@ def normal_cg(vjp: VJP, v: Tensor, max_iter: int = 50, tol: float = 1e-3,
 def bicgstab(vjp: VJP, v: Tensor, max_iter: int = 50, tol: float = 1e-3) -> tuple[Tensor, dict[str, Tensor]]:
     """BiCGStab on (I - J^T) g = v from g0 = 0, one system over the batch; no options."""
     shape, batch = v.shape, v.shape[0]
-    b = v.reshape(-1)
-    beta0 = float(b.norm())
-    if not torch.isfinite(b).all():
-        raise DEQDivergence("backward (adjoint) bicgstab: dL/dz is not finite")
+    b, beta0 = _rhs("bicgstab", v)
     if beta0 == 0.0:
         return torch.zeros_like(v), _stats(batch, 0, 0.0, tol, v)
     k = 0

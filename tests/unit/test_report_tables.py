@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from bench import cli
-from bench.report import collect, tables
+from bench.report import collect, tables, verdict
 from bench.report.model import Group
 from bench.tracking import Tracker
 from fedeq_bench.core.errors import BenchError
@@ -412,21 +412,21 @@ def test_the_pareto_set_of_a_hand_made_table():
     accurate; a and b and d trade accuracy against cost; f has a nan (no memory logged) and is left out."""
     points = {"a": (0.70, 10.0), "b": (0.80, 20.0), "c": (0.75, 30.0), "d": (0.90, 40.0), "e": (0.85, 40.0),
               "f": (0.99, math.nan)}
-    front = tables.pareto(points)
+    front = verdict.pareto(points)
     assert front == ["a", "b", "d"]
     # c: b gains 0.05 at no more cost (a is cheaper but less accurate: 0.70 < 0.75); b needs 20/30 of its cost.
-    gain, ratio = tables.distance(points, front, "c")
+    gain, ratio = verdict.distance(points, front, "c")
     assert gain == pytest.approx(0.05) and ratio == pytest.approx(20 / 30)
     # e: at cost <= 40 the best front accuracy is d's 0.90 (+0.05); at accuracy >= 0.85 only d, at 40/40.
-    gain, ratio = tables.distance(points, front, "e")
+    gain, ratio = verdict.distance(points, front, "e")
     assert gain == pytest.approx(0.05) and ratio == pytest.approx(1.0)
-    assert tables.pareto({"x": (0.5, 1.0), "y": (0.5, 1.0)}) == ["x", "y"]  # equal points dominate neither
+    assert verdict.pareto({"x": (0.5, 1.0), "y": (0.5, 1.0)}) == ["x", "y"]  # equal points dominate neither
 
 
 def test_the_verdict_names_the_best_and_the_fronts(data, mlflow_runs):
     """The paragraph is generated from the numbers in the tables (k = 1 here: 3 rounds)."""
     group = data.groups[0]
-    text = tables.verdict(group)
+    text = verdict.verdict(group)
     acc = {m: statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW["acc/weighted last-k"])) for m in METHODS}
     mb = {m: statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW["MB total"])) for m in METHODS}
     mem = {m: statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW["peak train MB"])) for m in METHODS}
