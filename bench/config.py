@@ -321,25 +321,19 @@ def parse_set(items: list[str]) -> dict[str, str]:
 
 
 def read_toml(path, what: str = "config file", where: str = "presets are in configs/") -> dict[str, Any]:
-    """A TOML file as a dict, or one BenchError line: `config file 'x.toml' not found (presets are in configs/)`."""
+    """A TOML file as a dict, or one BenchError line: `config file 'x.toml' not found; expected a .toml file
+    (presets are in configs/)`. Read by core/files.py's one reader (never blocks on a pipe, never reads a
+    device, at most 1 MiB)."""
+    from fedeq_bench.core.files import SMALL_LIMIT, read_bytes
+
+    data = read_bytes(path, what, f"a .toml file ({where})", SMALL_LIMIT)
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise BenchError(f"{what} {str(path)!r} not found ({where})") from None
-    except IsADirectoryError:
-        raise BenchError(f"{what} {str(path)!r} is a folder; give a .toml file ({where})") from None
-    except PermissionError:
-        raise BenchError(f"{what} {str(path)!r} cannot be read (permission denied)") from None
+        return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise BenchError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
                          f"TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise BenchError(f"{what} {str(path)!r} is not valid TOML: {e}") from None
-    except OSError as e:  # the rest: a file in the path's folders, a name too long, an I/O error
-        from fedeq_bench.core.files import decode_error
-
-        raise decode_error(e, path, what, f"a .toml file ({where})") from None
 
 
 def load_toml(path: str) -> dict[str, Any]:

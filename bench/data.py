@@ -29,6 +29,8 @@ def build_parser() -> tuple[cli.Parser, list[str]]:
     d.add_argument("--seed", default="0", help="seed the partition is drawn with (default 0)")
     cli.add_preset_args(d, "any run or dataset key, e.g. fmnist.download=false (repeatable)")
     d.add_argument("--plot", default=None, metavar="FILE.png", help="also save the clients x classes label heat map")
+    d.add_argument("--force", action="store_true",
+                   help="replace a file at --plot that is not a figure matplotlib saved (never a device, pipe or link)")
     return p, keys
 
 
@@ -55,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot:  # a plot path that cannot be written is one line before the data is loaded
             from fedeq_bench.datasets.describe import check_output_path
 
-            check_output_path(args.plot)
+            check_output_path(args.plot, args.force)
 
-        print(describe_data(cfg, seed, args.plot))
+        print(describe_data(cfg, seed, args.plot, args.force))
         return 0
 
     return cli.run_guarded(work)

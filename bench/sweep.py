@@ -42,6 +42,8 @@ def build_parser() -> tuple[cli.Parser, list[str]]:
     p.add_argument("--study-name", default=None, help="study name (default: METHOD-DATASET; NAME-METHOD with several)")
     p.add_argument("--sampler-seed", type=int, default=None, help="TPE sampler seed (default: the first --seeds)")
     p.add_argument("--tuned-out", default=None, help="tuned preset path (default: configs/tuned/DATASET.toml)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a file at --tuned-out that is not a tuned preset (never a folder, device or link)")
     p.add_argument("--no-final-test", dest="final_test", action="store_false",
                    help="do not rerun the best trial on the test split")
     keys = cli.add_config_flags(p, RunConfig, defaults_shown={  # leaving both out is an error (`resolve`)
@@ -72,7 +74,7 @@ def resolve(argv: list[str]):
     params = tuple(p.strip() for p in args.params.split(",") if p.strip()) if args.params else None
     opts = SweepOptions(trials=args.trials, params=params, space=args.space, pruner=args.pruner,
                         storage=args.storage, study_name=args.study_name, sampler_seed=args.sampler_seed,
-                        final_test=args.final_test, tuned_out=args.tuned_out,
+                        final_test=args.final_test, tuned_out=args.tuned_out, force=args.force,
                         objectives=parse_objectives(args.objective), n_jobs=args.n_jobs)
     return cfg, opts, args
 

@@ -13,6 +13,13 @@ line naming the path and what was expected, never a traceback:
     folder = require_dir(path, "femnist data folder")
 
 `what` says what the path is for (`npz dataset`, `--data-dir`); `expected` what it should hold.
+
+Every read opens the path with O_NONBLOCK (a named pipe with no writer never blocks), checks the
+opened descriptor with fstat (a regular file only: a pipe, a device such as /dev/zero, a socket or a
+folder is one line, before a byte is read) and caps the size per kind (`limit`: `SMALL_LIMIT` for a
+preset, a search space or a tuned preset, `DATA_LIMIT` for a dataset file; the line says the cap):
+`open_input` for a parser that reads from a file object (np.load, tarfile), `read_bytes` and
+`read_text` for the whole file.
 """
 from __future__ import annotations
 
@@ -20,12 +27,19 @@ import contextlib
 import errno
 import os
 import pickle
+import stat
 import tarfile
 import zipfile
 import zlib
 from collections.abc import Iterator
+from typing import BinaryIO
 
 from fedeq_bench.core.errors import BenchError
+
+SMALL_LIMIT = 1 << 20
+"""The largest preset, search space or tuned preset read (1 MiB; the shipped ones are a few KiB)."""
+DATA_LIMIT = 1 << 34
+"""The largest dataset file read (16 GiB; Fashion-MNIST's largest is 26 MB, CIFAR-100's tarball 169 MB)."""
 
 DECODE_ERRORS = (UnicodeDecodeError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, tarfile.TarError,
                  pickle.UnpicklingError)
@@ -83,18 +97,71 @@ def parsing(path, what: str, expected: str) -> Iterator[None]:
         raise decode_error(e, path, what, expected) from None
 
 
+def _kind(mode: int) -> str:
+    """What a path that is not a regular file is, in words."""
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _not_regular(path, what: str, expected: str, mode: int) -> BenchError:
+    if stat.S_ISDIR(mode):
+        return BenchError(f"{what} {_name(path)} is a folder; expected {expected}")
+    return BenchError(f"{what} {_name(path)} is not a regular file ({_kind(mode)}); expected {expected}")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:g} {unit}"
+    return f"{n} bytes"
+
+
+def _too_big(path, what: str, size: int | None, limit: int) -> BenchError:
+    said = f"{_size(size)}" if size is not None else "larger than that"
+    return BenchError(f"{what} {_name(path)} is {said}, over the {_size(limit)} limit for a {what}; "
+                      f"give a smaller file")
+
+
 def require_file(path, what: str, expected: str = "a file") -> str:
-    """`path` (as a str) if it is a file; else one line: not found, or a folder."""
+    """`path` (as a str) if it is a regular file; else one line: not found, a folder, a broken link, a
+    device or pipe (what it is named)."""
     p = os.fspath(path)
-    if os.path.isfile(p):
-        return p
-    if os.path.isdir(p):
-        raise BenchError(f"{what} {_name(p)} is a folder; expected {expected}")
-    if os.path.lexists(p) and not os.path.exists(p):
-        raise BenchError(f"{what} {_name(p)} is a broken symbolic link; expected {expected}")
-    if os.path.exists(p):
-        raise BenchError(f"{what} {_name(p)} is not a regular file (a device or pipe); expected {expected}")
-    raise BenchError(f"{what} {_name(p)} not found; expected {expected}")
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        if os.path.lexists(p) and e.errno == errno.ENOENT:
+            raise BenchError(f"{what} {_name(p)} is a broken symbolic link; expected {expected}") from None
+        raise _os_error(e, p, what, expected) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(p, what, expected, st.st_mode)
+    return p
+
+
+def open_input(path, what: str, expected: str = "a readable file", limit: int = DATA_LIMIT) -> BinaryIO:
+    """`path` opened for reading (binary), or one line: missing, unreadable, not a regular file (a
+    folder, a pipe, a device), or over `limit` bytes. Opened with O_NONBLOCK, so a named pipe never
+    blocks; the checks are on the opened descriptor (fstat), so a path swapped after `require_file`
+    is caught too. The returned file blocks as usual."""
+    p = require_file(path, what, expected)  # one line without opening a device (which may have effects)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise _os_error(e, p, what, expected) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(p, what, expected, st.st_mode)
+        if st.st_size > limit:
+            raise _too_big(p, what, st.st_size, limit)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def require_dir(path, what: str, expected: str = "a folder") -> str:
@@ -112,37 +179,27 @@ def require_dir(path, what: str, expected: str = "a folder") -> str:
     return p
 
 
-def read_bytes(path, what: str, expected: str = "a readable file") -> bytes:
-    """The whole file, or one line (missing, a folder, unreadable)."""
-    require_file(path, what, expected)
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise _os_error(e, path, what, expected) from None
+def read_bytes(path, what: str, expected: str = "a readable file", limit: int = DATA_LIMIT) -> bytes:
+    """The whole file, or one line (missing, a folder, a pipe or device, over `limit`, unreadable)."""
+    with open_input(path, what, expected, limit) as f:
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise _os_error(e, path, what, expected) from None
+    if len(data) > limit:  # it grew after the fstat
+        raise _too_big(path, what, None, limit)
+    return data
 
 
-def read_text(path, what: str, expected: str = "UTF-8 text") -> str:
-    """The whole file decoded as UTF-8, or one line (missing, a folder, unreadable, not UTF-8 text)."""
-    data = read_bytes(path, what, expected)
+def read_text(path, what: str, expected: str = "UTF-8 text", limit: int = DATA_LIMIT) -> str:
+    """The whole file decoded as UTF-8, or one line (as `read_bytes`, or not UTF-8 text)."""
+    data = read_bytes(path, what, expected, limit)
     with parsing(path, what, expected):
         return data.decode("utf-8")
 
 
 def require_output_dir(path, what: str) -> str:
-    """`path` (as a str) if it is, or can be made as, a folder this user writes into: checked before
-    the work whose results go there, not after it. One line when the path is a file, when a part of it
-    is a file, or when the folder it would be made in (or it itself) is not writable."""
-    p = os.fspath(path)
-    probe = os.path.abspath(p)
-    while not os.path.lexists(probe):  # the nearest part that exists: the folders below it get made
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
-        which = "is a file" if probe == os.path.abspath(p) else f"lies under the file {probe!r}"
-        raise BenchError(f"{what} {_name(p)} {which}; expected a folder (it is made if missing)")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise BenchError(f"{what} {_name(p)}: {probe!r} is not writable by this user; give a folder you can write")
-    return p
+    """`path` if it is, or can be made as, a folder this user writes into (core/outputs.py `check_dir`)."""
+    from fedeq_bench.core.outputs import check_dir
+
+    return check_dir(path, what)

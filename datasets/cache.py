@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+
+from fedeq_bench.core import outputs
 
 log = logging.getLogger(__name__)
 
@@ -138,27 +139,9 @@ def save_partition(key: str, parts) -> Path | None:
     return path
 
 
-def atomic_write(path: Path, write: Callable, check: Callable[[Path], None] | None = None) -> None:
-    """`write(fileobj)` into a temp file beside `path`, fsync, `check(temp path)` (may raise), then
-    os.replace onto `path`. On any exception the temp file is removed and `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if check is not None:
-            check(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache or data file is not secret
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+atomic_write = outputs.atomic_write
+"""The atomic part of core/outputs.py's writer (temp file beside it, fsync, os.replace; a symbolic
+link at the path is not replaced): internal files, not the user's, so no recognising, no `--force`."""
 
 
 # -- downloads ------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.core.files import decode_error, one_line, read_bytes, require_dir, require_file
+from fedeq_bench.core.files import decode_error, one_line, open_input, read_bytes, require_dir, require_file
 from fedeq_bench.datasets import cache
 from fedeq_bench.datasets.base import DataArgs, FederatedDataset, register_dataset
 from fedeq_bench.datasets.partition import centralised_spec, federate
@@ -232,7 +232,8 @@ def read_files(rel: Release, kind: str, path: Path) -> dict[str, tuple[bytes, st
         return out
     member = ""
     try:
-        with tarfile.open(path, "r:gz") as tf:
+        with open_input(path, f"{rel.title} tarball", f"the release's {rel.tarball}") as raw, \
+                tarfile.open(fileobj=raw, mode="r:gz") as tf:
             for n in _names(rel):
                 member = f"{rel.folder}/{n}"
                 f = tf.extractfile(member)  # read in place: nothing is written, so no path tricks

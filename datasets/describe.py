@@ -63,9 +63,13 @@ def describe(ds: FederatedDataset) -> str:
     return "\n".join(lines)
 
 
-def check_output_path(path: str | Path) -> None:
+def check_output_path(path: str | Path, force: bool = False) -> None:
     """A file the user asked for must go into a folder that exists (a typo must not create a tree of
-    folders) and must not be a folder itself; one BenchError line otherwise."""
+    folders) and must not be a folder itself; and core/outputs.py's writer must be willing to write it
+    (a regular file or nothing, no symbolic link; a file there must be a figure matplotlib saved, unless
+    `force`). One BenchError line otherwise."""
+    from fedeq_bench.core import outputs
+
     p = Path(path)
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
@@ -73,18 +77,20 @@ def check_output_path(path: str | Path) -> None:
         raise BenchError(f"cannot save the plot to {str(path)!r}: the folder {str(folder)!r} {what}")
     if p.is_dir():
         raise BenchError(f"cannot save the plot to {str(path)!r}: it is a folder; give a file name such as labels.png")
+    outputs.check(path, "plot", outputs.MATPLOTLIB, force=force)
 
 
-def plot_label_distribution(ds: FederatedDataset, path: str | Path) -> Path:
-    """Save a clients x classes heat map of train+val label counts to `path` (format from its suffix)."""
+def plot_label_distribution(ds: FederatedDataset, path: str | Path, force: bool = False) -> Path:
+    """Save a clients x classes heat map of train+val label counts to `path` (format from its suffix),
+    through core/outputs.py's writer (`force`: replace a file there that matplotlib did not save)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
-    from fedeq_bench.datasets.cache import atomic_write
+    from fedeq_bench.core import outputs
 
-    check_output_path(path)
+    check_output_path(path, force)
     counts = label_counts(ds, "all")
     n_clients, n_classes = counts.shape
     fig, ax = plt.subplots(figsize=(min(3 + 0.25 * n_classes, 30), min(2 + 0.18 * n_clients, 40)))
@@ -99,7 +105,7 @@ def plot_label_distribution(ds: FederatedDataset, path: str | Path) -> Path:
     path = Path(path)
     fmt = path.suffix.lstrip(".") or "png"
     try:
-        atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=100))
+        outputs.write(path, lambda f: fig.savefig(f, format=fmt, dpi=100), "plot", outputs.MATPLOTLIB, force=force)
     finally:
         plt.close(fig)
     return path

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedeq_bench.core.errors import BenchError
-from fedeq_bench.core.files import decode_error, one_line, require_file
+from fedeq_bench.core.files import decode_error, one_line, open_input, require_file
 from fedeq_bench.datasets.base import DataArgs, DataEstimate, FederatedDataset, build_federated, register_dataset
 from fedeq_bench.datasets.partition import require_natural
 
@@ -65,27 +65,30 @@ def _not_npz(path: str, e: BaseException) -> BenchError:
 
 
 def _read_all(path: str) -> dict[str, np.ndarray]:
-    """Every array of the archive, read eagerly (so the file is closed before returning)."""
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except OSError as e:
-        if e.errno is not None:  # the system's: permission denied, an I/O error
-            raise decode_error(e, path, "npz dataset", EXPECTED) from None
-        raise _not_npz(path, e) from None
-    except (ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise _not_npz(path, e) from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        # np.load also reads a bare .npy file; that holds one array, not a partition.
-        raise BenchError(f"npz dataset {path!r} is a single .npy array, not an .npz archive (write it with np.savez)")
-    with loaded:
-        arrays = {}
-        for key in loaded.files:
-            try:
-                arrays[key] = loaded[key]
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-                # allow_pickle=False refuses object arrays here; a truncated member fails here too.
-                raise BenchError(f"npz dataset {path!r}: cannot read array {key!r} "
-                                 f"({type(e).__name__}: {one_line(e)})") from None
+    """Every array of the archive, read eagerly (so the file is closed before returning). Opened by
+    core/files.py's one reader: a pipe never blocks, a device is never read (one line each)."""
+    with open_input(path, "npz dataset", EXPECTED) as f:
+        try:
+            loaded = np.load(f, allow_pickle=False)
+        except OSError as e:
+            if e.errno is not None:  # the system's: permission denied, an I/O error
+                raise decode_error(e, path, "npz dataset", EXPECTED) from None
+            raise _not_npz(path, e) from None
+        except (ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise _not_npz(path, e) from None
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            # np.load also reads a bare .npy file; that holds one array, not a partition.
+            raise BenchError(f"npz dataset {path!r} is a single .npy array, not an .npz archive "
+                             "(write it with np.savez)")
+        with loaded:
+            arrays = {}
+            for key in loaded.files:
+                try:
+                    arrays[key] = loaded[key]
+                except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                    # allow_pickle=False refuses object arrays here; a truncated member fails here too.
+                    raise BenchError(f"npz dataset {path!r}: cannot read array {key!r} "
+                                     f"({type(e).__name__}: {one_line(e)})") from None
     return arrays
 
 

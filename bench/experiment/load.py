@@ -105,15 +105,16 @@ def load_checked(cfg) -> dict:
     return datasets
 
 
-def describe_data(cfg, seed: int, plot: str | None = None) -> str:
-    """`bench.data describe`: per-client sizes and label histograms, and the heat map saved to `plot`."""
+def describe_data(cfg, seed: int, plot: str | None = None, force: bool = False) -> str:
+    """`bench.data describe`: per-client sizes and label histograms, and the heat map saved to `plot`
+    (`force`: over a file there that is not a figure matplotlib saved)."""
     from fedeq_bench.datasets.describe import describe, plot_label_distribution
 
     ds = load_dataset(cfg, seed)
     text = describe(ds)
     if plot:
         try:
-            path = plot_label_distribution(ds, plot)
+            path = plot_label_distribution(ds, plot, force)
         except (OSError, ValueError) as e:  # unwritable path, unknown image format
             raise BenchError(f"cannot save the plot to {plot!r}: {e}") from None
         text += f"\n\nlabel distribution plot saved to {path}"

@@ -249,7 +249,8 @@ def report(cfg, parent: str, report_dir: str = "reports"):
     from bench.tracking import open_client
 
     run = cfg.run
-    paths = R.build(run.tracking_uri, run.experiment, runs=[parent], out=report_out(cfg, parent, report_dir))
+    paths = R.build(run.tracking_uri, run.experiment, runs=[parent], out=report_out(cfg, parent, report_dir),
+                    hint="remove it, or give another --report-dir")
     R.log_artifacts(paths, open_client(run.tracking_uri), parent)
     return paths
 

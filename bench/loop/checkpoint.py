@@ -105,15 +105,10 @@ def write(path: str, state: LoopState) -> None:
     A crash (kill -9, power loss) at any point leaves `path` as it was (or absent) or the new file,
     whole; at worst a stray `.latest.fqck.*.tmp` is left beside it, which nothing reads.
     """
-    from fedeq_bench.datasets.cache import atomic_write
+    from fedeq_bench.core.outputs import atomic_write
 
-    atomic_write(Path(path), lambda f: _write_records(f, state))  # temp file beside it, fsync, os.replace
-    # The rename itself is durable only once the directory is synced (POSIX).
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    # Temp file beside it, fsync, os.replace, then the folder synced (the rename itself durable, POSIX).
+    atomic_write(Path(path), lambda f: _write_records(f, state))
 
 
 def _write_records(f, state: LoopState) -> None:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from fedeq_bench.core import outputs
 from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.outputs import Owns
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,40 @@ def default_out(name: str) -> str:
     return os.path.join("reports", slug(name, 100))
 
 
+FORCE_HINT = "give --force to replace it, or another --out"
+
+
+def out_files(out_dir: str, figures=()) -> dict[str, tuple[str, Owns]]:
+    """{path: (what it is, how core/outputs.py recognises it)} of every file a report writes into
+    `out_dir`: report.md, index.html and the figures named `figures` (in figures/)."""
+    from bench.report import html, markdown
+
+    files = {os.path.join(out_dir, "figures", n): ("report figure", outputs.MATPLOTLIB) for n in figures}
+    return {**files, os.path.join(out_dir, "report.md"): ("report", markdown.OWNS),
+            os.path.join(out_dir, "index.html"): ("report page", html.OWNS)}
+
+
+def check_out(out_dir: str, force: bool = False, figures=(), hint: str = FORCE_HINT) -> None:
+    """Refuse, in one line, an output folder the report would not write into (core/outputs.py's rules:
+    a file, a pipe or a device where a report file goes, a symbolic link at it or at figures/, a file
+    there that no report wrote unless `force`). Called before the runs are read, and again on the
+    whole list of files before the first is written."""
+    outputs.check_dir(out_dir, "--out")
+    outputs.check_folder(os.path.join(out_dir, "figures"), root=out_dir)
+    for path, (what, owns) in out_files(out_dir, figures).items():
+        outputs.check(path, what, owns, force=force, root=out_dir, hint=hint)
+
+
 def build(tracking_uri: str, experiment: str, runs=None, out: str | None = None, sweep: str | None = None,
-          target: float = 0.95, last_k: int | None = None) -> ReportPaths:
+          target: float = 0.95, last_k: int | None = None, force: bool = False,
+          hint: str = FORCE_HINT) -> ReportPaths:
     """Read the comparisons of `experiment` (or only the parent run ids `runs`; or the study `sweep`)
     and write the report to `out` (default reports/<experiment> or reports/<study>). Runs are pooled as
     seeds only when their configs agree (collect.comparable_groups). `last_k`: the headline accuracy is
     the mean of the last k evaluated rounds (default None: a tenth of them, at least 1); `target`: the
     fraction of the best method's mean last-k accuracy that the MB-to-target column measures up to.
+    Every file goes through core/outputs.py's writer, `out` checked before the runs are read (`force`:
+    replace files there that no report wrote; `hint`: how the refusal says to do that).
     Raises BenchError on bad input (unknown experiment, run or study; no runs; a bad option)."""
     from bench.report import collect, figures, html, markdown, tables, verdict
     from bench.report import sweep as sweep_page
@@ -52,6 +81,8 @@ def build(tracking_uri: str, experiment: str, runs=None, out: str | None = None,
         raise BenchError(f"--last-k is a number of evaluated rounds, at least 1; got {last_k}")
     if sweep is not None and runs:
         raise BenchError("give --sweep STUDY or --runs PARENT_ID,..., not both")
+    out_dir = out or default_out(sweep if sweep is not None else experiment)  # the name collect gives data
+    check_out(out_dir, force, hint=hint)  # before anything is read or drawn
     if sweep is not None:
         data = collect.collect_sweep(tracking_uri, experiment, sweep)
         # Trials by acc/val (they log no test metric), the best trial's rerun by test accuracy: sweep.py.
@@ -66,15 +97,16 @@ def build(tracking_uri: str, experiment: str, runs=None, out: str | None = None,
                              figures.pareto_figures(g, k) + figures.group_figures(g)))
     if not data.groups:
         raise BenchError(f"{data.name!r}: its parent run(s) have no child runs, so there is nothing to report")
-    out_dir = out or default_out(data.name)
-    try:
-        md = markdown.write(data, sections, tables.provenance_tables(data), out_dir)
-        # index.html shows each parent's resolved config itself (folded), so its provenance tables leave it out.
-        page = html.write(data, sections, tables.provenance_tables(data, config=False),
-                          os.path.join(out_dir, "index.html"))
-    except OSError as e:  # an unwritable --out
-        raise BenchError(f"cannot write the report to {out_dir!r}: {e}") from None
-    return ReportPaths(out_dir=str(out_dir), html=page, markdown=md)
+    md_text, figs = markdown.render(data, sections, tables.provenance_tables(data))
+    # index.html shows each parent's resolved config itself (folded), so its provenance tables leave it out.
+    page = html.render(data, sections, tables.provenance_tables(data, config=False))
+    md, index = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "index.html")
+    content = {os.path.join(out_dir, "figures", n): b for n, b in figs.items()}
+    content.update({md: md_text.encode(), index: page.encode()})
+    check_out(out_dir, force, figs, hint)  # every file, before the first is written
+    for path, (what, owns) in out_files(out_dir, figs).items():
+        outputs.write(path, content[path], what, owns, force=force, root=out_dir, hint=hint)
+    return ReportPaths(out_dir=str(out_dir), html=index, markdown=md)
 
 
 def log_artifacts(paths: ReportPaths, client, run_id: str) -> None:

@@ -30,6 +30,8 @@ def build_parser() -> cli.Parser:
                    help="only these parent runs (ids of bench.run invocations; default: every comparison)")
     p.add_argument("--sweep", default=None, metavar="STUDY", help="report a bench.sweep study instead")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: reports/<experiment or study>)")
+    p.add_argument("--force", action="store_true",
+                   help="replace files in --out that no report wrote (never a folder, device, pipe or link)")
     p.add_argument("--tracking-uri", default=uri,
                    help=f"MLflow tracking store (default: {uri}, from $MLFLOW_TRACKING_URI when set)")
     p.add_argument("--target", type=float, default=0.95,
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         runs = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else None
         paths = report.build(args.tracking_uri, args.experiment, runs=runs, out=args.out, sweep=args.sweep,
-                             target=args.target, last_k=args.last_k)
+                             target=args.target, last_k=args.last_k, force=args.force)
         print(f"report: {paths.html}")
         print(f"markdown: {paths.markdown}")
         return 0

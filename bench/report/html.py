@@ -17,6 +17,8 @@ from pathlib import Path
 
 from bench.report.figures import Figure, to_plotly
 from bench.report.model import Group, Image, ReportData, Table
+from fedeq_bench.core import outputs
+from fedeq_bench.core.outputs import contains
 
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "typesetMath": False, "showLink": False}
 # Text that is code (a command, a commit, a run id), shown in <code>: a column with one of these
@@ -68,9 +70,20 @@ for (const [id, fig] of Object.entries(FIGURES)) Plotly.newPlot(id, fig.data, fi
 """
 
 
+OWNS = contains(b": fedeq-bench report</title>")
+"""How core/outputs.py's writer recognises an index.html this module wrote: its title, in its first lines."""
+
+
 def write(data: ReportData, sections: list[tuple[Group, list[Table], list[Figure | Image]]],
-          provenance: list[Table], path: str | Path) -> str:
-    """Write the report to `path` (the index.html file; its folder is created) and return the path.
+          provenance: list[Table], path: str | Path, force: bool = False) -> str:
+    """Write the report to `path` (the index.html file; its folder is created) through core/outputs.py's
+    writer (`force`: over a file there that this module did not write) and return the path."""
+    return outputs.write(path, render(data, sections, provenance).encode(), "report page", OWNS, force=force)
+
+
+def render(data: ReportData, sections: list[tuple[Group, list[Table], list[Figure | Image]]],
+           provenance: list[Table]) -> str:
+    """The page's text.
 
     `sections`: per dataset and partition, its tables and figures, in page order; `provenance`: the
     tables of the provenance section (tables.provenance_tables: command, commit, versions...), which
@@ -112,10 +125,7 @@ def write(data: ReportData, sections: list[tuple[Group, list[Table], list[Figure
         f"<script>const FIGURES = {_json(figures)};\nconst CONFIG = {_json(PLOTLY_CONFIG)};"
         f"{DRAW_JS}{SORT_JS}</script>",
         "</body></html>", ""])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return str(path)
+    return page
 
 
 def plotly_js() -> str:

@@ -15,6 +15,7 @@ from bench.report import figures as F
 from bench.report import text
 from bench.report.model import Group, Image, ReportData, Table
 from bench.report.text import escape
+from fedeq_bench.core import outputs
 
 
 def slug(text: str, limit: int = 60) -> str:
@@ -43,12 +44,29 @@ def table(t: Table) -> str:
     return "\n".join(out)
 
 
+OWNS = outputs.starts_with(b"# Report: ")
+"""How core/outputs.py's writer recognises a report.md this module wrote: its first line."""
+
+
 def write(data: ReportData, sections: list[tuple[Group, list[Table], list]], provenance: list[Table],
-          out_dir: str | Path) -> str:
-    """Write out_dir/report.md and out_dir/figures/<group-slug>-<figure>.svg (.png for an `Image`);
-    returns report.md's path."""
-    out = Path(out_dir)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
+          out_dir: str | Path, force: bool = False) -> str:
+    """Write out_dir/report.md and out_dir/figures/<group-slug>-<figure>.svg (.png for an `Image`)
+    through core/outputs.py's writer, every path checked before any is written (`force`: over files
+    there that this module did not write); returns report.md's path."""
+    text, figures = render(data, sections, provenance)
+    files = {**{f"figures/{n}": (b, "report figure", outputs.MATPLOTLIB) for n, b in figures.items()},
+             "report.md": (text.encode(), "report", OWNS)}
+    for rel, (_, what, owns) in files.items():
+        outputs.check(Path(out_dir, rel), what, owns, force=force, root=out_dir)
+    for rel, (content, what, owns) in files.items():
+        outputs.write(Path(out_dir, rel), content, what, owns, force=force, root=out_dir)
+    return str(Path(out_dir, "report.md"))
+
+
+def render(data: ReportData, sections: list[tuple[Group, list[Table], list]],
+           provenance: list[Table]) -> tuple[str, dict[str, bytes]]:
+    """(report.md's text, {figure file name: its bytes}) for the folder figures/ beside it."""
+    files: dict[str, bytes] = {}
     lines = [f"# Report: {data.name}", "",
              f"MLflow experiment `{data.experiment}` in `{data.tracking_uri}`; "
              f"{len(data.parents)} parent run(s): {', '.join(f'`{p.run_id}`' for p in data.parents)}.", ""]
@@ -66,14 +84,12 @@ def write(data: ReportData, sections: list[tuple[Group, list[Table], list]], pro
                     lines += [f"*{escape(fig.title)}*: {escape(fig.note)}.", ""]
                     continue
                 name = f"{gslug}-{fig.name}.png"
-                (out / "figures" / name).write_bytes(fig.png)
+                files[name] = fig.png
             else:
                 name = f"{gslug}-{fig.name}.svg"
-                (out / "figures" / name).write_text(F.to_svg(fig), encoding="utf-8")
+                files[name] = F.to_svg(fig).encode()
             lines += [f"![{alt}](figures/{name})", ""]
     lines += ["## Provenance", ""]
     for t in provenance:
         lines += [table(t), ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return str(path)
+    return "\n".join(lines), files

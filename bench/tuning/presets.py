@@ -3,15 +3,16 @@ dataset, and one `[method]` table of best values per method, which `python -m be
 loads as is. Written with tomli-w (TOML's `inf`/`nan` for a diverged value included), atomically.
 
 A preset is updated, never clobbered: the tables of methods not swept this time are kept, and a file
-at the path that is not a tuned preset this module wrote (another config, unreadable TOML, a folder,
-a device) is refused with one line before the sweep starts (`check_out`), not overwritten after it.
+at the path that is not a tuned preset this module wrote (another config, unreadable TOML) is refused
+with one line before the sweep starts (`check_out`), not overwritten after it; `--force` (`force=True`)
+replaces it with a new preset. Written through core/outputs.py's one writer: a folder, a device, a
+pipe or a symbolic link at the path is refused even with `--force`.
 """
 from __future__ import annotations
 
 import os
 import re
 import tomllib
-from pathlib import Path
 from typing import Any
 
 from fedeq_bench.core.errors import BenchError
@@ -26,34 +27,38 @@ def default_path(dataset: str) -> str:
     return os.path.join("configs", "tuned", f"{name}.toml")
 
 
-def _existing(path: str) -> dict[str, dict[str, Any]]:
-    """The tables of the tuned preset at `path` ({} when there is none), or one BenchError line when
-    something else is there."""
+def _owns(head: bytes) -> bool:
+    return head.startswith(HEADER.encode())
+
+
+WHAT = "tuned preset"
+
+
+def _existing(path: str, force: bool = False) -> dict[str, dict[str, Any]]:
+    """The tables of the tuned preset at `path` ({} when there is none, or with `force` when something
+    else is there), or one BenchError line when something else is there."""
+    from fedeq_bench.core import outputs
+    from fedeq_bench.core.files import SMALL_LIMIT, read_bytes
+
+    outputs.check(path, WHAT, _owns, force=True)  # a folder, a device, a pipe, a link: never, even with --force
     if not os.path.lexists(path):
         return {}
-    if not os.path.isfile(path) or os.path.islink(path):
-        raise BenchError(f"--tuned-out {path!r} is not a regular file; give a new path or remove it")
     try:
-        with open(path, "rb") as f:
-            raw = f.read(1 << 20)
+        raw = read_bytes(path, f"--tuned-out {WHAT}", "a tuned preset", SMALL_LIMIT)
         if not raw.decode().startswith(HEADER):
             raise ValueError("not written by bench.sweep")
         tables = tomllib.loads(raw.decode())
-    except (OSError, UnicodeDecodeError, ValueError) as e:  # TOMLDecodeError is a ValueError
+    except (BenchError, UnicodeDecodeError, ValueError) as e:  # TOMLDecodeError is a ValueError
+        if force:
+            return {}
         raise BenchError(f"--tuned-out {path!r} exists and is not a tuned preset ({str(e).splitlines()[0][:120]}); "
-                         f"give a new path, or remove it to have it written") from None
+                         f"give --force to replace it, or a new path") from None
     return {k: v for k, v in tables.items() if isinstance(v, dict)}
 
 
-def check_out(path: str) -> None:
+def check_out(path: str, force: bool = False) -> None:
     """Refuse, before any trial runs, a path this module would not write (see the module doc)."""
-    _existing(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    probe = parent
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
-        raise BenchError(f"--tuned-out {path!r}: cannot create files under {probe!r}")
+    _existing(path, force)
 
 
 def tables(outcomes) -> dict[str, dict[str, Any]]:
@@ -66,17 +71,18 @@ def tables(outcomes) -> dict[str, dict[str, Any]]:
     return out
 
 
-def write(cfg, outcomes, path: str | None = None) -> str | None:
-    """Write (or update) the tuned preset; returns its path, or None if no study has a best."""
+def write(cfg, outcomes, path: str | None = None, force: bool = False) -> str | None:
+    """Write (or update) the tuned preset; returns its path, or None if no study has a best. `force`:
+    a file at `path` that is not a tuned preset is replaced (`--force`)."""
     import tomli_w
 
-    from fedeq_bench.datasets.cache import atomic_write
+    from fedeq_bench.core import outputs
 
     done = [o for o in outcomes if o.best_params]
     if not done:
         return None
     path = path or default_path(cfg.run.dataset)
-    old = _existing(path)
+    old = _existing(path, force)
     methods = list(dict.fromkeys(list(old.get("run", {}).get("methods", [])) + [o.method for o in done]))
     new = {**old, **tables(done)}
     new["run"] = {**old.get("run", {}), "methods": methods, "dataset": cfg.run.dataset}
@@ -87,5 +93,5 @@ def write(cfg, outcomes, path: str | None = None) -> str | None:
             + f"# Found with rounds={cfg.run.rounds}, clients={cfg.run.clients}, seeds="
             f"{','.join(map(str, cfg.run.seeds))}. Rerun on test: python -m bench.run --config {path}\n\n")
     text = head + tomli_w.dumps(ordered)
-    atomic_write(Path(path), lambda f: f.write(text.encode()))
+    outputs.write(path, text.encode(), WHAT, _owns, force=force)
     return path

@@ -114,6 +114,8 @@ class SweepOptions:
     """Rerun the best trial's values once on the test split (best/test_acc_weighted, best/test_acc)."""
     tuned_out: str | None = None
     """Where the tuned preset goes; None: configs/tuned/<dataset>.toml."""
+    force: bool = False
+    """Replace a file at `tuned_out` that is not a tuned preset (`--force`); never a folder, device or link."""
     figures: bool = True
     """Optuna's matplotlib figures as artifacts of the parent run (skipped without matplotlib)."""
 
@@ -320,7 +322,7 @@ def sweep(cfg, opts: SweepOptions, command: str = "", quiet: bool = True, datase
         raise BenchError(f"--n-jobs {opts.n_jobs} runs trials at once on Ray actors; give --backend ray "
                          f"(the serial backend runs one trial at a time)")
     check_store(run.tracking_uri)  # an unreachable or read-only MLflow store: refused before any work
-    presets.check_out(opts.tuned_out or presets.default_path(run.dataset))  # before any trial, not after
+    presets.check_out(opts.tuned_out or presets.default_path(run.dataset), opts.force)  # before any trial
     storage = make_storage(opts.storage)
     real = experiment.load_checked(cfg) if datasets is None else datasets
     views = {s: validation_view(ds) for s, ds in real.items()}
@@ -342,7 +344,7 @@ def sweep(cfg, opts: SweepOptions, command: str = "", quiet: bool = True, datase
     finally:
         with cli.deferred_signals():  # a Ctrl-C inside ray.shutdown would leave Ray's processes behind
             backend.close()
-    path = presets.write(cfg, outcomes, opts.tuned_out)
+    path = presets.write(cfg, outcomes, opts.tuned_out, opts.force)
     return outcomes, path
 
 

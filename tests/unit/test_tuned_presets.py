@@ -64,12 +64,12 @@ def test_a_file_that_is_not_a_tuned_preset_is_refused_before_the_work_and_kept(t
 
 def test_a_folder_or_a_symlink_at_the_path_is_refused(tmp_path):
     (tmp_path / "d.toml").mkdir()
-    with pytest.raises(BenchError, match="is not a regular file"):
+    with pytest.raises(BenchError, match=", not a regular file; remove it"):
         presets.check_out(str(tmp_path / "d.toml"))
     target = tmp_path / "elsewhere.toml"
     presets.write(cfg(), [Outcome("fedeq", {"fedeq.rho": 0.1})], str(target))
     os.symlink(target, tmp_path / "link.toml")
-    with pytest.raises(BenchError, match="is not a regular file"):
+    with pytest.raises(BenchError, match=", not a regular file; remove it"):
         presets.check_out(str(tmp_path / "link.toml"))
 
 
