@@ -121,7 +121,7 @@ def _size(n: int) -> str:
 
 
 def _too_big(path, what: str, size: int | None, limit: int) -> BenchError:
-    said = f"{_size(size)}" if size is not None else "larger than that"
+    said = f"{size:,} bytes" if size is not None else "larger than that"
     return BenchError(f"{what} {_name(path)} is {said}, over the {_size(limit)} limit for a {what}; "
                       f"give a smaller file")
 

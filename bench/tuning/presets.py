@@ -44,11 +44,16 @@ def _existing(path: str, force: bool = False) -> dict[str, dict[str, Any]]:
     if not os.path.lexists(path):
         return {}
     try:
-        raw = read_bytes(path, f"--tuned-out {WHAT}", "a tuned preset", SMALL_LIMIT)
+        raw = read_bytes(path, f"--tuned-out {WHAT}", "a tuned preset (give --force to replace it)", SMALL_LIMIT)
+    except BenchError:
+        if force:
+            return {}
+        raise
+    try:
         if not raw.decode().startswith(HEADER):
             raise ValueError("not written by bench.sweep")
         tables = tomllib.loads(raw.decode())
-    except (BenchError, UnicodeDecodeError, ValueError) as e:  # TOMLDecodeError is a ValueError
+    except (UnicodeDecodeError, ValueError) as e:  # TOMLDecodeError is a ValueError
         if force:
             return {}
         raise BenchError(f"--tuned-out {path!r} exists and is not a tuned preset ({str(e).splitlines()[0][:120]}); "
