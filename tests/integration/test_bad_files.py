@@ -119,7 +119,7 @@ CASES = [
     ("npz garbage bytes", lambda t: after((t / "g.npz").write_bytes(os.urandom(512)), run=lambda: load(f"npz:{t}/g.npz")),
      r"npz dataset '.*g\.npz' is not a valid \.npz archive"),
     ("npz is a device", lambda t: lambda: load("npz:/dev/null"),
-     r"npz dataset '/dev/null' is not a regular file \(a device or pipe\)"),
+     r"npz dataset '/dev/null' is not a regular file \(a character device\)"),
     ("npz member not an array", lambda t: after(p := npz_with_garbage_member(t), run=lambda: load(f"npz:{p}")),
      r"npz dataset '.*g\.npz': cannot read array 'train_x_0'"),
     pytest.param("npz unreadable", lambda t: after(p := unreadable(Path(write_tiny_npz(t / "u.npz"))),
