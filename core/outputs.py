@@ -92,7 +92,7 @@ def _os_line(e: OSError, path, what: str) -> BenchError:
     reason = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
               errno.EPERM: "permission denied"}.get(e.errno or 0, e.strerror or str(e))
-    code = f" ({errno.errorcode[e.errno]})" if e.errno in errno.errorcode else ""
+    code = f" ({errno.errorcode[e.errno]})" if e.errno is not None and e.errno in errno.errorcode else ""
     return _refuse(path, what, f"{reason}{code}; nothing was written and a previous file there is kept")
 
 
