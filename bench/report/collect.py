@@ -37,6 +37,8 @@ def client_for(tracking_uri: str):
                          f"give the --tracking-uri that bench.run recorded to")
     try:
         return open_client(tracking_uri)
+    except BenchError:  # said already (an in-memory store, another program's database: `check_kind`)
+        raise
     except Exception as e:  # an unreachable server or an unusable store is bad input, not a bug
         raise BenchError(f"cannot read MLflow tracking store {tracking_uri!r}: {str(e).splitlines()[0][:200]}") \
             from None

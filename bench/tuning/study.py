@@ -196,7 +196,7 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
     pruner = make_pruner(opts.pruner, run.rounds, len(objectives))
     seed = run.seeds[0] if opts.sampler_seed is None else opts.sampler_seed
     name = study_name_for(opts, method, run.dataset.split(":")[0], several)
-    storage = make_storage(opts.storage) if storage is None else storage
+    storage = make_storage(opts.storage, tracking_uri=run.tracking_uri) if storage is None else storage
     if opts.sampler is not None:
         sampler, sampler_name = opts.sampler, type(opts.sampler).__name__
     elif multi:
@@ -321,7 +321,7 @@ def sweep(cfg, opts: SweepOptions, command: str = "", quiet: bool = True, datase
                          f"(the serial backend runs one trial at a time)")
     check_store(run.tracking_uri)  # an unreachable or read-only MLflow store: refused before any work
     presets.check_out(opts.tuned_out or presets.default_path(run.dataset))  # before any trial, not after
-    storage = make_storage(opts.storage)
+    storage = make_storage(opts.storage, tracking_uri=run.tracking_uri)  # an Optuna store or a new file
     real = experiment.load_checked(cfg) if datasets is None else datasets
     views = {s: validation_view(ds) for s, ds in real.items()}
     tracker = Tracker(run.tracking_uri, run.experiment)
