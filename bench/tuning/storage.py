@@ -1,5 +1,5 @@
-"""Optuna I/O: the storage (with heartbeats), pruners, running trials to a budget, failing the
-trials and MLflow runs a dead process left, and reading the chosen trial back."""
+"""Optuna I/O: the storage (checked to be a study store, with heartbeats), pruners, running trials to
+a budget, failing the trials and MLflow runs a dead process left, and reading the chosen trial back."""
 from __future__ import annotations
 
 import warnings
@@ -14,7 +14,11 @@ PRUNERS = ("median", "hyperband", "none")
 HEARTBEAT_S = 10
 """Seconds between a running trial's heartbeats in the Optuna storage."""
 GRACE_S = 30
-"""A RUNNING trial whose last heartbeat is older than this is taken for dead and marked FAIL."""
+"""A RUNNING trial whose last heartbeat is older than this is taken for dead and marked FAIL. A trial
+whose owner process is known to be dead is failed at once instead (bench/tuning/identity.py); the
+heartbeat remains for what that cannot see: an owner on another host (a database server's storage),
+a trial killed between its creation and its owner's record, one recorded before owners were, and a
+live process that stopped running its trial (hung, or stopped with SIGSTOP)."""
 
 
 def make_pruner(name, rounds: int, objectives: int = 1):
@@ -99,12 +103,16 @@ def counted(study) -> int:
 
 
 def end_orphans(tracker, study, study_name: str) -> int:
-    """End FAILED the MLflow runs of this study left RUNNING by a process that died: trial runs whose
-    Optuna trial is no longer RUNNING, and parent runs when no trial of the study is RUNNING.
-    Returns how many runs were ended."""
+    """Fail the trials of this study whose owner process is dead (`identity.fail_dead_owners`, at once)
+    or whose heartbeat stopped (Optuna's `fail_stale_trials`, after GRACE_S), and end FAILED the MLflow
+    runs a dead process left RUNNING: trial runs whose Optuna trial is no longer RUNNING, and parent
+    runs when no trial of the study is RUNNING. Returns how many runs were ended."""
     import optuna
     from optuna.trial import TrialState
 
+    from bench.tuning.identity import fail_dead_owners
+
+    fail_dead_owners(study)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
