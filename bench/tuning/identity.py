@@ -38,10 +38,11 @@ keeps equal to bench/experiment/resume.py's RESUME_KEYS, which `--resume` may ch
 
 def fixed_config(flat: dict[str, str], space, objectives) -> dict[str, str]:
     """The study-defining part of a trial's base config, `flat` as `config.flatten` gives it
-    (`{"run.rounds": "2", "fedavg.lr": "0.05", ...}`): the keys of `NOT_IDENTITY` and the swept keys
-    left out (with the run key a swept method key would default to: `run.lr` for `fedavg.lr`), the
-    objectives added as `sweep.objectives`."""
-    unused = {*space, *(f"run.{k.rpartition('.')[2]}" for k in space)}
+    (`{"run.rounds": "2", "fedavg.lr": "0.05", ...}`): the keys of `NOT_IDENTITY`, the swept keys (with
+    the run key a swept method key would default to: `run.lr` for `fedavg.lr`) and `run.methods` (the
+    study's one method, which its keys and space name) left out, the objectives added as
+    `sweep.objectives`."""
+    unused = {*space, *(f"run.{k.rpartition('.')[2]}" for k in space), "run.methods"}  # the study's own method
     out = {k: v for k, v in sorted(flat.items()) if k not in unused and k.removeprefix("run.") not in NOT_IDENTITY}
     out["sweep.objectives"] = ",".join(objectives)
     return out
