@@ -183,6 +183,13 @@ def study_identity(cfg, method: str, opts: SweepOptions) -> tuple[dict[str, str]
     return identity.fixed_config(flat, space, opts.objectives), identity.space_record(space)
 
 
+def check_directions(study, opts: SweepOptions) -> None:
+    """A study's directions are fixed when it is created: other objectives are refused in one line."""
+    if [d.name.lower() for d in study.directions] != [OBJECTIVES[o][1] for o in opts.objectives]:
+        raise BenchError(f"study {study.study_name!r} in {opts.storage} was created for other objectives "
+                         f"({', '.join(d.name.lower() for d in study.directions)}); give another --study-name")
+
+
 def check_resumable(cfg, opts: SweepOptions, storage) -> None:
     """Before any work: refuse, in one line, to resume a study of any method that was made with another
     search space or fixed config (`identity.check_or_record` checks again, and records, when it runs)."""
@@ -194,6 +201,7 @@ def check_resumable(cfg, opts: SweepOptions, storage) -> None:
             study = optuna.load_study(study_name=name, storage=storage)
         except KeyError:  # a new study
             continue
+        check_directions(study, opts)
         diffs = identity.mismatch(study, *study_identity(cfg, m, opts))
         if diffs:
             raise identity.refusal(study, diffs, opts.storage)
@@ -236,9 +244,7 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study = optuna.create_study(study_name=name, storage=storage, directions=directions,
                                     load_if_exists=True, sampler=sampler, pruner=pruner)
-    if [d.name.lower() for d in study.directions] != directions:
-        raise BenchError(f"study {name!r} in {opts.storage} was created for other objectives "
-                         f"({', '.join(d.name.lower() for d in study.directions)}); give another --study-name")
+    check_directions(study, opts)
     identity.check_or_record(study, *study_identity(cfg, method, opts), opts.storage)
     end_orphans(tracker, study, name)
     base = C.apply(cfg, {"methods": method})
