@@ -30,13 +30,17 @@ def client_for(tracking_uri: str):
     """An MlflowClient on an existing store. A missing SQLite file is bad input: opening it would create
     an empty store (and a typo would leave `mlflow.db` files behind)."""
     from bench.tracking import open_client, sqlite_path
+    from bench.tracking.stores import check_kind
 
+    check_kind(tracking_uri)  # in memory, an option SQLite does not get, another program's database
     path = sqlite_path(tracking_uri)  # sqlite:///rel.db, sqlite:////abs/path.db; '' for other stores
     if path and not os.path.exists(path):
         raise BenchError(f"no MLflow store at {tracking_uri!r} ({path} does not exist); "
                          f"give the --tracking-uri that bench.run recorded to")
     try:
         return open_client(tracking_uri)
+    except BenchError:  # said already (an in-memory store, another program's database: `check_kind`)
+        raise
     except Exception as e:  # an unreachable server or an unusable store is bad input, not a bug
         raise BenchError(f"cannot read MLflow tracking store {tracking_uri!r}: {str(e).splitlines()[0][:200]}") \
             from None

@@ -1,5 +1,5 @@
-"""Optuna I/O: the storage (with heartbeats), pruners, running trials to a budget, failing the
-trials and MLflow runs a dead process left, and reading the chosen trial back."""
+"""Optuna I/O: the storage (checked to be a study store, with heartbeats), pruners, running trials to
+a budget, failing the trials and MLflow runs a dead process left, and reading the chosen trial back."""
 from __future__ import annotations
 
 import warnings
@@ -14,7 +14,11 @@ PRUNERS = ("median", "hyperband", "none")
 HEARTBEAT_S = 10
 """Seconds between a running trial's heartbeats in the Optuna storage."""
 GRACE_S = 30
-"""A RUNNING trial whose last heartbeat is older than this is taken for dead and marked FAIL."""
+"""A RUNNING trial whose last heartbeat is older than this is taken for dead and marked FAIL. A trial
+whose owner process is known to be dead is failed at once instead (bench/tuning/identity.py); the
+heartbeat remains for what that cannot see: an owner on another host (a database server's storage),
+a trial killed between its creation and its owner's record, one recorded before owners were, and a
+live process that stopped running its trial (hung, or stopped with SIGSTOP)."""
 
 
 def make_pruner(name, rounds: int, objectives: int = 1):
@@ -40,10 +44,49 @@ def make_pruner(name, rounds: int, objectives: int = 1):
     raise BenchError(f"unknown pruner {name!r}; choose from {choices(PRUNERS)}")
 
 
-def make_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S):
-    """An Optuna RDB storage with heartbeats (so a dead process's trial is failed, not left RUNNING)."""
+OPTUNA_TABLES = frozenset({
+    "studies", "study_directions", "study_system_attributes", "study_user_attributes", "trial_heartbeats",
+    "trial_intermediate_values", "trial_params", "trial_system_attributes", "trial_user_attributes", "trial_values",
+    "trials", "version_info"})
+"""The tables of a fresh Optuna RDB storage (Optuna 5.1's schema, less alembic_version); a test compares
+it with a storage the installed Optuna creates."""
+
+
+def check_storage(url: str, tracking_uri: str | None = None) -> None:
+    """A study store must be an Optuna RDB storage or a new file, checked before Optuna opens it (which
+    would add its tables to any SQLite database): one line for an in-memory database or a query
+    option SQLite does not get (bench/tracking/stores.py, `sqlite_database`, the same rule as the
+    tracking URI), the MLflow tracking store (the same file as `tracking_uri`, or any MLflow store),
+    a file that is not a SQLite database, and another program's database. A database server's URL
+    (postgresql://, mysql://) is Optuna's to check (`make_storage`)."""
+    import os
+
+    from bench.tracking.stores import MLFLOW_TABLES, foreign, sqlite_database, sqlite_tables
+
+    path = sqlite_database(url, "--storage")
+    if not path:
+        return
+    tracking = sqlite_database(tracking_uri, "--tracking-uri") if tracking_uri else ""
+    mlflow_store = "give its own file (the default: sqlite:///optuna.db)"
+    if tracking and os.path.abspath(tracking) == os.path.abspath(path):
+        raise BenchError(f"--storage {url!r} is the MLflow tracking store (--tracking-uri {tracking_uri}); a study "
+                         f"store is an Optuna database: {mlflow_store}")
+    tables = sqlite_tables(path, "--storage", url)
+    why = foreign(tables, OPTUNA_TABLES, "Optuna")
+    if why and not foreign(tables, MLFLOW_TABLES, "MLflow"):
+        raise BenchError(f"--storage {url!r}: {path} is an MLflow tracking store; a study store is an Optuna "
+                         f"database: {mlflow_store}")
+    if why:
+        raise BenchError(f"--storage {url!r}: {path} is not an Optuna study store ({why}); give a new file "
+                         f"(sqlite:///optuna.db) or a study store")
+
+
+def make_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S, tracking_uri: str | None = None):
+    """An Optuna RDB storage with heartbeats (so a dead process's trial is failed, not left RUNNING),
+    once `check_storage` has passed it (`tracking_uri`: the MLflow store it must not be)."""
     import optuna
 
+    check_storage(url, tracking_uri)
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -60,12 +103,16 @@ def counted(study) -> int:
 
 
 def end_orphans(tracker, study, study_name: str) -> int:
-    """End FAILED the MLflow runs of this study left RUNNING by a process that died: trial runs whose
-    Optuna trial is no longer RUNNING, and parent runs when no trial of the study is RUNNING.
-    Returns how many runs were ended."""
+    """Fail the trials of this study whose owner process is dead (`identity.fail_dead_owners`, at once)
+    or whose heartbeat stopped (Optuna's `fail_stale_trials`, after GRACE_S), and end FAILED the MLflow
+    runs a dead process left RUNNING: trial runs whose Optuna trial is no longer RUNNING, and parent
+    runs when no trial of the study is RUNNING. Returns how many runs were ended."""
     import optuna
     from optuna.trial import TrialState
 
+    from bench.tuning.identity import fail_dead_owners
+
+    fail_dead_owners(study)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)

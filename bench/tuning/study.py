@@ -8,10 +8,13 @@ What a sweep does, and why:
 - **Storage and resume.** One Optuna study per method in an RDB storage (`sqlite:///optuna.db` by
   default), opened with `load_if_exists=True`: the same command resumes, and only the trials still
   missing are run (`trials` minus the COMPLETE and PRUNED ones already stored; FAIL ones are redone).
-  The storage has Optuna's heartbeat on, so a trial whose process died (kill -9) is marked FAIL by
-  `optuna.storages.fail_stale_trials` once its heartbeat is `GRACE_S` old (Optuna also calls it
-  before each new trial); its MLflow runs, left RUNNING by the dead process, are ended FAILED
-  (`end_orphans`). Optuna's own storage code does this; nothing here guesses which process is alive.
+  The storage must be an Optuna study store or a new file (`storage.check_storage`). A study is its
+  search space and fixed config, stored on it when it is created: a resume with another one is
+  refused, naming each key that differs (bench/tuning/identity.py). Each trial records its owner
+  process (host, pid, start time) when it starts; on resume a RUNNING trial whose owner on this host
+  is gone (kill -9) is marked FAIL at once, and Optuna's heartbeat fails the rest of the dead ones
+  (another host's, say) once their heartbeat is `GRACE_S` old (Optuna also checks that before each
+  new trial); their MLflow runs, left RUNNING by the dead process, are ended FAILED (`end_orphans`).
 - **Objective: validation only.** Each trial applies `spaces.suggest(...)` with `config.apply`,
   runs the method for every seed with `experiment.run_one` (one MLflow child run per trial x seed,
   so every seed's curve is kept as `bench.run` keeps it) and returns the mean over seeds of the final
@@ -57,7 +60,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bench import cli
-from bench.tuning import presets
+from bench.tuning import identity, presets
 from bench.tuning.objectives import (
     OBJECTIVE,
     OBJECTIVES,
@@ -173,6 +176,39 @@ def study_name_for(opts: SweepOptions, method: str, dataset: str, several: bool)
     return f"{opts.study_name}-{method}" if several else opts.study_name
 
 
+def study_identity(cfg, method: str, opts: SweepOptions) -> tuple[dict[str, str], dict[str, dict]]:
+    """(fixed config, search space) that define `method`'s study (bench/tuning/identity.py)."""
+    from bench import config as C
+
+    space = method_space(cfg, method, opts)
+    flat = C.flatten(C.apply(cfg, {"methods": method}), [method], cfg.run.dataset.split(":")[0])
+    return identity.fixed_config(flat, space, opts.objectives), identity.space_record(space)
+
+
+def check_directions(study, opts: SweepOptions) -> None:
+    """A study's directions are fixed when it is created: other objectives are refused in one line."""
+    if [d.name.lower() for d in study.directions] != [OBJECTIVES[o][1] for o in opts.objectives]:
+        raise BenchError(f"study {study.study_name!r} in {opts.storage} was created for other objectives "
+                         f"({', '.join(d.name.lower() for d in study.directions)}); give another --study-name")
+
+
+def check_resumable(cfg, opts: SweepOptions, storage) -> None:
+    """Before any work: refuse, in one line, to resume a study of any method that was made with another
+    search space or fixed config (`identity.check_or_record` checks again, and records, when it runs)."""
+    import optuna
+
+    for m in cfg.run.methods:
+        name = study_name_for(opts, m, cfg.run.dataset.split(":")[0], len(cfg.run.methods) > 1)
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:  # a new study
+            continue
+        check_directions(study, opts)
+        diffs = identity.mismatch(study, *study_identity(cfg, m, opts))
+        if diffs:
+            raise identity.refusal(study, diffs, opts.storage)
+
+
 def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dict, real: dict | None,
               several: bool = False, command: str = "", quiet: bool = True, storage=None) -> StudyOutcome:
     """One method's study: trials on `views` (validation views, by seed), the best rerun on `real`.
@@ -198,7 +234,7 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
     pruner = make_pruner(opts.pruner, run.rounds, len(objectives))
     seed = run.seeds[0] if opts.sampler_seed is None else opts.sampler_seed
     name = study_name_for(opts, method, run.dataset.split(":")[0], several)
-    storage = make_storage(opts.storage) if storage is None else storage
+    storage = make_storage(opts.storage, tracking_uri=run.tracking_uri) if storage is None else storage
     if opts.sampler is not None:
         sampler, sampler_name = opts.sampler, type(opts.sampler).__name__
     elif multi:
@@ -210,9 +246,8 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study = optuna.create_study(study_name=name, storage=storage, directions=directions,
                                     load_if_exists=True, sampler=sampler, pruner=pruner)
-    if [d.name.lower() for d in study.directions] != directions:
-        raise BenchError(f"study {name!r} in {opts.storage} was created for other objectives "
-                         f"({', '.join(d.name.lower() for d in study.directions)}); give another --study-name")
+    check_directions(study, opts)
+    identity.check_or_record(study, *study_identity(cfg, method, opts), opts.storage)
     end_orphans(tracker, study, name)
     base = C.apply(cfg, {"methods": method})
     backends: queue.SimpleQueue[Backend] = queue.SimpleQueue()
@@ -229,6 +264,7 @@ def run_study(cfg, method: str, opts: SweepOptions, tracker, backend, views: dic
     with tracker.run(run.run_name or f"sweep {method} on {run.dataset}", params, tags=tags) as parent:
 
         def objective(trial):
+            identity.record_owner(trial)  # so a resume fails this trial at once if this process dies
             values = suggest(trial, space)
             tcfg = C.apply(base, values)
             trial_tags = {"kind": "trial", "study": name, "trial_number": str(trial.number)}
@@ -323,7 +359,8 @@ def sweep(cfg, opts: SweepOptions, command: str = "", quiet: bool = True, datase
                          f"(the serial backend runs one trial at a time)")
     check_store(run.tracking_uri)  # an unreachable or read-only MLflow store: refused before any work
     presets.check_out(opts.tuned_out or presets.default_path(run.dataset), opts.force)  # before any trial
-    storage = make_storage(opts.storage)
+    storage = make_storage(opts.storage, tracking_uri=run.tracking_uri)  # an Optuna store or a new file
+    check_resumable(cfg, opts, storage)  # a study made with other settings: refused before any data or run
     real = experiment.load_checked(cfg) if datasets is None else datasets
     views = {s: validation_view(ds) for s, ds in real.items()}
     tracker = Tracker(run.tracking_uri, run.experiment)
