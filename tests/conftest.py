@@ -134,13 +134,17 @@ def ray_head():
         head.stop()
 
 
-@pytest.hookimpl(trylast=True)
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Groups for `pytest -n 2 --dist loadgroup --no-loadscope-reorder` (`make test`), one worker each,
     in this order: the Ray tests (marked `ray`), one at a time, since two local Rays on two cores
     starve each other's actors; then every other test file, a group of its own (its module fixtures are
     built once, on one worker), in collection order. The long Ray group goes first, so the short ones
-    balance the two workers at the end (`--no-loadscope-reorder` keeps this order)."""
+    balance the two workers at the end (`--no-loadscope-reorder` keeps this order).
+
+    First among the hooks: xdist's own hook on each worker reads the `xdist_group` marks to put the group
+    in the node ids the scheduler groups by, so a mark added after it is ignored (and every test is
+    scheduled alone); tests/unit/test_test_groups.py checks this hook, not only the mark."""
     after_ray = {}
     for item in items:
         group = "ray" if item.get_closest_marker("ray") else item.nodeid.split("::")[0]
