@@ -142,6 +142,8 @@ class StreamError(OSError):
     turns into `EXIT_OUTPUT_CLOSED` (a reader that went away) or a full-disk line."""
 
     stream = "standard output"
+    target: typing.Any = None
+    """The stream object the write failed on (its descriptor is pointed at /dev/null: `_quiet`)."""
 
 
 class _Guarded:
@@ -158,7 +160,7 @@ class _Guarded:
             raise
         except OSError as e:
             err = StreamError(e.errno, e.strerror)
-            err.stream = self._name
+            err.stream, err.target = self._name, self._stream
             raise err from e
 
     def write(self, text):
@@ -209,16 +211,14 @@ def _output_failure(e: BaseException) -> int | None:
     A reader that closed stdout or stderr (EPIPE) ends quietly with EXIT_OUTPUT_CLOSED; a full disk
     or quota, on any write (stdout included), is one line naming what could not be written, exit 2."""
     if isinstance(e, StreamError) and e.errno == errno.EPIPE:
-        _quiet(sys.__stdout__ if e.stream == "standard output" else sys.__stderr__)
+        _quiet(e.target)
         fail(f"{e.stream} was closed by its reader (broken pipe); the command stopped there")
         return EXIT_OUTPUT_CLOSED
     what = _full_disk(e)
     if what is None:
         return None
-    if what == "standard output":
-        _quiet(sys.__stdout__)
-    elif what == "standard error":
-        _quiet(sys.__stderr__)
+    if isinstance(e, StreamError):
+        _quiet(e.target)
     fail(f"no space left on the device (or over the disk quota) writing {what}; free space or write elsewhere")
     return EXIT_BAD_INPUT
 

@@ -213,7 +213,11 @@ def normal_cg(vjp: VJP, v: Tensor, max_iter: int = 50, tol: float = 1e-3,
         if not torch.isfinite(Ap).all():
             raise DEQDivergence("backward (adjoint) normal_cg solver diverged: "
                                 f"non-finite product at step {int(k.max()) + 1}")
-        alpha = gamma / _per_example(p, Ap)
+        pAp = _per_example(p, Ap)
+        # p^T A p of 0 (underflowed, with a tol below float32's precision) is CG's breakdown: the
+        # example stops where it is, as converged as float32 allows, instead of dividing by 0.
+        active = active & (pAp > 0)
+        alpha = gamma / torch.where(active, pAp, 1.0)
         x_new = x + col(alpha) * p
         r_new = r - col(alpha) * Ap
         gamma_new = _per_example(r_new, r_new)
