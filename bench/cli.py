@@ -41,6 +41,10 @@ class Parser(argparse.ArgumentParser):
         super().__init__(epilog=None if callable(epilog) else epilog, **kwargs)
         self.late_epilog = epilog if callable(epilog) else None
 
+    def _print_message(self, message, file=None):  # argparse drops a failed write (--help > /dev/full)
+        if message:
+            (file or sys.stderr).write(message)
+
     def format_help(self) -> str:
         if self.late_epilog is not None:
             self.epilog, self.late_epilog = self.late_epilog(), None
