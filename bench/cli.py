@@ -191,13 +191,20 @@ def _quiet(stream) -> None:
         pass
 
 
-def _full_disk(e: BaseException) -> str | None:
-    """What could not be written, when `e` (or an error it was raised from) is a full disk or quota:
-    ENOSPC / EDQUOT, or SQLite's SQLITE_FULL (a tracking database). None otherwise."""
+def _chain(e: BaseException) -> typing.Iterator[BaseException]:
+    """`e` and the errors it was raised from or during (a library's own error wrapping an OSError)."""
     seen: set[int] = set()
     cause: BaseException | None = e
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
+
+
+def _full_disk(e: BaseException) -> str | None:
+    """What could not be written, when `e` (or an error it was raised from) is a full disk or quota:
+    ENOSPC / EDQUOT, or SQLite's SQLITE_FULL (a tracking database). None otherwise."""
+    for cause in _chain(e):
         if isinstance(cause, StreamError) and cause.errno in FULL_DISK:
             return cause.stream
         if isinstance(cause, OSError) and cause.errno in FULL_DISK:
@@ -205,7 +212,6 @@ def _full_disk(e: BaseException) -> str | None:
             return repr(os.fspath(name)) if name is not None else "a file (the system did not say which)"
         if getattr(cause, "sqlite_errorname", None) == "SQLITE_FULL":
             return "a SQLite database (the tracking or Optuna store)"
-        cause = cause.__cause__ or cause.__context__
     return None
 
 
@@ -214,15 +220,16 @@ def _output_failure(e: BaseException) -> int | None:
 
     A reader that closed stdout or stderr (EPIPE) ends quietly with EXIT_OUTPUT_CLOSED; a full disk
     or quota, on any write (stdout included), is one line naming what could not be written, exit 2."""
-    if isinstance(e, StreamError) and e.errno == errno.EPIPE:
-        _quiet(e.target)
-        fail(f"{e.stream} was closed by its reader (broken pipe); the command stopped there")
+    streams = [c for c in _chain(e) if isinstance(c, StreamError) and c.errno in (errno.EPIPE, *FULL_DISK)]
+    for c in streams:
+        _quiet(c.target)  # nothing more goes to a stream that failed, not even at exit
+    closed = [c for c in streams if c.errno == errno.EPIPE]
+    if closed:
+        fail(f"{closed[0].stream} was closed by its reader (broken pipe); the command stopped there")
         return EXIT_OUTPUT_CLOSED
     what = _full_disk(e)
     if what is None:
         return None
-    if isinstance(e, StreamError):
-        _quiet(e.target)
     fail(f"no space left on the device (or over the disk quota) writing {what}; free space or write elsewhere")
     return EXIT_BAD_INPUT
 

@@ -79,3 +79,18 @@ def test_a_closed_reader_is_exit_141_and_another_os_error_is_a_bug(guarded, caps
 
     with pytest.raises(OSError):
         cli.run_guarded(other)
+
+
+def test_a_closed_reader_met_inside_a_library_is_still_exit_141(guarded, capsys):
+    """A library that wraps the failed write in its own error (its cause is the stream's)."""
+    err = cli.StreamError(32, "Broken pipe")  # errno.EPIPE
+    err.stream = "standard output"
+
+    def work():
+        try:
+            raise err
+        except OSError as e:
+            raise RuntimeError("a progress bar could not write") from e
+
+    assert cli.run_guarded(work) == cli.EXIT_OUTPUT_CLOSED
+    assert capsys.readouterr().err.startswith("error: standard output was closed by its reader")
