@@ -25,16 +25,24 @@ MODULES = {"report": "report.__main__", "perf": "perf.__main__"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command named first, with the rest of argv; its main runs its own guard (bench/cli.py
+    `run_guarded`), and this one covers the help and the unknown command around it."""
+    from bench import cli
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip().splitlines()[0])
-        print("\ncommands:\n" + "\n".join(f"  {k:<6} {v}" for k, v in COMMANDS.items()))
-        return 0 if argv else 2
-    cmd, rest = argv[0], argv[1:]
-    if cmd not in COMMANDS:
-        sys.stderr.write(f"error: unknown command {cmd!r}; choose from {', '.join(sorted(COMMANDS))}\n")
-        return 2
-    return importlib.import_module(f"bench.{MODULES.get(cmd, cmd)}").main(rest)
+
+    def dispatch() -> int:
+        if not argv or argv[0] in ("-h", "--help"):
+            print(__doc__.strip().splitlines()[0])
+            print("\ncommands:\n" + "\n".join(f"  {k:<6} {v}" for k, v in COMMANDS.items()))
+            return 0 if argv else cli.EXIT_BAD_INPUT
+        cmd, rest = argv[0], argv[1:]
+        if cmd not in COMMANDS:
+            cli.fail(f"unknown command {cmd!r}; choose from {', '.join(sorted(COMMANDS))}")
+            return cli.EXIT_BAD_INPUT
+        return importlib.import_module(f"bench.{MODULES.get(cmd, cmd)}").main(rest)
+
+    return cli.run_guarded(dispatch)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import os
 import shlex
 import signal
@@ -15,8 +16,16 @@ import typing
 
 from fedeq_bench.core.errors import BenchError
 
+EXIT_BUG = 1
+"""An exception that is not a BenchError: a bug, with its traceback (Python's own exit code)."""
 EXIT_BAD_INPUT = 2
+"""Bad input, or a condition the user can fix (a missing file, a full disk): one `error:` line."""
 EXIT_INTERRUPTED = 130
+"""Ctrl-C, SIGTERM or SIGHUP: one `error: interrupted...` line; the runs it stopped end KILLED."""
+EXIT_OUTPUT_CLOSED = 141
+"""Standard output (or error) was closed by its reader (`| head -1`): 128 + SIGPIPE, what a shell
+reports for a program that a closed pipe stops; one line on stderr where stderr still works."""
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
 class Parser(argparse.ArgumentParser):
@@ -25,12 +34,16 @@ class Parser(argparse.ArgumentParser):
     which imports torch, costs nothing to a command that is not asking for help)."""
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
-        sys.stderr.write(f"error: {message} (see {runnable(self.prog)} --help)\n")
+        fail(f"{message} (see {runnable(self.prog)} --help)")
         sys.exit(EXIT_BAD_INPUT)
 
     def __init__(self, *, epilog: str | typing.Callable[[], str] | None = None, **kwargs):
         super().__init__(epilog=None if callable(epilog) else epilog, **kwargs)
         self.late_epilog = epilog if callable(epilog) else None
+
+    def _print_message(self, message, file=None):  # argparse drops a failed write (--help > /dev/full)
+        if message:
+            (file or sys.stderr).write(message)
 
     def format_help(self) -> str:
         if self.late_epilog is not None:
@@ -119,16 +132,122 @@ def program(name: str, module: str | None = None, distribution: str | None = Non
 
 
 def fail(message: str) -> None:
-    sys.stderr.write(f"error: {message}\n")
-    sys.stderr.flush()
+    """`error: message` on stderr; nothing (no second error) where stderr itself cannot be written:
+    a closed pipe, a full disk, a terminal that hung up."""
+    try:
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # ValueError: the stream is closed
+        pass
+
+
+class StreamError(OSError):
+    """A write to standard output or standard error failed (`stream` says which): what `run_guarded`
+    turns into `EXIT_OUTPUT_CLOSED` (a reader that went away) or a full-disk line."""
+
+    stream = "standard output"
+    target: typing.Any = None
+    """The stream object the write failed on (its descriptor is pointed at /dev/null: `_quiet`)."""
+
+
+class _Guarded:
+    """sys.stdout or sys.stderr during a guarded command: the stream itself, except that a failed
+    write or flush raises `StreamError` naming it (an OSError still, for code that catches those)."""
+
+    def __init__(self, stream, name: str):
+        self._stream, self._name = stream, name
+
+    def _call(self, how, *args):
+        try:
+            return getattr(self._stream, how)(*args)
+        except StreamError:
+            raise
+        except OSError as e:
+            err = StreamError(e.errno, e.strerror)
+            err.stream, err.target = self._name, self._stream
+            raise err from e
+
+    def write(self, text):
+        return self._call("write", text)
+
+    def writelines(self, lines):
+        return self._call("writelines", lines)
+
+    def flush(self):
+        return self._call("flush")
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, buffer, ...: the stream's own
+        return getattr(self._stream, name)
+
+
+def _quiet(stream) -> None:
+    """Point a failed stream's file descriptor at /dev/null, so that what is still buffered in it
+    (written at exit) goes nowhere instead of raising again (Python's recipe for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no descriptor (a test's StringIO): nothing at exit
+        pass
+
+
+def _chain(e: BaseException) -> typing.Iterator[BaseException]:
+    """`e` and the errors it was raised from or during (a library's own error wrapping an OSError)."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
+
+
+def _full_disk(e: BaseException) -> str | None:
+    """What could not be written, when `e` (or an error it was raised from) is a full disk or quota:
+    ENOSPC / EDQUOT, or SQLite's SQLITE_FULL (a tracking database). None otherwise."""
+    for cause in _chain(e):
+        if isinstance(cause, StreamError) and cause.errno in FULL_DISK:
+            return cause.stream
+        if isinstance(cause, OSError) and cause.errno in FULL_DISK:
+            name = cause.filename if cause.filename is not None else cause.filename2
+            return repr(os.fspath(name)) if name is not None else "a file (the system did not say which)"
+        if getattr(cause, "sqlite_errorname", None) == "SQLITE_FULL":
+            return "a SQLite database (the tracking or Optuna store)"
+    return None
+
+
+def _output_failure(e: BaseException) -> int | None:
+    """`e` as the exit code of a failed output, after its one line; None when it is something else.
+
+    A reader that closed stdout or stderr (EPIPE) ends quietly with EXIT_OUTPUT_CLOSED; a full disk
+    or quota, on any write (stdout included), is one line naming what could not be written, exit 2."""
+    streams = [c for c in _chain(e) if isinstance(c, StreamError) and c.errno in (errno.EPIPE, *FULL_DISK)]
+    for c in streams:
+        _quiet(c.target)  # nothing more goes to a stream that failed, not even at exit
+    closed = [c for c in streams if c.errno == errno.EPIPE]
+    if closed:
+        fail(f"{closed[0].stream} was closed by its reader (broken pipe); the command stopped there")
+        return EXIT_OUTPUT_CLOSED
+    what = _full_disk(e)
+    if what is None:
+        return None
+    fail(f"no space left on the device (or over the disk quota) writing {what}; free space or write elsewhere")
+    return EXIT_BAD_INPUT
 
 
 def run_guarded(work: typing.Callable[[], int],
                 interrupted: str | typing.Callable[[], str] = "interrupted") -> int:
-    """A command's body with the exits every CLI shares: SIGTERM handled as Ctrl-C, a BenchError as one
-    line and exit 2, an interrupt as `interrupted` (a function: called then, to say what the work had
-    done) and exit 130; any other exception is a bug and keeps its traceback. `work` returns the exit
-    code (0)."""
+    """The one entry guard of every command (bench.run, bench.sweep, bench.report, bench.data,
+    bench.perf, `python -m bench`): `work` returns the exit code (0); what ends it otherwise ends as
+    one line on stderr and an exit code from this table, never a traceback (except a bug's):
+
+        BenchError (bad input, a condition the user can fix)        EXIT_BAD_INPUT (2)
+        Ctrl-C, SIGTERM, SIGHUP (a closed terminal), at any moment  EXIT_INTERRUPTED (130), `interrupted`
+        stdout or stderr closed by its reader (`| head -1`)         EXIT_OUTPUT_CLOSED (141)
+        no space left or over quota writing anything (stdout too)   EXIT_BAD_INPUT (2), naming what
+        any other exception: a bug, with its traceback              EXIT_BUG (1, Python's)
+
+    `interrupted` may be a function, called then, to say what the work had done. Standard output is
+    flushed inside the guard, so a full disk or a closed pipe met by the last line is caught too."""
     def said() -> str:
         return interrupted() if callable(interrupted) else interrupted
 
@@ -139,8 +258,16 @@ def run_guarded(work: typing.Callable[[], int],
     # connects: SIGTERM would then abort with a C++ stack dump instead of ending the runs KILLED.
     # A local Ray started by this process inherits the setting (its crash dumps go, its logs stay).
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Guarded(sys.stdout, "standard output"), _Guarded(sys.stderr, "standard error")
     try:
-        return work()
+        try:
+            code = work()
+        except SystemExit:  # argparse's --help and usage errors: their output is flushed here too
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()
+        return code
     except BenchError as e:
         if not interrupt_requested():
             fail(str(e))
@@ -150,27 +277,35 @@ def run_guarded(work: typing.Callable[[], int],
     except KeyboardInterrupt:
         fail(said())
         return EXIT_INTERRUPTED
-    except BaseException:
+    except BaseException as e:
         # Some libraries turn a KeyboardInterrupt raised inside them into their own error (pydantic's
-        # SchemaError while MLflow is imported, Ray's errors while it starts): after a Ctrl-C or
-        # SIGTERM, whatever comes out is that interrupt.
-        if not interrupt_requested():
+        # SchemaError while MLflow is imported, Ray's errors while it starts): after a Ctrl-C, SIGTERM
+        # or SIGHUP, whatever comes out is that interrupt.
+        if interrupt_requested():
+            fail(said())
+            return EXIT_INTERRUPTED
+        code = _output_failure(e)
+        if code is None:
             raise
-        fail(said())
-        return EXIT_INTERRUPTED
+        return code
+    finally:
+        sys.stdout, sys.stderr = streams
 
 
 def sigterm_as_interrupt() -> None:
-    """Make SIGTERM behave like Ctrl-C, so runs it stops are marked KILLED, not left RUNNING."""
+    """Make SIGTERM and SIGHUP (the terminal closed) behave like Ctrl-C, so runs they stop are marked
+    KILLED, not left RUNNING."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # `nohup` asked to go on when the terminal closes
+        signal.signal(signal.SIGHUP, _raise_interrupt)
 
 
 _INTERRUPTS: list[int] = []
-"""The Ctrl-C / SIGTERM signals this process has received through `_raise_interrupt` (main thread)."""
+"""The Ctrl-C / SIGTERM / SIGHUP signals this process has received through `_raise_interrupt` (main thread)."""
 
 
 def interrupt_requested() -> bool:
-    """Whether the user has interrupted this process (Ctrl-C or SIGTERM, as a CLI handles them)."""
+    """Whether the user has interrupted this process (Ctrl-C, SIGTERM or SIGHUP, as a CLI handles them)."""
     return bool(_INTERRUPTS)
 
 
@@ -179,12 +314,12 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
 def deferred_signals():
-    """Ctrl-C and SIGTERM wait until the block has finished, then interrupt as usual.
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block has finished, then interrupt as usual.
 
     For writes that must not be cut in half: a KeyboardInterrupt raised inside an MLflow store call
     can leave its database session unusable, so the KILLED status written next fails and the run
@@ -211,7 +346,7 @@ def deferred_signals():
 
 @contextlib.contextmanager
 def handlers_kept():
-    """Keep this process's SIGINT and SIGTERM handlers across the block: `ray.init` installs its own
+    """Keep this process's SIGINT, SIGTERM and SIGHUP handlers across the block: `ray.init` installs its own
     (Python's on the main thread; its C++ core's from any thread), whose SIGTERM ends the process
     with Ray's stack dump, not with the runs KILLED and exit 130. Setting a handler again through
     `signal.signal` puts Python's back at the C level too. Main thread only (a no-op elsewhere)."""

@@ -54,8 +54,9 @@ class RunConfig:
     """Number of clients; None: the dataset's default (30 for synthetic, all clients of an npz file)."""
     fraction: float = ranged(1.0, gt=0, le=1)
     """Fraction of training clients sampled each round; lowering it cuts per-round bytes and time."""
-    local_epochs: int = ranged(1, ge=0)
-    """Local epochs per round (a method may override: `fedrep.local_epochs`)."""
+    local_epochs: int = ranged(1, ge=1)
+    """Local epochs per round (a method may override: `fedrep.local_epochs`); at least 1: with 0 a
+    method trains on no batch, and its round loss (a mean over none) is NaN, read as divergence."""
     batch_size: int = ranged(32, ge=1)
     """Mini-batch size of local SGD."""
     lr: float = ranged(0.05, gt=0)

@@ -13,10 +13,15 @@ a flag, `--set`, a TOML preset, a sweep bound, a whole config before a run):
   * a float field takes finite numbers only: nan, inf, -inf, and 1e400 (which parses to inf) are
     refused whatever the bounds, because `inf > 0` is true and a NaN compares false both ways;
   * an int field takes ints only (not 2.5, not true);
-  * the value lies within the bounds; a tuple field (`seeds`) checks each element.
+  * the value lies within the bounds; a tuple field (`seeds`) checks each element;
+  * the value fits the type it becomes (`FITS`), whatever the bounds: a float field becomes a float32
+    tensor or a torch optimizer's float next to float32 tensors, so |x| <= 3.4028e38 (1e39 would be
+    inf there: `fedavg.lr=1e39` diverging, `fedeq.rho=1e300` a traceback); an int field becomes an
+    int64 (an MLflow metric step, a checkpoint field, a torch or numpy integer), so it fits in int64.
 The message is one line with the key as the user writes it, the rule and the value:
 `fedavg.lr must be a finite number > 0, got nan`, `fraction must be in (0, 1], got 0.0`,
-`rounds must be >= 1, got 0` (an int or finite number outside the bounds: the bounds say it all).
+`rounds must be >= 1, got 0` (an int or finite number outside the bounds: the bounds say it all),
+`fedavg.lr must be a finite number > 0 that float32 holds (|x| <= 3.4028e+38), got 1e+39`.
 """
 from __future__ import annotations
 
@@ -28,6 +33,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedeq_bench.core.errors import BenchError
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""float32's largest finite value (numpy.finfo(numpy.float32).max)."""
+INT64_MAX = 2**63 - 1
+
+FITS = {float: (FLOAT32_MAX, "that float32 holds (|x| <= 3.4028e+38)"),
+        int: (INT64_MAX, "that int64 holds (|x| <= 9223372036854775807)")}
+"""The largest magnitude each kind of field takes, and how the error line says it: the type every
+value of that kind becomes (module docstring). Declared once, checked by `check` for every field."""
 
 RANGE = "range"
 """The `dataclasses.field` metadata key that holds a field's `Range`."""
@@ -126,6 +140,9 @@ def check(key: str, value: Any, tp, rng: Range) -> None:
             ok = isinstance(v, int) or (isinstance(v, float) and math.isfinite(v))
         if not ok or v not in rng:
             raise BenchError(f"{key} must be {rule(kind, rng, many, only_bounds=ok)}, got {v!r}")
+        limit, fits = FITS[kind]
+        if abs(v) > limit:
+            raise BenchError(f"{key} must be {rule(kind, rng, many)} {fits}, got {v!r}")
 
 
 def check_fields(obj, prefix: str = "") -> None:

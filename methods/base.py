@@ -50,8 +50,9 @@ class MethodConfig:
     """Network for this method; None: --model, else the dataset's pairing (DEQ for FeDEQ)."""
     lr: float | None = ranged(None, gt=0)
     """SGD learning rate; None: the run's --lr."""
-    local_epochs: int | None = ranged(None, ge=0)
-    """Epochs over the client's training data per round; None: the run's --local-epochs."""
+    local_epochs: int | None = ranged(None, ge=1)
+    """Epochs over the client's training data per round, at least 1 (as --local-epochs); None: the
+    run's --local-epochs."""
     batch_size: int | None = ranged(None, ge=1)
     """Mini-batch size; None: the run's --batch-size."""
 

@@ -62,7 +62,7 @@ from fedeq_bench.methods.base import (
     whole_model_personal,
 )
 from fedeq_bench.methods.fedavg import FedAvg
-from fedeq_bench.methods.train import eval_metrics, load, sgd_epochs, snapshot, with_num_samples
+from fedeq_bench.methods.train import eval_metrics, load, phases_loss, sgd_epochs, snapshot, with_num_samples
 
 V = "v."
 """State key prefix of the personal model v_i."""
@@ -139,7 +139,7 @@ class Ditto(FedAvg):
         v_new, l_v, s_v = self._personal_step(v, down, data, personal_rng)
 
         steps = s_w + s_v
-        loss = (l_w * s_w + l_v * s_v) / steps if steps else float("nan")
+        loss = phases_loss((l_w, s_w), (l_v, s_v))
         return LocalResult(up, {V + k: t for k, t in v_new.items()}, {"loss": loss, "steps": steps})
 
     def evaluate(self, down, state, data, rng):

@@ -69,7 +69,15 @@ from fedeq_bench.methods.base import (
     register_method,
 )
 from fedeq_bench.methods.nets import body_of, head_of, split_names
-from fedeq_bench.methods.train import draws_dropout, eval_metrics, load, sgd_epochs, snapshot, with_num_samples
+from fedeq_bench.methods.train import (
+    draws_dropout,
+    eval_metrics,
+    load,
+    phases_loss,
+    sgd_epochs,
+    snapshot,
+    with_num_samples,
+)
 
 THETA, HEAD, DUAL, NORM = "theta.", "head.", "dual.", "norm."
 FEATURE_CHUNK = 1024  # examples per body forward when caching the head step's features
@@ -253,7 +261,7 @@ class FeDEQ(Method):
         new_state.update({THETA + k: v for k, v in new_theta.items()})
         new_state.update({DUAL + k: v for k, v in new_dual.items()})
         steps = s_head + s_body
-        metrics = {"loss": (l_head * s_head + l_body * s_body) / steps if steps else float("nan"), "steps": steps}
+        metrics = {"loss": phases_loss((l_head, s_head), (l_body, s_body)), "steps": steps}
         metrics.update(self._solver_metrics())
         return LocalResult(up, new_state, metrics)
 

@@ -53,7 +53,7 @@ from fedeq_bench.core.ranges import ranged
 from fedeq_bench.methods.base import ClientTensors, LocalResult, Message, MethodConfig, State, register_method
 from fedeq_bench.methods.nets import head_of
 from fedeq_bench.methods.partial import PartialSharing
-from fedeq_bench.methods.train import sgd_epochs
+from fedeq_bench.methods.train import phases_loss, sgd_epochs
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class FedPer(PartialSharing):
         l_joint, s_joint = sgd_epochs(net, list(net.parameters()), data.train_x, data.train_y,
                                       cfg.local_epochs, cfg.batch_size, cfg.lr, rng)
         steps = s_head + s_joint
-        loss = (l_head * s_head + l_joint * s_joint) / steps if steps else float("nan")
+        loss = phases_loss((l_head, s_head), (l_joint, s_joint))
         return LocalResult(self.upload(data), self.personal_state(), {"loss": loss, "steps": steps})
 
     def personalize(self, down, state, data, rng):

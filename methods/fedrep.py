@@ -35,7 +35,7 @@ from fedeq_bench.core.ranges import ranged
 from fedeq_bench.methods.base import ClientTensors, LocalResult, Message, MethodConfig, State, register_method
 from fedeq_bench.methods.nets import body_of, head_of
 from fedeq_bench.methods.partial import PartialSharing
-from fedeq_bench.methods.train import sgd_epochs
+from fedeq_bench.methods.train import phases_loss, sgd_epochs
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class FedRep(PartialSharing):
         l_body, s_body = sgd_epochs(net, list(body_of(net).parameters()), data.train_x, data.train_y,
                                     self.cfg.local_epochs, self.cfg.batch_size, self.cfg.lr, rng)
         steps = s_head + s_body
-        loss = (l_head * s_head + l_body * s_body) / steps if steps else float("nan")
+        loss = phases_loss((l_head, s_head), (l_body, s_body))
         return LocalResult(self.upload(data), self.personal_state(), {"loss": loss, "steps": steps})
 
     def personalize(self, down, state, data, rng):

@@ -169,6 +169,16 @@ def sgd_epochs(
     return (total / steps if steps else float("nan")), steps
 
 
+def phases_loss(*phases: tuple[float, int]) -> float:
+    """The mean training loss over every step of a local update made of phases `(mean loss, steps)`,
+    as `sgd_epochs` returns them (a head phase, then a body phase): a phase of 0 steps (0 epochs, which
+    `fedrep.head_epochs=0` and the like allow) adds nothing, where its NaN mean times 0 would make the
+    whole NaN (read as divergence); NaN only when no phase took a step. Equal, bit for bit, to
+    `(l1 * s1 + l2 * s2) / (s1 + s2)` when every phase took one."""
+    steps = sum(s for _, s in phases)
+    return sum(loss * s for loss, s in phases if s) / steps if steps else float("nan")
+
+
 def draws_dropout(m: nn.Module) -> bool:
     """Whether module `m` itself applies dropout in training mode: an nn.Dropout, or a module with a
     float `dropout` rate above 0 (nn.MultiheadAttention; the transformers' layers, which call F.dropout)."""

@@ -78,7 +78,7 @@ def _cgroup_left() -> int | None:
 
 def kept_states(run, n_clients: int) -> int:
     """Client states the store will hold by the end: every held-out client (personalized at each
-    evaluation) and the training clients that trained, at most rounds x cohort (engine.make_schedule)."""
+    evaluation) and the training clients that trained, at most rounds x cohort (engine.cohort_at)."""
     n_unseen = int(round(run.frac_unseen * n_clients))
     n_train = max(n_clients - n_unseen, 0)
     cohort = max(1, int(round(run.fraction * n_train)))

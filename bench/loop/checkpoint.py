@@ -7,7 +7,7 @@ client store holds (a client that has not trained yet reads as the store's defau
 bytes so far (`cumulative`), the memory bookkeeping (`peak_of`: each metered client's peak;
 `trained`: the clients in some cohort so far), the history of metrics per round, the ledger, the
 final per-client rows (once the last round is done) and the wall-clock seconds spent. The schedule
-is not stored: it is a pure function of (seed, round) (engine.make_schedule), so the round is its
+is not stored: it is a pure function of (seed, round) (engine.cohort_at), so the round is its
 position. Every random stream is derived from (seed, purpose, round, client) (core/seeding.py), so
 nothing else carries over between rounds.
 

@@ -166,12 +166,17 @@ def eval_sample(seed: int, rnd: int, ids, n: int | None, group: int = 0) -> list
     return sorted(int(c) for c in rng.choice(np.asarray(ids), n, replace=False))
 
 
-def make_schedule(seed: int, train_ids: list[int], rounds: int, fraction: float) -> list[list[int]]:
-    """The cohort of every round, drawn up front from (seed, round): identical for every method."""
+def cohort_at(seed: int, train_ids: list[int], rnd: int, fraction: float) -> list[int]:
+    """Round `rnd`'s cohort, drawn from (seed, round) when the round comes: identical for every method,
+    and nothing sized by the number of rounds is built up front (a run of 10^12 rounds starts at once)."""
     m = max(1, int(round(fraction * len(train_ids))))
     ids = np.asarray(sorted(train_ids))
-    return [sorted(int(c) for c in seeding.numpy_rng(seed, "schedule", r).choice(ids, m, replace=False))
-            for r in range(1, rounds + 1)]
+    return sorted(int(c) for c in seeding.numpy_rng(seed, "schedule", rnd).choice(ids, m, replace=False))
+
+
+def make_schedule(seed: int, train_ids: list[int], rounds: int, fraction: float) -> list[list[int]]:
+    """The cohorts of rounds 1..`rounds` (`cohort_at` each), for a caller that wants them all."""
+    return [cohort_at(seed, train_ids, r, fraction) for r in range(1, rounds + 1)]
 
 
 def build_initial_model(name: str, dataset: FederatedDataset, seed: int) -> torch.nn.Module:
@@ -248,7 +253,6 @@ def run_method(
     # initial server (a copy: no method's aggregate can change it), as if made at the start.
     initial = {k: v.clone() for k, v in server.items()}
     store = ClientStore(budget_bytes(run.state_budget_gb), default=lambda cid: new_client(algo, cid, initial, seed))
-    schedule = make_schedule(seed, train_ids, run.rounds, run.fraction)
     cumulative = 0
     # A local update's footprint depends on the model, the method and the client's data size, not
     # on the round: meter each client's first update (every one with run.memory_every_round).
@@ -264,7 +268,8 @@ def run_method(
 
     for rnd in range(start, run.rounds + 1):
         t0 = time.perf_counter()
-        cohort = algo.cohort(schedule[rnd - 1], train_ids)  # the schedule's sample unless the method trains more
+        # The round's sample, drawn now (cohort_at), unless the method trains more.
+        cohort = algo.cohort(cohort_at(seed, train_ids, rnd, run.fraction), train_ids)
         trained.update(cohort)
         never_trained = [c for c in train_ids if c not in trained]
         jobs, down_bytes, cache = [], 0, EncodeCache()

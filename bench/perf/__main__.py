@@ -26,21 +26,60 @@ adjoint solver in `--b-solvers` (bench/perf/claims.py says what each measures).
 """
 from __future__ import annotations
 
-import sys
-
 from bench import cli
+from bench.quick_exit import exit_now
+from fedeq_bench.core.ranges import Range
+
+NUMBERS: dict[str, tuple[type, Range]] = {
+    "rounds": (int, Range(ge=1)),
+    "warmup": (int, Range(ge=0)),
+    "lr": (float, Range(gt=0)),
+    "batch_size": (int, Range(ge=1)),
+    "workers": (tuple[int, ...], Range(ge=1)),
+    "repeats": (int, Range(ge=1)),
+    "steps": (int, Range(ge=1)),
+    "clients": (tuple[int, ...], Range(ge=1)),
+    "cohort": (int, Range(ge=1)),
+    "eval_clients": (int, Range(ge=1)),
+    "state_budget_gb": (float, Range(ge=0)),
+}
+"""Every numeric flag's type and valid range: typed and checked as bench.run's are (bench/config.py
+`coerce`, core/ranges.py `check`), so a bad number is one line and exit 2 before anything runs."""
+
+
+def typed_numbers(args) -> None:
+    """Each flag of NUMBERS that was given (a string), typed and range-checked in place; a BenchError
+    line, `--rounds must be an integer >= 1, got -1`, for the first that is not valid."""
+    from bench.config import coerce
+    from fedeq_bench.core.errors import BenchError
+    from fedeq_bench.core.ranges import check
+
+    for name, (tp, rng) in NUMBERS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        typed = coerce(value, tp, flag)
+        if typed == ():
+            raise BenchError(f"{flag} expects a comma list of integers, got {value!r}")
+        check(flag, typed, tp, rng)
+        setattr(args, name, typed)
 
 
 def main(argv=None) -> int:
+    return cli.run_guarded(lambda: measure(argv))
+
+
+def measure(argv=None) -> int:
     p = cli.Parser(prog=cli.runnable("python -m bench.perf"), description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=None, help="rounds per measurement (default 30; --scale: 6)")
-    p.add_argument("--warmup", type=int, default=5, help="first rounds left out of the median (default 5)")
-    p.add_argument("--lr", type=float, default=0.05, help="local learning rate (default 0.05)")
-    p.add_argument("--batch-size", type=int, default=32, help="local mini-batch size (default 32)")
+    p.add_argument("--rounds", default=None, help="rounds per measurement (default 30; --scale: 6)")
+    p.add_argument("--warmup", default="5", help="first rounds left out of the median (default 5)")
+    p.add_argument("--lr", default="0.05", help="local learning rate (default 0.05)")
+    p.add_argument("--batch-size", default="32", help="local mini-batch size (default 32)")
     p.add_argument("--workers", default="1,2", help="comma list of Ray worker counts to measure")
     p.add_argument("--method", choices=("fedavg", "fedeq"), default="fedavg",
                    help="fedavg: the harness-overhead table (default); fedeq: seconds per FeDEQ local update")
-    p.add_argument("--repeats", type=int, default=None,
+    p.add_argument("--repeats", default=None,
                    help="timed repeats per row, the median shown (--method fedeq: updates; --whole: processes; "
                         "--adjoint: steps); default 3, --adjoint 1")
     p.add_argument("--whole", action="store_true",
@@ -52,11 +91,11 @@ def main(argv=None) -> int:
                    help="adjoint solvers side by side on real Fashion-MNIST images (bench/perf/adjoint.py)")
     p.add_argument("--models", default=None,
                    help="--adjoint: comma list of DEQ models, or `all` (default deq_mlp,deq_resnet_s,deq_resnet_s_ref)")
-    p.add_argument("--steps", type=int, default=3, help="--adjoint: SGD steps before the second measurement (default 3)")
+    p.add_argument("--steps", default="3", help="--adjoint: SGD steps before the second measurement (default 3)")
     p.add_argument("--clients", default="100,1000,10000", help="--scale: comma list of federation sizes")
-    p.add_argument("--cohort", type=int, default=10, help="--scale: clients trained per round (default 10)")
-    p.add_argument("--eval-clients", type=int, default=20, help="--scale: clients per sampled evaluation (default 20)")
-    p.add_argument("--state-budget-gb", type=float, default=None, help="--scale: client-state memory budget")
+    p.add_argument("--cohort", default="10", help="--scale: clients trained per round (default 10)")
+    p.add_argument("--eval-clients", default="20", help="--scale: clients per sampled evaluation (default 20)")
+    p.add_argument("--state-budget-gb", default=None, help="--scale: client-state memory budget")
     p.add_argument("--bytes-claim", action="store_true",
                    help="bytes per client of every paper preset's methods against FeDEQ's (bench/perf/claims.py)")
     p.add_argument("--memory-claim", action="store_true",
@@ -71,6 +110,7 @@ def main(argv=None) -> int:
                    help="--memory-claim: comma list of the presets' methods to meter (default: fedeq,fedavg,fedrep,"
                         "ditto,knnper)")
     args = p.parse_args(argv)
+    typed_numbers(args)
     if args.adjoint:
         from bench.perf import adjoint
 
@@ -80,8 +120,6 @@ def main(argv=None) -> int:
         if bad or not models:
             p.error(f"--models: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(adjoint.MODELS)} or all")
         repeats = 1 if args.repeats is None else args.repeats
-        if args.steps < 1 or repeats < 1:
-            p.error("--steps and --repeats must be >= 1")
         print(adjoint.adjoint_table(models, steps=args.steps, repeats=repeats))
         return 0
     if args.bytes_claim or args.memory_claim:
@@ -89,11 +127,7 @@ def main(argv=None) -> int:
     if args.scale:
         from bench.perf import scale
 
-        try:
-            sizes = tuple(int(x) for x in args.clients.split(",") if x)
-        except ValueError:
-            p.error(f"--clients expects a comma list of integers, got {args.clients!r}")
-        print(scale.scale_table(sizes, rounds=args.rounds or scale.ROUNDS, cohort=args.cohort,
+        print(scale.scale_table(args.clients, rounds=args.rounds or scale.ROUNDS, cohort=args.cohort,
                                 eval_clients=args.eval_clients, state_budget_gb=args.state_budget_gb))
         return 0
     args.rounds = 30 if args.rounds is None else args.rounds
@@ -103,24 +137,17 @@ def main(argv=None) -> int:
 
         print(fedeq_update_table(repeats=args.repeats))
         return 0
-    try:
-        workers = tuple(int(x) for x in args.workers.split(",") if x)
-    except ValueError:
-        p.error(f"--workers expects a comma list of integers, got {args.workers!r}")
+    workers = args.workers
     if args.warmup >= args.rounds - 1:
         p.error(f"--warmup {args.warmup} leaves no steady-state round of --rounds {args.rounds}")
     from bench.perf.workloads import overhead_table
 
-    try:
-        print(overhead_table(args.rounds, args.warmup, args.lr, args.batch_size, workers))
-        if args.whole:
-            from bench.perf.workloads import whole_process_table
+    print(overhead_table(args.rounds, args.warmup, args.lr, args.batch_size, workers))
+    if args.whole:
+        from bench.perf.workloads import whole_process_table
 
-            print()
-            print(whole_process_table(args.rounds, args.lr, args.batch_size, workers, repeats=args.repeats))
-    except KeyboardInterrupt:
-        cli.fail("interrupted")
-        return cli.EXIT_INTERRUPTED
+        print()
+        print(whole_process_table(args.rounds, args.lr, args.batch_size, workers, repeats=args.repeats))
     return 0
 
 
@@ -146,11 +173,8 @@ def claims_main(p: cli.Parser, args) -> int:
             print(claims.memory_table(datasets, b_solvers, methods))
     except BenchError as e:
         p.error(str(e))
-    except KeyboardInterrupt:
-        cli.fail("interrupted")
-        return cli.EXIT_INTERRUPTED
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -206,6 +206,7 @@ def normal_cg(vjp: VJP, v: Tensor, max_iter: int = 50, tol: float = 1e-3,
     atol2 = tol**2 * bs  # jax's cg: stop once ||r||^2 <= max(tol^2 ||b||^2, atol^2), atol = 0
     x, r, p, gamma = torch.zeros_like(v), b, b, bs  # x0 = 0: r0 = b - A x0 = b (A x0 = 0 not evaluated)
     k = torch.zeros(batch, dtype=torch.int64, device=v.device)
+    broke = torch.zeros(batch, dtype=torch.bool, device=v.device)
     active = (gamma > atol2) & (k < max_iter)
     while bool(active.any()):
         q = p - vjp(p)  # (I - J^T) p: one VJP
@@ -213,7 +214,12 @@ def normal_cg(vjp: VJP, v: Tensor, max_iter: int = 50, tol: float = 1e-3,
         if not torch.isfinite(Ap).all():
             raise DEQDivergence("backward (adjoint) normal_cg solver diverged: "
                                 f"non-finite product at step {int(k.max()) + 1}")
-        alpha = gamma / _per_example(p, Ap)
+        pAp = _per_example(p, Ap)
+        # p^T A p of 0 (underflowed, with a tol below float32's precision) is CG's breakdown: the
+        # example stops where it is, as converged as float32 allows, instead of dividing by 0.
+        broke = broke | (active & ~(pAp > 0))
+        active = active & ~broke
+        alpha = gamma / torch.where(active, pAp, 1.0)
         x_new = x + col(alpha) * p
         r_new = r - col(alpha) * Ap
         gamma_new = _per_example(r_new, r_new)
@@ -223,7 +229,7 @@ def normal_cg(vjp: VJP, v: Tensor, max_iter: int = 50, tol: float = 1e-3,
         x, r, p = torch.where(m, x_new, x), torch.where(m, r_new, r), torch.where(m, p_new, p)
         gamma = torch.where(active, gamma_new, gamma)
         k = k + active
-        active = (gamma > atol2) & (k < max_iter)
+        active = (gamma > atol2) & (k < max_iter) & ~broke
     res = torch.where(bs > 0, (gamma / torch.where(bs > 0, bs, 1.0)).sqrt(), 0.0)
     return x, {"nstep": k, "residual": res, "residual_first": torch.ones_like(res), "converged": res <= tol}
 

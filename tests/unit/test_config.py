@@ -295,13 +295,13 @@ BAD_NUMBERS = [
     (["--set", "eval_clients=0"], "eval_clients must be >= 1, got 0"),
     (["--set", "workers=0"], "workers must be >= 1, got 0"),
     (["--set", "gpus_per_client=NaN"], "gpus_per_client must be a finite number >= 0, got nan"),
-    (["--set", "local_epochs=-1"], "local_epochs must be >= 0, got -1"),
+    (["--set", "local_epochs=-1"], "local_epochs must be >= 1, got -1"),
     (["--set", "batch_size=true"], "batch_size expects int, got 'true'"),
     # --set method keys: the shared per-method overrides and each method's own fields
     (["--set", "fedavg.lr=nan"], "fedavg.lr must be a finite number > 0, got nan"),
     (["--set", "fedrep.lr=infinity"], "fedrep.lr must be a finite number > 0, got inf"),
     (["--set", "local.batch_size=0"], "local.batch_size must be >= 1, got 0"),
-    (["--set", "fedrod.local_epochs=-1"], "fedrod.local_epochs must be >= 0, got -1"),
+    (["--set", "fedrod.local_epochs=-1"], "fedrod.local_epochs must be >= 1, got -1"),
     (["--set", "fedeq.rho=inf"], "fedeq.rho must be a finite number > 0, got inf"),
     (["--set", "fedeq.tol=0"], "fedeq.tol must be > 0, got 0.0"),
     (["--set", "fedeq.b_tol=-1e-3"], "fedeq.b_tol must be > 0, got -0.001"),
@@ -410,7 +410,7 @@ def test_validate_checks_a_config_built_in_code():
 
 def test_values_on_the_edges_of_their_ranges_are_accepted():
     cfg = C.apply(C.default_config(), {
-        "fraction": "1", "val_frac": "0", "frac_unseen": "0", "local_epochs": "0", "checkpoint_every": "0",
+        "fraction": "1", "val_frac": "0", "frac_unseen": "0", "local_epochs": "1", "checkpoint_every": "0",
         "state_budget_gb": "0", "cpus_per_client": "0.5", "lr": "1e-300", "seeds": "0",
         "fedeq.dual_init": "-0.5", "pfedme.beta": "2", "knnper.mix": "0", "apfl.alpha": "1", "fedprox.mu": "0",
         "synthetic.alpha": "0", "shakespeare.max_samples_per_client": "0",
