@@ -199,7 +199,7 @@ def test_unreadable_preset_files_are_one_line(tmp_path):
     with pytest.raises(BenchError, match=r"config file '.*latin1.toml' is not UTF-8 text \(byte 20: b'\\xe9'\); "
                                          r"TOML files are UTF-8"):
         C.load_toml(str(latin1))
-    with pytest.raises(BenchError, match=r"config file '.*' is a folder; give a .toml file"):
+    with pytest.raises(BenchError, match=r"config file '.*' is a folder; expected a .toml file"):
         C.load_toml(str(tmp_path))
 
 
