@@ -31,6 +31,7 @@ import time
 import pytest
 
 from bench.perf.workloads import pids_naming
+from tests.conftest import RAY_NICENESS
 from tests.integration.ray_extras import need_ray_extras
 
 ray = pytest.importorskip("ray")
@@ -72,7 +73,7 @@ class LocalCluster:
         self.client_port, self.dashboard_port, *self.agent_ports = free_ports(4)  # agents: head, worker
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-        self.env = {**base, "RAY_TMPDIR": self.tmp, "RAY_AUTH_MODE": "token",
+        self.env = {**base, **RAY_NICENESS, "RAY_TMPDIR": self.tmp, "RAY_AUTH_MODE": "token",
                     "RAY_AUTH_TOKEN": secrets.token_hex(32),
                     # As ray_cluster.yaml starts Ray: this venv first on PATH, so a job's `python` is its.
                     "PATH": f"{BIN}:{base.get('PATH', '')}"}
