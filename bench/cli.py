@@ -3,6 +3,7 @@ and flags generated from the config dataclasses (so a field, its type and its do
 once, in bench/config.py, and `--help` shows them)."""
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import dataclasses
@@ -12,6 +13,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 import typing
 
 from fedeq_bench.core.errors import BenchError
@@ -258,8 +260,9 @@ def run_guarded(work: typing.Callable[[], int],
     # connects: SIGTERM would then abort with a C++ stack dump instead of ending the runs KILLED.
     # A local Ray started by this process inherits the setting (its crash dumps go, its logs stay).
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
-    streams = sys.stdout, sys.stderr
+    streams, unraisable = (sys.stdout, sys.stderr), sys.unraisablehook
     sys.stdout, sys.stderr = _Guarded(sys.stdout, "standard output"), _Guarded(sys.stderr, "standard error")
+    sys.unraisablehook = _interrupt_not_lost(unraisable, os.getpid())
     try:
         try:
             code = work()
@@ -289,7 +292,30 @@ def run_guarded(work: typing.Callable[[], int],
             raise
         return code
     finally:
-        sys.stdout, sys.stderr = streams
+        (sys.stdout, sys.stderr), sys.unraisablehook = streams, unraisable
+
+
+def _interrupt_not_lost(default, pid: int):
+    """A `sys.unraisablehook` for the guarded command (process `pid`): a Ctrl-C / SIGTERM / SIGHUP whose
+    KeyboardInterrupt was raised where Python cannot pass it on (a weakref callback or `__del__`, e.g.
+    SQLAlchemy's registry cleanup, or an at-fork hook) is not lost: Python would print "Exception
+    ignored in: ..." with a traceback and carry on, so the run kept training after the user's Ctrl-C.
+    Here nothing is printed and the interrupt is delivered again to the main thread 50 ms later, from
+    a thread started without waiting for it (the hook runs inside the callback, where an interrupt is
+    swallowed again; should the new one land in another callback, this repeats); in a child forked by
+    this process (about to exec a program or to die of the same signal) it is only silenced. Any
+    other unraisable error goes to `default`."""
+    def again(signum: int) -> None:
+        time.sleep(0.05)
+        _thread.interrupt_main(signum)
+
+    def hook(args) -> None:
+        if not (issubclass(args.exc_type, KeyboardInterrupt) and interrupt_requested()):
+            default(args)
+        elif os.getpid() == pid:
+            _thread.start_new_thread(again, (_INTERRUPTS[-1],))
+
+    return hook
 
 
 def sigterm_as_interrupt() -> None:

@@ -92,3 +92,42 @@ def test_the_private_cpython_exit_steps_quick_exit_uses_still_exist():
 
     assert callable(getattr(threading, "_shutdown", None)), "threading._shutdown is gone: see bench/quick_exit.py"
     assert callable(getattr(atexit, "_run_exitfuncs", None)), "atexit._run_exitfuncs is gone: see bench/quick_exit.py"
+
+
+def test_an_interrupt_raised_inside_a_finalizer_is_not_lost(handlers, capsys):
+    """A Ctrl-C whose KeyboardInterrupt lands in a `__del__` (as one landed in SQLAlchemy's registry
+    cleanup, and the run went on training for its 500 rounds): Python prints "Exception ignored" and
+    swallows it; the guard delivers it again, so the command ends interrupted, exit 130, no traceback."""
+    class Finalized:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # the handler raises KeyboardInterrupt here, inside __del__
+
+    def work():
+        Finalized()  # dropped at once: __del__ runs, its KeyboardInterrupt is unraisable
+        import time
+        for _ in range(500):  # "training": the re-delivered interrupt stops it
+            time.sleep(0.01)
+        return 0
+
+    assert cli.run_guarded(work) == cli.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["error: interrupted"], err
+    assert "Exception ignored" not in err and "Traceback" not in err
+
+
+def test_other_unraisable_errors_still_reach_pythons_hook(handlers, capsys, monkeypatch):
+    """Only a KeyboardInterrupt after a signal is taken over; another error in a finalizer is printed
+    as Python prints it, and the hook is Python's again after the command."""
+    class Broken:
+        def __del__(self):
+            raise ValueError("finalizer bug")
+
+    def work():
+        Broken()
+        return 0
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)  # Python's, not pytest's collector
+    before = sys.unraisablehook
+    assert cli.run_guarded(work) == 0
+    assert "finalizer bug" in capsys.readouterr().err
+    assert sys.unraisablehook is before
