@@ -35,6 +35,7 @@ import errno
 import os
 import secrets
 import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -249,7 +250,10 @@ def write(path, data: bytes | Callable[[BinaryIO], object], what: str, owns: Own
 def check_dir(path, what: str) -> str:
     """`path` (as a str) if it is, or can be made as, a folder this user writes into: checked before
     the work whose results go there, not after it. One line when the path is a file, when a part of it
-    is a file, or when the folder it would be made in (or it itself) is not writable."""
+    is a file, or when the folder it would be made in (or it itself) is not writable. Where the folder
+    is missing, a folder is made and removed at once where it would be made, so that a place where
+    none can be made (`/proc/x`, a read-only or full disk that `access` does not see) is refused
+    before the work too, and nothing is left behind."""
     p = os.fspath(path)
     probe = os.path.abspath(p)
     while not os.path.lexists(probe):  # the nearest part that exists: the folders below it get made
@@ -264,6 +268,12 @@ def check_dir(path, what: str) -> str:
         raise BenchError(f"{what} {p!r} {which}; expected a folder (it is made if missing)")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise BenchError(f"{what} {p!r}: {probe!r} is not writable by this user; give a folder you can write")
+    if probe != os.path.abspath(p):
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".fedeq-bench-probe-", dir=probe))
+        except OSError as e:
+            raise BenchError(f"{what} {p!r}: no folder can be made in {probe!r} ({e.strerror or e}); "
+                             f"give a folder you can write") from None
     return p
 
 

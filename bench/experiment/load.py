@@ -41,6 +41,8 @@ def validate(cfg):
     check_config(cfg)
     if not run.seeds:
         raise BenchError("seeds is empty; give e.g. --seeds 0,1,2")
+    if len(set(run.seeds)) != len(run.seeds):  # a seed twice is one run counted twice: a std of 0 that means nothing
+        raise BenchError(f"--seeds lists a seed twice: {','.join(map(str, run.seeds))}; give distinct seeds")
     if not run.experiment.strip():
         raise BenchError(f"--experiment {run.experiment!r} is empty; give a name (the default is fedeq-bench)")
     if run.backend == "ray":  # --address and $RAY_ADDRESS: their form, and that a Ray answers there

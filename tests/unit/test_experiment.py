@@ -227,3 +227,15 @@ def test_each_run_logs_its_final_evaluation_per_client_and_it_adds_up_to_the_met
         assert m["acc/mean"] == pytest.approx(sum(acc) / len(acc), rel=1e-12)
         assert m["acc/weighted"] == pytest.approx(sum(a * k for a, k in zip(acc, n, strict=True)) / sum(n), rel=1e-12)
         assert m["acc/unseen"] == pytest.approx(float(unseen[0]["test_acc"]), rel=1e-12)
+
+
+@pytest.mark.parametrize("seeds", ["0,0", "1,2,1"])
+def test_a_seed_listed_twice_is_refused(seeds):
+    """`--seeds 0,0` would run seed 0 twice and report it as two seeds (a std of 0 over one run)."""
+    from bench import config as C
+    from bench import experiment
+    from fedeq_bench.core.errors import BenchError
+
+    cfg = C.apply(C.default_config(), {"methods": "fedavg", "dataset": "synthetic", "seeds": seeds})
+    with pytest.raises(BenchError, match=rf"--seeds lists a seed twice: {seeds}; give distinct seeds"):
+        experiment.validate(cfg)

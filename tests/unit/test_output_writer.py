@@ -274,3 +274,15 @@ def test_no_code_writes_a_users_file_except_through_core_outputs():
     unexpected = {k: v for k, v in found.items() if k not in INTERNAL}
     assert unexpected == {}, f"route these writes through core/outputs.py (or list why they are internal): {unexpected}"
     assert sorted(INTERNAL) == sorted(found)  # the list says why for each file that writes, and no more
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_the_work(tmp_path):
+    """/proc is a folder root may 'write' by access(2), but no folder can be made in it: the check makes
+    (and removes) one there, so the refusal comes before the work, not from the first write after it."""
+    from fedeq_bench.core.errors import BenchError
+
+    with pytest.raises(BenchError, match=r"--report-dir '/proc/fedeq-bench-x': no folder can be made in '/proc'"):
+        outputs.check_dir("/proc/fedeq-bench-x", "--report-dir")
+    later = tmp_path / "a" / "b"
+    assert outputs.check_dir(str(later), "--out") == str(later)
+    assert os.listdir(tmp_path) == []  # the probe folder is gone, and nothing was made
