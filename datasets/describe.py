@@ -77,6 +77,13 @@ def check_output_path(path: str | Path, force: bool = False) -> None:
         raise BenchError(f"cannot save the plot to {str(path)!r}: the folder {str(folder)!r} {what}")
     if p.is_dir():
         raise BenchError(f"cannot save the plot to {str(path)!r}: it is a folder; give a file name such as labels.png")
+    fmt = p.suffix.lstrip(".").lower() or "png"
+    import matplotlib.figure
+
+    formats = matplotlib.figure.Figure().canvas.get_supported_filetypes()  # what savefig(format=) takes
+    if fmt not in formats:  # before the data is read, not after it is drawn
+        raise BenchError(f"cannot save the plot to {str(path)!r}: matplotlib has no format {fmt!r}; "
+                         f"end the name with one of {', '.join(sorted(formats))}")
     outputs.check(path, "plot", outputs.MATPLOTLIB, force=force)
 
 
@@ -103,7 +110,7 @@ def plot_label_distribution(ds: FederatedDataset, path: str | Path, force: bool 
     fig.colorbar(im, ax=ax, label="train+val samples")
     fig.tight_layout()
     path = Path(path)
-    fmt = path.suffix.lstrip(".") or "png"
+    fmt = path.suffix.lstrip(".").lower() or "png"
     try:
         outputs.write(path, lambda f: fig.savefig(f, format=fmt, dpi=100), "plot", outputs.MATPLOTLIB, force=force)
     finally:
