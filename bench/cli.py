@@ -287,10 +287,10 @@ def run_guarded(work: typing.Callable[[], int],
         if interrupt_requested():
             fail(said())
             return EXIT_INTERRUPTED
-        code = _output_failure(e)
-        if code is None:
+        failed = _output_failure(e)
+        if failed is None:
             raise
-        return code
+        return failed
     finally:
         (sys.stdout, sys.stderr), sys.unraisablehook = streams, unraisable
 
@@ -307,7 +307,7 @@ def _interrupt_not_lost(default, pid: int):
     other unraisable error goes to `default`."""
     def again(signum: int) -> None:
         time.sleep(0.05)
-        _thread.interrupt_main(signum)
+        _thread.interrupt_main(signal.Signals(signum))
 
     def hook(args) -> None:
         if not (issubclass(args.exc_type, KeyboardInterrupt) and interrupt_requested()):
