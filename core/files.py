@@ -97,8 +97,8 @@ def parsing(path, what: str, expected: str) -> Iterator[None]:
         raise decode_error(e, path, what, expected) from None
 
 
-def _kind(mode: int) -> str:
-    """What a path that is not a regular file is, in words."""
+def kind_of(mode: int) -> str:
+    """What a path that is not a regular file is, in words (its `st_mode`)."""
     for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                        (stat.S_ISSOCK, "a socket")):
@@ -110,7 +110,7 @@ def _kind(mode: int) -> str:
 def _not_regular(path, what: str, expected: str, mode: int) -> BenchError:
     if stat.S_ISDIR(mode):
         return BenchError(f"{what} {_name(path)} is a folder; expected {expected}")
-    return BenchError(f"{what} {_name(path)} is not a regular file ({_kind(mode)}); expected {expected}")
+    return BenchError(f"{what} {_name(path)} is not a regular file ({kind_of(mode)}); expected {expected}")
 
 
 def _size(n: int) -> str:

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from fedeq_bench.core import files
 from fedeq_bench.core.errors import BenchError
 
 Owns = Callable[[bytes], bool]
@@ -69,19 +70,10 @@ WebP and raw do not, so such a file is replaced only with `--force`)."""
 
 
 def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
+    """The reader's words for what is at a path (`files.kind_of`), and the writer's two more."""
     if stat.S_ISLNK(mode):
         return "a symbolic link (never written through)"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "a file"
+    return "a file" if stat.S_ISREG(mode) else files.kind_of(mode)
 
 
 def _refuse(path, what: str, why: str) -> BenchError:

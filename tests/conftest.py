@@ -63,6 +63,20 @@ def report_store(tmp_path_factory):
             "dir": str(d)}
 
 
+@pytest.fixture
+def guarded(monkeypatch):
+    """For tests that call bench/cli.py's `run_guarded` in this process: it installs process-wide
+    signal handlers (and swaps sys.stdout while it runs); put pytest's back after, and forget the
+    interrupts seen."""
+    from bench import cli
+
+    saved = {s: signal.getsignal(s) for s in cli.STOP_SIGNALS}
+    monkeypatch.setattr(cli, "_INTERRUPTS", [])
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
 class RayHead:
     """`ray start --head --block` in a private RAY_TMPDIR (short: Unix socket paths <= 107 bytes), 2 CPUs,
     every port it would otherwise take by default (dashboard, its agent, Ray Client) chosen free, in

@@ -55,16 +55,6 @@ def test_every_command_has_a_row(tmp_path):
     assert set(WORK(tmp_path)) == set(COMMANDS)
 
 
-@pytest.fixture
-def guarded(monkeypatch):
-    """run_guarded installs process-wide handlers and swaps sys.stdout: put pytest's back after."""
-    saved = {s: signal.getsignal(s) for s in cli.STOP_SIGNALS}
-    monkeypatch.setattr(cli, "_INTERRUPTS", [])
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
-
-
 def hostile_stdout(event, monkeypatch):
     """A closed pipe (its reader gone) or /dev/full as sys.stdout (and its descriptor, for the guard)."""
     if event == "closed-pipe":

@@ -11,17 +11,7 @@ from bench import cli
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture
-def handlers(monkeypatch):
-    """run_guarded installs process-wide handlers: put pytest's back, and forget interrupts seen."""
-    saved = {s: signal.getsignal(s) for s in cli.STOP_SIGNALS}
-    monkeypatch.setattr(cli, "_INTERRUPTS", [])
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
-
-
-def test_a_signal_inside_deferred_signals_waits_for_the_block_to_finish(handlers):
+def test_a_signal_inside_deferred_signals_waits_for_the_block_to_finish(guarded):
     signal.signal(signal.SIGINT, cli._raise_interrupt)
     done = []
     with pytest.raises(KeyboardInterrupt):
@@ -33,14 +23,14 @@ def test_a_signal_inside_deferred_signals_waits_for_the_block_to_finish(handlers
     assert cli.interrupt_requested()
 
 
-def test_no_signal_no_interrupt(handlers):
+def test_no_signal_no_interrupt(guarded):
     with cli.deferred_signals():
         pass
     assert not cli.interrupt_requested()
 
 
 @pytest.mark.parametrize("wrapped", [RuntimeError, ValueError])
-def test_an_interrupt_a_library_wraps_in_its_own_error_is_still_exit_130(handlers, capsys, wrapped):
+def test_an_interrupt_a_library_wraps_in_its_own_error_is_still_exit_130(guarded, capsys, wrapped):
     def work():
         try:
             os.kill(os.getpid(), signal.SIGTERM)  # run_guarded made SIGTERM an interrupt
@@ -53,7 +43,7 @@ def test_an_interrupt_a_library_wraps_in_its_own_error_is_still_exit_130(handler
     assert capsys.readouterr().err == "error: interrupted (test)\n"
 
 
-def test_without_an_interrupt_another_error_keeps_its_traceback(handlers):
+def test_without_an_interrupt_another_error_keeps_its_traceback(guarded):
     def work():
         raise RuntimeError("a bug")
 
@@ -94,7 +84,7 @@ def test_the_private_cpython_exit_steps_quick_exit_uses_still_exist():
     assert callable(getattr(atexit, "_run_exitfuncs", None)), "atexit._run_exitfuncs is gone: see bench/quick_exit.py"
 
 
-def test_an_interrupt_raised_inside_a_finalizer_is_not_lost(handlers, capsys):
+def test_an_interrupt_raised_inside_a_finalizer_is_not_lost(guarded, capsys):
     """A Ctrl-C whose KeyboardInterrupt lands in a `__del__` (as one landed in SQLAlchemy's registry
     cleanup, and the run went on training for its 500 rounds): Python prints "Exception ignored" and
     swallows it; the guard delivers it again, so the command ends interrupted, exit 130, no traceback."""
@@ -115,7 +105,7 @@ def test_an_interrupt_raised_inside_a_finalizer_is_not_lost(handlers, capsys):
     assert "Exception ignored" not in err and "Traceback" not in err
 
 
-def test_other_unraisable_errors_still_reach_pythons_hook(handlers, capsys, monkeypatch):
+def test_other_unraisable_errors_still_reach_pythons_hook(guarded, capsys, monkeypatch):
     """Only a KeyboardInterrupt after a signal is taken over; another error in a finalizer is printed
     as Python prints it, and the hook is Python's again after the command."""
     class Broken:

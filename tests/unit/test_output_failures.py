@@ -3,21 +3,11 @@ of `FULL_DISK`, and SQLite's SQLITE_FULL), raised directly or as the cause of a 
 is one line naming what could not be written and exit 2; a closed reader is exit 141; another
 OSError is still a bug with its traceback. The whole commands: tests/integration/test_entry_guard.py."""
 import errno
-import signal
 import sqlite3
 
 import pytest
 
 from bench import cli
-
-
-@pytest.fixture
-def guarded(monkeypatch):
-    saved = {s: signal.getsignal(s) for s in cli.STOP_SIGNALS}
-    monkeypatch.setattr(cli, "_INTERRUPTS", [])
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
 
 
 def sqlite_full():
