@@ -25,6 +25,19 @@ for this process and its children, and passed on by the tests that build an envi
 own. The product keeps Ray's default."""
 os.environ.update(RAY_NICENESS)
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+"""torch's intra-op pool has one thread per core by default: the suite's two xdist workers on 2 cores,
+each with the commands and actors it starts, then run several 2-thread pools on 2 cores, and OpenMP's
+threads wait on each other for their time slices. Two copies of the real-images adjoint test at once
+took 70 s each with the default pool and 21 s with one thread (alone: 18 s). Every process a test
+starts gets one thread through these variables (set here, before torch is imported, for this process
+and its children; a test building an environment of its own starts from os.environ). Clients already
+run single-threaded in the product (SerialBackend and the actors pin `threads`, default 1), so the
+numbers under test are the same; the product keeps torch's default for the rest."""
+os.environ.update(ONE_THREAD)
+if "torch" in sys.modules:  # imported before this file (a plugin): its pool is sized already
+    sys.modules["torch"].set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_shakespeare() -> str:

@@ -38,7 +38,7 @@ def test_every_method_runs_two_rounds_on_ray_and_mlflow_has_every_metric(tmp_pat
     RAY_TMPDIR and attaches to: starting a Ray is other tests' subject (test_signals,
     test_network_exposure)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = bench_run(["--methods", "all", "--rounds", "2", "--workers", "2", "--fraction", "0.2",
+    proc = bench_run(["--methods", "all", "--rounds", "2", "--workers", "2", "--clients", "10", "--fraction", "0.2",
                       "--frac-unseen", "0.1", "--tracking-uri", uri, "--quiet"], tmp_path,
                      env={"RAY_TMPDIR": ray_head.tmpdir})
     assert proc.returncode == 0, proc.stderr[-3000:]

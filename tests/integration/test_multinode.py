@@ -6,7 +6,9 @@ instance runs (bench/loop/cluster.py: running_instance).
 
 Each node has one CPU, so a pool of 1-CPU actors has exactly one actor per node: the test reads each
 actor's node id, and where Ray's object store holds the dataset, to show the work and the data
-really were on both nodes. Results equal the Serial backend's bit for bit.
+really were on both nodes. Results equal the Serial backend's bit for bit. The same addresses as a
+user's commands (`bench.run --address ray://...`, and `--address auto` in a `ray job submit`) are
+tests/integration/test_ray_client_and_jobs.py's, on a cluster started with `ray start`.
 """
 import os
 import shutil
@@ -189,19 +191,6 @@ def ray_client():
     need_ray_extras(client=True)
 
 
-def test_ray_client_address_equals_the_serial_run(ray_client, two_nodes, tiny):
-    _, client_port, _ = two_nodes
-    cfg = tiny_config(tiny, methods="fedrep", rounds=2, fraction=1.0)
-    ds = load_dataset(cfg, 0)
-    backend = RayBackend(address=f"ray://127.0.0.1:{client_port}")
-    try:
-        assert backend.workers == 2
-        on_ray = engine.run_method(cfg, "fedrep", 0, ds, backend)
-    finally:
-        backend.close()
-    same_numbers(engine.run_method(cfg, "fedrep", 0, ds, SerialBackend()), on_ray)
-
-
 def test_an_actor_killed_under_ray_client_is_replaced_bit_for_bit(ray_client, two_nodes, tiny):
     """The actor-fault path (bench/loop/faults.py: ray.wait, the death exceptions, ray.kill, a replacement
     started with the dataset's object reference) through Ray Client, whose API is a proxy of Ray's:
@@ -234,36 +223,6 @@ def test_an_unreachable_ray_client_address_is_one_line(two_nodes):
     port = free_port()  # nobody listens: refused at once, not after Ray Client's retries
     with pytest.raises(BenchError, match=rf"cannot reach a Ray cluster at 'ray://127.0.0.1:{port}'"):
         RayBackend(address=f"ray://127.0.0.1:{port}")
-
-
-def test_bench_run_with_address_auto_records_the_serial_numbers(two_nodes, tiny, tmp_path):
-    """The command a cluster user types (`ray job submit -- python -m bench.run --address auto ...`
-    gets $RAY_ADDRESS from Ray): its MLflow runs hold the numbers a --backend serial run records."""
-    from mlflow.tracking import MlflowClient
-
-    cluster, _, tmp = two_nodes
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    args = ["--methods", "fedavg,fedrep", "--dataset", f"npz:{tiny}", "--rounds", "2", "--val-frac", "0.1",
-            "--quiet", "--no-report"]
-    finals, workers = {}, {}
-    for backend, extra in (("ray", ["--address", "auto"]), ("serial", [])):
-        uri = f"sqlite:///{tmp_path}/{backend}.db"
-        proc = subprocess.run([sys.executable, "-m", "bench.run", *args, "--backend", backend, *extra,
-                               "--tracking-uri", uri], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                              env={**base, "PYTHONPATH": ROOT, "RAY_ADDRESS": cluster.address, "RAY_TMPDIR": tmp})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "Traceback" not in proc.stderr
-        client = MlflowClient(tracking_uri=uri)
-        runs = client.search_runs([client.get_experiment_by_name("fedeq-bench").experiment_id])
-        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-        assert {r.info.status for r in runs} == {"FINISHED"} and len(children) == 2
-        assert {r.data.params["backend"] for r in children} == {backend}
-        workers[backend] = {r.data.params["workers"] for r in children}
-        finals[backend] = {r.data.params["method"]: {k: v for k, v in r.data.metrics.items()
-                                                     if k not in NONDETERMINISTIC} for r in children}
-    assert workers == {"ray": {"2"}, "serial": {"1"}}  # one actor on each node
-    assert finals["ray"] == finals["serial"]
-    assert finals["ray"]["fedrep"]["acc/mean"] > 0
 
 
 def test_gpu_actors_train_on_cuda_on_the_gpu_node(tiny):

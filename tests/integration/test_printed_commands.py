@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
@@ -43,14 +42,6 @@ def shell(command: str, cwd, timeout=300, **extra):
                           timeout=timeout)
 
 
-@pytest.fixture
-def ray_tmp():
-    """RAY_TMPDIR for the runs' own local Rays: short (Ray's socket paths), and this test's alone."""
-    d = tempfile.mkdtemp(prefix="pc", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
 def children(client, parent_id):
     exp = client.get_run(parent_id).info.experiment_id
     runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
@@ -62,7 +53,10 @@ def history(client, run_id, key):
 
 
 @pytest.mark.ray
-def test_a_run_leaves_git_clean_and_its_rerun_and_browse_commands_run_as_printed(tmp_path, ray_tmp):
+def test_a_run_leaves_git_clean_and_its_rerun_and_browse_commands_run_as_printed(tmp_path, ray_head):
+    """On the session's running Ray (tests/conftest.py: ray_head), found through RAY_TMPDIR: a run
+    starting its own Ray is test_signals' and test_network_exposure's subject."""
+    ray_tmp = ray_head.tmpdir
     repo = tmp_path / "checkout"
     repo.mkdir()
     shutil.copy(os.path.join(ROOT, ".gitignore"), repo / ".gitignore")

@@ -375,13 +375,14 @@ def _check_default_gradient(model, x, y, stop_mode):
     return _cos(default, exact), _cos(jfb, exact), stats, exact_res
 
 
-@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
-def test_default_backward_matches_the_exact_implicit_gradient_on_real_images(fmnist, stop_mode):
+def test_default_backward_matches_the_exact_implicit_gradient_on_real_images(fmnist):
     """At the z* the default forward returns, the default backward's gradient of the DEQ block has
     cosine >= 0.99 with the exact implicit gradient at that z*, at initialization and after a few
     SGD steps. (The 20-step Anderson adjoint before GMRES: 0.967 at initialization, 0.872 after 20
-    steps, on 32 images.) At these settings both stop modes run the forward's 20 steps
-    (abs: ||f(z) - z|| ~ 0.25 there, rel: ~2e-3, both above tol 1e-3), so z* agrees."""
+    steps, on 32 images.) FeDEQ's default stop mode, abs, runs the forward's 20 steps here
+    (||f(z) - z|| ~ 0.25, above tol 1e-3). rel ran them too (~2e-3) and passed the same checks; one
+    stop mode is enough, as the backward stops on its own rel residual under either (layer.py)."""
+    stop_mode = "abs"
     x, y = fmnist
     torch.manual_seed(0)
     model = build_model("deq_resnet_s", (1, 28, 28), 10).train()

@@ -363,16 +363,16 @@ def test_live_sees_what_backward_and_the_optimizer_allocate_and_changes_no_numbe
 
 
 def test_live_fedeq_update_counts_the_solver_working_set_the_parts_leave_out():
-    # FeDEQ on deq_mlp, 480 Fashion-MNIST-like samples, batch 10 (bench/perf/workloads.py): its
-    # Anderson history and iterates are built under no_grad, which the parts meter does not see. The
-    # history alone is X and F, m = 5 iterates of (10, 128) float32: 2 x 5 x 10 x 128 x 4 = 51,200 B.
-    # Measured on torch 2.13 with the default adjoint (normal_cg): parts 2,189,452 B, live 3,051,184 B
-    # (with the head-feature cache and GMRES, the former defaults: live 5,902,924 B; torch's profiler,
-    # profile_memory=True, gives the same peak of live allocations); on an H200 the CUDA allocator read
-    # 9.8x the parts on another task.
+    # FeDEQ on deq_mlp, 40 Fashion-MNIST-like samples, batch 10 (bench/perf/workloads.py; the peaks
+    # are per batch, so 40 samples give the parts meter the same peak as 480): its Anderson history
+    # and iterates are built under no_grad, which the parts meter does not see. The history alone is
+    # X and F, m = 5 iterates of (10, 128) float32: 2 x 5 x 10 x 128 x 4 = 51,200 B. Measured on
+    # torch 2.13 with the default adjoint (normal_cg): parts 2,189,452 B, live 2,953,944 B (on 480
+    # samples: the same parts, live 3,051,184 B; torch's profiler, profile_memory=True, gives the same
+    # peak of live allocations); on an H200 the CUDA allocator read 9.8x the parts on another task.
     from bench.perf.workloads import update_setup
 
-    update, algo = update_setup("fedeq", "deq_mlp", 480)
+    update, algo = update_setup("fedeq", "deq_mlp", 40)
     update()
     with PartsMeter("cpu", modules=[algo.net]) as parts:
         update()
