@@ -20,7 +20,6 @@ import pytest
 
 from bench.perf.workloads import pids_naming
 
-pytestmark = pytest.mark.ray
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 INTERRUPTED = "error: interrupted"
@@ -102,6 +101,7 @@ def tmp():
 ARGS = ["--methods", "fedavg,fedrep", "--rounds", "200", "--workers", "2", "--quiet", "--no-report"]
 
 
+@pytest.mark.ray
 def test_ctrl_c_while_ray_starts_stops_it_and_records_nothing(tmp):
     db = os.path.join(tmp, "m.db")
     proc = start([*ARGS, "--tracking-uri", f"sqlite:///{db}"], tmp)
@@ -111,6 +111,7 @@ def test_ctrl_c_while_ray_starts_stops_it_and_records_nothing(tmp):
     assert check_interrupted(proc, err, left, db) == []  # stopped before anything was recorded
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]], ids=["sigterm", "ctrl-c-twice"])
 def test_signal_during_training_ends_every_run_killed(tmp, signals):
     db = os.path.join(tmp, "m.db")
@@ -129,6 +130,7 @@ def test_signal_during_training_ends_every_run_killed(tmp, signals):
 
 
 def test_ctrl_c_in_the_middle_of_a_write_completes_it_and_ends_the_run_killed(tmp):
+    """On the Serial backend (no Ray: not in the `ray` group)."""
     db = os.path.join(tmp, "m.db")
     proc = start(["sigint-in-write", "ledger.csv", "--", "--methods", "fedavg", "--rounds", "2", "--backend",
                   "serial", "--quiet", "--no-report", "--tracking-uri", f"sqlite:///{db}"], tmp,
@@ -143,6 +145,7 @@ def test_ctrl_c_in_the_middle_of_a_write_completes_it_and_ends_the_run_killed(tm
     assert os.path.exists(os.path.join(art.removeprefix("file://"), "ledger.csv"))
 
 
+@pytest.mark.ray
 def test_sweep_sigterm_during_a_trial_ends_its_runs_killed(tmp):
     db = os.path.join(tmp, "m.db")
     proc = start(["--method", "fedavg", "--trials", "3", "--rounds", "100", "--workers", "2",
