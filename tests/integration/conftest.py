@@ -1,4 +1,6 @@
 """Fixtures of the integration tests that several files use."""
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +26,7 @@ def mlflow_server(tmp_path):
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", db,
          "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
@@ -41,9 +43,12 @@ def mlflow_server(tmp_path):
             time.sleep(0.5)
         yield uri, db
     finally:
-        proc.terminate()
+        # SIGTERM to the server's process group (uvicorn and its worker); a graceful shutdown waits on
+        # open keep-alive connections (15 s seen), so SIGKILL after 2 s: the test has read its data.
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
         log.close()

@@ -9,6 +9,7 @@ import signal
 import pytest
 
 from bench.loop import checkpoint
+from tests.helpers import new_store
 from tests.integration.test_cli import bench_run, runs_of
 
 # 2 methods x 6 rounds on 6 synthetic clients, half of them per round, a checkpoint every 2 rounds.
@@ -26,8 +27,9 @@ MACHINE_METRICS = {"time/round_s", "mem/peak_rss_bytes"}  # measure the machine:
 
 
 def store(d):
-    os.makedirs(d, exist_ok=True)
-    return f"sqlite:///{d}/mlflow.db"
+    """The store a command records in: made once per folder (a copy: tests/helpers.py new_store)."""
+    path = os.path.join(d, "mlflow.db")
+    return f"sqlite:///{path}" if os.path.exists(path) else new_store(path)
 
 
 def parent_and_children(uri):

@@ -20,7 +20,6 @@ import pytest
 
 from bench.perf.workloads import pids_naming
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 INTERRUPTED = "error: interrupted"
 

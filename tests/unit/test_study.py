@@ -18,6 +18,7 @@ from bench import config as C
 from bench import experiment
 from bench.tuning import objectives, storage, study
 from bench.tuning.study import SweepOptions
+from tests.helpers import new_store
 
 SPACE = """
 fedavg.lr = {low = 0.01, high = 0.3, log = true}
@@ -30,7 +31,7 @@ fedrep.head_epochs = {low = 1, high = 3}
 def env(tmp_path):
     space = tmp_path / "space.toml"
     space.write_text(SPACE)
-    return {"uri": f"sqlite:///{tmp_path}/mlflow.db", "storage": f"sqlite:///{tmp_path}/optuna.db",
+    return {"uri": new_store(tmp_path / "mlflow.db"), "storage": f"sqlite:///{tmp_path}/optuna.db",
             "space": str(space), "tuned": str(tmp_path / "tuned" / "synthetic.toml")}
 
 
