@@ -183,8 +183,7 @@ def pytest_collection_modifyitems(config, items):
     scheduled alone); tests/unit/test_test_groups.py checks this hook, not only the mark."""
     after_ray = {}
     for item in items:
-        ray = item.get_closest_marker("ray")
-        group = ("ray-cluster" if item.get_closest_marker("cluster") else "ray") if ray else item.nodeid.split("::")[0]
-        after_ray[item] = not ray
+        group = "ray" if item.get_closest_marker("ray") else item.nodeid.split("::")[0]
+        after_ray[item] = group != "ray"
         item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=after_ray.__getitem__)  # stable: the Ray group first, then the files in their order

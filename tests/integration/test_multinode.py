@@ -28,7 +28,7 @@ from tests.helpers import tiny_config, write_tiny_npz
 from tests.integration.ray_extras import need_ray_extras
 
 ray = pytest.importorskip("ray")
-pytestmark = [pytest.mark.ray, pytest.mark.cluster]
+pytestmark = pytest.mark.ray
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Wall-clock and process-size metrics are measurements of the machine, not of the computation.

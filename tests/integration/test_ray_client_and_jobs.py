@@ -35,7 +35,7 @@ from tests.conftest import RAY_NICENESS
 from tests.integration.ray_extras import need_ray_extras
 
 ray = pytest.importorskip("ray")
-pytestmark = [pytest.mark.ray, pytest.mark.cluster]
+pytestmark = pytest.mark.ray
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
