@@ -448,7 +448,8 @@ def registered() -> str:
 
 def add_preset_args(parser: argparse.ArgumentParser, set_help: str) -> None:
     """`--config FILE` (a preset) and `--set KEY=VALUE` (repeatable): the layers above the generated flags."""
-    parser.add_argument("--config", default=None, help="preset TOML file (see configs/)")
+    parser.add_argument("--config", action="append", default=None, metavar="FILE",
+                        help="preset TOML file (see configs/); repeat it to layer presets, each over the one before")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
 
 

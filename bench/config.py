@@ -32,7 +32,7 @@ import textwrap
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict, cast
 
@@ -367,13 +367,14 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def from_cli(config_file: str | None, flags: dict[str, Any], sets: list[str]) -> Config:
-    """The layered config of a command line: defaults < environment < --config FILE < flags given < --set.
+def from_cli(config_files: str | Sequence[str] | None, flags: dict[str, Any], sets: list[str]) -> Config:
+    """The layered config of a command line: defaults < environment < --config FILE (each one given,
+    in order: a later file's keys override an earlier one's) < flags given < --set.
 
     `flags` maps run keys to what the user typed; None means "not typed" and overrides nothing.
     """
     cfg = default_config()
-    if config_file:
+    for config_file in [config_files] if isinstance(config_files, str) else config_files or []:
         cfg = apply(cfg, load_toml(config_file))
     cfg = apply(cfg, {k: v for k, v in flags.items() if v is not None})
     return apply(cfg, parse_set(sets))

@@ -20,7 +20,7 @@ from bench.loop.actor import pool_keys, start_pool_for
 from fedeq_bench.core.errors import BenchError
 
 
-def early_pool(config_file: str | None, flags: dict, sets: list[str]):
+def early_pool(config_files: list[str] | None, flags: dict, sets: list[str]):
     """`start_pool` in a `cluster.Background` from the flags alone, or None.
 
     Only when no --config or --set is given (either could change the pool's keys, and reading them
@@ -28,7 +28,7 @@ def early_pool(config_file: str | None, flags: dict, sets: list[str]):
     values are checked by the same code as the config's; anything it refuses leaves the config's own
     resolution to say so. The Background's `keys` say what its pool is made from.
     """
-    if config_file or sets:
+    if config_files or sets:
         return None
     from bench import config as C
 

@@ -63,14 +63,16 @@ def check_out(out_dir: str, force: bool = False, figures=(), hint: str = FORCE_H
 
 def build(tracking_uri: str, experiment: str, runs=None, out: str | None = None, sweep: str | None = None,
           target: float = 0.95, last_k: int | None = None, force: bool = False,
-          hint: str = FORCE_HINT) -> ReportPaths:
+          hint: str = FORCE_HINT, shared_plotly: bool = False) -> ReportPaths:
     """Read the comparisons of `experiment` (or only the parent run ids `runs`; or the study `sweep`)
     and write the report to `out` (default reports/<experiment> or reports/<study>). Runs are pooled as
     seeds only when their configs agree (collect.comparable_groups). `last_k`: the headline accuracy is
     the mean of the last k evaluated rounds (default None: a tenth of them, at least 1); `target`: the
     fraction of the best method's mean last-k accuracy that the MB-to-target column measures up to.
     Every file goes through core/outputs.py's writer, `out` checked before the runs are read (`force`:
-    replace files there that no report wrote; `hint`: how the refusal says to do that).
+    replace files there that no report wrote; `hint`: how the refusal says to do that). `shared_plotly`:
+    index.html loads plotly.js from `../plotly.min.js`, written there once for every report folder
+    beside this one (a published set of reports stores the 4.8 MB bundle once).
     Raises BenchError on bad input (unknown experiment, run or study; no runs; a bad option)."""
     from bench.report import collect, figures, html, markdown, tables, verdict
     from bench.report import sweep as sweep_page
@@ -83,6 +85,9 @@ def build(tracking_uri: str, experiment: str, runs=None, out: str | None = None,
         raise BenchError("give --sweep STUDY or --runs PARENT_ID,..., not both")
     out_dir = out or default_out(sweep if sweep is not None else experiment)  # the name collect gives data
     check_out(out_dir, force, hint=hint)  # before anything is read or drawn
+    shared = os.path.join(os.path.dirname(os.path.abspath(out_dir)), html.SHARED_PLOTLY)
+    if shared_plotly:
+        outputs.check(shared, "plotly.js", html.PLOTLY_OWNS, force=force, root=os.path.dirname(shared), hint=hint)
     if sweep is not None:
         data = collect.collect_sweep(tracking_uri, experiment, sweep)
         # Trials by acc/val (they log no test metric), the best trial's rerun by test accuracy: sweep.py.
@@ -99,13 +104,17 @@ def build(tracking_uri: str, experiment: str, runs=None, out: str | None = None,
         raise BenchError(f"{data.name!r}: its parent run(s) have no child runs, so there is nothing to report")
     md_text, figs = markdown.render(data, sections, tables.provenance_tables(data))
     # index.html shows each parent's resolved config itself (folded), so its provenance tables leave it out.
-    page = html.render(data, sections, tables.provenance_tables(data, config=False))
+    page = html.render(data, sections, tables.provenance_tables(data, config=False),
+                       plotly_src=f"../{html.SHARED_PLOTLY}" if shared_plotly else None)
     md, index = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "index.html")
     content = {os.path.join(out_dir, "figures", n): b for n, b in figs.items()}
     content.update({md: md_text.encode(), index: page.encode()})
     check_out(out_dir, force, figs, hint)  # every file, before the first is written
     for path, (what, owns) in out_files(out_dir, figs).items():
         outputs.write(path, content[path], what, owns, force=force, root=out_dir, hint=hint)
+    if shared_plotly:
+        outputs.write(shared, html.plotly_js().encode(), "plotly.js", html.PLOTLY_OWNS, force=force,
+                      root=os.path.dirname(shared), hint=hint)
     return ReportPaths(out_dir=str(out_dir), html=index, markdown=md)
 
 

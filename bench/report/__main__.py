@@ -40,6 +40,9 @@ def build_parser() -> cli.Parser:
     p.add_argument("--last-k", type=int, default=None, metavar="K",
                    help="headline accuracy: the mean acc/weighted of the last K evaluated rounds (default: a tenth "
                         "of the evaluated rounds, at least 1)")
+    p.add_argument("--shared-plotly", action="store_true",
+                   help="index.html loads plotly.js from ../plotly.min.js, written there once for all the report "
+                        "folders beside this one (default: inside each page)")
     return p
 
 
@@ -52,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         runs = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else None
         paths = report.build(args.tracking_uri, args.experiment, runs=runs, out=args.out, sweep=args.sweep,
-                             target=args.target, last_k=args.last_k, force=args.force)
+                             target=args.target, last_k=args.last_k, force=args.force,
+                             shared_plotly=args.shared_plotly)
         print(f"report: {paths.html}")
         print(f"markdown: {paths.markdown}")
         return 0

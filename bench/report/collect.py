@@ -165,17 +165,19 @@ def comparable_config(r: RunRecord, parent_config: dict[str, str]) -> tuple[dict
 
 
 def config_file(command: str) -> str | None:
-    """The `--config FILE` of a recorded command line (a preset such as configs/tuned/synthetic.toml)."""
+    """The `--config FILE` of a recorded command line (a preset such as configs/tuned/synthetic.toml);
+    several, layered, as `A + B`."""
     try:
         words = shlex.split(command)
     except ValueError:
         return None
+    files = []
     for i, w in enumerate(words):
         if w == "--config" and i + 1 < len(words):
-            return words[i + 1]
-        if w.startswith("--config="):
-            return w[len("--config="):]
-    return None
+            files.append(words[i + 1])
+        elif w.startswith("--config="):
+            files.append(w[len("--config="):])
+    return " + ".join(files) or None
 
 
 LABEL_KEYS = 6

@@ -82,8 +82,9 @@ def write(data: ReportData, sections: list[tuple[Group, list[Table], list[Figure
 
 
 def render(data: ReportData, sections: list[tuple[Group, list[Table], list[Figure | Image]]],
-           provenance: list[Table]) -> str:
-    """The page's text.
+           provenance: list[Table], plotly_src: str | None = None) -> str:
+    """The page's text; plotly.js inside it, or with `plotly_src` a `<script src>` to that path (a copy
+    shared by several pages, which `shared_plotly` names).
 
     `sections`: per dataset and partition, its tables and figures, in page order; `provenance`: the
     tables of the provenance section (tables.provenance_tables: command, commit, versions...), which
@@ -120,12 +121,19 @@ def render(data: ReportData, sections: list[tuple[Group, list[Table], list[Figur
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{esc(data.name)}: fedeq-bench report</title><style>{CSS}</style>",
-        f"<script>{plotly_js()}</script>",
+        f'<script src="{esc(plotly_src)}"></script>' if plotly_src else f"<script>{plotly_js()}</script>",
         "</head><body>", *body,
         f"<script>const FIGURES = {_json(figures)};\nconst CONFIG = {_json(PLOTLY_CONFIG)};"
         f"{DRAW_JS}{SORT_JS}</script>",
         "</body></html>", ""])
     return page
+
+
+SHARED_PLOTLY = "plotly.min.js"
+"""The shared copy's file name, in the folder above the report folders that use it."""
+
+PLOTLY_OWNS = outputs.starts_with(b"/**\n* plotly.js v")
+"""How the writer recognises a plotly.js it wrote: the bundle's own first lines."""
 
 
 def plotly_js() -> str:

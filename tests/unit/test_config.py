@@ -128,6 +128,21 @@ def test_precedence_env_below_config_file_below_flag_below_set(monkeypatch, tmp_
     assert C.from_cli(None, {"tracking_uri": None}, []).run.tracking_uri == "sqlite:///env.db"  # untyped flag
 
 
+def test_config_files_layer_in_the_order_given(tmp_path):
+    """`--config A --config B` (a study's settings, then the tuned preset of its sweeps): B's keys over
+    A's, A's keys that B leaves out kept, method tables merged key by key."""
+    from bench import run
+
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text('[run]\nrounds = 40\nlr = 0.01\n[fedrep]\nhead_epochs = 1\nlr = 0.2\n')
+    b.write_text('[run]\nlr = 0.03\n[fedrep]\nlr = 0.07\n')
+    cfg, _ = run.resolve_config(["--config", str(a), "--config", str(b), "--methods", "fedrep"])
+    assert (cfg.run.rounds, cfg.run.lr) == (40, 0.03)
+    assert (cfg.methods["fedrep"].head_epochs, cfg.methods["fedrep"].lr) == (1, 0.07)
+    cfg, _ = run.resolve_config(["--config", str(b), "--config", str(a), "--methods", "fedrep"])
+    assert (cfg.run.lr, cfg.methods["fedrep"].lr) == (0.01, 0.2)  # the other order: A's over B's
+
+
 # -- flags generated from the dataclasses ---------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)

@@ -450,3 +450,38 @@ def test_bad_report_options_are_one_line(tmp_path):
     with pytest.raises(BenchError, match=r"^--target is a fraction of the best mean last-k accuracy, in \(0, 1\]"):
         report.build(uri, "x", target=1.5)
     assert not (tmp_path / "none.db").exists()
+
+
+def test_a_commands_config_files_are_named_in_their_order():
+    from bench.report.collect import config_file
+
+    assert config_file("python -m bench.run --config a.toml --rounds 2") == "a.toml"
+    assert config_file("python -m bench.run --config a.toml --config=b.toml") == "a.toml + b.toml"
+    assert config_file("python -m bench.run --rounds 2") is None
+
+
+def test_shared_plotly_is_written_once_beside_the_report_folders_and_each_page_loads_it(report_store, tmp_path):
+    """`--shared-plotly`: two report folders under one parent; each index.html has a `<script src>` to
+    ../plotly.min.js and no copy of its own, and the one copy is the installed package's bundle."""
+    from bench import report
+    from bench.report import html
+
+    bundle = html.plotly_js()
+    pages = []
+    for name in ("a", "b"):
+        paths = report.build(report_store["uri"], report_store["experiment"], out=str(tmp_path / name),
+                             shared_plotly=True)
+        pages.append(open(paths.html).read())
+    shared = tmp_path / "plotly.min.js"
+    assert shared.read_text() == bundle
+    for page in pages:
+        assert '<script src="../plotly.min.js"></script>' in page
+        assert len(page) < len(bundle) // 10  # the bundle is not inside (it is 4.8 MB; a page far less)
+    # Without the flag the page carries the bundle itself, as before.
+    inline = open(report.build(report_store["uri"], report_store["experiment"], out=str(tmp_path / "c")).html).read()
+    assert bundle in inline
+    # A file at ../plotly.min.js that no report wrote is not replaced without --force.
+    shared.write_text("my own script\n")
+    with pytest.raises(BenchError, match="plotly.js"):
+        report.build(report_store["uri"], report_store["experiment"], out=str(tmp_path / "a"), shared_plotly=True)
+    assert shared.read_text() == "my own script\n"
