@@ -3,7 +3,8 @@
 # learning rate and main hyperparameter, then 3 seeds of every method with the winners, then the
 # report. Resumable: rerun the script after an interruption and each step continues where it stopped
 # (Optuna studies add only their missing trials; bench.run --resume continues the comparison).
-# Run from the repository root with the project's venv active (or PY=.venv/bin/python).
+# Run from the repository root with the project's venv active (or PY=.venv/bin/python). Sweeps: about 35
+# minutes on 2 cores; the comparison: about 20.
 set -euo pipefail
 PY=${PY:-python}
 CFG=configs/study/synthetic.toml
@@ -20,3 +21,9 @@ for m in fedeq fedavg fedavg_ft fedper fedrep ditto knnper local apfl fedbabu fe
     --n-jobs 2 --workers 2 --no-final-test --quiet --tracking-uri "$STORE" --experiment study-synthetic-sweeps \
     --storage sqlite:///reports/synthetic/optuna.db --study-name "study-synthetic-$m" --tuned-out "$TUNED"
 done
+# The comparison: every method, 3 seeds (configs/study/synthetic.toml), with the sweeps' winners.
+# Interrupted, it prints the `--resume PARENT_RUN_ID` command that continues it.
+$PY -m bench.run --config "$CFG" --config "$TUNED" --tracking-uri "$STORE" --workers 2 --quiet --no-report
+# The report (plotly.js once, in reports/) and the runs it reads, exported beside it.
+$PY -m bench.report --tracking-uri "$STORE" --experiment study-synthetic --out reports/synthetic --shared-plotly
+$PY scripts/export_runs.py "$STORE" study-synthetic > reports/synthetic/runs.json

@@ -91,41 +91,63 @@ def test_every_method_runs_two_rounds_on_ray_and_mlflow_has_every_metric(tmp_pat
     # Argparse takes the last --tracking-uri: MLflow's client retried this port for minutes, silently.
     (["--tracking-uri", "http://127.0.0.1:9"], "cannot reach the MLflow tracking server at http://127.0.0.1:9 ("),
 ])
-def test_bad_input_is_one_line_exit_2_and_records_nothing(tmp_path, args, fragment):
+def test_bad_input_is_one_line_exit_2_and_records_nothing(tmp_path, monkeypatch, capfd, guarded, args, fragment):
+    """In this process, through bench.run's `main(argv)` and its entry guard (a process's own wiring,
+    the handlers and the exit code a shell sees, is tests/integration/test_entry_guard.py's)."""
+    from bench import run
+
+    monkeypatch.chdir(tmp_path)
+    for k in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(k)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = bench_run(["--backend", "serial", "--tracking-uri", uri, "--quiet", *args], tmp_path, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+    try:
+        code = run.main(["--backend", "serial", "--tracking-uri", uri, "--quiet", *args])
+    except SystemExit as e:  # argparse's own refusal (Parser.error): the process's exit code
+        code = e.code
+    err = capfd.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
     assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in err
     assert not (tmp_path / "mlflow.db").exists()  # rejected before anything was recorded
 
 
-def test_failure_mid_run_marks_runs_failed_and_keeps_rounds(tmp_path):
-    """A method that fails in round 2 (a BenchError from its local update) ends FAILED; round 1 stays."""
+def in_process(argv, monkeypatch, capfd, cwd, env=None):
+    """`bench.run`'s `main(argv)` in this process, in `cwd`, MLflow's variables of whoever runs the tests
+    replaced by `env`: (exit code, stdout, stderr). Uses the `guarded` fixture's cleanup."""
+    from bench import run
+
+    monkeypatch.chdir(cwd)
+    for k in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(k)
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    code = run.main(argv)
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def test_failure_mid_run_marks_runs_failed_and_keeps_rounds(tmp_path, monkeypatch, capfd, guarded):
+    """A method that fails in round 2 (a BenchError from its aggregation) ends FAILED; round 1 stays."""
+    from fedeq_bench.core.errors import BenchError
+    from fedeq_bench.methods.fedavg import FedAvg
+
+    class Flaky(FedAvg):
+        def aggregate(self, server, replies, rnd):
+            if rnd == 2:
+                raise BenchError("flaky: solver diverged (residual nan)")
+            return super().aggregate(server, replies, rnd)
+
+    monkeypatch.setitem(METHODS._items, "flaky", Flaky)  # registered for this test only
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     npz = write_tiny_npz(tmp_path / "t.npz")
-    # A plugin module, imported via sitecustomize, registers a method that raises in round 2.
-    (tmp_path / "plug").mkdir()
-    (tmp_path / "plug" / "sitecustomize.py").write_text(
-        "import fedeq_bench.methods\n"
-        "from fedeq_bench.core.errors import BenchError\n"
-        "from fedeq_bench.methods.base import register_method\n"
-        "from fedeq_bench.methods.fedavg import FedAvg\n"
-        "@register_method('flaky')\n"
-        "class Flaky(FedAvg):\n"
-        "    def aggregate(self, server, replies, rnd):\n"
-        "        if rnd == 2: raise BenchError('flaky: solver diverged (residual nan)')\n"
-        "        return super().aggregate(server, replies, rnd)\n")
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'plug'}:{ROOT}")
-    proc = subprocess.run([sys.executable, "-m", "bench.run", "--methods", "fedavg,flaky", "--rounds", "3",
-                           "--dataset", f"npz:{npz}", "--backend", "serial", "--tracking-uri", uri, "--quiet"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
+    code, _, err = in_process(["--methods", "fedavg,flaky", "--rounds", "3", "--dataset", f"npz:{npz}",
+                               "--backend", "serial", "--tracking-uri", uri, "--quiet"], monkeypatch, capfd, tmp_path)
+    assert code == 2, err
     # One line naming the method and the round, ending with the method's own message (the engine
     # words the place, e.g. `flaky: round 2, server: flaky: solver diverged (residual nan)`).
-    lines = proc.stderr.strip().splitlines()
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: flaky"), lines
     assert re.search(r"\bround 2\b", lines[0]) and lines[0].endswith(": flaky: solver diverged (residual nan)"), lines
     client, runs = runs_of(uri)
@@ -167,15 +189,15 @@ def test_interrupt_marks_runs_killed_and_keeps_rounds(tmp_path):
     assert len(client.get_metric_history(child.info.run_id, "bytes/up")) >= 1
 
 
-def test_fedeq_divergence_fails_the_run_with_method_round_and_client(tmp_path):
+def test_fedeq_divergence_fails_the_run_with_method_round_and_client(tmp_path, monkeypatch, capfd, guarded):
     """lr 1e6 blows the DEQ weights up in round 1: the solver sees NaN/inf and the run ends FAILED."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = bench_run(["--methods", "fedeq", "--rounds", "2", "--lr", "1e6", "--fraction", "0.1",
-                      "--backend", "serial", "--tracking-uri", uri, "--quiet"], tmp_path, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    code, _, err = in_process(["--methods", "fedeq", "--rounds", "2", "--lr", "1e6", "--fraction", "0.1",
+                               "--backend", "serial", "--tracking-uri", uri, "--quiet"], monkeypatch, capfd, tmp_path)
+    assert code == 2, err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: fedeq: round 1, client "), lines
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in err
     _, runs = runs_of(uri)
     assert {r.info.status for r in runs} == {"FAILED"} and len(runs) == 2  # parent + the fedeq child
 
@@ -190,15 +212,15 @@ def test_unreachable_ray_address_is_one_line_and_records_nothing(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_mlflow_env_vars_say_where_runs_go_and_a_flag_beats_them(tmp_path):
+def test_mlflow_env_vars_say_where_runs_go_and_a_flag_beats_them(tmp_path, monkeypatch, capfd, guarded):
     """MLFLOW_TRACKING_URI is honoured without --tracking-uri; --experiment beats MLFLOW_EXPERIMENT_NAME."""
     npz = write_tiny_npz(tmp_path / "t.npz")
     env_uri = f"sqlite:///{tmp_path}/from-env.db"
-    proc = bench_run(["--methods", "fedavg", "--rounds", "1", "--dataset", f"npz:{npz}", "--backend", "serial",
-                      "--experiment", "from-flag", "--quiet"], tmp_path, timeout=120,
-                     env={"MLFLOW_TRACKING_URI": env_uri, "MLFLOW_EXPERIMENT_NAME": "from-env"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"recorded in {env_uri} (experiment 'from-flag'" in proc.stdout
+    code, out, err = in_process(["--methods", "fedavg", "--rounds", "1", "--dataset", f"npz:{npz}", "--backend",
+                                 "serial", "--experiment", "from-flag", "--quiet"], monkeypatch, capfd, tmp_path,
+                                env={"MLFLOW_TRACKING_URI": env_uri, "MLFLOW_EXPERIMENT_NAME": "from-env"})
+    assert code == 0, err[-3000:]
+    assert f"recorded in {env_uri} (experiment 'from-flag'" in out
     assert not (tmp_path / "mlflow.db").exists()  # not the default store
     client = MlflowClient(tracking_uri=env_uri)
     assert client.get_experiment_by_name("from-env") is None

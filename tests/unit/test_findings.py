@@ -1,0 +1,101 @@
+"""The study's findings page (reports/README.md) cannot drift from the reports it summarises: every
+number in its headline table is the report.md cell it comes from (or the one derivation the page
+states: MB/round = up + down, s/round = wall s / rounds), each report's per-seed table and headline
+accuracy are what its MLflow export (runs.json, beside it) holds, and every paper-scale ratio the page
+quotes is in the paper-scale tables."""
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+REPORTS = ROOT / "reports"
+
+
+def md_tables(text: str) -> list[list[dict[str, str]]]:
+    out, block = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append([c.strip().replace("**", "") for c in line.strip().strip("|").split("|")])
+        elif block:
+            if len(block) > 2:
+                out.append([dict(zip(block[0], row, strict=True)) for row in block[2:]])
+            block = []
+    return out
+
+
+def table_with(text: str, column: str) -> list[dict[str, str]]:
+    (found,) = [t for t in md_tables(text) if t and column in t[0]]
+    return found
+
+
+def mean_std(cell: str) -> tuple[float, float]:
+    m, s = cell.split("±")
+    return float(m), float(s)
+
+
+FINDINGS = (REPORTS / "README.md").read_text() if (REPORTS / "README.md").exists() else ""
+HEADLINE = table_with(FINDINGS, "s/round") if FINDINGS else []
+COMPARISONS = sorted({row["comparison"] for row in HEADLINE})
+
+
+def test_the_findings_page_has_its_headline_table():
+    assert FINDINGS, "reports/README.md, the study's findings page, is missing"
+    assert HEADLINE and COMPARISONS
+
+
+@pytest.mark.parametrize("name", COMPARISONS)
+def test_every_headline_number_is_its_reports_cell(name):
+    text = (REPORTS / name / "report.md").read_text()
+    rounds = int(re.search(r"^\| run\.rounds +\| (\d+) ", text, re.M).group(1))
+    acc = {r["method"]: r for r in table_with(text, "acc/weighted last-k")}
+    comm = {r["method"]: r for r in table_with(text, "MB total")}
+    mem = {r["method"]: r for r in table_with(text, "peak train MB")}
+    rows = [r for r in HEADLINE if r["comparison"] == name]
+    assert sorted(r["method"] for r in rows) == sorted(acc)  # every method of the report, no other
+    for r in rows:
+        m = r["method"]
+        assert (r["model"], r["seeds"]) == (acc[m]["model"], acc[m]["seeds"])
+        assert r["acc/weighted last-k"] == acc[m]["acc/weighted last-k"]
+        assert r["acc/unseen"] == acc[m]["acc/unseen"]
+        up, down = mean_std(comm[m]["MB up/round"])[0], mean_std(comm[m]["MB down/round"])[0]
+        assert float(r["MB/round"]) == pytest.approx(up + down, abs=1e-3)
+        assert float(r["MB total"]) == mean_std(comm[m]["MB total"])[0]
+        assert float(r["peak train MB"]) == mean_std(mem[m]["peak train MB"])[0]
+        assert float(r["s/round"]) == pytest.approx(mean_std(mem[m]["wall s"])[0] / rounds, abs=0.006)
+
+
+@pytest.mark.parametrize("name", COMPARISONS)
+def test_each_report_holds_its_mlflow_exports_numbers(name):
+    """report.md's per-seed rows are the export's runs (run id, status, final acc/weighted), and its
+    headline accuracy is the mean and sample std over seeds of each run's last-k mean, k = a tenth of
+    the evaluated rounds (at least 1), recomputed here from the exported histories."""
+    text = (REPORTS / name / "report.md").read_text()
+    export = json.loads((REPORTS / name / "runs.json").read_text())
+    runs = {r["run_id"]: r for r in export["runs"]}
+    seeds = table_with(text, "run id")
+    assert {s["run id"] for s in seeds} == set(runs)
+    for s in seeds:
+        run = runs[s["run id"]]
+        assert (run["method"], run["seed"], run["status"]) == (s["method"], int(s["seed"]), s["status"])
+        assert float(s["acc/weighted"]) == round(run["metrics"]["acc/weighted"], 4)
+    k = int(re.search(r"the mean of the last k = (\d+) of (\d+) evaluated rounds", text).group(1))
+    for row in table_with(text, "acc/weighted last-k"):
+        per_seed = [statistics.fmean(v for _, v in r["acc/weighted history"][-k:])
+                    for r in export["runs"] if r["method"] == row["method"]]
+        m, s = mean_std(row["acc/weighted last-k"])
+        assert m == round(statistics.fmean(per_seed), 4)
+        assert s == round(statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0, 4)
+        assert not any(math.isnan(v) for v in per_seed)
+
+
+def test_every_paper_scale_ratio_quoted_is_in_the_paper_scale_tables():
+    """The claims' numbers (`3.026x`, `1.63x`...) on the findings page: each one appears in
+    reports/paper-scale/bytes.md or memory.md, the commands' own output."""
+    scale = (REPORTS / "paper-scale" / "bytes.md").read_text() + (REPORTS / "paper-scale" / "memory.md").read_text()
+    quoted = set(re.findall(r"\b\d+\.\d+x\b", FINDINGS))
+    assert quoted, "the findings page quotes no paper-scale ratio"
+    assert {q for q in quoted if q not in scale} == set()
