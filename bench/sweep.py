@@ -75,7 +75,8 @@ def resolve(argv: list[str]):
     opts = SweepOptions(trials=args.trials, params=params, space=args.space, pruner=args.pruner,
                         storage=args.storage, study_name=args.study_name, sampler_seed=args.sampler_seed,
                         final_test=args.final_test, tuned_out=args.tuned_out, force=args.force,
-                        objectives=parse_objectives(args.objective), n_jobs=args.n_jobs)
+                        objectives=parse_objectives(args.objective), n_jobs=args.n_jobs,
+                        configs=tuple(args.config or ()))
     return cfg, opts, args
 
 
@@ -93,13 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         cfg, opts, args = resolve(argv)
         from bench import experiment
-        from bench.tuning import study
+        from bench.tuning import presets, study
 
         outcomes, tuned = study.sweep(cfg, opts, command=shlex.join([*PROG.split(), *argv]), quiet=args.quiet)
         print(study.format_outcomes(outcomes))
         if tuned:
             print(f"\nbest values written to {tuned} (rerun on test: "
-                  f"{cli.runnable('python -m bench.run')} --config {shlex.quote(tuned)})")
+                  f"{cli.runnable('python -m bench.run')} {presets.rerun_configs(tuned, opts.configs)})")
         print(experiment.recorded_line(cfg, outcomes[-1].parent_run_id) if outcomes else "")
         print(f"Optuna storage: {opts.storage} ({dashboard(opts.storage)})")
         return 0

@@ -76,9 +76,17 @@ def tables(outcomes) -> dict[str, dict[str, Any]]:
     return out
 
 
-def write(cfg, outcomes, path: str | None = None, force: bool = False) -> str | None:
+def rerun_configs(path: str, configs: tuple[str, ...] = ()) -> str:
+    """`--config A ... --config PATH`: the sweep's own presets, then the tuned one over them."""
+    import shlex
+
+    return " ".join(f"--config {shlex.quote(c)}" for c in (*configs, path))
+
+
+def write(cfg, outcomes, path: str | None = None, force: bool = False, configs: tuple[str, ...] = ()) -> str | None:
     """Write (or update) the tuned preset; returns its path, or None if no study has a best. `force`:
-    a file at `path` that is not a tuned preset is replaced (`--force`)."""
+    a file at `path` that is not a tuned preset is replaced (`--force`). `configs`: the sweep's own
+    --config files, which the header's rerun command layers under the preset."""
     import tomli_w
 
     from fedeq_bench.core import outputs
@@ -96,7 +104,7 @@ def write(cfg, outcomes, path: str | None = None, force: bool = False) -> str | 
     head = (f"{HEADER}, objective acc/val (validation)"
             + ("; a multi-objective study gives its Pareto front's most accurate trial.\n" if multi else ".\n")
             + f"# Found with rounds={cfg.run.rounds}, clients={cfg.run.clients}, seeds="
-            f"{','.join(map(str, cfg.run.seeds))}. Rerun on test: python -m bench.run --config {path}\n\n")
+            f"{','.join(map(str, cfg.run.seeds))}. Rerun on test: python -m bench.run {rerun_configs(path, configs)}\n\n")
     text = head + tomli_w.dumps(ordered)
     outputs.write(path, text.encode(), WHAT, _owns, force=force)
     return path

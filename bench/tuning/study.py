@@ -121,6 +121,9 @@ class SweepOptions:
     """Replace a file at `tuned_out` that is not a tuned preset (`--force`); never a folder, device or link."""
     figures: bool = True
     """Optuna's matplotlib figures as artifacts of the parent run (skipped without matplotlib)."""
+    configs: tuple[str, ...] = ()
+    """The `--config` files the sweep's fixed settings came from: the tuned preset's rerun command
+    layers them first, so that it reruns the setting the values were tuned in."""
 
 
 @dataclass
@@ -381,7 +384,7 @@ def sweep(cfg, opts: SweepOptions, command: str = "", quiet: bool = True, datase
     finally:
         with cli.deferred_signals():  # a Ctrl-C inside ray.shutdown would leave Ray's processes behind
             backend.close()
-    path = presets.write(cfg, outcomes, opts.tuned_out, opts.force)
+    path = presets.write(cfg, outcomes, opts.tuned_out, opts.force, opts.configs)
     return outcomes, path
 
 

@@ -160,7 +160,10 @@ def test_resuming_adds_only_the_missing_trials_to_the_same_study(env):
 
 def test_methods_get_equal_budgets_and_a_tuned_preset_that_bench_run_loads(env):
     cfg = make_cfg(env, methods="fedavg,fedrep")
-    outcomes, tuned = study.sweep(cfg, opts(env, trials=2, final_test=False, sampler_seed=7))
+    outcomes, tuned = study.sweep(cfg, opts(env, trials=2, final_test=False, sampler_seed=7,
+                                            configs=("configs/study/x.toml",)))
+    # The header's rerun layers the sweep's own --config under the tuned values (their setting).
+    assert f"Rerun on test: python -m bench.run --config configs/study/x.toml --config {tuned}\n" in open(tuned).read()
 
     assert [(o.method, o.trials) for o in outcomes] == [("fedavg", 2), ("fedrep", 2)]
     for o in outcomes:
