@@ -80,10 +80,12 @@ def report_store(tmp_path_factory):
 def guarded(monkeypatch):
     """For tests that call bench/cli.py's `run_guarded` in this process: it installs process-wide
     signal handlers (and swaps sys.stdout while it runs); put pytest's back after, and forget the
-    interrupts seen."""
+    interrupts seen. SIGHUP starts at its default, as in a terminal's session: the suite may itself
+    run under `nohup`, whose ignored SIGHUP the guard keeps (and a SIGHUP test would then see nothing)."""
     from bench import cli
 
     saved = {s: signal.getsignal(s) for s in cli.STOP_SIGNALS}
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     monkeypatch.setattr(cli, "_INTERRUPTS", [])
     yield
     for s, h in saved.items():

@@ -148,7 +148,8 @@ def test_sighup_during_a_real_run_of_a_trillion_rounds_ends_it_killed(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.run", "--methods", "fedavg", "--rounds", "1000000000000", "--clients", "4",
          "--backend", "serial", "--quiet", "--no-report", "--tracking-uri", f"sqlite:///{db}"],
-        cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # a terminal's, even under nohup
     import sqlite3
 
     deadline = time.time() + 120

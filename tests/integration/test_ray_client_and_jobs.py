@@ -44,10 +44,9 @@ RAY = os.path.join(BIN, "ray")
 NONDETERMINISTIC = {"time/round_s", "mem/peak_rss_bytes"}
 RUN = ["--methods", "fedavg,fedrep", "--dataset", "synthetic", "--clients", "6", "--rounds", "2", "--no-report"]
 SUMMARY_HEADER = "| method | model | acc/mean |"
-# Ray Client's proxy starts one server per client connection on the first port of 23000-23999 that it
-# can bind; another Ray Client on the same machine can take that port between its check and the server's
-# start (seen once, with another user's Ray running): the connection then fails with this.
-CLIENT_SERVER_RACE = "Starting Ray client server failed"
+# Ray Client's proxy's own failures to start a server for a connection (bench/loop/cluster.py, which
+# retries once itself): the command is run once more if it still ends with one of them.
+from bench.loop.cluster import CLIENT_SERVER_RACE  # noqa: E402
 
 
 def free_ports(n: int) -> list[int]:
@@ -214,7 +213,7 @@ def test_bench_run_through_ray_client_equals_the_serial_run(cluster, serial, tmp
     env.pop("RAY_TMPDIR")  # a machine outside the cluster: nothing of it but the address and the token
     for _ in range(2):
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        if proc.returncode == 0 or CLIENT_SERVER_RACE not in proc.stderr:
+        if proc.returncode == 0 or not any(m in proc.stderr for m in CLIENT_SERVER_RACE):
             break
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
