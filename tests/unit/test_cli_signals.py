@@ -121,3 +121,17 @@ def test_other_unraisable_errors_still_reach_pythons_hook(guarded, capsys, monke
     assert cli.run_guarded(work) == 0
     assert "finalizer bug" in capsys.readouterr().err
     assert sys.unraisablehook is before
+
+
+def test_sighup_ends_a_command_like_ctrl_c_unless_nohup_ignored_it(guarded):
+    """A terminal's SIGHUP (default disposition) becomes the interrupt handler; a SIGHUP that `nohup`
+    set to ignored stays ignored, so the command goes on when the terminal closes."""
+    import signal
+
+    from bench import cli
+
+    cli.sigterm_as_interrupt()  # the guarded fixture starts SIGHUP at its default, as a terminal does
+    assert signal.getsignal(signal.SIGHUP) is signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup hands its command
+    cli.sigterm_as_interrupt()
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
