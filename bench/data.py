@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from bench import cli
+from bench import cli, commands
 from bench.quick_exit import exit_now
 from fedeq_bench.core.errors import BenchError
 
@@ -21,7 +21,7 @@ DATA_KEYS = ("dataset", "clients", "partition", "val_frac", "frac_unseen", "unse
 def build_parser() -> tuple[cli.Parser, list[str]]:
     from bench.config import RunConfig
 
-    p = cli.Parser(prog=cli.runnable("python -m bench.data"), description=__doc__.strip().splitlines()[0])
+    p = cli.Parser(prog=commands.runnable("python -m bench.data"), description=__doc__.strip().splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     d = sub.add_parser("describe", help="per-client sizes and label histograms (and a plot)",
                        description="Per-client split sizes and label histograms of a federated dataset.")

@@ -18,7 +18,7 @@ import shlex
 import sys
 import typing
 
-from bench import cli
+from bench import cli, commands
 from bench.loop.actor import Pool
 from bench.loop.early_pool import early_pool
 from bench.quick_exit import exit_now
@@ -34,7 +34,7 @@ def build_parser() -> tuple[cli.Parser, list[str]]:
     """The parser, and the run keys it has flags for (every RunConfig field)."""
     from bench.config import RunConfig
 
-    p = cli.Parser(prog=cli.runnable(PROG), description=__doc__.strip().splitlines()[0],
+    p = cli.Parser(prog=commands.runnable(PROG), description=__doc__.strip().splitlines()[0],
                    epilog=lambda: cli.registered() + " Precedence: defaults < MLFLOW_TRACKING_URI, "
                                                      "MLFLOW_EXPERIMENT_NAME < --config < flags < --set.")
     keys = cli.add_config_flags(p, RunConfig)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None, on_round=None) -> int:
     """The command; `on_round(method, seed, round, metrics)` is `experiment.compare`'s (tests use it to
     inject a fault at a known round of a real command)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = cli.runnable(shlex.join([*PROG.split(), *argv]))  # this invocation, as it runs here
+    command = commands.runnable(shlex.join([*PROG.split(), *argv]))  # this invocation, as it runs here
     progress: Progress | None = None  # once the work has got that far
     resuming: str | None = None
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from bench import cli
+from bench import cli, commands
 from bench.quick_exit import exit_now
 from fedeq_bench.core.errors import BenchError
 
@@ -27,7 +27,7 @@ def build_parser() -> tuple[cli.Parser, list[str]]:
     from bench.config import RunConfig
     from bench.tuning.storage import PRUNERS
 
-    p = cli.Parser(prog=cli.runnable(PROG), description=__doc__.strip().splitlines()[0], epilog=cli.registered)
+    p = cli.Parser(prog=commands.runnable(PROG), description=__doc__.strip().splitlines()[0], epilog=cli.registered)
     p.add_argument("--method", default=None, help="the method to tune (or --methods a,b,c / all: one study each)")
     p.add_argument("--trials", type=int, required=True, help="trials per study (a resumed study runs the missing ones)")
     p.add_argument("--params", default=None, help="sweep only these keys of the space, e.g. rho,tol")
@@ -81,10 +81,10 @@ def resolve(argv: list[str]):
 
 
 def dashboard(storage: str) -> str:
-    """How to watch the study: optuna-dashboard by path (bench/cli.py's `program`), or how to get it."""
-    exe = cli.program("optuna-dashboard", distribution="optuna-dashboard")
+    """How to watch the study: optuna-dashboard by path (bench/commands.py's `program`), or how to get it."""
+    exe = commands.program("optuna-dashboard", distribution="optuna-dashboard")
     if exe is None:
-        return f"watch it with optuna-dashboard, which is not installed: {cli.python()} -m pip install optuna-dashboard"
+        return f"watch it with optuna-dashboard, which is not installed: {commands.python()} -m pip install optuna-dashboard"
     return f"watch: {exe} {shlex.quote(storage)}"
 
 
@@ -100,13 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         print(study.format_outcomes(outcomes))
         if tuned:
             print(f"\nbest values written to {tuned} (rerun on test: "
-                  f"{cli.runnable('python -m bench.run')} {presets.rerun_configs(tuned, opts.configs)})")
+                  f"{commands.runnable('python -m bench.run')} {presets.rerun_configs(tuned, opts.configs)})")
         print(experiment.recorded_line(cfg, outcomes[-1].parent_run_id) if outcomes else "")
         print(f"Optuna storage: {opts.storage} ({dashboard(opts.storage)})")
         return 0
 
     return cli.run_guarded(work, "interrupted; finished trials are kept, and the same command resumes the study: "
-                                 + cli.runnable(shlex.join([*PROG.split(), *argv])))
+                                 + commands.runnable(shlex.join([*PROG.split(), *argv])))
 
 
 if __name__ == "__main__":

@@ -13,18 +13,18 @@ PROG_HINT = "python -m bench.run"
 
 
 def resume_command(cfg, parent_id: str, flags: tuple[str, ...] = ()) -> str:
-    """The command that continues invocation `parent_id` of `cfg`, as it runs here (bench/cli.py's
+    """The command that continues invocation `parent_id` of `cfg`, as it runs here (bench/commands.py's
     `runnable`): `--resume ID`, `--tracking-uri` where the runs are not in the default store (the one
     --resume looks in without it), and `flags` (e.g. the invocation's --quiet, --report-dir)."""
     import shlex
 
-    from bench import cli
+    from bench import commands
     from bench import config as C
 
     words = [*PROG_HINT.split(), "--resume", parent_id]
     if cfg.run.tracking_uri != C.env_defaults().get("tracking_uri", C.RunConfig.tracking_uri):
         words += ["--tracking-uri", cfg.run.tracking_uri]
-    return cli.runnable(shlex.join([*words, *flags]))
+    return commands.runnable(shlex.join([*words, *flags]))
 
 RESUME_KEYS = ("tracking_uri", "backend", "workers", "address", "state_budget_gb", "checkpoint_every")
 """Run keys `--resume` accepts: where and how the work runs, never what it computes (Serial and Ray

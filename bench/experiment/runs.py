@@ -265,11 +265,11 @@ def report_out(cfg, parent: str, report_dir: str = "reports") -> str:
 
 
 def report_command(cfg, parent: str, report_dir: str = "reports") -> str:
-    """The `python -m bench.report` command that writes `report`'s files, as it runs here (bench/cli.py's
+    """The `python -m bench.report` command that writes `report`'s files, as it runs here (bench/commands.py's
     `runnable`); it does not copy them to the parent run's artifacts as `report` does."""
     import shlex
 
-    from bench import cli
+    from bench import commands
     from bench import config as C
 
     env = C.env_defaults()
@@ -278,20 +278,20 @@ def report_command(cfg, parent: str, report_dir: str = "reports") -> str:
         words += ["--tracking-uri", cfg.run.tracking_uri]
     if cfg.run.experiment != env.get("experiment", C.RunConfig.experiment):
         words += ["--experiment", cfg.run.experiment]
-    return cli.runnable(shlex.join(words))
+    return commands.runnable(shlex.join(words))
 
 
 def recorded_line(cfg, parent: str) -> str:
-    """Where the runs went, and how to look at them: a command that runs as printed (bench/cli.py's
+    """Where the runs went, and how to look at them: a command that runs as printed (bench/commands.py's
     `program`: MLflow's script by path, venv active or not), or the address of an MLflow server."""
     import shlex
 
-    from bench import cli
+    from bench import commands
 
     run = cfg.run
     if run.tracking_uri.startswith(("http://", "https://")):
         browse = f"open {run.tracking_uri} in a browser"
     else:
-        browse = f"{cli.program('mlflow', 'mlflow', 'mlflow')} ui --backend-store-uri {shlex.quote(run.tracking_uri)}"
+        browse = f"{commands.program('mlflow', 'mlflow', 'mlflow')} ui --backend-store-uri {shlex.quote(run.tracking_uri)}"
     return (f"recorded in {run.tracking_uri} (experiment {run.experiment!r}, parent run {parent}); "
             f"browse with: {browse}")

@@ -26,7 +26,7 @@ adjoint solver in `--b-solvers` (bench/perf/claims.py says what each measures).
 """
 from __future__ import annotations
 
-from bench import cli
+from bench import cli, commands
 from bench.quick_exit import exit_now
 from fedeq_bench.core.ranges import Range
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
 
 def measure(argv=None) -> int:
-    p = cli.Parser(prog=cli.runnable("python -m bench.perf"), description=__doc__.splitlines()[0])
+    p = cli.Parser(prog=commands.runnable("python -m bench.perf"), description=__doc__.splitlines()[0])
     p.add_argument("--rounds", default=None, help="rounds per measurement (default 30; --scale: 6)")
     p.add_argument("--warmup", default="5", help="first rounds left out of the median (default 5)")
     p.add_argument("--lr", default="0.05", help="local learning rate (default 0.05)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import cli
+from bench import cli, commands
 from bench.quick_exit import exit_now
 
 PROG = "python -m bench.report"
@@ -23,7 +23,7 @@ def build_parser() -> cli.Parser:
     env = C.env_defaults()
     uri = env.get("tracking_uri", C.RunConfig.tracking_uri)
     experiment = env.get("experiment", C.RunConfig.experiment)
-    p = cli.Parser(prog=cli.runnable(PROG), description=__doc__.strip().splitlines()[0])
+    p = cli.Parser(prog=commands.runnable(PROG), description=__doc__.strip().splitlines()[0])
     p.add_argument("--experiment", default=experiment,
                    help=f"MLflow experiment (default: {experiment}, from $MLFLOW_EXPERIMENT_NAME when set)")
     p.add_argument("--runs", default=None, metavar="ID,...",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from bench import cli
+from bench import commands
 from bench.report import figures as F
 from bench.report.model import Cell, Group, Image, Provenance, ReportData, RunRecord, Table
 from bench.report.tables import DASH, fmt, mark_best, peak, stat_cell, wall_s
@@ -147,7 +147,7 @@ def runs_table(group: Group, parents: Sequence[Provenance]) -> Table:
     bad = [r for r in group.runs if r.status != "FINISHED"]
     notes = ["acc/val: a trial's final validation accuracy; test acc/weighted: the best trial's rerun on "
              "the test split"]
-    notes += [f"command of invocation {p.run_id} (running it again resumes the study): {cli.runnable(p.command) if p.command else DASH}"
+    notes += [f"command of invocation {p.run_id} (running it again resumes the study): {commands.runnable(p.command) if p.command else DASH}"
               for p in parents]
     if bad:
         notes.append(f"{len(bad)} run(s) not FINISHED ({', '.join(sorted({r.status for r in bad}))}): shown here, "

@@ -20,7 +20,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from bench import cli
+from bench import commands
 from bench.report.model import Cell, Group, Provenance, ReportData, RunRecord, Table
 from bench.report.stats import Stat, seed_stat
 
@@ -352,7 +352,7 @@ def rerun_command(parents: dict[str, Provenance], r: RunRecord) -> str:
     p = parents.get(r.parent_id)
     if p is None or not p.command:
         return DASH
-    return cli.runnable(f"{cli.without_keys(p.command, ('methods', 'seeds'))} --methods {shlex.quote(r.method)} "
+    return commands.runnable(f"{commands.without_keys(p.command, ('methods', 'seeds'))} --methods {shlex.quote(r.method)} "
                         f"--seeds {r.seed}")
 
 

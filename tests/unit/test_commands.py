@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from bench import cli
+from bench import commands
 from bench import run as bench_run
 from bench import sweep as bench_sweep
 from bench.experiment import Progress
@@ -29,16 +29,16 @@ def executable(path) -> str:
 def test_the_interpreter_is_named_by_path_relative_under_the_current_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "executable", executable(tmp_path / "proj" / ".venv" / "bin" / "python"))
     monkeypatch.chdir(tmp_path / "proj")
-    assert cli.python() == ".venv/bin/python"  # a word with a slash: the shell does not look it up on PATH
-    assert cli.runnable("python -m bench.run --resume abc") == ".venv/bin/python -m bench.run --resume abc"
-    assert cli.runnable("fedeq-bench run") == "fedeq-bench run"  # not a `python ...` line: unchanged
+    assert commands.python() == ".venv/bin/python"  # a word with a slash: the shell does not look it up on PATH
+    assert commands.runnable("python -m bench.run --resume abc") == ".venv/bin/python -m bench.run --resume abc"
+    assert commands.runnable("fedeq-bench run") == "fedeq-bench run"  # not a `python ...` line: unchanged
     monkeypatch.chdir(tmp_path / "proj" / ".venv" / "bin")
-    assert cli.python() == "./python"  # a bare `python` would be PATH's
+    assert commands.python() == "./python"  # a bare `python` would be PATH's
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    assert cli.python() == str(tmp_path / "proj" / ".venv" / "bin" / "python")
+    assert commands.python() == str(tmp_path / "proj" / ".venv" / "bin" / "python")
     monkeypatch.setattr(sys, "executable", executable(tmp_path / "my env" / "bin" / "python"))
-    assert shlex.split(cli.python()) == [str(tmp_path / "my env" / "bin" / "python")]  # quoted for the shell
+    assert shlex.split(commands.python()) == [str(tmp_path / "my env" / "bin" / "python")]  # quoted for the shell
 
 
 def test_a_venv_python_is_not_resolved_to_the_base_interpreter_it_links_to(tmp_path, monkeypatch):
@@ -47,23 +47,23 @@ def test_a_venv_python_is_not_resolved_to_the_base_interpreter_it_links_to(tmp_p
     os.symlink(base, tmp_path / "proj" / ".venv" / "bin" / "python")
     monkeypatch.setattr(sys, "executable", str(tmp_path / "proj" / ".venv" / "bin" / "python"))
     monkeypatch.chdir(tmp_path / "proj")
-    assert cli.python() == ".venv/bin/python"
+    assert commands.python() == ".venv/bin/python"
 
 
 def test_a_console_script_is_found_beside_the_interpreter_else_as_python_m_else_on_path(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "executable", executable(tmp_path / "venv" / "bin" / "python"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path / "path"))
-    assert cli.program("mlflow", "mlflow") == f"{cli.python()} -m mlflow"  # no script beside it
-    assert cli.program("nothing-like-this") is None
+    assert commands.program("mlflow", "mlflow") == f"{commands.python()} -m mlflow"  # no script beside it
+    assert commands.program("nothing-like-this") is None
     executable(tmp_path / "path" / "nothing-like-this")
-    assert cli.program("nothing-like-this") == "path/nothing-like-this"
+    assert commands.program("nothing-like-this") == "path/nothing-like-this"
     executable(tmp_path / "venv" / "bin" / "mlflow")
-    assert cli.program("mlflow", "mlflow") == "venv/bin/mlflow"
+    assert commands.program("mlflow", "mlflow") == "venv/bin/mlflow"
 
 
 def test_the_installed_mlflow_script_is_found_from_its_distribution():
-    exe = cli.program("mlflow", distribution="mlflow")  # this environment's, wherever pip put it
+    exe = commands.program("mlflow", distribution="mlflow")  # this environment's, wherever pip put it
     assert exe is not None and os.access(shlex.split(exe)[0], os.X_OK)
 
 
@@ -78,7 +78,7 @@ def test_the_installed_mlflow_script_is_found_from_its_distribution():
                                                                      "--model mlp"),
 ])
 def test_without_keys_leaves_each_flag_to_be_given_once(recorded, expected):
-    assert cli.without_keys(recorded, ("methods", "seeds")) == expected
+    assert commands.without_keys(recorded, ("methods", "seeds")) == expected
 
 
 def test_run_help_lists_the_registered_methods_and_datasets():
@@ -121,9 +121,9 @@ def test_the_resume_command_names_a_store_other_than_the_default(monkeypatch):
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = C.default_config()
-    assert resume_command(cfg, "P1", ("--quiet",)) == cli.runnable("python -m bench.run --resume P1 --quiet")
+    assert resume_command(cfg, "P1", ("--quiet",)) == commands.runnable("python -m bench.run --resume P1 --quiet")
     other = C.apply(cfg, {"tracking_uri": "sqlite:///runs/m.db"})
-    assert resume_command(other, "P1") == cli.runnable(
+    assert resume_command(other, "P1") == commands.runnable(
         "python -m bench.run --resume P1 --tracking-uri sqlite:///runs/m.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/m.db")  # --resume's default store then
-    assert resume_command(other, "P1") == cli.runnable("python -m bench.run --resume P1")
+    assert resume_command(other, "P1") == commands.runnable("python -m bench.run --resume P1")

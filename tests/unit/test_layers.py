@@ -11,7 +11,7 @@ and inside the harness, each level importing only the levels below it:
     experiment                       validate, load, run and compare, summaries, resume
     report | loop                    reports from MLflow (no torch); the round loop (independent)
     tracking                         MLflow runs, stores, provenance
-    config | cli | quick_exit        the harness's vocabulary: config dataclasses; command-line plumbing
+    config | cli | commands | quick_exit  the harness's vocabulary: config dataclasses; command-line plumbing
 
 grimp reads a package from its directory, and in a checkout the library's folders are mapped under
 `fedeq_bench` by pyproject's package-dir, not laid out beneath it. So the test lays the folders out as
@@ -53,7 +53,7 @@ CHECK = textwrap.dedent("""
         grimp.Layer("experiment"),
         grimp.Layer("report", "loop"),
         grimp.Layer("tracking"),
-        grimp.Layer("config", "cli", "quick_exit", independent=False),
+        grimp.Layer("config", "cli", "commands", "quick_exit", independent=False),
     ]
     bad = (g.find_illegal_dependencies_for_layers(layers=library)
            | g.find_illegal_dependencies_for_layers(layers=harness, containers={"bench"}))

@@ -14,7 +14,7 @@ import statistics
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bench import cli
+from bench import commands
 from bench.report import collect, tables, verdict
 from bench.report.model import Group
 from bench.tracking import Tracker
@@ -255,9 +255,9 @@ def test_failed_and_pruned_runs_are_shown_and_a_missing_seed_is_said(damaged, re
     assert shown[("fedavg", "2")]["status"] == "PRUNED"
     assert shown[("fedrep", "1")]["run id"] == children[("fedrep", "1")].info.run_id
     # The recorded command (tests/conftest.py) less its --methods and --seeds, then this run's, once each;
-    # `python` is this interpreter, by path (bench/cli.py: runnable).
+    # `python` is this interpreter, by path (bench/commands.py: runnable).
     assert report_store["command"].startswith("python -m bench.run --methods fedeq,fedavg,fedrep --dataset")
-    assert shown[("fedrep", "1")]["command"] == cli.runnable(
+    assert shown[("fedrep", "1")]["command"] == commands.runnable(
         "python -m bench.run --dataset synthetic --clients 6 --rounds 3 --methods fedrep --seeds 1")
     assert any("2 run(s) not FINISHED (FAILED, PRUNED)" in n for n in runs.notes)
 
