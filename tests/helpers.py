@@ -177,6 +177,7 @@ def new_store(path) -> str:
     migrations (about 2 s of CPU each time, some 70 times a suite); the copy is the same file, down to
     its Default experiment (whose artifact folder names the template's; runs here use their own
     experiment)."""
+    import atexit
     import os
     import shutil
     import tempfile
@@ -185,6 +186,7 @@ def new_store(path) -> str:
         from mlflow.tracking import MlflowClient
 
         folder = tempfile.mkdtemp(prefix="store-template")
+        atexit.register(shutil.rmtree, folder, True)
         template = os.path.join(folder, "mlflow.db")
         MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
         _STORE_TEMPLATE.append(template)
