@@ -294,8 +294,11 @@ def federate(
     default_clients: int,
     to_float: Callable[[np.ndarray], np.ndarray],
     default_models: dict[str, str],
+    note: str = "",
 ):
     """A centralised dataset -> `FederatedDataset`: partition (cached), then `build_federated`.
+
+    `note` (e.g. `subset=0.25`) goes into the partition's label, which runs record and reports show.
 
     `to_float` maps a stored batch (e.g. uint8 images) to float32 features; it is applied per client,
     so the whole pool is never held as float32 twice.
@@ -307,5 +310,5 @@ def federate(
     (tx, ty), (sx, sy) = train, test
     parts, digest = cached_partition(ty, sy, n_clients, spec, args.seed)
     raw = [(to_float(tx[tr]), ty[tr], to_float(sx[te]), sy[te]) for tr, te in parts]
-    label = f"{spec}(clients={n_clients},seed={args.seed},sha256={digest})"
+    label = f"{spec}(clients={n_clients},seed={args.seed},{note + ',' if note else ''}sha256={digest})"
     return build_federated(name, raw, num_classes, args, partition=label, default_models=default_models)

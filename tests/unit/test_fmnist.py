@@ -116,6 +116,16 @@ def test_generated_set_loads_as_images_in_0_1_and_every_sample_once(tmp_path, gz
     assert sorted(train_ids) == list(range(300)) and sorted(test_ids) == list(range(100))
 
 
+def test_subset_keeps_the_first_images_of_each_split_and_says_so(tmp_path):
+    write_idx_set(tmp_path)  # 300 train, 100 test
+    ds = load(tmp_path, cfg=F.FmnistConfig(download=False, subset=0.25), clients=5, partition="shards:2")
+    train_ids = sorted(i for c in ds.clients for x in (c.train_x, c.val_x) for i in decode(x)[0].tolist())
+    test_ids = sorted(i for c in ds.clients for i in decode(c.test_x)[0].tolist())
+    assert train_ids == list(range(75)) and test_ids == list(range(25))  # round(0.25 * 300), round(0.25 * 100)
+    assert ds.partition.startswith("shards:2(clients=5,seed=0,subset=0.25,sha256=")
+    assert F.kept(3, 0.1) == 1  # round(0.3) = 0 -> at least one image
+
+
 def test_data_dir_comes_before_bench_data_dir(tmp_path, monkeypatch):
     write_idx_set(tmp_path / "env", n_train=200)
     monkeypatch.setenv("BENCH_DATA_DIR", str(tmp_path / "env"))
