@@ -89,6 +89,10 @@ class RunConfig:
     state_budget_gb: float | None = ranged(None, ge=0, note="0: every client state on disk")
     """GB (10^9 bytes) of client states kept in memory; past it the least recently used are written
     to a temporary directory and read back bit for bit (same results, slower). None: no limit."""
+    keep_going: bool = False
+    """A method x seed that diverges (bench/loop/divergence.py) ends FAILED with a `diverged` tag and
+    the comparison goes on with the other runs; the summary and the report name it, outside the
+    means. False: the first divergence stops the command (exit 2), as any failure does."""
     checkpoint_every: int = ranged(10, ge=0, note="0: no checkpoints")
     """Write a resumable checkpoint into each child run's artifacts every N rounds and after the last
     (`--resume PARENT_RUN_ID` continues from it); 0: none. Raising it saves I/O, redoes more rounds."""

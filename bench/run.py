@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None, on_round=None) -> int:
         progress = experiment.Progress(command=command, resume_flags=tuple(flags))
         rows, parent = experiment.compare(cfg, command=shlex.join([*PROG.split(), *argv]), quiet=args.quiet,
                                           resume=args.resume, early=early, on_round=on_round, progress=progress)
-        print(experiment.format_table(rows))
+        print(experiment.format_table(rows, progress.diverged))
         print("\n" + experiment.recorded_line(cfg, parent))
         if args.report:
             progress.report = experiment.report_command(cfg, parent, args.report_dir)

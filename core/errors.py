@@ -10,6 +10,12 @@ class BenchError(Exception):
     """Bad input or an unrecoverable run condition, explained in one line."""
 
 
+class Diverged(BenchError):
+    """A run's numbers left the finite range: a solver's residual blew up, or NaN/inf reached an
+    update or the server state. A result of the method's settings (`--keep-going` records it and goes
+    on with the other runs), not a fault of the harness."""
+
+
 def choices(names) -> str:
     """`a, b, c`: the valid choices, sorted, for an error message."""
     return ", ".join(sorted(names))

@@ -29,7 +29,7 @@ for m in fedeq fedavg fedavg_ft fedper fedrep ditto knnper local apfl fedbabu fe
     --storage "sqlite:///$OUT/optuna.db" --study-name "study-$NAME-$m" --tuned-out "$TUNED"
 done
 # The comparison: every method, the config's seeds, with the sweeps' winners layered over the config.
-$PY -m bench.run --config "$CFG" --config "$TUNED" --tracking-uri "$STORE" --workers 2 --quiet --no-report
+$PY -m bench.run --config "$CFG" --config "$TUNED" --tracking-uri "$STORE" --workers 2 --quiet --no-report --keep-going
 # The report (plotly.js once, in reports/) and the runs it reads, exported beside it.
 $PY -m bench.report --tracking-uri "$STORE" --experiment "study-$NAME" --out "$OUT" --shared-plotly
 $PY scripts/export_runs.py "$STORE" "study-$NAME" > "$OUT/runs.json"

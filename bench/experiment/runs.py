@@ -10,6 +10,7 @@ from collections.abc import Callable
 from bench.experiment.load import load_checked
 from bench.experiment.resume import drop_checkpoints, logged_steps, process_tags, reopened, resume_command, resume_plan
 from bench.experiment.summary import clients_csv, format_table, summarize
+from fedeq_bench.core.errors import Diverged
 
 
 def run_one(cfg, tracker, parent: str | None, backend, method: str, seed: int, dataset, quiet: bool = True,
@@ -68,6 +69,9 @@ def run_one(cfg, tracker, parent: str | None, backend, method: str, seed: int, d
         try:
             result = run_method(cfg, method, seed, dataset, backend, logged, resume=start,
                                 on_checkpoint=ckpts.save if checkpoints and ckpts is not None else None)
+        except Diverged as e:  # the run ends FAILED; the tag says why (reports name it)
+            tracker.client.set_tag(child, "diverged", str(e)[:5000])
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -96,6 +100,8 @@ class Progress:
     pairs: list[str] = dataclasses.field(default_factory=list)
     """Every method x seed of the invocation, `fedrep seed 0`, in the order they run."""
     finished: list[str] = dataclasses.field(default_factory=list)
+    diverged: dict[str, str] = dataclasses.field(default_factory=dict)
+    """`fedeq seed 0` -> its divergence, for the runs `keep_going` went on past (FAILED)."""
     running: str | None = None
     done: bool = False
     """Every run FINISHED and the parent run ended FINISHED."""
@@ -114,7 +120,9 @@ class Progress:
         parts = [f"KILLED: {killed}"]
         if self.finished:
             parts.append(f"FINISHED (kept as they are): {', '.join(self.finished)}")
-        left = [p for p in self.pairs if p not in self.finished and p != self.running]
+        if self.diverged:
+            parts.append(f"FAILED, diverged: {', '.join(self.diverged)}")
+        left = [p for p in self.pairs if p not in self.finished and p not in self.diverged and p != self.running]
         if left:
             parts.append(f"not started: {', '.join(left)}")
         return f"interrupted; {'; '.join(parts)}; continue with: {self.resume}"
@@ -206,18 +214,29 @@ def compare(cfg, command: str = "", quiet: bool = False, resume: str | None = No
                     return done
                 observe = None if on_round is None else functools.partial(on_round, method, seed)
                 progress.running = label
-                result = run_one(cfg, tracker, parent, backend, method, seed, datasets[seed], quiet,
-                                 on_round=observe, checkpoints=run.checkpoint_every > 0, resume=done)
+                try:
+                    result = run_one(cfg, tracker, parent, backend, method, seed, datasets[seed], quiet,
+                                     on_round=observe, checkpoints=run.checkpoint_every > 0, resume=done)
+                except Diverged as e:
+                    if not run.keep_going:
+                        raise
+                    progress.diverged[label] = str(e)
+                    progress.running = None
+                    print(f"{label} diverged (its run ends FAILED; going on, --keep-going): {e}", file=sys.stderr)
+                    return None
                 progress.finished.append(label)
                 progress.running = None
                 return result
 
-            results = [one(method, seed) for seed in run.seeds for method in run.methods]
+            ran = [one(method, seed) for seed in run.seeds for method in run.methods]
+            results = [r for r in ran if r is not None]
             closed = True
             with cli.deferred_signals():  # a Ctrl-C inside ray.shutdown would leave Ray's processes behind
                 backend.close()  # free Ray's workers before the (quick) summary
             rows = summarize(results)
-            tracker.log_text(parent, format_table(rows) + "\n", "summary.md")
+            if progress.diverged:
+                tracker.client.set_tag(parent, "diverged", "; ".join(progress.diverged)[:5000])
+            tracker.log_text(parent, format_table(rows, progress.diverged) + "\n", "summary.md")
             tracker.log_json(parent, rows, "summary.json")
         progress.done = True
         drop_checkpoints(tracker.client, parent)

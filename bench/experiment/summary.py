@@ -45,11 +45,13 @@ TABLE = [("acc/mean", "acc/mean", ".4f"), ("acc/weighted", "acc/weighted", ".4f"
          ("peak train MB", "peak_train_mb", ".3f"), ("wall s", "wall_s", ".1f")]
 
 
-def format_table(rows) -> str:
+def format_table(rows, diverged: dict[str, str] | None = None) -> str:
     """The Markdown table the CLI prints and stores as summary.md.
 
     A cell is the mean; with several seeds it is `mean ± std` (even `± 0.00`: equal bytes across
     seeds is a finding too), and a footnote says the std is the sample std over how many seeds.
+    `diverged` (`fedeq seed 0` -> why, runs `keep_going` went past) is listed under the table: those
+    runs are in no mean, and a method whose every seed diverged has no row.
     """
     def cell(stat, fmt, seeds):
         return f"{stat.mean:{fmt}}" + (f" ± {stat.std:{fmt}}" if seeds > 1 else "")
@@ -61,6 +63,9 @@ def format_table(rows) -> str:
     seeds = sorted({r["seeds"] for r in rows if r["seeds"] > 1})
     if seeds:
         out.append(f"\nmean ± sample std (ddof=1) over {' or '.join(map(str, seeds))} seeds; final round")
+    if diverged:
+        out.append("\ndiverged (runs FAILED, in no mean):")
+        out += [f"- {label}: {why}" for label, why in diverged.items()]
     return "\n".join(out)
 
 

@@ -32,7 +32,7 @@ import torch
 
 from bench.loop import divergence, faults, memory, wire
 from fedeq_bench.core import seeding
-from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.errors import BenchError, Diverged
 from fedeq_bench.core.types import ClientTensors, MethodSpec, State
 from fedeq_bench.datasets.base import ClientData, FederatedDataset
 from fedeq_bench.methods.train import job_options
@@ -93,6 +93,8 @@ class Result:
     error: str | None = None
     """A BenchError's message (bad input or a diverging solver); the engine names method, round and
     client. Any other exception is a bug and propagates with its traceback."""
+    diverged: bool = False
+    """`error` came from a `Diverged` (the engine raises it as one)."""
 
 
 class Worker:
@@ -174,7 +176,7 @@ class Worker:
             with job_global_rng(seed, kind, rnd, cid, spec.task.device), job_options(spec.task):
                 return self._run(kind, method, spec, job, seed, rnd, measure)
         except BenchError as e:
-            return Result(cid, error=str(e))
+            return Result(cid, error=str(e), diverged=isinstance(e, Diverged))
         except Exception as e:
             # A bug: keep its type and traceback (Ray's too), and say whose work it was.
             e.add_note(f"in {spec.name}: round {rnd}, client {cid} ({kind.value})")

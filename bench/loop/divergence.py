@@ -44,9 +44,9 @@ def describe(name: str, after: str) -> str:
 
 
 def check_update(up, state, metrics) -> None:
-    """A local update's uplink, new client state and reported loss must be finite (BenchError)."""
-    from fedeq_bench.core.errors import BenchError
+    """A local update's uplink, new client state and reported loss must be finite (Diverged)."""
+    from fedeq_bench.core.errors import Diverged
 
     bad = first_nonfinite({"uplink": up, "state": state, "loss": metrics.get("loss", 0.0)})
     if bad is not None:
-        raise BenchError(describe(bad, "local update"))
+        raise Diverged(describe(bad, "local update"))

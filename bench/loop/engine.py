@@ -49,7 +49,7 @@ from bench.loop import checkpoint, divergence, wire
 from bench.loop.backends import Job, Kind, Result
 from bench.loop.store import ClientStore, budget_bytes
 from fedeq_bench.core import seeding
-from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.errors import BenchError, Diverged
 from fedeq_bench.core.types import MethodSpec, Task
 from fedeq_bench.datasets.base import FederatedDataset
 from fedeq_bench.methods.base import METHODS
@@ -104,12 +104,13 @@ class EncodeCache:
         return hit[0]
 
 
-def failure(method: str, rnd: int, msg: str, where: str = "server") -> BenchError:
+def failure(method: str, rnd: int, msg: str, where: str = "server", diverged: bool = False) -> BenchError:
     """The one shape of a failed step: `fedeq: round 3, client 7: solver diverged (residual nan)`.
 
-    `where` is `server` (broadcast, aggregate) or a client (see `client_label`).
+    `where` is `server` (broadcast, aggregate) or a client (see `client_label`); `diverged`: raised as
+    a `Diverged`, which `--keep-going` records and goes on past.
     """
-    return BenchError(f"{method}: round {rnd}, {where}: {msg}")
+    return (Diverged if diverged else BenchError)(f"{method}: round {rnd}, {where}: {msg}")
 
 
 def client_label(cid: int, kind: Kind = Kind.TRAIN, never_trained: bool = False) -> str:
@@ -131,7 +132,7 @@ def blame(method: str, rnd: int, where: str = "server") -> Iterator[None]:
     try:
         yield
     except BenchError as e:
-        raise failure(method, rnd, str(e), where) from e
+        raise failure(method, rnd, str(e), where, isinstance(e, Diverged)) from e
     except Exception as e:
         e.add_note(f"in {method}: round {rnd}, {where}")
         raise
@@ -142,7 +143,8 @@ def client_results(backend, kind: Kind, spec: MethodSpec, jobs: list[Job], seed:
     """`backend.run`'s results in job order; a client's failure is raised as `failure(...)` naming it."""
     for res in backend.run(kind, spec, jobs, seed, rnd, measure):
         if res.error is not None:
-            raise failure(spec.name, rnd, res.error, client_label(res.cid, kind, res.cid in never_trained))
+            raise failure(spec.name, rnd, res.error, client_label(res.cid, kind, res.cid in never_trained),
+                          res.diverged)
         yield res
 
 
@@ -297,7 +299,7 @@ def run_method(
             server, agg_metrics = algo.aggregate(server, replies, rnd)  # AggregateResult(server, metrics)
         bad = divergence.first_nonfinite(server)
         if bad is not None:
-            raise failure(method, rnd, divergence.describe(f"server state {bad}", "aggregate"))
+            raise failure(method, rnd, divergence.describe(f"server state {bad}", "aggregate"), diverged=True)
         cumulative += up_bytes + down_bytes
         peak_train = max(peak_of[c] for c in cohort)
         losses = [m["loss"] for m in client_metrics if "loss" in m]

@@ -123,7 +123,7 @@ def record(client, run, method: str | None = None) -> RunRecord:
         status=status_of(run), dataset=p.get("dataset", "?"), partition=p.get("partition", "?"),
         fingerprint=p.get("dataset_fingerprint", "?"), model=p.get("model", "?"), params=dict(p),
         history=history(client, run), clients=clients(client, run.info.run_id),
-        start_ms=run.info.start_time, end_ms=run.info.end_time)
+        start_ms=run.info.start_time, end_ms=run.info.end_time, diverged=run.data.tags.get("diverged", ""))
 
 
 def provenance(run) -> Provenance:
@@ -146,10 +146,10 @@ def grouped(records: list[RunRecord]) -> list[Group]:
 
 
 NEUTRAL = frozenset({"methods", "seeds", "backend", "workers", "address", "cpus_per_client", "state_budget_gb",
-                     "checkpoint_every", "experiment", "tracking_uri", "run_name", "data_dir"})
+                     "checkpoint_every", "experiment", "tracking_uri", "run_name", "data_dir", "keep_going"})
 """Run keys (bench/config.py RunConfig) that never change a run's numbers: which methods and seeds an
 invocation ran, where and how it ran (Serial == Ray bit for bit; any state budget or worker count gives
-the same numbers), where it is recorded. `data_dir` only says where files are read from: equal data has
+the same numbers), where it is recorded, whether a diverged run stops the others. `data_dir` only says where files are read from: equal data has
 equal `dataset_fingerprint` (compared through the dataset and partition). Every other run key is compared."""
 
 

@@ -38,6 +38,8 @@ class RunRecord:
     (numbers). None when the run has no such artifact (an older or unfinished run)."""
     start_ms: int | None = None
     end_ms: int | None = None
+    diverged: str = ""
+    """Why the run diverged (its `diverged` tag: a FAILED run `--keep-going` went past); "" otherwise."""
 
     def final(self, name: str) -> float:
         """The metric's value at its last logged round; nan when never logged."""

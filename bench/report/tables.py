@@ -177,13 +177,14 @@ def repeat_notes(group: Group) -> list[str]:
 
 
 def seed_notes(group: Group) -> list[str]:
-    """`fedrep: no FINISHED run for seed 1 (FAILED)` for every method x seed of the group without one."""
+    """`fedrep: no FINISHED run for seed 1 (FAILED)` for every method x seed of the group without one;
+    a diverged run says where (`FAILED, diverged: fedeq: round 25, client 10: ...`)."""
     notes = []
     for m in group.methods:
         for s in group.seeds:
             rs = [r for r in group.runs if r.method == m and r.seed == s]
             if not any(r.status == "FINISHED" for r in rs):
-                why = ", ".join(r.status for r in rs) or "no run"
+                why = ", ".join(f"{r.status}, diverged: {r.diverged}" if r.diverged else r.status for r in rs) or "no run"
                 notes.append(f"{m}: no FINISHED run for seed {s} ({why})")
     return notes
 

@@ -110,7 +110,7 @@ from torchdeq.solver import anderson_solver, broyden_solver, fixed_point_iter
 from torchdeq.solver.broyden import matvec as broyden_matvec
 from torchdeq.solver.broyden import rmatvec as broyden_rmatvec
 
-from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.errors import BenchError, Diverged
 from fedeq_bench.core.registry import Registry
 
 STATS_KEYS = ("nstep", "residual", "residual_first", "converged")
@@ -121,7 +121,7 @@ Solver = Callable[..., tuple[Tensor, dict[str, Tensor]]]
 SOLVERS: Registry[Solver] = Registry("solver")
 
 
-class DEQDivergence(BenchError):
+class DEQDivergence(Diverged):
     """A fixed-point solve produced NaN/inf, or a residual above `diverge_above`."""
 
 

@@ -202,6 +202,37 @@ def test_fedeq_divergence_fails_the_run_with_method_round_and_client(tmp_path, m
     assert {r.info.status for r in runs} == {"FAILED"} and len(runs) == 2  # parent + the fedeq child
 
 
+def test_keep_going_records_a_diverged_run_and_finishes_the_others(tmp_path, monkeypatch, capfd, guarded):
+    """--keep-going: FeDEQ at lr 1e6 diverges in round 1 of each seed (as above); its runs end FAILED
+    with a `diverged` tag, FedAvg's finish, the command exits 0, and the summary and the report name
+    the diverged runs outside the means."""
+    from bench.report import collect, tables
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code, out, err = in_process(["--methods", "fedeq,fedavg", "--rounds", "2", "--set", "fedeq.lr=1e6", "--seeds", "0,1",
+                                 "--fraction", "0.1", "--backend", "serial", "--tracking-uri", uri, "--quiet",
+                                 "--keep-going", "--no-report"], monkeypatch, capfd, tmp_path)
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert re.search(r"^fedeq seed 1 diverged \(its run ends FAILED; going on, --keep-going\): fedeq: round 1, client ",
+                     err, re.M), err
+    client, runs = runs_of(uri)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = {(r.data.params["method"], r.data.params["seed"]): r for r in runs if r is not parent}
+    assert parent.info.status == "FINISHED" and parent.data.tags["diverged"] == "fedeq seed 0; fedeq seed 1"
+    for seed in ("0", "1"):
+        assert children[("fedavg", seed)].info.status == "FINISHED"
+        bad = children[("fedeq", seed)]
+        assert bad.info.status == "FAILED" and bad.data.tags["diverged"].startswith("fedeq: round 1, client ")
+    # The table has FedAvg's row over 2 seeds and no FeDEQ row; the diverged runs are listed under it.
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert rows == ["method", "fedavg"], out
+    assert "diverged (runs FAILED, in no mean):\n- fedeq seed 0: fedeq: round 1, client " in out
+    (group,) = collect.collect(uri, "fedeq-bench").groups
+    notes = tables.seed_notes(group)
+    assert len(notes) == 2 and notes[0].startswith("fedeq: no FINISHED run for seed 0 (FAILED, diverged: fedeq: round 1, client ")
+
+
 def test_unreachable_ray_address_is_one_line_and_records_nothing(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = bench_run(["--methods", "fedavg", "--rounds", "1", "--address", "127.0.0.1:1", "--tracking-uri", uri,
