@@ -1,7 +1,7 @@
 """Print, as JSON, what an MLflow experiment holds of each comparison's child runs: run id, method,
-seed, status, parent, every final metric and the per-round history of acc/weighted. The study keeps
-this export beside each report (reports/<comparison>/runs.json), so a reader can check the report's
-numbers without the store, and tests/unit/test_findings.py does.
+seed, status, parent, every final metric, the per-round history of acc/weighted and, for a run that
+diverged, where. The study keeps this export beside each report (reports/<comparison>/runs.json), so
+a reader can check the report's numbers without the store, and tests/unit/test_findings.py does.
 
     python scripts/export_runs.py sqlite:///reports/synthetic/mlflow.db study-synthetic > reports/synthetic/runs.json
 """
@@ -26,7 +26,8 @@ def export(uri: str, experiment: str) -> dict:
         out.append({"run_id": r.info.run_id, "parent": parent, "method": r.data.params["method"],
                     "seed": int(r.data.params["seed"]), "status": r.info.status,
                     "metrics": dict(sorted(r.data.metrics.items())),
-                    "acc/weighted history": [[m.step, m.value] for m in history]})
+                    "acc/weighted history": [[m.step, m.value] for m in history],
+                    **({"diverged": r.data.tags["diverged"]} if "diverged" in r.data.tags else {})})
     return {"tracking_uri": uri, "experiment": experiment, "runs": out}
 
 
