@@ -33,6 +33,9 @@ STREAMS = {
     "personalize": "(rnd, cid): Method.personalize of a held-out client (bench/loop/backends.py)",
     "global": "(kind, rnd, cid): torch's global generator during one client job, for model code that "
               "draws from it, such as dropout (at evaluation too with eval_dropout) (bench/loop/backends.py)",
+    "wire_down": "(rnd, cid): stochastic rounding of a downlink, drawn for the first client that gets "
+                 "the message (bench/loop/engine.py)",
+    "wire_up": "(rnd, cid): stochastic rounding of a client's uplink (bench/loop/backends.py)",
     "perf": "(): the generated workload of bench/perf/workloads.py and tests/perf",
 }
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -55,6 +55,10 @@ class MethodConfig:
     run's --local-epochs."""
     batch_size: int | None = ranged(None, ge=1)
     """Mini-batch size; None: the run's --batch-size."""
+    wire: Literal["fp32", "fp16", "bf16", "int8"] | None = None
+    """Wire format of this method's messages (bench/loop/wire.py); None: the run's --wire."""
+    wire_rounding: Literal["nearest", "stochastic"] | None = None
+    """int8's rounding for this method; None: the run's --wire-rounding."""
 
 
 class LocalResult(NamedTuple):

@@ -186,7 +186,8 @@ class Worker:
              measure: frozenset) -> Result:
         cid = job.cid
         data = self._client(cid, spec.task.device)
-        down = wire.decode(job.payload)
+        codec = wire.codec_of(spec.cfg)
+        down = codec.decode(job.payload)
         if kind is Kind.TRAIN:
             metered = cid in measure
             live = spec.task.cpu_memory == "live"
@@ -196,7 +197,9 @@ class Worker:
                 update = method.local_update(down, job.state, data, seeding.generator(seed, "local", rnd, cid))
             divergence.check_update(update.message, update.state, update.metrics)
             # A numpy buffer, not bytes: Ray moves it out-of-band (no pickling copy into the object store).
-            return Result(cid, update.metrics, np.frombuffer(wire.encode(update.message), dtype=np.uint8),
+            rng = seeding.generator(seed, "wire_up", rnd, cid) if codec.draws else None
+            up = codec.encode(update.message, rng)
+            return Result(cid, update.metrics, np.frombuffer(up, dtype=np.uint8),
                           update.state, meter.peak_bytes if meter is not None else 0, memory.peak_rss_bytes())
         state = job.state
         if kind is Kind.EVALUATE_UNSEEN:

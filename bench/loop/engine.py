@@ -93,14 +93,18 @@ class EncodeCache:
     the engine makes a fresh cache every round.
     """
 
-    def __init__(self):
+    def __init__(self, codec: wire.Codec | None = None, seed: int = 0, rnd: int = 0):
         self._memo: dict[tuple, tuple[bytes, dict]] = {}
+        self.codec, self.seed, self.rnd = codec or wire.Codec(), seed, rnd
 
-    def encode(self, msg: dict[str, torch.Tensor]) -> bytes:
+    def encode(self, msg: dict[str, torch.Tensor], cid: int = 0) -> bytes:
+        """The message in the run's wire format; stochastic rounding draws from (wire_down, rnd, cid)
+        of the first client `cid` that gets it (the engine encodes in client-id order)."""
         key = tuple(sorted((k, id(t), t._version) for k, t in msg.items()))
         hit = self._memo.get(key)
         if hit is None:
-            hit = self._memo[key] = (wire.encode(msg), msg)
+            rng = seeding.generator(self.seed, "wire_down", self.rnd, cid) if self.codec.draws else None
+            hit = self._memo[key] = (self.codec.encode(msg, rng), msg)
         return hit[0]
 
 
@@ -239,6 +243,7 @@ def run_method(
     task = Task(model_name, dataset.input_shape, dataset.num_classes, device, run.cpu_memory,
                 drop_last=run.drop_last, eval_dropout=run.eval_dropout)
     spec = MethodSpec(METHODS.get(method), mcfg, task)
+    codec = wire.codec_of(mcfg)
     # The driver's copy (init, broadcast, aggregate: the server side) works on CPU tensors, whatever
     # device the actors train on: a cluster's head node need not have a GPU.
     algo = MethodSpec(METHODS.get(method), mcfg, dataclasses.replace(task, device="cpu")).build()
@@ -274,18 +279,18 @@ def run_method(
         cohort = algo.cohort(cohort_at(seed, train_ids, rnd, run.fraction), train_ids)
         trained.update(cohort)
         never_trained = [c for c in train_ids if c not in trained]
-        jobs, down_bytes, cache = [], 0, EncodeCache()
+        jobs, down_bytes, cache = [], 0, EncodeCache(codec, seed, rnd)
         with blame(method, rnd):
             for cid in cohort:
                 msg = algo.broadcast(server, cid, rnd)
-                payload = cache.encode(msg)
+                payload = cache.encode(msg, cid)
                 down_bytes += result.ledger.record(rnd, cid, "down", payload, msg.keys())
                 jobs.append(Job(cid, payload, store[cid]))
         replies, up_bytes, client_metrics, peak_rss = [], 0, [], 0
         measure = frozenset(c for c in cohort if run.memory_every_round or c not in peak_of)
         for res in client_results(backend, Kind.TRAIN, spec, jobs, seed, rnd, measure):
             assert res.up is not None and res.state is not None  # a TRAIN result carries both
-            msg = wire.decode(res.up)
+            msg = codec.decode(res.up)
             up_bytes += result.ledger.record(rnd, res.cid, "up", res.up, msg.keys())
             store[res.cid] = res.state
             replies.append((res.cid, msg))
@@ -361,21 +366,21 @@ def evaluate(algo, spec: MethodSpec, server, store, dataset: FederatedDataset, b
     Evaluation downlinks are a measurement, not training traffic: they are not in the ledger.
     `per_client`: when given, filled with every evaluated client's metrics by client id.
     """
-    cache = EncodeCache()
+    cache = EncodeCache(wire.codec_of(spec.cfg), seed, rnd)
     fresh = frozenset(never_trained)
     train_ids = dataset.train_ids if clients is None else list(clients)
     held = list(dataset.unseen) if unseen is None else list(unseen)
     seen_ids = [cid for cid in train_ids if cid not in fresh]
     fresh_ids = sorted(fresh | set(held))  # one batch, in client-id order
     with blame(spec.name, rnd):
-        jobs = [Job(cid, cache.encode(algo.broadcast(server, cid, rnd)), store[cid]) for cid in seen_ids]
+        jobs = [Job(cid, cache.encode(algo.broadcast(server, cid, rnd), cid), store[cid]) for cid in seen_ids]
     evals = {res.cid: res.metrics for res in client_results(backend, Kind.EVALUATE, spec, jobs, seed, rnd)}
     held_evals: dict[int, dict[str, float]] = {}
     if fresh_ids:
         with blame(spec.name, rnd):
             # Such a client starts from the current server at every evaluation: `new_client` draws
             # ("client_init", cid) again each time, the same numbers from the same call site.
-            jobs = [Job(cid, cache.encode(algo.broadcast(server, cid, rnd)), new_client(algo, cid, server, seed))
+            jobs = [Job(cid, cache.encode(algo.broadcast(server, cid, rnd), cid), new_client(algo, cid, server, seed))
                     for cid in fresh_ids]
         for res in client_results(backend, Kind.EVALUATE_UNSEEN, spec, jobs, seed, rnd, never_trained=fresh):
             (evals if res.cid in fresh else held_evals)[res.cid] = res.metrics

@@ -16,6 +16,15 @@ Layout (all integers little-endian):
 So a tensor named `name` with shape s costs 2 + len(name) + 1 + 1 + 4 * len(s) + 8 + numel * itemsize
 bytes, on top of 8 bytes for the header. An empty message is not sent at all: it encodes to zero
 bytes (a method that communicates nothing, like `local`, costs nothing).
+
+Wire formats (`Codec`, `--wire`, per method `--set fedrep.wire=int8`): how a message's float32
+tensors travel, in both directions. `fp32` sends them as they are (the encoding above, bit for bit).
+`fp16` and `bf16` send each as 16-bit floats (round to nearest even), 2 bytes an entry. `int8` sends
+each as int8 entries q and a float32 scale s = max|x| / 127 under `NAME#scale`: x -> q = round(x / s)
+(or, with stochastic rounding, floor(x / s + u), u uniform in [0, 1): unbiased), clipped to
+[-127, 127]. Every other tensor (counts, integer buffers) is sent as it is. The receiver gets the
+decoded float32 tensors (q * s for int8), so accuracy reflects the loss, and the bytes counted are
+the compressed message's, scales included.
 """
 from __future__ import annotations
 
@@ -110,6 +119,89 @@ def decode(buf: bytes | np.ndarray) -> dict[str, torch.Tensor]:
         return out
     except (struct.error, KeyError, ValueError) as e:
         raise BenchError(f"wire: corrupt message ({e})") from None
+
+
+FORMATS = ("fp32", "fp16", "bf16", "int8")
+"""The wire formats (`Codec.fmt`)."""
+SCALE = "#scale"
+"""Suffix of an int8 tensor's scale in a compressed message; message keys never contain `#`."""
+_HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A wire format (module doc) applied to whole messages: `encode(msg, rng)` the compressed bytes,
+    `decode(buf)` the float32 message the receiver works with. `fp32` is `encode` / `decode` exactly."""
+
+    fmt: str = "fp32"
+    stochastic: bool = False
+    """int8 rounds stochastically, drawing from the generator `encode` is given."""
+
+    def __post_init__(self):
+        if self.fmt not in FORMATS:
+            raise BenchError(f"unknown wire format {self.fmt!r}; choose from {', '.join(FORMATS)}")
+
+    @property
+    def draws(self) -> bool:
+        """Whether `encode` draws random numbers (and so needs its generator)."""
+        return self.fmt == "int8" and self.stochastic
+
+    def encode(self, msg: dict[str, torch.Tensor], rng: torch.Generator | None = None) -> bytes:
+        return encode(msg if self.fmt == "fp32" else self.compress(msg, rng))
+
+    def decode(self, buf: bytes | np.ndarray) -> dict[str, torch.Tensor]:
+        msg = decode(buf)
+        return msg if self.fmt == "fp32" else self.expand(msg)
+
+    def compress(self, msg: dict[str, torch.Tensor], rng: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The message as it travels: float32 tensors in this format, anything else as it is."""
+        if self.draws and rng is None:
+            raise ValueError("stochastic int8 rounding needs a generator")
+        out: dict[str, torch.Tensor] = {}
+        for name in sorted(msg):  # sorted: stochastic draws in a fixed order
+            t = msg[name]
+            if "#" in name:
+                raise ValueError(f"message key {name!r} contains '#', which compressed messages reserve")
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+                out[name] = t
+            elif self.fmt in _HALF:
+                out[name] = t.detach().to("cpu", _HALF[self.fmt])
+            else:
+                out[name], out[name + SCALE] = quantize_int8(t.detach().to("cpu"), rng if self.stochastic else None)
+        return out
+
+    def expand(self, msg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inverse of `compress` up to its rounding: the float32 message the receiver works with."""
+        out = {}
+        for name, t in msg.items():
+            if name.endswith(SCALE):
+                continue
+            if self.fmt in _HALF and t.dtype == _HALF[self.fmt]:
+                out[name] = t.to(torch.float32)
+            elif self.fmt == "int8" and t.dtype == torch.int8 and name + SCALE in msg:
+                out[name] = t.to(torch.float32) * msg[name + SCALE]
+            else:
+                out[name] = t
+        return out
+
+
+def quantize_int8(x: torch.Tensor, rng: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, s): int8 entries and the float32 scale s = max|x| / 127 (0 for an all-zero or empty x),
+    q = round(x / s), or floor(x / s + u) with u ~ U[0, 1) from `rng`; x is q * s within s / 2
+    (nearest) or within s (stochastic, and unbiased)."""
+    amax = x.abs().max() if x.numel() else torch.zeros((), dtype=x.dtype)
+    scale = (amax / 127).to(torch.float32).reshape(())
+    if float(scale) == 0.0:
+        return torch.zeros(x.shape, dtype=torch.int8), scale
+    y = x / scale
+    y = torch.round(y) if rng is None else torch.floor(y + torch.rand(x.shape, generator=rng, dtype=y.dtype))
+    return y.clamp_(-127, 127).to(torch.int8), scale
+
+
+def codec_of(cfg) -> Codec:
+    """The wire format of a resolved method config (`wire`, `wire_rounding`); fp32 where it has none
+    (a config built in code and never resolved against a run)."""
+    return Codec(getattr(cfg, "wire", None) or "fp32", getattr(cfg, "wire_rounding", None) == "stochastic")
 
 
 class LedgerRow(NamedTuple):

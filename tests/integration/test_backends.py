@@ -83,6 +83,11 @@ def test_serial_and_ray_are_bit_identical(method, ray_backend, tiny):
     ("fedper", {"fedper.head_epochs": 1, "fedper.server_weights": "uniform", "fedper.unseen_bn": "keep"}),
     ("fedrep", {"fedrep.server_weights": "uniform", "fedrep.unseen_bn": "keep"}),
     ("knnper", {"knnper.kernel": "exp_l2", "knnper.store_mode": "train"}),
+    # Wire formats: both directions compressed, stochastic int8 drawing from wire_down / wire_up.
+    ("fedavg", {"wire": "fp16"}),
+    ("fedavg", {"wire": "bf16"}),
+    ("fedeq", {"wire": "int8", "wire_rounding": "stochastic"}),
+    ("fedrep", {"fedrep.wire": "int8"}),
 ])
 def test_reference_protocol_options_are_bit_identical_too(method, sets, ray_backend, tiny):
     cfg = tiny_config(tiny, methods=method, rounds=2, fraction=0.34, frac_unseen=0.15, **sets)

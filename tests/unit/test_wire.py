@@ -120,3 +120,71 @@ def test_ledger_csv_refuses_what_it_could_not_read_back():
         wire.to_csv([wire.LedgerRow(1, 0, "up", 4, ("a,b",))])
     with pytest.raises(ValueError, match="not a ledger CSV"):
         wire.from_csv("r,c\n1,2\n")
+
+
+# -- wire formats ---------------------------------------------------------------------------------
+
+def entry_bytes(name: str, ndim: int, data: int) -> int:
+    """One tensor's cost in the layout: u16 name length, name, u8 dtype, u8 ndim, u32 per dim, u64 nbytes, data."""
+    return 2 + len(name) + 1 + 1 + 4 * ndim + 8 + data
+
+
+@pytest.mark.parametrize("fmt,w_data,extra", [
+    ("fp32", 12 * 4, 0),
+    ("fp16", 12 * 2, 0),
+    ("bf16", 12 * 2, 0),
+    ("int8", 12 * 1, entry_bytes("w#scale", 0, 4)),  # plus the float32 scale, a 0-dim tensor
+])
+def test_each_format_costs_its_exact_bytes(fmt, w_data, extra):
+    """A float32 (3, 4) tensor and an int64 count: the count travels as it is in every format."""
+    msg = {"w": torch.randn(3, 4), "n": torch.tensor(7)}
+    want = wire.HEADER_BYTES + entry_bytes("w", 2, w_data) + entry_bytes("n", 0, 8) + extra
+    assert len(wire.Codec(fmt).encode(msg)) == want
+    got = wire.Codec(fmt).decode(wire.Codec(fmt).encode(msg))
+    assert sorted(got) == ["n", "w"] and got["w"].dtype == torch.float32 and torch.equal(got["n"], msg["n"])
+
+
+def test_fp32_is_the_plain_encoding_bit_for_bit():
+    msg = {"w": torch.randn(5, 3), "n": torch.tensor(2)}
+    assert wire.Codec("fp32").encode(msg) == wire.encode(msg)
+    assert wire.codec_of(object()) == wire.Codec("fp32")  # a config with no wire key: fp32
+
+
+@pytest.mark.parametrize("fmt,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_half_formats_deliver_the_rounded_values(fmt, dtype):
+    x = torch.randn(100) * 10
+    got = wire.Codec(fmt).decode(wire.Codec(fmt).encode({"x": x}))["x"]
+    assert torch.equal(got, x.to(dtype).to(torch.float32))  # round to nearest even, then back to float32
+
+
+def test_int8_nearest_is_within_half_a_step_and_stochastic_within_one_and_unbiased():
+    x = torch.randn(4000, generator=torch.Generator().manual_seed(0))
+    q, s = wire.quantize_int8(x)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127  # the largest |x| maps to +-127
+    assert float(s) == pytest.approx(float(x.abs().max()) / 127, rel=1e-6)
+    err = (q.float() * s - x).abs()
+    assert float(err.max()) <= float(s) / 2 * (1 + 1e-5)
+    codec = wire.Codec("int8", stochastic=True)
+    draws = torch.stack([codec.decode(codec.encode({"x": x}, torch.Generator().manual_seed(i)))["x"] for i in range(200)])
+    assert float((draws - x).abs().max()) < float(s) * (1 + 1e-5)
+    # Unbiased: each draw's error has mean 0 and std <= s / 2, so the mean of 200 draws is within 5
+    # standard errors, s / 2 / sqrt(200) each, at all 4000 entries (the largest of 4000 normals is ~4 sigma).
+    assert float((draws.mean(0) - x).abs().max()) < 5 * float(s) / 2 / 200 ** 0.5
+    assert float((draws.mean(0) - x).abs().mean()) < float((q.float() * s - x).abs().mean())
+    # Stochastic rounding is a function of the generator: the same seed, the same bytes.
+    assert codec.encode({"x": x}, torch.Generator().manual_seed(3)) == codec.encode({"x": x}, torch.Generator().manual_seed(3))
+
+
+def test_int8_of_zeros_and_empty_tensors_decodes_to_zeros():
+    codec = wire.Codec("int8")
+    got = codec.decode(codec.encode({"z": torch.zeros(3), "e": torch.zeros(0, 2)}))
+    assert torch.equal(got["z"], torch.zeros(3)) and got["e"].shape == (0, 2)
+
+
+def test_formats_refuse_what_they_cannot_carry():
+    with pytest.raises(BenchError, match="unknown wire format 'int4'; choose from fp32, fp16, bf16, int8"):
+        wire.Codec("int4")
+    with pytest.raises(ValueError, match="reserve"):
+        wire.Codec("int8").encode({"a#scale": torch.ones(2)})
+    with pytest.raises(ValueError, match="needs a generator"):
+        wire.Codec("int8", stochastic=True).encode({"a": torch.ones(2)})

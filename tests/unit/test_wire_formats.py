@@ -1,0 +1,54 @@
+"""Wire formats through the engine (bench/loop/wire.py `Codec`): fp32 keeps the numbers the engine gave
+before formats existed, bit for bit; a compressed format costs its exact bytes in both directions and
+the receiver trains on the decoded values; a method's own `wire` beats the run's."""
+import pytest
+
+from bench import config as C
+from bench.loop.backends import SerialBackend
+from bench.loop.engine import run_method
+from fedeq_bench.datasets import DataArgs, get_dataset
+
+# Recorded with the engine at commit 501c30e, before wire formats existed (the same config and seed):
+# FedAvg and FeDEQ on synthetic, 6 clients, 2 rounds, fraction 0.5, seed 0.
+GOLDEN = {
+    "fedavg": (0.7340720221606648, 0.42420022816412034, 1307130, 1306944),
+    "fedeq": (0.9335180055401662, 0.14973272862386824, 975024, 974952),
+}
+
+
+def run(method, **keys):
+    cfg = C.apply(C.default_config(), {"dataset": "synthetic", "clients": 6, "rounds": 2, "backend": "serial",
+                                       "fraction": 0.5, **keys})
+    ds = get_dataset("synthetic", cfg.datasets["synthetic"],
+                     DataArgs(seed=0, clients=6, partition=None, val_frac=0.1, frac_unseen=0.0, data_dir=None))
+    r = run_method(cfg, method, 0, ds, SerialBackend())
+    return r, (r.final["acc/weighted"], r.final["loss/train"], r.ledger.total("up"), r.ledger.total("down"))
+
+
+@pytest.mark.parametrize("method", sorted(GOLDEN))
+def test_fp32_default_gives_the_numbers_from_before_wire_formats(method):
+    assert run(method)[1] == GOLDEN[method]
+    assert run(method, wire="fp32")[1] == GOLDEN[method]
+
+
+def test_fp16_halves_every_float_entry_both_ways_and_the_receiver_gets_the_rounding():
+    """FedAvg sends its whole float32 model (and an int64 sample count) each way: fp16 saves 2 bytes
+    per parameter per message, headers and the count unchanged."""
+    full, (_, loss32, up32, down32) = run("fedavg")
+    half, (_, loss16, up16, down16) = run("fedavg", wire="fp16")
+    params = full.params_shared
+    n_up = sum(1 for e in full.ledger.entries if e.direction == "up")
+    n_down = sum(1 for e in full.ledger.entries if e.direction == "down")
+    assert n_up == n_down == 6  # 3 clients a round (fraction 0.5 of 6), 2 rounds
+    assert up32 - up16 == n_up * 2 * params and down32 - down16 == n_down * 2 * params
+    assert [e.keys for e in half.ledger.entries] == [e.keys for e in full.ledger.entries]  # same tensors, named alike
+    assert loss16 != loss32  # training started from the rounded global model, not the exact one
+
+
+def test_a_methods_own_wire_beats_the_runs():
+    """`fedavg.wire=int8` under a run at fp32: FedAvg's messages shrink, FeDEQ's numbers are untouched."""
+    _, fedavg = run("fedavg", **{"fedavg.wire": "int8"})
+    assert fedavg[2] < GOLDEN["fedavg"][2] / 3  # about a quarter: int8 entries plus a scale per tensor
+    assert run("fedeq", **{"fedavg.wire": "int8"})[1] == GOLDEN["fedeq"]
+    _, back = run("fedavg", wire="int8", **{"fedavg.wire": "fp32"})
+    assert back == GOLDEN["fedavg"]
