@@ -26,9 +26,10 @@ def resume_command(cfg, parent_id: str, flags: tuple[str, ...] = ()) -> str:
         words += ["--tracking-uri", cfg.run.tracking_uri]
     return commands.runnable(shlex.join([*words, *flags]))
 
-RESUME_KEYS = ("tracking_uri", "backend", "workers", "address", "state_budget_gb", "checkpoint_every")
+RESUME_KEYS = ("tracking_uri", "backend", "workers", "address", "state_budget_gb", "checkpoint_every", "keep_going")
 """Run keys `--resume` accepts: where and how the work runs, never what it computes (Serial and Ray
-runs are bit-identical, any worker count and state budget give the same numbers). Every other key
+runs are bit-identical, any worker count and state budget give the same numbers; `keep_going` only
+says whether a diverged run stops the others). Every other key
 comes from the parent run's params; giving one would make the result differ from the run resumed."""
 
 

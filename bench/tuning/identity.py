@@ -31,7 +31,7 @@ SPACE_ATTR = "bench.space"
 OWNER_ATTR = "bench.owner"
 
 NOT_IDENTITY = ("experiment", "run_name", "tracking_uri", "backend", "workers", "address", "state_budget_gb",
-                "checkpoint_every")
+                "checkpoint_every", "keep_going")
 """Run keys that do not define a study: the MLflow names, and where and how the work runs (what a test
 keeps equal to bench/experiment/resume.py's RESUME_KEYS, which `--resume` may change for the same reason)."""
 
@@ -63,19 +63,28 @@ def _shown(value) -> str:
     return str(value)
 
 
-def differences(old: dict, new: dict, label: str = "") -> list[str]:
-    """`run.rounds 2 -> 3` for every key whose value differs between `old` and `new` (sorted)."""
+def differences(old: dict, new: dict, label: str = "", added: dict | None = None) -> list[str]:
+    """`run.rounds 2 -> 3` for every key whose value differs between `old` and `new` (sorted). A key
+    only `new` has is no difference when its value is the one `added` gives for it."""
+    added = added or {}
     return [f"{label}{k} {_shown(old.get(k))} -> {_shown(new.get(k))}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]
+            if old.get(k) != new.get(k) and not (k not in old and k in added and new.get(k) == added[k])]
 
 
 def mismatch(study, fixed: dict[str, str], space: dict[str, dict]) -> list[str]:
     """What differs between the identity stored on `study` and this run's; [] for a study that stores
-    none (a new one, or one made before identities were recorded)."""
+    none (a new one, or one made before identities were recorded). A key the stored identity lacks is
+    an option the harness gained after the study was made: at its default it computes what the study's
+    trials computed (a new option's default keeps the earlier numbers, e.g. `wire = fp32`), so only
+    another value is a difference."""
+    from bench import config as C
+
     attrs = study.user_attrs
     if FIXED_ATTR not in attrs:
         return []
-    return differences(attrs[FIXED_ATTR], fixed) + differences(attrs.get(SPACE_ATTR, {}), space, "search space ")
+    defaults = C.flatten(C.default_config())
+    return (differences(attrs[FIXED_ATTR], fixed, added=defaults)
+            + differences(attrs.get(SPACE_ATTR, {}), space, "search space "))
 
 
 def refusal(study, diffs: list[str], storage_url: str) -> BenchError:

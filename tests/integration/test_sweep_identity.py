@@ -106,6 +106,19 @@ def test_every_key_of_the_identity_changed_is_refused_naming_it(folder):
                              "to resume it")
 
 
+def test_a_key_added_to_the_harness_after_the_study_counts_only_off_its_default(folder):
+    """A study made before an option existed stores no key for it: the option at its default (which
+    computes what the study's trials computed) resumes the study; any other value is refused."""
+    cfg, opts, _ = S.resolve(ARGV)
+    storage = make_storage(opts.storage)
+    study = optuna.load_study(study_name="s", storage=storage)
+    old = {k: v for k, v in study.user_attrs[identity.FIXED_ATTR].items() if k not in ("run.wire", "fedavg.wire")}
+    study.set_user_attr(identity.FIXED_ATTR, old)  # as a study made before wire formats stores itself
+    check_resumable(cfg, opts, storage)
+    with pytest.raises(BenchError, match=r"run\.wire \(none\) -> int8"):
+        check_resumable(C.apply(cfg, {"wire": "int8"}), opts, storage)
+
+
 def test_the_keys_left_out_of_the_identity_are_resumes_own():
     """Where and how the work runs is not a study's identity, for the reason `bench.run --resume` may
     change exactly those keys."""
