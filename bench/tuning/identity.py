@@ -76,14 +76,17 @@ def mismatch(study, fixed: dict[str, str], space: dict[str, dict]) -> list[str]:
     none (a new one, or one made before identities were recorded). A key the stored identity lacks is
     an option the harness gained after the study was made: at its default it computes what the study's
     trials computed (a new option's default keeps the earlier numbers, e.g. `wire = fp32`), so only
-    another value is a difference."""
+    another value is a difference. A stored run key that NOT_IDENTITY has since come to name is no
+    part of the identity any more, and is not compared."""
     from bench import config as C
 
     attrs = study.user_attrs
     if FIXED_ATTR not in attrs:
         return []
     defaults = C.flatten(C.default_config())
-    return (differences(attrs[FIXED_ATTR], fixed, added=defaults)
+    stored = {k: v for k, v in attrs[FIXED_ATTR].items()
+              if not (k.startswith("run.") and k.removeprefix("run.") in NOT_IDENTITY)}
+    return (differences(stored, fixed, added=defaults)
             + differences(attrs.get(SPACE_ATTR, {}), space, "search space "))
 
 

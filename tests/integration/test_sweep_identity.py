@@ -113,7 +113,9 @@ def test_a_key_added_to_the_harness_after_the_study_counts_only_off_its_default(
     storage = make_storage(opts.storage)
     study = optuna.load_study(study_name="s", storage=storage)
     old = {k: v for k, v in study.user_attrs[identity.FIXED_ATTR].items() if k not in ("run.wire", "fedavg.wire")}
-    study.set_user_attr(identity.FIXED_ATTR, old)  # as a study made before wire formats stores itself
+    # As a study made before wire formats stores itself, and when a key now named in NOT_IDENTITY
+    # (where and how the work runs) was still stored as identity.
+    study.set_user_attr(identity.FIXED_ATTR, {**old, "run.keep_going": "False", "run.workers": "7"})
     check_resumable(cfg, opts, storage)
     with pytest.raises(BenchError, match=r"run\.wire \(none\) -> int8"):
         check_resumable(C.apply(cfg, {"wire": "int8"}), opts, storage)
