@@ -30,7 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from bench.loop import divergence, faults, memory, wire
+from bench.loop import divergence, faults, flops, memory, wire
 from fedeq_bench.core import seeding
 from fedeq_bench.core.errors import BenchError, Diverged
 from fedeq_bench.core.types import ClientTensors, MethodSpec, State
@@ -90,6 +90,9 @@ class Result:
     peak_train_bytes: int = 0
     """TRAIN, when the client was in `measure`: the local update's peak training memory."""
     peak_rss_bytes: int = 0
+    flops: int = 0
+    """When the client was in `measure`: the FLOPs of its work (a local update, or an evaluation with
+    a held-out client's personalization), as torch.utils.flop_counter counts them."""
     error: str | None = None
     """A BenchError's message (bad input or a diverging solver); the engine names method, round and
     client. Any other exception is a bug and propagates with its traceback."""
@@ -188,23 +191,26 @@ class Worker:
         data = self._client(cid, spec.task.device)
         codec = wire.codec_of(spec.cfg)
         down = codec.decode(job.payload)
+        counter = flops.Counter() if cid in measure else None
         if kind is Kind.TRAIN:
-            metered = cid in measure
             live = spec.task.cpu_memory == "live"
             meter = memory.make_meter(spec.task.device, modules=_networks(method) if live else [method.net],
-                                      cpu=spec.task.cpu_memory) if metered else None
-            with meter if meter is not None else nullcontext():
+                                      cpu=spec.task.cpu_memory) if counter is not None else None
+            with meter if meter is not None else nullcontext(), counter if counter is not None else nullcontext():
                 update = method.local_update(down, job.state, data, seeding.generator(seed, "local", rnd, cid))
             divergence.check_update(update.message, update.state, update.metrics)
             # A numpy buffer, not bytes: Ray moves it out-of-band (no pickling copy into the object store).
             rng = seeding.generator(seed, "wire_up", rnd, cid) if codec.draws else None
             up = codec.encode(update.message, rng)
             return Result(cid, update.metrics, np.frombuffer(up, dtype=np.uint8),
-                          update.state, meter.peak_bytes if meter is not None else 0, memory.peak_rss_bytes())
+                          update.state, meter.peak_bytes if meter is not None else 0, memory.peak_rss_bytes(),
+                          counter.total if counter is not None else 0)
         state = job.state
-        if kind is Kind.EVALUATE_UNSEEN:
-            state = method.personalize(down, state, data, seeding.generator(seed, "personalize", rnd, cid))
-        return Result(cid, method.evaluate(down, state, data, seeding.generator(seed, "eval", rnd, cid)))
+        with counter if counter is not None else nullcontext():
+            if kind is Kind.EVALUATE_UNSEEN:
+                state = method.personalize(down, state, data, seeding.generator(seed, "personalize", rnd, cid))
+            metrics = method.evaluate(down, state, data, seeding.generator(seed, "eval", rnd, cid))
+        return Result(cid, metrics, flops=counter.total if counter is not None else 0)
 
     def run_chunk(self, kind: Kind, spec: MethodSpec, jobs: list[Job], seed: int, rnd: int,
                   measure: frozenset) -> list[Result]:

@@ -84,6 +84,8 @@ class LoopState:
     wall_s: float
     identity: dict = field(default_factory=dict)
     """method, seed, rounds, dataset_fingerprint: what a resumed run must match."""
+    flops_of: dict = field(default_factory=dict)
+    """("train" | "eval" | "unseen", client) -> its metered FLOPs (bench/loop/flops.py)."""
 
 
 # -- the file -------------------------------------------------------------------------------------
@@ -93,6 +95,7 @@ def _meta(state: LoopState) -> bytes:
     meta = {
         "format": FORMAT, **state.identity, "round": state.round, "cumulative": state.cumulative,
         "peak_of": {str(c): int(v) for c, v in sorted(state.peak_of.items())},
+        "flops_of": {f"{k}:{c}": int(v) for (k, c), v in sorted(state.flops_of.items())},
         "trained": sorted(int(c) for c in state.trained), "history": state.history,
         "ledger_csv": state.ledger.to_csv(), "clients": state.clients, "wall_s": state.wall_s,
     }
@@ -227,7 +230,9 @@ class Checkpoint:
         return LoopState(round=self.round, server=self.server(), store=store, cumulative=int(m["cumulative"]),
                          peak_of={int(c): int(v) for c, v in m["peak_of"].items()}, trained=set(m["trained"]),
                          history=result.history, ledger=result.ledger, clients=m["clients"],
-                         wall_s=float(m["wall_s"]), identity=identity)
+                         wall_s=float(m["wall_s"]), identity=identity,
+                         flops_of={(k, int(c)): int(v) for key, v in m.get("flops_of", {}).items()
+                                   for k, _, c in [key.partition(":")]})
 
 
 # -- in MLflow ------------------------------------------------------------------------------------

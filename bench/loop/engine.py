@@ -56,8 +56,11 @@ from fedeq_bench.methods.base import METHODS
 
 # Metric names of docs/architecture.md (Metrics), logged every round (acc/* every evaluated round).
 ROUND_METRICS = ("loss/train", "bytes/up", "bytes/down", "bytes/cumulative", "mem/peak_train_bytes",
-                 "mem/peak_rss_bytes", "time/round_s", "clients/never_trained")
+                 "mem/peak_rss_bytes", "time/round_s", "clients/never_trained", "compute/flops_train",
+                 "compute/flops_update")
 EVAL_METRICS = ("acc/mean", "acc/weighted", "acc/bottom10", "acc/val")
+EVAL_COMPUTE_METRICS = ("compute/flops_eval",)
+"""Logged in evaluated rounds beside EVAL_METRICS: the FLOPs of scoring every client scored."""
 
 
 @dataclass
@@ -264,12 +267,15 @@ def run_method(
     # A local update's footprint depends on the model, the method and the client's data size, not
     # on the round: meter each client's first update (every one with run.memory_every_round).
     peak_of: dict[int, int] = {}
+    # FLOPs likewise (bench/loop/flops.py), by ("train" | "eval" | "unseen", client).
+    flops_of: dict[tuple[str, int], int] = {}
     trained: set[int] = set()  # training clients in some cohort so far
     start, wall_before = 1, 0.0
     ident = checkpoint.identity(method, seed, run.rounds, dataset.fingerprint)
     if resume is not None:  # everything the loop carries between rounds (bench/loop/checkpoint.py)
         loop = resume.restore(store, result, train_ids, **ident)
         server, cumulative, peak_of, trained = loop.server, loop.cumulative, loop.peak_of, loop.trained
+        flops_of = loop.flops_of
         start, wall_before = loop.round + 1, loop.wall_s
     t_start = time.perf_counter()
 
@@ -297,6 +303,7 @@ def run_method(
             client_metrics.append(res.metrics)
             if res.cid in measure:
                 peak_of[res.cid] = res.peak_train_bytes
+                flops_of[("train", res.cid)] = res.flops
             peak_rss = max(peak_rss, res.peak_rss_bytes)
         # Aggregate in client-id order so Serial and Ray runs are bit-identical.
         replies.sort(key=lambda r: r[0])
@@ -307,6 +314,7 @@ def run_method(
             raise failure(method, rnd, divergence.describe(f"server state {bad}", "aggregate"), diverged=True)
         cumulative += up_bytes + down_bytes
         peak_train = max(peak_of[c] for c in cohort)
+        flops_train = sum(flops_of[("train", c)] for c in cohort)
         losses = [m["loss"] for m in client_metrics if "loss" in m]
         metrics = {
             "loss/train": float(np.mean(losses)) if losses else float("nan"),
@@ -316,6 +324,8 @@ def run_method(
             "mem/peak_train_bytes": float(peak_train),
             "mem/peak_rss_bytes": float(peak_rss),
             "clients/never_trained": float(len(never_trained)),
+            "compute/flops_train": float(flops_train),
+            "compute/flops_update": flops_train / len(cohort),
         }
         metrics.update(reduce_client_metrics(client_metrics))
         metrics.update({k: float(v) for k, v in agg_metrics.items()})
@@ -328,7 +338,7 @@ def run_method(
             per_client: dict = {}
             metrics.update(evaluate(algo, spec, server, store, dataset, backend, seed, rnd, fresh, per_client,
                                     clients=eval_sample(seed, rnd, train_ids, n, 0),
-                                    unseen=eval_sample(seed, rnd, dataset.unseen, n, 1)))
+                                    unseen=eval_sample(seed, rnd, dataset.unseen, n, 1), flops_of=flops_of))
             if rnd == run.rounds:
                 result.clients = client_rows(per_client, fresh, dataset.unseen)
         metrics["time/round_s"] = time.perf_counter() - t0
@@ -338,7 +348,7 @@ def run_method(
         if on_checkpoint is not None and checkpoint.due(rnd, run.rounds, run.checkpoint_every):
             on_checkpoint(checkpoint.LoopState(
                 rnd, server, store, cumulative, peak_of, trained, result.history, result.ledger,
-                getattr(result, "clients", None), wall_before + time.perf_counter() - t_start, ident))
+                getattr(result, "clients", None), wall_before + time.perf_counter() - t_start, ident, flops_of))
     result.wall_s = wall_before + time.perf_counter() - t_start
     store.close()  # removes spilled states from disk
     return result
@@ -354,7 +364,7 @@ def client_rows(per_client: dict[int, dict[str, float]], never_trained, unseen) 
 
 def evaluate(algo, spec: MethodSpec, server, store, dataset: FederatedDataset, backend, seed: int,
              rnd: int, never_trained=(), per_client: dict | None = None, clients=None,
-             unseen=None) -> dict[str, float]:
+             unseen=None, flops_of: dict | None = None) -> dict[str, float]:
     """Personalized accuracy of every training client (and held-out clients, personalized first).
 
     `clients`, `unseen`: the training and held-out clients to score (client-id order; None: all of
@@ -365,6 +375,9 @@ def evaluate(algo, spec: MethodSpec, server, store, dataset: FederatedDataset, b
     count in acc/*, not in acc/unseen.
     Evaluation downlinks are a measurement, not training traffic: they are not in the ledger.
     `per_client`: when given, filled with every evaluated client's metrics by client id.
+    `flops_of`: when given, the run's FLOPs counts, ("eval" | "unseen", client) -> FLOPs of its first
+    evaluation of that kind (counted now when missing); `compute/flops_eval` is their sum over the
+    clients scored.
     """
     cache = EncodeCache(wire.codec_of(spec.cfg), seed, rnd)
     fresh = frozenset(never_trained)
@@ -372,9 +385,19 @@ def evaluate(algo, spec: MethodSpec, server, store, dataset: FederatedDataset, b
     held = list(dataset.unseen) if unseen is None else list(unseen)
     seen_ids = [cid for cid in train_ids if cid not in fresh]
     fresh_ids = sorted(fresh | set(held))  # one batch, in client-id order
+    counts = {} if flops_of is None else flops_of
+
+    def unmetered(kind: str, ids) -> frozenset:
+        return frozenset(c for c in ids if (kind, c) not in counts) if flops_of is not None else frozenset()
+
     with blame(spec.name, rnd):
         jobs = [Job(cid, cache.encode(algo.broadcast(server, cid, rnd), cid), store[cid]) for cid in seen_ids]
-    evals = {res.cid: res.metrics for res in client_results(backend, Kind.EVALUATE, spec, jobs, seed, rnd)}
+    evals = {}
+    metered = unmetered("eval", seen_ids)
+    for res in client_results(backend, Kind.EVALUATE, spec, jobs, seed, rnd, metered):
+        evals[res.cid] = res.metrics
+        if res.cid in metered:
+            counts[("eval", res.cid)] = res.flops
     held_evals: dict[int, dict[str, float]] = {}
     if fresh_ids:
         with blame(spec.name, rnd):
@@ -382,8 +405,11 @@ def evaluate(algo, spec: MethodSpec, server, store, dataset: FederatedDataset, b
             # ("client_init", cid) again each time, the same numbers from the same call site.
             jobs = [Job(cid, cache.encode(algo.broadcast(server, cid, rnd), cid), new_client(algo, cid, server, seed))
                     for cid in fresh_ids]
-        for res in client_results(backend, Kind.EVALUATE_UNSEEN, spec, jobs, seed, rnd, never_trained=fresh):
+        metered = unmetered("unseen", fresh_ids)
+        for res in client_results(backend, Kind.EVALUATE_UNSEEN, spec, jobs, seed, rnd, metered, never_trained=fresh):
             (evals if res.cid in fresh else held_evals)[res.cid] = res.metrics
+            if res.cid in metered:
+                counts[("unseen", res.cid)] = res.flops
     if per_client is not None:
         per_client.update(evals)
         per_client.update(held_evals)
@@ -391,4 +417,7 @@ def evaluate(algo, spec: MethodSpec, server, store, dataset: FederatedDataset, b
     out = accuracy_metrics([evals[cid] for cid in train_ids])
     if held:
         out["acc/unseen"] = accuracy_metrics([held_evals[cid] for cid in held])["acc/mean"]
+    if flops_of is not None:
+        out["compute/flops_eval"] = float(sum(counts[("eval", c)] for c in seen_ids)
+                                          + sum(counts[("unseen", c)] for c in fresh_ids))
     return out

@@ -9,7 +9,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bench.loop.engine import EVAL_METRICS, ROUND_METRICS
+from bench.loop.engine import EVAL_COMPUTE_METRICS, EVAL_METRICS, ROUND_METRICS
 from bench.tracking import open_client
 from fedeq_bench.methods import METHODS
 from tests.helpers import write_tiny_npz
@@ -51,7 +51,7 @@ def test_every_method_runs_two_rounds_on_ray_and_mlflow_has_every_metric(tmp_pat
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.params["backend"] == "ray" and child.data.params["workers"] == "2"
-        for name in (*ROUND_METRICS, *EVAL_METRICS, "acc/unseen"):
+        for name in (*ROUND_METRICS, *EVAL_METRICS, *EVAL_COMPUTE_METRICS, "acc/unseen"):
             steps = [m.step for m in client.get_metric_history(child.info.run_id, name)]
             assert steps == [1, 2], (child.data.params["method"], name, steps)
         arts = {a.path for a in client.list_artifacts(child.info.run_id)}
