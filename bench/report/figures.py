@@ -97,7 +97,7 @@ def group_figures(group: Group, accuracy: str = ACC) -> list[Figure]:
 
 def pareto_figures(group: Group, k: int) -> list[Figure]:
     """The answer at a glance, drawn: accuracy (mean HEADLINE of the last k evaluated rounds) against
-    total MB sent and against peak training memory. Every FINISHED seed is a point, each method's mean a
+    total MB sent, against peak training memory and against a local update's FLOPs. Every FINISHED seed is a point, each method's mean a
     larger open marker, the Pareto front over the means (verdict.pareto, the same set the verdict names)
     a dashed staircase. A figure no run can fill (no memory logged) is left out."""
     from bench.report import tables as T  # the numbers: the tables' own functions, so the two agree
@@ -111,7 +111,9 @@ def pareto_figures(group: Group, k: int) -> list[Figure]:
     for name, xlabel, cost in (("acc_vs_total_mb", "total MB sent (up + down)",
                                 lambda r: r.final("bytes/cumulative") / 1e6),
                                ("acc_vs_memory", "peak training memory (MB)",
-                                lambda r: T.peak(r, "mem/peak_train_bytes") / 1e6)):
+                                lambda r: T.peak(r, "mem/peak_train_bytes") / 1e6),
+                               ("acc_vs_flops", "GFLOP per local update (mean over rounds)",
+                                lambda r: T.per_round(r, "compute/flops_update") / 1e9)):
         series, means = [], {}
         for m in methods:
             pts = [(r.seed, cost(r), acc(r)) for r in T.finished(group, m)]

@@ -94,12 +94,15 @@ COMMUNICATION: list[Column] = [
 ]
 COST: list[Column] = [
     ("peak train MB", lambda r: peak(r, "mem/peak_train_bytes") / 1e6, "mb", min),
+    # The mean over rounds of a local update's FLOPs (bench/loop/flops.py), in 10^9.
+    ("GFLOP/update", lambda r: per_round(r, "compute/flops_update") / 1e9, "mb", min),
     # Parameter counts are a property of the method, not a score: no best is marked.
     ("params shared", lambda r: float(r.params.get("params/shared", "nan")), "int", None),
     ("params personal", lambda r: float(r.params.get("params/personal", "nan")), "int", None),
     ("wall s", wall_s, "s", min),
 ]
 TARGET_COLUMN, RATIO_COLUMN, MEMORY_RATIO_COLUMN = "MB to target", "bytes vs FeDEQ", "memory vs FeDEQ"
+FLOPS_RATIO_COLUMN = "FLOPs vs FeDEQ"
 
 
 def accuracy_columns(k: int) -> list[Column]:
@@ -261,15 +264,16 @@ BEST_NOTE = "best value of each column in bold (highest accuracy; fewest MB, lea
 
 
 def stat_table(group: Group, title: str, columns: list[Column], lead: list[str], notes: list[str],
-               extra: dict[str, dict[str, Cell]] | None = None, after: str | None = None,
+               extra: dict[str, dict[str, Cell]] | None = None, after: dict[str, str] | None = None,
                best_extra: tuple[str, ...] = ()) -> Table:
     """One row per method: `lead` columns (method, model, seeds), a stat cell per column over FINISHED
-    seeds, and the `extra` columns (name -> method -> cell) after column `after` (default: at the end);
-    best values marked."""
+    seeds, and the `extra` columns (name -> method -> cell), each right after the column `after` names
+    for it (default: at the end); best values marked."""
     extra = extra or {}
-    names = [c[0] for c in columns]
-    at = names.index(after) + 1 if after is not None else len(names)
-    head = [*lead, *names[:at], *extra, *names[at:]]
+    head = list(lead)
+    for name in [c[0] for c in columns]:
+        head += [name, *(e for e in extra if (after or {}).get(e) == name)]
+    head += [e for e in extra if e not in head]
     rows = []
     for m in group.methods:
         runs = finished(group, m)
@@ -327,11 +331,17 @@ def cost_table(group: Group) -> Table:
              "client's local update (per method: never another method's)",
              "wall s: the sum of the run's time/round_s (training and evaluation rounds; data loading and "
              "setup not counted), the same figure as bench.run's table and summary.json"]
+    notes.append("GFLOP/update: the mean over rounds of compute/flops_update, one local update's FLOPs "
+                 "(PyTorch's formulas: 2 per multiply-add of matrix products, convolutions, attention; a DEQ's "
+                 "solver steps and adjoint included; each client's first update counted)")
     ratio = ratio_cells(group, lambda r: peak(r, "mem/peak_train_bytes"), "{method} needs {ratio} the peak "
                         "training memory of {ref} (peak train MB, mean over seeds)", notes)
-    # memory vs FeDEQ right after peak train MB
-    return stat_table(group, "cost", COST, ["method"], notes, {MEMORY_RATIO_COLUMN: ratio} if ratio else {},
-                      after="peak train MB")
+    flops = ratio_cells(group, lambda r: per_round(r, "compute/flops_update"), "{method} computes {ratio} the "
+                        "FLOPs per local update of {ref} (GFLOP/update, mean over seeds)", notes)
+    extra = {**({MEMORY_RATIO_COLUMN: ratio} if ratio else {}), **({FLOPS_RATIO_COLUMN: flops} if flops else {})}
+    # each ratio right after the column it divides
+    return stat_table(group, "cost", COST, ["method"], notes, extra,
+                      after={MEMORY_RATIO_COLUMN: "peak train MB", FLOPS_RATIO_COLUMN: "GFLOP/update"})
 
 
 def group_tables(group: Group, parents: Sequence[Provenance] = (), target: float = 0.95,

@@ -55,8 +55,8 @@ def test_report_md_holds_the_mlflow_numbers(report_store, tmp_path):
                                         "acc/weighted best round", "acc/mean", "acc/bottom10", "acc/unseen"]),
                           ("communication", ["method", "MB up/round", "MB down/round", "MB up", "MB down",
                                              "MB total", "MB to target", "bytes vs FeDEQ"]),
-                          ("cost", ["method", "peak train MB", "memory vs FeDEQ", "params shared",
-                                    "params personal", "wall s"])):
+                          ("cost", ["method", "peak train MB", "memory vs FeDEQ", "GFLOP/update", "FLOPs vs FeDEQ",
+                                    "params shared", "params personal", "wall s"])):
         (title,) = [t for t in found if t.endswith(f": {part}")]
         assert [r["method"] for r in found[title]] == ["fedeq", "fedavg", "fedrep"]
         assert list(found[title][0]) == columns

@@ -25,7 +25,8 @@ ACCURACY = ["method", "model", "seeds", "acc/weighted last-k", "acc/weighted fin
             "acc/mean", "acc/bottom10", "acc/unseen"]
 COMMUNICATION = ["method", "MB up/round", "MB down/round", "MB up", "MB down", "MB total", "MB to target",
                  "bytes vs FeDEQ"]
-COST = ["method", "peak train MB", "memory vs FeDEQ", "params shared", "params personal", "wall s"]
+COST = ["method", "peak train MB", "memory vs FeDEQ", "GFLOP/update", "FLOPs vs FeDEQ", "params shared",
+        "params personal", "wall s"]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,7 @@ FROM_MLFLOW = {
     "MB down": lambda run, h, _: sum(h["bytes/down"]) / 1e6,
     "MB total": lambda run, h, _: run.data.metrics["bytes/cumulative"] / 1e6,
     "peak train MB": lambda run, h, _: max(h["mem/peak_train_bytes"]) / 1e6,
+    "GFLOP/update": lambda run, h, _: sum(h["compute/flops_update"]) / len(h["compute/flops_update"]) / 1e9,
     "params shared": lambda run, h, _: int(run.data.params["params/shared"]),
     "params personal": lambda run, h, _: int(run.data.params["params/personal"]),
     "wall s": lambda run, h, _: sum(h["time/round_s"]),
@@ -149,7 +151,7 @@ def test_mb_to_target_walks_the_accuracy_and_bytes_histories(data, mlflow_runs, 
 def test_best_marks_the_highest_accuracy_and_the_fewest_bytes(data):
     best_of = {"acc/weighted final": max, "acc/weighted last-k": max, "acc/weighted best round": max, "acc/mean": max, "acc/bottom10": max, "acc/unseen": max, "MB up": min,
                "MB down": min, "MB total": min, "MB up/round": min, "MB down/round": min, "peak train MB": min,
-               "wall s": min}
+               "GFLOP/update": min, "wall s": min}
     three = numbers(data.groups[0], data.parents)
     for col, better in best_of.items():
         (table,) = [t for t in three if col in t.columns]
@@ -157,7 +159,8 @@ def test_best_marks_the_highest_accuracy_and_the_fewest_bytes(data):
         values = [row[j].value for row in table.rows]
         marked = [row[0].text for row in table.rows if row[j].best]
         assert marked == [row[0].text for row in table.rows if row[j].value == better(values)], col
-    for col in ("method", "params shared", "params personal", "bytes vs FeDEQ", "memory vs FeDEQ"):  # no best
+    for col in ("method", "params shared", "params personal", "bytes vs FeDEQ", "memory vs FeDEQ",
+                "FLOPs vs FeDEQ"):  # no best
         for table in [t for t in three if col in t.columns]:
             assert not any(row[table.columns.index(col)].best for row in table.rows)
 
@@ -167,7 +170,9 @@ def test_the_ratio_columns_are_total_mb_and_peak_memory_over_fedeq_s(data, mlflo
     for col, ratio_col, table, note in (
             ("MB total", "bytes vs FeDEQ", comm, "fedrep sends {:.2f}x the bytes of fedeq (MB total, mean over seeds)"),
             ("peak train MB", "memory vs FeDEQ", cost,
-             "fedrep needs {:.2f}x the peak training memory of fedeq (peak train MB, mean over seeds)")):
+             "fedrep needs {:.2f}x the peak training memory of fedeq (peak train MB, mean over seeds)"),
+            ("GFLOP/update", "FLOPs vs FeDEQ", cost,
+             "fedrep computes {:.2f}x the FLOPs per local update of fedeq (GFLOP/update, mean over seeds)")):
         means = {m: statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW[col])) for m in METHODS}
         for m in METHODS:
             ratio = means[m] / means["fedeq"]
@@ -182,6 +187,7 @@ def test_the_ratio_columns_are_total_mb_and_peak_memory_over_fedeq_s(data, mlflo
     _, comm, cost = numbers(without, data.parents)
     assert "bytes vs FeDEQ" not in comm.columns and not any("bytes of fedeq" in n for n in comm.notes)
     assert "memory vs FeDEQ" not in cost.columns and not any("memory of fedeq" in n for n in cost.notes)
+    assert "FLOPs vs FeDEQ" not in cost.columns and not any("FLOPs per local update of fedeq" in n for n in cost.notes)
 
 
 def test_collect_reads_histories_and_the_clients_csv(data, mlflow_runs, report_store):
