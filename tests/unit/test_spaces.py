@@ -94,6 +94,14 @@ def test_run_keys_and_categoricals(tmp_path):
     assert space["fedeq.solver"] == S.Dist("fedeq.solver", "categorical", choices=("anderson", "broyden"))
 
 
+def test_a_wire_format_is_a_categorical_like_any_other(tmp_path):
+    """A multi-objective sweep (acc, bytes) can trade accuracy for bytes through the wire format."""
+    p = write(tmp_path, 'fedrep.wire = {choices = ["fp32", "fp16", "int8"]}\nwire = {choices = ["fp32", "bf16"]}\n')
+    space = S.load_space("fedrep", path=p)
+    assert space["fedrep.wire"] == S.Dist("fedrep.wire", "categorical", choices=("fp32", "fp16", "int8"))
+    assert space["wire"].choices == ("fp32", "bf16")
+
+
 @pytest.mark.parametrize("text, fragments", [
     # Unknown keys: the same messages as --set (see tests/unit/test_config.py).
     ("fedeq.rhoo = {low = 1, high = 2}", ["fedeq.rhoo", "unknown key 'fedeq.rhoo'; fedeq keys:"]),
@@ -117,6 +125,7 @@ def test_run_keys_and_categoricals(tmp_path):
     ("fedeq.max_iter = {low = 5.0, high = 40.0}", ["fedeq.max_iter expects int"]),
     ('fedeq.rho = {low = "small", high = 2}', ["fedeq.rho expects float, got 'small'"]),
     ('fedeq.solver = {choices = ["anderson", "newton"]}', ["fedeq.solver must be one of anderson, broyden, fixed_point"]),
+    ('fedrep.wire = {choices = ["fp32", "int4"]}', ["fedrep.wire expects 'fp32' | 'fp16' | 'bf16' | 'int8' | none, got 'int4'"]),
     # Malformed entries.
     ("fedeq.rho = {lo = 1, high = 2}", ["fedeq.rho", "unknown field 'lo'", "low, high, log, step, choices"]),
     ("fedeq.rho = {high = 2}", ["fedeq.rho", "a range needs both low and high"]),
