@@ -142,6 +142,12 @@ class Codec:
             raise BenchError(f"unknown wire format {self.fmt!r}; choose from {', '.join(FORMATS)}")
 
     @property
+    def label(self) -> str:
+        """`fp32`, `fp16`, `bf16`, `int8`, or `int8+sr` (stochastic rounding): the child run's `wire`
+        param, and how reports name a method sent in another format (`fedrep@int8`)."""
+        return self.fmt + ("+sr" if self.draws else "")
+
+    @property
     def draws(self) -> bool:
         """Whether `encode` draws random numbers (and so needs its generator)."""
         return self.fmt == "int8" and self.stochastic

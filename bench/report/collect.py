@@ -115,11 +115,16 @@ def clients(client, run_id: str) -> list[dict] | None:
 
 
 def record(client, run, method: str | None = None) -> RunRecord:
+    """A child run as a report row's run. `method`: the row's name given (a sweep's trials); else the
+    method, named `METHOD@FORMAT` when its messages travelled in another wire format than fp32, so
+    formats are rows of one table side by side rather than comparisons apart."""
     p = run.data.params
     seed = p.get("seed", run.data.tags.get("seed", "-1"))
+    base = p.get("method", run.data.tags.get("method", "?"))
+    fmt = p.get("wire", "fp32")  # runs from before wire formats sent fp32
     return RunRecord(
-        run_id=run.info.run_id, parent_id=run.data.tags.get("mlflow.parentRunId", ""),
-        method=method or p.get("method", run.data.tags.get("method", "?")), seed=int(seed),
+        run_id=run.info.run_id, parent_id=run.data.tags.get("mlflow.parentRunId", ""), base=base,
+        method=method or (base if fmt == "fp32" else f"{base}@{fmt}"), seed=int(seed),
         status=status_of(run), dataset=p.get("dataset", "?"), partition=p.get("partition", "?"),
         fingerprint=p.get("dataset_fingerprint", "?"), model=p.get("model", "?"), params=dict(p),
         history=history(client, run), clients=clients(client, run.info.run_id),
@@ -153,14 +158,21 @@ the same numbers), where it is recorded, whether a diverged run stops the others
 equal `dataset_fingerprint` (compared through the dataset and partition). Every other run key is compared."""
 
 
+VARIANT = frozenset({"wire", "wire_rounding"})
+"""Run and method keys that name a row rather than a comparison: a method sent in another wire format
+is its own row (`fedrep@int8`, `record`), so comparisons that differ only there are one group."""
+
+
 def comparable_config(r: RunRecord, parent_config: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """(task keys, method keys) of run `r`: what changes its results, seed aside. Task keys are the
-    parent's `run.*` params but NEUTRAL ones and its dataset's table (`synthetic.*`); method keys are
-    the child's own `<method>.*` params (a method key left unset reads `None`: the run's value)."""
+    parent's `run.*` params but NEUTRAL and VARIANT ones and its dataset's table (`synthetic.*`); method
+    keys are the child's own `<method>.*` params but VARIANT ones (a method key left unset reads `None`:
+    the run's value)."""
     dataset = r.dataset.split(":")[0]
     task = {k: v for k, v in parent_config.items()
-            if (k.startswith("run.") and k[len("run."):] not in NEUTRAL) or k.startswith(f"{dataset}.")}
-    method = {k: v for k, v in r.params.items() if k.startswith(f"{r.method}.")}
+            if (k.startswith("run.") and k[len("run."):] not in NEUTRAL | VARIANT) or k.startswith(f"{dataset}.")}
+    method = {k: v for k, v in r.params.items()
+              if k.startswith(f"{r.registered}.") and k.removeprefix(f"{r.registered}.") not in VARIANT}
     return task, method
 
 

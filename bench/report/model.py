@@ -40,6 +40,13 @@ class RunRecord:
     end_ms: int | None = None
     diverged: str = ""
     """Why the run diverged (its `diverged` tag: a FAILED run `--keep-going` went past); "" otherwise."""
+    base: str = ""
+    """The registered method (`fedrep`); `method` is the row's name, `fedrep@int8` when the run's
+    messages travelled in another wire format than fp32 (its `wire` param). Empty: `method`."""
+
+    @property
+    def registered(self) -> str:
+        return self.base or self.method
 
     def final(self, name: str) -> float:
         """The metric's value at its last logged round; nan when never logged."""

@@ -363,7 +363,7 @@ def rerun_command(parents: dict[str, Provenance], r: RunRecord) -> str:
     p = parents.get(r.parent_id)
     if p is None or not p.command:
         return DASH
-    return commands.runnable(f"{commands.without_keys(p.command, ('methods', 'seeds'))} --methods {shlex.quote(r.method)} "
+    return commands.runnable(f"{commands.without_keys(p.command, ('methods', 'seeds'))} --methods {shlex.quote(r.registered)} "
                         f"--seeds {r.seed}")
 
 

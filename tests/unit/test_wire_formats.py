@@ -52,3 +52,29 @@ def test_a_methods_own_wire_beats_the_runs():
     assert run("fedeq", **{"fedavg.wire": "int8"})[1] == GOLDEN["fedeq"]
     _, back = run("fedavg", wire="int8", **{"fedavg.wire": "fp32"})
     assert back == GOLDEN["fedavg"]
+
+
+def test_a_report_shows_each_wire_format_as_a_row_of_one_comparison(tmp_path):
+    """Two comparisons into one experiment, the second at int8: the report pools them into one group
+    (the wire format names a row, it does not split the comparison), `fedavg@int8` beside `fedavg`,
+    with its own bytes, and its rerun command runs fedavg at int8."""
+    from bench import experiment
+    from bench.report import collect, tables
+    from tests.helpers import new_store
+
+    uri = new_store(tmp_path / "mlflow.db")
+    base = {"methods": "fedeq,fedavg", "dataset": "synthetic", "clients": 6, "rounds": 2, "backend": "serial",
+            "fraction": 0.5, "tracking_uri": uri, "experiment": "wire"}
+    for keys, command in (({}, "python -m bench.run --methods fedeq,fedavg"),
+                          ({"methods": "fedavg", "wire": "int8"}, "python -m bench.run --methods fedavg --wire int8")):
+        experiment.compare(experiment.validate(C.apply(C.default_config(), {**base, **keys})), command=command, quiet=True)
+    data = collect.collect(uri, "wire")
+    (group,) = data.groups
+    assert group.methods == ["fedeq", "fedavg", "fedavg@int8"]
+    _, comm, _, _ = tables.group_tables(group, data.parents)
+    mb = {row[0].text: row[comm.columns.index("MB total")].value for row in comm.rows}
+    assert mb["fedavg"] * 1e6 == sum(GOLDEN["fedavg"][2:])  # the fp32 run: the golden bytes, up + down
+    assert 0.25 < mb["fedavg@int8"] / mb["fedavg"] < 0.26  # 1 byte an entry of 4, plus headers and scales
+    (int8,) = [r for r in group.runs if r.method == "fedavg@int8"]
+    cmd = tables.rerun_command({p.run_id: p for p in data.parents}, int8)
+    assert "--wire int8" in cmd and cmd.endswith("--methods fedavg --seeds 0")
