@@ -89,12 +89,18 @@ class RunConfig:
     state_budget_gb: float | None = ranged(None, ge=0, note="0: every client state on disk")
     """GB (10^9 bytes) of client states kept in memory; past it the least recently used are written
     to a temporary directory and read back bit for bit (same results, slower). None: no limit."""
-    wire: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
-    """How messages' float32 tensors travel, both directions (bench/loop/wire.py): `fp32` as they are;
-    `fp16`/`bf16` half the bytes; `int8` a quarter plus a 4-byte scale per tensor. The receiver gets
-    the decoded values (accuracy pays for the rounding); a method may override it (`fedrep.wire`)."""
+    wire: Literal["fp32", "fp16", "bf16", "int8", "topk"] = "fp32"
+    """How messages' float32 tensors travel (bench/loop/wire.py): `fp32` as they are; `fp16`/`bf16`
+    half the bytes; `int8` a quarter plus a 4-byte scale per tensor (both directions); `topk` uplinks
+    send only the largest `wire_topk` fraction of each tensor's change, with indices (downlinks fp32).
+    The receiver gets the decoded values (accuracy pays for the loss); a method may override it
+    (`fedrep.wire`)."""
     wire_rounding: Literal["nearest", "stochastic"] = "nearest"
     """int8's rounding: `nearest`, or `stochastic` (unbiased; draws from streams wire_down, wire_up)."""
+    wire_topk: float = ranged(0.01, gt=0, le=1)
+    """topk: the fraction of each tensor's entries a client sends (at least one)."""
+    wire_feedback: bool = False
+    """topk: error feedback, each client keeping what it did not send and adding it to its next change."""
     keep_going: bool = False
     """A method x seed that diverges (bench/loop/divergence.py) ends FAILED with a `diverged` tag and
     the comparison goes on with the other runs; the summary and the report name it, outside the
@@ -393,7 +399,7 @@ def from_cli(config_files: str | Sequence[str] | None, flags: dict[str, Any], se
 def resolve_method(config: Config, name: str, default_models: dict[str, str]):
     """The method's config with every None resolved: the one place "None means the run's value" lives.
 
-    `lr`, `local_epochs`, `batch_size`, `wire`, `wire_rounding`: the run's. `model`: `METHOD.model`, else the run's `--model`,
+    `lr`, `local_epochs`, `batch_size`, `wire`, `wire_rounding`, `wire_topk`, `wire_feedback`: the run's. `model`: `METHOD.model`, else the run's `--model`,
     else the dataset's pairing for the method's kind (`default_models["deq"]` for FeDEQ,
     `default_models["explicit"]` for the rest).
     """
@@ -402,7 +408,7 @@ def resolve_method(config: Config, name: str, default_models: dict[str, str]):
     cfg = config.methods[name]
     run = config.run
     inherit = {}
-    for k in ("lr", "local_epochs", "batch_size", "wire", "wire_rounding"):
+    for k in ("lr", "local_epochs", "batch_size", "wire", "wire_rounding", "wire_topk", "wire_feedback"):
         if getattr(cfg, k, None) is None:
             inherit[k] = getattr(run, k)
     if getattr(cfg, "model", None) is None:

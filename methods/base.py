@@ -55,10 +55,14 @@ class MethodConfig:
     run's --local-epochs."""
     batch_size: int | None = ranged(None, ge=1)
     """Mini-batch size; None: the run's --batch-size."""
-    wire: Literal["fp32", "fp16", "bf16", "int8"] | None = None
+    wire: Literal["fp32", "fp16", "bf16", "int8", "topk"] | None = None
     """Wire format of this method's messages (bench/loop/wire.py); None: the run's --wire."""
     wire_rounding: Literal["nearest", "stochastic"] | None = None
     """int8's rounding for this method; None: the run's --wire-rounding."""
+    wire_topk: float | None = ranged(None, gt=0, le=1)
+    """topk's fraction for this method; None: the run's --wire-topk."""
+    wire_feedback: bool | None = None
+    """topk's error feedback for this method; None: the run's --wire-feedback."""
 
 
 class LocalResult(NamedTuple):

@@ -190,22 +190,24 @@ class Worker:
         cid = job.cid
         data = self._client(cid, spec.task.device)
         codec = wire.codec_of(spec.cfg)
-        down = codec.decode(job.payload)
+        down = codec.down().decode(job.payload)
+        # Error feedback's residuals live in the client's state but are not the method's (wire.py).
+        own = {k: v for k, v in job.state.items() if not k.startswith(wire.RESIDUAL)}
         counter = flops.Counter() if cid in measure else None
         if kind is Kind.TRAIN:
             live = spec.task.cpu_memory == "live"
             meter = memory.make_meter(spec.task.device, modules=_networks(method) if live else [method.net],
                                       cpu=spec.task.cpu_memory) if counter is not None else None
             with meter if meter is not None else nullcontext(), counter if counter is not None else nullcontext():
-                update = method.local_update(down, job.state, data, seeding.generator(seed, "local", rnd, cid))
+                update = method.local_update(down, own, data, seeding.generator(seed, "local", rnd, cid))
             divergence.check_update(update.message, update.state, update.metrics)
-            # A numpy buffer, not bytes: Ray moves it out-of-band (no pickling copy into the object store).
             rng = seeding.generator(seed, "wire_up", rnd, cid) if codec.draws else None
-            up = codec.encode(update.message, rng)
+            up, residuals = codec.encode_up(update.message, rng, down, job.state)
+            # A numpy buffer, not bytes: Ray moves it out-of-band (no pickling copy into the object store).
             return Result(cid, update.metrics, np.frombuffer(up, dtype=np.uint8),
-                          update.state, meter.peak_bytes if meter is not None else 0, memory.peak_rss_bytes(),
-                          counter.total if counter is not None else 0)
-        state = job.state
+                          {**update.state, **residuals}, meter.peak_bytes if meter is not None else 0,
+                          memory.peak_rss_bytes(), counter.total if counter is not None else 0)
+        state = own
         with counter if counter is not None else nullcontext():
             if kind is Kind.EVALUATE_UNSEEN:
                 state = method.personalize(down, state, data, seeding.generator(seed, "personalize", rnd, cid))

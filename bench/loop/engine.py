@@ -285,10 +285,10 @@ def run_method(
         cohort = algo.cohort(cohort_at(seed, train_ids, rnd, run.fraction), train_ids)
         trained.update(cohort)
         never_trained = [c for c in train_ids if c not in trained]
-        jobs, down_bytes, cache = [], 0, EncodeCache(codec, seed, rnd)
+        jobs, down_bytes, cache, sent = [], 0, EncodeCache(codec.down(), seed, rnd), {}
         with blame(method, rnd):
             for cid in cohort:
-                msg = algo.broadcast(server, cid, rnd)
+                msg = sent[cid] = algo.broadcast(server, cid, rnd)
                 payload = cache.encode(msg, cid)
                 down_bytes += result.ledger.record(rnd, cid, "down", payload, msg.keys())
                 jobs.append(Job(cid, payload, store[cid]))
@@ -296,7 +296,7 @@ def run_method(
         measure = frozenset(c for c in cohort if run.memory_every_round or c not in peak_of)
         for res in client_results(backend, Kind.TRAIN, spec, jobs, seed, rnd, measure):
             assert res.up is not None and res.state is not None  # a TRAIN result carries both
-            msg = codec.decode(res.up)
+            msg = codec.decode_up(res.up, sent[res.cid])
             up_bytes += result.ledger.record(rnd, res.cid, "up", res.up, msg.keys())
             store[res.cid] = res.state
             replies.append((res.cid, msg))
@@ -379,7 +379,7 @@ def evaluate(algo, spec: MethodSpec, server, store, dataset: FederatedDataset, b
     evaluation of that kind (counted now when missing); `compute/flops_eval` is their sum over the
     clients scored.
     """
-    cache = EncodeCache(wire.codec_of(spec.cfg), seed, rnd)
+    cache = EncodeCache(wire.codec_of(spec.cfg).down(), seed, rnd)
     fresh = frozenset(never_trained)
     train_ids = dataset.train_ids if clients is None else list(clients)
     held = list(dataset.unseen) if unseen is None else list(unseen)

@@ -25,9 +25,20 @@ each as int8 entries q and a float32 scale s = max|x| / 127 under `NAME#scale`: 
 [-127, 127]. Every other tensor (counts, integer buffers) is sent as it is. The receiver gets the
 decoded float32 tensors (q * s for int8), so accuracy reflects the loss, and the bytes counted are
 the compressed message's, scales included.
+
+`topk` (fraction F = `wire_topk`) sparsifies uplinks: a client sends, per float32 tensor it
+received (the same name and shape in its downlink), the k = max(1, ceil(F * numel)) entries of
+largest magnitude of its change from it, as int32 flat indices `NAME#idx` (ascending) and float32
+values `NAME#val`; the server adds them to what it sent. Other tensors are sent as they are. With error feedback
+(`wire_feedback`) the client keeps what it did not send (its residual, in its state under
+`wire#ef/NAME`, never sent) and adds it to the next round's change before choosing (Stich et al.,
+NeurIPS 2018; Karimireddy et al., ICML 2019). Downlinks travel as fp32 under topk: a sparse change
+needs a reference the receiver holds, and a client sampled now and then does not hold last round's
+broadcast.
 """
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -121,9 +132,11 @@ def decode(buf: bytes | np.ndarray) -> dict[str, torch.Tensor]:
         raise BenchError(f"wire: corrupt message ({e})") from None
 
 
-FORMATS = ("fp32", "fp16", "bf16", "int8")
+FORMATS = ("fp32", "fp16", "bf16", "int8", "topk")
 """The wire formats (`Codec.fmt`)."""
-SCALE = "#scale"
+SCALE, INDEX, VALUE = "#scale", "#idx", "#val"
+RESIDUAL = "wire#ef/"
+"""Prefix of error feedback's residuals in a client's state (never a method's own key)."""
 """Suffix of an int8 tensor's scale in a compressed message; message keys never contain `#`."""
 _HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -136,16 +149,77 @@ class Codec:
     fmt: str = "fp32"
     stochastic: bool = False
     """int8 rounds stochastically, drawing from the generator `encode` is given."""
+    topk: float = 0.01
+    """topk: the fraction of each tensor's entries sent."""
+    feedback: bool = False
+    """topk: error feedback (the residual kept in the client's state)."""
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
             raise BenchError(f"unknown wire format {self.fmt!r}; choose from {', '.join(FORMATS)}")
+        if not 0 < self.topk <= 1:
+            raise BenchError(f"wire_topk must be in (0, 1], got {self.topk!r}")
 
     @property
     def label(self) -> str:
-        """`fp32`, `fp16`, `bf16`, `int8`, or `int8+sr` (stochastic rounding): the child run's `wire`
-        param, and how reports name a method sent in another format (`fedrep@int8`)."""
+        """`fp32`, `fp16`, `bf16`, `int8`, `int8+sr` (stochastic rounding), `topk0.01`, `topk0.01+ef`
+        (error feedback): the child run's `wire` param, and how reports name a method sent in another
+        format (`fedrep@int8`)."""
+        if self.fmt == "topk":
+            return f"topk{self.topk:g}" + ("+ef" if self.feedback else "")
         return self.fmt + ("+sr" if self.draws else "")
+
+    def down(self) -> Codec:
+        """The downlinks' codec: this one, fp32 under topk (module doc)."""
+        return Codec() if self.fmt == "topk" else self
+
+    def encode_up(self, msg: dict[str, torch.Tensor], rng: torch.Generator | None, reference: dict[str, torch.Tensor],
+                  state: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, torch.Tensor]]:
+        """A client's uplink: (its bytes, its new error-feedback residuals by `RESIDUAL + name`, {}
+        without feedback). `reference`: the downlink it decoded; `state`: its state (old residuals)."""
+        if self.fmt != "topk":
+            return self.encode(msg, rng), {}
+        out, residuals = {}, {}
+        for name in sorted(msg):
+            t = msg[name]
+            if "#" in name:
+                raise ValueError(f"message key {name!r} contains '#', which compressed messages reserve")
+            base = _base(reference, name, t)
+            if base is None:  # not a float32 tensor the client received: sent as it is
+                out[name] = t
+                continue
+            change = (t.detach().to("cpu") - base).reshape(-1)
+            if self.feedback and RESIDUAL + name in state:
+                change = change + state[RESIDUAL + name].reshape(-1)
+            k = max(1, math.ceil(self.topk * change.numel())) if change.numel() else 0
+            idx = torch.topk(change.abs(), k, sorted=False).indices.sort().values if k else change.new_zeros(0, dtype=torch.long)
+            val = change[idx]
+            out[name + INDEX], out[name + VALUE] = idx.to(torch.int32), val.contiguous()
+            if self.feedback:
+                kept = change.clone()
+                kept[idx] = 0.0  # exactly what was not sent
+                residuals[RESIDUAL + name] = kept.reshape(t.shape)
+        return encode(out), residuals
+
+    def decode_up(self, buf: bytes | np.ndarray, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The server's view of a client's uplink; `reference`: the downlink that client was sent."""
+        if self.fmt != "topk":
+            return self.decode(buf)
+        msg = decode(buf)
+        out = {}
+        for name, t in msg.items():
+            if name.endswith(VALUE):
+                continue
+            if name.endswith(INDEX):
+                key = name.removesuffix(INDEX)
+                if key not in reference:
+                    raise BenchError(f"wire: top-k change of {key!r}, which the downlink did not hold")
+                dense = reference[key].detach().to("cpu", torch.float32).clone().reshape(-1)
+                dense[t.long()] += msg[key + VALUE]
+                out[key] = dense.reshape(reference[key].shape)
+            else:
+                out[name] = t
+        return out
 
     @property
     def draws(self) -> bool:
@@ -191,6 +265,16 @@ class Codec:
         return out
 
 
+def _base(reference: dict[str, torch.Tensor], name: str, t) -> torch.Tensor | None:
+    """What a top-k change of float32 tensor `t` is taken from: the same tensor in the downlink; None
+    when `t` is not float32 or the downlink holds no float32 tensor of its name and shape."""
+    ref = reference.get(name)
+    if (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and ref is not None
+            and ref.shape == t.shape and ref.dtype == torch.float32):
+        return ref.detach().to("cpu")
+    return None
+
+
 def quantize_int8(x: torch.Tensor, rng: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, s): int8 entries and the float32 scale s = max|x| / 127 (0 for an all-zero or empty x),
     q = round(x / s), or floor(x / s + u) with u ~ U[0, 1) from `rng`; x is q * s within s / 2
@@ -205,9 +289,10 @@ def quantize_int8(x: torch.Tensor, rng: torch.Generator | None = None) -> tuple[
 
 
 def codec_of(cfg) -> Codec:
-    """The wire format of a resolved method config (`wire`, `wire_rounding`); fp32 where it has none
-    (a config built in code and never resolved against a run)."""
-    return Codec(getattr(cfg, "wire", None) or "fp32", getattr(cfg, "wire_rounding", None) == "stochastic")
+    """The wire format of a resolved method config (`wire`, `wire_rounding`, `wire_topk`,
+    `wire_feedback`); fp32 where it has none (a config built in code and never resolved against a run)."""
+    return Codec(getattr(cfg, "wire", None) or "fp32", getattr(cfg, "wire_rounding", None) == "stochastic",
+                 getattr(cfg, "wire_topk", None) or 0.01, bool(getattr(cfg, "wire_feedback", None)))
 
 
 class LedgerRow(NamedTuple):

@@ -88,6 +88,7 @@ def test_serial_and_ray_are_bit_identical(method, ray_backend, tiny):
     ("fedavg", {"wire": "bf16"}),
     ("fedeq", {"wire": "int8", "wire_rounding": "stochastic"}),
     ("fedrep", {"fedrep.wire": "int8"}),
+    ("ditto", {"wire": "topk", "wire_topk": 0.05, "wire_feedback": True}),
 ])
 def test_reference_protocol_options_are_bit_identical_too(method, sets, ray_backend, tiny):
     cfg = tiny_config(tiny, methods=method, rounds=2, fraction=0.34, frac_unseen=0.15, **sets)

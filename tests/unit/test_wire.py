@@ -188,3 +188,57 @@ def test_formats_refuse_what_they_cannot_carry():
         wire.Codec("int8").encode({"a#scale": torch.ones(2)})
     with pytest.raises(ValueError, match="needs a generator"):
         wire.Codec("int8", stochastic=True).encode({"a": torch.ones(2)})
+
+
+# -- top-k uplinks ---------------------------------------------------------------------------------
+
+def test_topk_sends_exactly_k_entries_of_the_change_and_the_server_restores_the_rest():
+    """A (10, 10) float32 tensor at 5%: k = ceil(0.05 * 100) = 5 entries of the change from the
+    downlink (indices int32, values float32); the int64 count and a tensor the downlink did not hold
+    travel as they are."""
+    g = torch.Generator().manual_seed(0)
+    down = {"w": torch.randn(10, 10, generator=g)}
+    change = torch.randn(10, 10, generator=g)
+    up = {"w": down["w"] + change, "n": torch.tensor(3), "extra": torch.ones(4)}
+    codec = wire.Codec("topk", topk=0.05)
+    buf, residuals = codec.encode_up(up, None, down, {})
+    assert residuals == {}  # no error feedback asked for
+    sent = wire.decode(buf)
+    assert sorted(sent) == ["extra", "n", "w#idx", "w#val"] and sent["w#idx"].dtype == torch.int32
+    want = wire.HEADER_BYTES + entry_bytes("w#idx", 1, 5 * 4) + entry_bytes("w#val", 1, 5 * 4) \
+        + entry_bytes("n", 0, 8) + entry_bytes("extra", 1, 4 * 4)
+    assert len(buf) == want
+    top = change.reshape(-1).abs().topk(5).indices.sort().values
+    assert torch.equal(sent["w#idx"].long(), top)  # the 5 largest |change|, ascending
+    got = codec.decode_up(buf, down)
+    assert torch.equal(got["n"], up["n"]) and torch.equal(got["extra"], up["extra"])
+    flat_got, flat_down = got["w"].reshape(-1), down["w"].reshape(-1)
+    assert torch.equal(flat_got[top], (down["w"] + change).reshape(-1)[top])
+    rest = torch.ones(100, dtype=torch.bool)
+    rest[top] = False
+    assert torch.equal(flat_got[rest], flat_down[rest])  # what was not sent stays the server's value
+
+
+def test_error_feedback_keeps_exactly_what_was_dropped_and_sends_it_later():
+    g = torch.Generator().manual_seed(1)
+    down = {"w": torch.zeros(20)}
+    change = torch.randn(20, generator=g)
+    codec = wire.Codec("topk", topk=0.1, feedback=True)  # k = 2
+    buf, residuals = codec.encode_up({"w": change}, None, down, {})
+    sent = codec.decode_up(buf, down)["w"]
+    (res,) = residuals.values()
+    assert list(residuals) == [wire.RESIDUAL + "w"]
+    assert torch.equal(sent + res, change) and int((sent != 0).sum()) == 2  # sent + kept = the whole change
+    # Next round, no new change: the residual's own top 2 go out, and the kept part shrinks by them.
+    buf2, residuals2 = codec.encode_up({"w": torch.zeros(20)}, None, down, residuals)
+    sent2 = codec.decode_up(buf2, down)["w"]
+    top2 = res.abs().topk(2).indices
+    assert torch.equal(sent2[top2], res[top2]) and torch.equal(sent2 + residuals2[wire.RESIDUAL + "w"], res)
+
+
+def test_topk_labels_and_fraction_range():
+    assert wire.Codec("topk", topk=0.01, feedback=True).label == "topk0.01+ef"
+    assert wire.Codec("int8", stochastic=True).label == "int8+sr" and wire.Codec().label == "fp32"
+    assert wire.Codec("topk").down() == wire.Codec()  # downlinks travel fp32 under topk
+    with pytest.raises(BenchError, match=r"wire_topk must be in \(0, 1\], got 0"):
+        wire.Codec("topk", topk=0)

@@ -78,3 +78,27 @@ def test_a_report_shows_each_wire_format_as_a_row_of_one_comparison(tmp_path):
     (int8,) = [r for r in group.runs if r.method == "fedavg@int8"]
     cmd = tables.rerun_command({p.run_id: p for p in data.parents}, int8)
     assert "--wire int8" in cmd and cmd.endswith("--methods fedavg --seeds 0")
+
+
+def test_topk_uplinks_cost_their_k_entries_and_downlinks_stay_fp32():
+    """FedAvg at topk 0.1 with error feedback: every downlink is the fp32 one (the golden bytes); each
+    uplink sends, per float32 tensor of n entries, ceil(0.1 n) int32 indices and float32 values under
+    `NAME#idx` / `NAME#val` (2 + len + 1 + 1 + 4 + 8 bytes of header each), and the int64 sample count
+    as it is."""
+    import math
+
+    from fedeq_bench.methods.nets import build_model
+
+    r, (_, _, up, down) = run("fedavg", wire="topk", wire_topk=0.1, wire_feedback=True)
+    assert down == GOLDEN["fedavg"][3]
+    ds = get_dataset("synthetic", C.default_config().datasets["synthetic"],
+                     DataArgs(seed=0, clients=6, partition=None, val_frac=0.1, frac_unseen=0.0, data_dir=None))
+    sd = build_model("mlp", ds.input_shape, ds.num_classes).state_dict()
+    per_message = 8 + 2 + len("num_samples") + 1 + 1 + 8 + 8  # the header, the int64 count (0-dim)
+    for name, t in sd.items():
+        k = math.ceil(0.1 * t.numel())
+        per_message += sum(2 + len(name) + len(suffix) + 1 + 1 + 4 + 8 + 4 * k for suffix in ("#idx", "#val"))
+    n_up = sum(1 for e in r.ledger.entries if e.direction == "up")
+    assert up == n_up * per_message
+    # The ledger names the tensors the server got back (dense), not the wire's #idx / #val parts.
+    assert all(set(e.keys) == {*sd, "num_samples"} for e in r.ledger.entries if e.direction == "up")
