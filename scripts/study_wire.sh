@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The study's wire-format runs (reports/README.md): a comparison's best baseline sent as fp16, int8 and
+# top-1% with error feedback, and FeDEQ as int8, each with the comparison's tuned settings and seeds,
+# into the comparison's own experiment, so its report shows them as rows beside the fp32 ones
+# (`fedrep@int8`); then the report and the export again. Run after scripts/study.sh NAME.
+#
+#   bash scripts/study_wire.sh fmnist-dir0.3 knnper
+set -euo pipefail
+NAME=${1:?usage: bash scripts/study_wire.sh NAME METHOD}
+METHOD=${2:?usage: bash scripts/study_wire.sh NAME METHOD}
+PY=${PY:-python}
+CFG=configs/study/$NAME.toml
+TUNED=configs/tuned/study-$NAME.toml
+OUT=reports/$NAME
+STORE=sqlite:///$OUT/mlflow.db
+[ -f "$TUNED" ] || { echo "error: no $TUNED; run bash scripts/study.sh $NAME first" >&2; exit 2; }
+run() { $PY -m bench.run --config "$CFG" --config "$TUNED" --tracking-uri "$STORE" --workers 2 --quiet --no-report --keep-going "$@"; }
+run --methods "$METHOD" --wire fp16
+run --methods "$METHOD" --wire int8
+run --methods "$METHOD" --wire topk --wire-topk 0.01 --wire-feedback
+run --methods fedeq --wire int8
+$PY -m bench.report --tracking-uri "$STORE" --experiment "study-$NAME" --out "$OUT" --shared-plotly
+$PY scripts/export_runs.py "$STORE" "study-$NAME" > "$OUT/runs.json"
