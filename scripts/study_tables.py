@@ -1,7 +1,8 @@
 """Print the findings page's headline table (reports/README.md) from the comparisons' report.md files:
 per comparison and method, the headline accuracy (acc/weighted, mean of the last k evaluated rounds,
-mean ± std over seeds), acc/unseen, MB per round (up + down) and in total, peak training MB and
-seconds per round (the report's wall s over the rounds). Every number is copied or derived from one
+mean ± std over seeds), acc/unseen, MB per round (up + down) and in total, peak training MB, GFLOP
+per local update (a dash where the report has no such column: runs from before FLOPs were counted)
+and seconds per round (the report's wall s over the rounds). Every number is copied or derived from one
 report.md cell; tests/unit/test_findings.py checks the page against the reports.
 
     python scripts/study_tables.py synthetic
@@ -48,12 +49,12 @@ def headline(name: str) -> list[list[str]]:
         per_round = mean(comm[m]["MB up/round"]) + mean(comm[m]["MB down/round"])
         rows.append([name, m, a["model"], a["seeds"], a["acc/weighted last-k"], a["acc/unseen"], f"{per_round:.3f}",
                      comm[m]["MB total"].split("±")[0].strip(), mem[m]["peak train MB"].split("±")[0].strip(),
-                     f"{mean(mem[m]['wall s']) / rounds:.2f}"])
+                     mem[m].get("GFLOP/update", "—").split("±")[0].strip(), f"{mean(mem[m]['wall s']) / rounds:.2f}"])
     return rows
 
 
 HEADER = ["comparison", "method", "model", "seeds", "acc/weighted last-k", "acc/unseen", "MB/round",
-          "MB total", "peak train MB", "s/round"]
+          "MB total", "peak train MB", "GFLOP/update", "s/round"]
 
 
 def markdown(rows: list[list[str]]) -> str:

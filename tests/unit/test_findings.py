@@ -65,6 +65,8 @@ def test_every_headline_number_is_its_reports_cell(name):
         assert float(r["MB/round"]) == pytest.approx(up + down, abs=1e-3)
         assert float(r["MB total"]) == mean_std(comm[m]["MB total"])[0]
         assert float(r["peak train MB"]) == mean_std(mem[m]["peak train MB"])[0]
+        want = mem[m].get("GFLOP/update", "—")  # reports of runs from before FLOPs were counted have none
+        assert r["GFLOP/update"] == (want if want == "—" else want.split("±")[0].strip())
         assert float(r["s/round"]) == pytest.approx(mean_std(mem[m]["wall s"])[0] / rounds, abs=0.006)
 
 
