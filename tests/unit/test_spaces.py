@@ -125,7 +125,7 @@ def test_a_wire_format_is_a_categorical_like_any_other(tmp_path):
     ("fedeq.max_iter = {low = 5.0, high = 40.0}", ["fedeq.max_iter expects int"]),
     ('fedeq.rho = {low = "small", high = 2}', ["fedeq.rho expects float, got 'small'"]),
     ('fedeq.solver = {choices = ["anderson", "newton"]}', ["fedeq.solver must be one of anderson, broyden, fixed_point"]),
-    ('fedrep.wire = {choices = ["fp32", "int4"]}', ["fedrep.wire expects 'fp32' | 'fp16' | 'bf16' | 'int8' | none, got 'int4'"]),
+    ('fedrep.wire = {choices = ["fp32", "int4"]}', ["fedrep.wire expects 'fp32' | 'fp16' | 'bf16' | 'int8' | 'topk' | none, got 'int4'"]),
     # Malformed entries.
     ("fedeq.rho = {lo = 1, high = 2}", ["fedeq.rho", "unknown field 'lo'", "low, high, log, step, choices"]),
     ("fedeq.rho = {high = 2}", ["fedeq.rho", "a range needs both low and high"]),
