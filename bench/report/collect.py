@@ -17,6 +17,7 @@ import contextlib
 import csv
 import io
 import os
+import re
 import shlex
 import tempfile
 
@@ -114,6 +115,18 @@ def clients(client, run_id: str) -> list[dict] | None:
             for row in csv.DictReader(io.StringIO(text))]
 
 
+_PER_SEED = re.compile(r",(?:seed=\d+|sha256=[0-9a-f]+)(?=[,)])")
+
+
+def pooled(partition: str) -> str:
+    """A partition's description without what each seed makes its own: a split drawn from the seed
+    (`shards:2(clients=50,seed=1,sha256=40f8...)`, datasets/partition.py) differs per seed by design,
+    as synthetic data does, so its seed and digest would put every seed of one comparison in a group
+    of its own. What stays (`shards:2(clients=50)`) is the split's recipe; the data each run saw is
+    its `dataset_fingerprint`."""
+    return _PER_SEED.sub("", partition)
+
+
 def record(client, run, method: str | None = None) -> RunRecord:
     """A child run as a report row's run. `method`: the row's name given (a sweep's trials); else the
     method, named `METHOD@FORMAT` when its messages travelled in another wire format than fp32, so
@@ -125,7 +138,7 @@ def record(client, run, method: str | None = None) -> RunRecord:
     return RunRecord(
         run_id=run.info.run_id, parent_id=run.data.tags.get("mlflow.parentRunId", ""), base=base,
         method=method or (base if fmt == "fp32" else f"{base}@{fmt}"), seed=int(seed),
-        status=status_of(run), dataset=p.get("dataset", "?"), partition=p.get("partition", "?"),
+        status=status_of(run), dataset=p.get("dataset", "?"), partition=pooled(p.get("partition", "?")),
         fingerprint=p.get("dataset_fingerprint", "?"), model=p.get("model", "?"), params=dict(p),
         history=history(client, run), clients=clients(client, run.info.run_id),
         start_ms=run.info.start_time, end_ms=run.info.end_time, diverged=run.data.tags.get("diverged", ""))

@@ -491,3 +491,27 @@ def test_shared_plotly_is_written_once_beside_the_report_folders_and_each_page_l
     with pytest.raises(BenchError, match="plotly.js"):
         report.build(report_store["uri"], report_store["experiment"], out=str(tmp_path / "a"), shared_plotly=True)
     assert shared.read_text() == "my own script\n"
+
+
+def test_seeds_of_a_drawn_partition_are_one_group(tmp_path, monkeypatch):
+    """Fashion-MNIST's shards are drawn from the seed, so each seed's partition label names its seed
+    and digest (`shards:2(clients=5,seed=1,sha256=...)`): the report pools the seeds of one comparison
+    all the same, as one group of the split's recipe, `shards:2(clients=5)`."""
+    from bench import config as C
+    from bench import experiment
+    from tests.helpers import new_store
+    from tests.unit.test_fmnist import write_idx_set
+
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
+    write_idx_set(tmp_path / "data")
+    uri = new_store(tmp_path / "mlflow.db")
+    cfg = C.apply(C.default_config(), {"methods": "fedavg", "dataset": "fmnist", "data_dir": str(tmp_path / "data"),
+                                       "partition": "shards:2", "clients": 5, "rounds": 1, "seeds": "0,1",
+                                       "backend": "serial", "tracking_uri": uri, "experiment": "drawn",
+                                       "fmnist.download": False})
+    experiment.compare(experiment.validate(cfg), command="python -m bench.run", quiet=True)
+    labels = {r.data.params["partition"] for r in MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("drawn").experiment_id]) if "partition" in r.data.params}
+    assert len(labels) == 2 and all(", " not in x and "seed=" in x for x in labels)  # one label per seed
+    (group,) = collect.collect(uri, "drawn").groups
+    assert group.partition == "shards:2(clients=5)" and group.seeds == [0, 1]
