@@ -171,7 +171,7 @@ the same numbers), where it is recorded, whether a diverged run stops the others
 equal `dataset_fingerprint` (compared through the dataset and partition). Every other run key is compared."""
 
 
-VARIANT = frozenset({"wire", "wire_rounding"})
+VARIANT = frozenset({"wire", "wire_rounding", "wire_topk", "wire_feedback"})
 """Run and method keys that name a row rather than a comparison: a method sent in another wire format
 is its own row (`fedrep@int8`, `record`), so comparisons that differ only there are one group."""
 

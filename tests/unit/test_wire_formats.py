@@ -66,11 +66,13 @@ def test_a_report_shows_each_wire_format_as_a_row_of_one_comparison(tmp_path):
     base = {"methods": "fedeq,fedavg", "dataset": "synthetic", "clients": 6, "rounds": 2, "backend": "serial",
             "fraction": 0.5, "tracking_uri": uri, "experiment": "wire"}
     for keys, command in (({}, "python -m bench.run --methods fedeq,fedavg"),
-                          ({"methods": "fedavg", "wire": "int8"}, "python -m bench.run --methods fedavg --wire int8")):
+                          ({"methods": "fedavg", "wire": "int8"}, "python -m bench.run --methods fedavg --wire int8"),
+                          ({"methods": "fedavg", "wire": "topk", "wire_topk": 0.1, "wire_feedback": True},
+                           "python -m bench.run --methods fedavg --wire topk --wire-topk 0.1 --wire-feedback")):
         experiment.compare(experiment.validate(C.apply(C.default_config(), {**base, **keys})), command=command, quiet=True)
     data = collect.collect(uri, "wire")
     (group,) = data.groups
-    assert group.methods == ["fedeq", "fedavg", "fedavg@int8"]
+    assert group.methods == ["fedeq", "fedavg", "fedavg@int8", "fedavg@topk0.1+ef"]
     _, comm, _, _ = tables.group_tables(group, data.parents)
     mb = {row[0].text: row[comm.columns.index("MB total")].value for row in comm.rows}
     assert mb["fedavg"] * 1e6 == sum(GOLDEN["fedavg"][2:])  # the fp32 run: the golden bytes, up + down
