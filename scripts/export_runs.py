@@ -1,6 +1,6 @@
 """Print, as JSON, what an MLflow experiment holds of each comparison's child runs: run id, method,
-seed, status, parent, every final metric, the per-round history of acc/weighted and, for a run that
-diverged, where. The study keeps this export beside each report (reports/<comparison>/runs.json), so
+seed, status, wire format, parent, every final metric, the per-round history of acc/weighted and, for
+a run that diverged, where. The study keeps this export beside each report (reports/<comparison>/runs.json), so
 a reader can check the report's numbers without the store, and tests/unit/test_findings.py does.
 
     python scripts/export_runs.py sqlite:///reports/synthetic/mlflow.db study-synthetic > reports/synthetic/runs.json
@@ -25,6 +25,7 @@ def export(uri: str, experiment: str) -> dict:
         history = sorted(client.get_metric_history(r.info.run_id, "acc/weighted"), key=lambda m: m.step)
         out.append({"run_id": r.info.run_id, "parent": parent, "method": r.data.params["method"],
                     "seed": int(r.data.params["seed"]), "status": r.info.status,
+                    "wire": r.data.params.get("wire", "fp32"),
                     "metrics": dict(sorted(r.data.metrics.items())),
                     "acc/weighted history": [[m.step, m.value] for m in history],
                     **({"diverged": r.data.tags["diverged"]} if "diverged" in r.data.tags else {})})

@@ -83,7 +83,7 @@ def test_each_report_holds_its_mlflow_exports_numbers(name):
     assert {s["run id"] for s in seeds} == set(runs)
     for s in seeds:
         run = runs[s["run id"]]
-        assert (run["method"], run["seed"], run["status"]) == (s["method"], int(s["seed"]), s["status"])
+        assert (row_name(run), run["seed"], run["status"]) == (s["method"], int(s["seed"]), s["status"])
         if run["status"] == "FINISHED":
             assert float(s["acc/weighted"]) == round(run["metrics"]["acc/weighted"], 4)
         else:  # a run that diverged (or was stopped) is listed, its numbers in no table
@@ -91,11 +91,18 @@ def test_each_report_holds_its_mlflow_exports_numbers(name):
     k = int(re.search(r"the mean of the last k = (\d+) of (\d+) evaluated rounds", text).group(1))
     for row in table_with(text, "acc/weighted last-k"):
         per_seed = [statistics.fmean(v for _, v in r["acc/weighted history"][-k:])
-                    for r in export["runs"] if r["method"] == row["method"] and r["status"] == "FINISHED"]
+                    for r in export["runs"] if row_name(r) == row["method"] and r["status"] == "FINISHED"]
         m, s = mean_std(row["acc/weighted last-k"])
         assert m == round(statistics.fmean(per_seed), 4)
         assert s == round(statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0, 4)
         assert not any(math.isnan(v) for v in per_seed)
+
+
+def row_name(run: dict) -> str:
+    """A report's row for an exported run: its method, `METHOD@FORMAT` when sent in another wire format
+    than fp32 (runs exported before formats existed have none: fp32)."""
+    wire = run.get("wire", "fp32")
+    return run["method"] if wire == "fp32" else f"{run['method']}@{wire}"
 
 
 def test_the_scaled_models_table_is_its_reports_cells():
