@@ -293,7 +293,9 @@ def run_method(
                 down_bytes += result.ledger.record(rnd, cid, "down", payload, msg.keys())
                 jobs.append(Job(cid, payload, store[cid]))
         replies, up_bytes, client_metrics, peak_rss = [], 0, [], 0
-        measure = frozenset(c for c in cohort if run.memory_every_round or c not in peak_of)
+        # (A checkpoint from before FLOPs were counted has peak_of but no flops_of: meter those again.)
+        measure = frozenset(c for c in cohort if run.memory_every_round or c not in peak_of
+                            or ("train", c) not in flops_of)
         for res in client_results(backend, Kind.TRAIN, spec, jobs, seed, rnd, measure):
             assert res.up is not None and res.state is not None  # a TRAIN result carries both
             msg = codec.decode_up(res.up, sent[res.cid])

@@ -29,10 +29,10 @@ the compressed message's, scales included.
 `topk` (fraction F = `wire_topk`) sparsifies uplinks: a client sends, per float32 tensor it
 received (the same name and shape in its downlink), the k = max(1, ceil(F * numel)) entries of
 largest magnitude of its change from it, as int32 flat indices `NAME#idx` (ascending) and float32
-values `NAME#val`; the server adds them to what it sent. Other tensors are sent as they are. With error feedback
-(`wire_feedback`) the client keeps what it did not send (its residual, in its state under
-`wire#ef/NAME`, never sent) and adds it to the next round's change before choosing (Stich et al.,
-NeurIPS 2018; Karimireddy et al., ICML 2019). Downlinks travel as fp32 under topk: a sparse change
+values `NAME#val`; the server adds them to what it sent. Other tensors are sent as they are. With
+error feedback (`wire_feedback`) the client keeps what it did not send (its residual, in its state
+under `wire#ef/NAME`, never sent) and adds it to the next round's change before choosing (Stich et
+al., NeurIPS 2018; Karimireddy et al., ICML 2019). Downlinks travel as fp32 under topk: a sparse change
 needs a reference the receiver holds, and a client sampled now and then does not hold last round's
 broadcast.
 """
@@ -135,9 +135,10 @@ def decode(buf: bytes | np.ndarray) -> dict[str, torch.Tensor]:
 FORMATS = ("fp32", "fp16", "bf16", "int8", "topk")
 """The wire formats (`Codec.fmt`)."""
 SCALE, INDEX, VALUE = "#scale", "#idx", "#val"
+"""Suffixes of an int8 tensor's scale and of a top-k change's indices and values in a compressed
+message; message keys never contain `#`."""
 RESIDUAL = "wire#ef/"
 """Prefix of error feedback's residuals in a client's state (never a method's own key)."""
-"""Suffix of an int8 tensor's scale in a compressed message; message keys never contain `#`."""
 _HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -183,3 +183,18 @@ def test_every_method_resumed_from_a_checkpoint_equals_the_uninterrupted_run(tin
         got, want = comparable(resumed), comparable(whole)
         # NaN != NaN: compare the reprs, which are equal exactly when the floats are.
         assert repr(got) == repr(want), (method, k)
+
+
+def test_a_checkpoint_from_before_flops_were_counted_resumes_and_meters_again(tiny, tmp_path):
+    """A checkpoint written before FLOPs were counted has memory peaks but no `flops_of` (as if
+    written with an empty one): the resumed run meters its clients' next update again rather than
+    failing, and logs compute/* from there on."""
+    import dataclasses
+
+    cfg = tiny_config(tiny, methods="fedavg", rounds=2, fraction=0.5, checkpoint_every=1)
+    ds = load_dataset(cfg, 0)
+    path = str(tmp_path / "old.fqck")
+    engine.run_method(cfg, "fedavg", 0, ds, SerialBackend(), on_checkpoint=lambda s: s.round == 1 and checkpoint.write(
+        path, dataclasses.replace(s, flops_of={})))
+    resumed = engine.run_method(cfg, "fedavg", 0, ds, SerialBackend(), resume=checkpoint.Checkpoint(path))
+    assert resumed.history[-1]["compute/flops_train"] > 0
