@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from bench.report.model import Group
-from bench.report.tables import HEADLINE, REFERENCE, fmt, last_k, last_k_mean, method_means, peak
+from bench.report.tables import HEADLINE, REFERENCE, fmt, last_k, last_k_mean, method_means, peak, per_round
 
 
 def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
@@ -40,28 +40,32 @@ def _front_sentence(points: dict[str, tuple[float, float]], cost: str, unit: str
 
 def verdict(group: Group, k: int | None = None) -> str:
     """One paragraph, generated from the numbers: the best method on accuracy (mean last-k HEADLINE),
-    bytes (MB total) and memory (peak train MB), with FeDEQ's multiples, and the Pareto sets on accuracy
-    vs MB total and vs peak train MB, with how far each method off them is. Empty without FINISHED runs."""
+    bytes (MB total), memory (peak train MB) and compute (GFLOP/update, where runs counted FLOPs),
+    with FeDEQ's multiples, and the Pareto sets on accuracy vs each cost, with how far each method off
+    them is. Empty without FINISHED runs."""
     k, _ = last_k(group, k)
     acc = method_means(group, lambda r: last_k_mean(r, HEADLINE, k))
     mb = method_means(group, lambda r: r.final("bytes/cumulative") / 1e6)
     mem = method_means(group, lambda r: peak(r, "mem/peak_train_bytes") / 1e6)
+    flops = method_means(group, lambda r: per_round(r, "compute/flops_update") / 1e9)
     if not acc:
         return ""
     parts = [f"Accuracy is {HEADLINE}, the mean of the last {k} evaluated round{'s' if k > 1 else ''} "
              f"(mean over seeds)."]
     best = max(acc, key=acc.__getitem__)
     parts.append(f"Most accurate: {best} ({acc[best]:.4f}).")
-    for what, means, unit in (("Fewest MB sent", mb, "bytes"), ("Least peak training memory", mem, "memory")):
+    for what, means, unit, shown in (("Fewest MB sent", mb, "bytes", "MB"), ("Least peak training memory", mem,
+                                      "memory", "MB"), ("Fewest FLOPs per local update", flops, "FLOPs", "GFLOP")):
         if not means:
             continue
         low = min(means, key=means.__getitem__)
-        text = f"{what}: {low} ({fmt(means[low], 'mb')} MB"
+        text = f"{what}: {low} ({fmt(means[low], 'mb')} {shown}"
         ref = means.get(REFERENCE)
         if ref and low != REFERENCE:
             text += f", {means[low] / ref:.2f}x {REFERENCE}'s {unit}"
         parts.append(text + ").")
-    for means, cost, unit in ((mb, "MB total", "MB"), (mem, "peak train MB", "memory")):
+    for means, cost, unit in ((mb, "MB total", "MB"), (mem, "peak train MB", "memory"),
+                              (flops, "GFLOP/update", "FLOPs")):
         points = {m: (acc[m], means[m]) for m in acc if m in means}
         if points:
             parts.append(_front_sentence(points, cost, unit))

@@ -441,7 +441,10 @@ def test_the_verdict_names_the_best_and_the_fronts(data, mlflow_runs):
     assert f"Most accurate: {best} ({acc[best]:.4f})." in text
     assert f"Fewest MB sent: {min(mb, key=mb.get)} (" in text
     assert f"Least peak training memory: {min(mem, key=mem.get)} (" in text
-    for cost, means in (("MB total", mb), ("peak train MB", mem)):
+    gflop = {m: statistics.mean(per_method(mlflow_runs, m, FROM_MLFLOW["GFLOP/update"])) for m in METHODS}
+    low = min(gflop, key=gflop.get)
+    assert f"Fewest FLOPs per local update: {low} ({tables.fmt(gflop[low], 'mb')} GFLOP" in text
+    for cost, means in (("MB total", mb), ("peak train MB", mem), ("GFLOP/update", gflop)):
         front = [m for m in METHODS if not any(acc[o] >= acc[m] and means[o] <= means[m]
                                                and (acc[o] > acc[m] or means[o] < means[m]) for o in METHODS)]
         assert f"Pareto set on accuracy vs {cost}: {', '.join(front)}" in text
