@@ -167,8 +167,9 @@ NEUTRAL = frozenset({"methods", "seeds", "backend", "workers", "address", "cpus_
                      "checkpoint_every", "experiment", "tracking_uri", "run_name", "data_dir", "keep_going"})
 """Run keys (bench/config.py RunConfig) that never change a run's numbers: which methods and seeds an
 invocation ran, where and how it ran (Serial == Ray bit for bit; any state budget or worker count gives
-the same numbers), where it is recorded, whether a diverged run stops the others. `data_dir` only says where files are read from: equal data has
-equal `dataset_fingerprint` (compared through the dataset and partition). Every other run key is compared."""
+the same numbers), where it is recorded, whether a diverged run stops the others. `data_dir` only says
+where files are read from: equal data has equal `dataset_fingerprint` (compared through the dataset and
+partition). Every other run key is compared."""
 
 
 VARIANT = frozenset({"wire", "wire_rounding", "wire_topk", "wire_feedback"})
