@@ -22,7 +22,7 @@ from bench import cli, commands
 from bench.loop.actor import Pool
 from bench.loop.early_pool import early_pool
 from bench.quick_exit import exit_now
-from fedeq_bench.core.errors import BenchError
+from fedeq_bench.core.errors import BenchError, Diverged
 
 if typing.TYPE_CHECKING:
     from bench.experiment import Progress
@@ -124,8 +124,13 @@ def main(argv: list[str] | None = None, on_round=None) -> int:
         flags = ((["--quiet"] if args.quiet else []) + ([] if args.report else ["--no-report"])
                  + (["--report-dir", args.report_dir] if args.report and args.report_dir != "reports" else []))
         progress = experiment.Progress(command=command, resume_flags=tuple(flags))
-        rows, parent = experiment.compare(cfg, command=shlex.join([*PROG.split(), *argv]), quiet=args.quiet,
-                                          resume=args.resume, early=early, on_round=on_round, progress=progress)
+        try:
+            rows, parent = experiment.compare(cfg, command=shlex.join([*PROG.split(), *argv]), quiet=args.quiet,
+                                              resume=args.resume, early=early, on_round=on_round, progress=progress)
+        except Diverged as e:  # say how to record it and run the rest (the runs so far are kept)
+            if progress.parent is None or not progress.resume:
+                raise
+            raise Diverged(f"{e}; to record it as diverged and run the rest: {progress.resume} --keep-going") from None
         print(experiment.format_table(rows, progress.diverged))
         print("\n" + experiment.recorded_line(cfg, parent))
         if args.report:

@@ -200,6 +200,9 @@ def test_fedeq_divergence_fails_the_run_with_method_round_and_client(tmp_path, m
     assert "Traceback" not in err
     _, runs = runs_of(uri)
     assert {r.info.status for r in runs} == {"FAILED"} and len(runs) == 2  # parent + the fedeq child
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags).info.run_id
+    assert re.search(rf"; to record it as diverged and run the rest: .*bench\.run --resume {parent} .*--keep-going$",
+                     lines[0]), lines[0]
 
 
 def test_keep_going_records_a_diverged_run_and_finishes_the_others(tmp_path, monkeypatch, capfd, guarded):
