@@ -193,3 +193,17 @@ def new_store(path) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     shutil.copyfile(_STORE_TEMPLATE[0], path)
     return f"sqlite:///{path}"
+
+
+def synthetic_run(method: str, **keys):
+    """`(dataset, MethodResult)` of `method` on synthetic, 6 clients, 2 rounds, fraction 0.5, serial,
+    seed 0, with `keys` applied as `--set` would (the wire-format and FLOP tests' small run)."""
+    from bench.loop.backends import SerialBackend
+    from bench.loop.engine import run_method
+    from fedeq_bench.datasets import DataArgs, get_dataset
+
+    cfg = C.apply(C.default_config(), {"dataset": "synthetic", "clients": 6, "rounds": 2, "backend": "serial",
+                                       "fraction": 0.5, **keys})
+    ds = get_dataset("synthetic", cfg.datasets["synthetic"],
+                     DataArgs(seed=0, clients=6, partition=None, val_frac=0.1, frac_unseen=0.0, data_dir=None))
+    return ds, run_method(cfg, method, 0, ds, SerialBackend())

@@ -33,13 +33,13 @@ def run_one(cfg, tracker, parent: str | None, backend, method: str, seed: int, d
     from bench.loop import checkpoint, wire
     from bench.loop.engine import run_method
 
-    model = C.resolve_method(cfg, method, dataset.default_models).model
+    mcfg = C.resolve_method(cfg, method, dataset.default_models)
     params = {k: v for k, v in C.flatten(cfg, [method], None).items() if k.startswith(f"{method}.")}
     params.update({
-        "method": method, "seed": str(seed), "model": model, "dataset": cfg.run.dataset,
+        "method": method, "seed": str(seed), "model": mcfg.model, "dataset": cfg.run.dataset,
         "dataset_fingerprint": dataset.fingerprint, "partition": dataset.partition,
         "backend": backend.name, "workers": str(backend.workers),
-        "wire": wire.codec_of(C.resolve_method(cfg, method, dataset.default_models)).label,
+        "wire": wire.codec_of(mcfg).label,
     })
     opened = (reopened(tracker, resume) if resume else
               tracker.run(f"{method} seed={seed}", params, tags={"method": method, "seed": str(seed)}, parent=parent))

@@ -181,10 +181,8 @@ class Codec:
         if self.fmt != "topk":
             return self.encode(msg, rng), {}
         out, residuals = {}, {}
-        for name in sorted(msg):
+        for name in _keys(msg):
             t = msg[name]
-            if "#" in name:
-                raise ValueError(f"message key {name!r} contains '#', which compressed messages reserve")
             base = _base(reference, name, t)
             if base is None:  # not a float32 tensor the client received: sent as it is
                 out[name] = t
@@ -228,21 +226,20 @@ class Codec:
         return self.fmt == "int8" and self.stochastic
 
     def encode(self, msg: dict[str, torch.Tensor], rng: torch.Generator | None = None) -> bytes:
-        return encode(msg if self.fmt == "fp32" else self.compress(msg, rng))
+        """Both directions' encoding; under topk, a downlink's (fp32: `encode_up` sends the uplinks)."""
+        return encode(msg if self.fmt in ("fp32", "topk") else self.compress(msg, rng))
 
     def decode(self, buf: bytes | np.ndarray) -> dict[str, torch.Tensor]:
         msg = decode(buf)
-        return msg if self.fmt == "fp32" else self.expand(msg)
+        return msg if self.fmt in ("fp32", "topk") else self.expand(msg)
 
     def compress(self, msg: dict[str, torch.Tensor], rng: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The message as it travels: float32 tensors in this format, anything else as it is."""
         if self.draws and rng is None:
             raise ValueError("stochastic int8 rounding needs a generator")
         out: dict[str, torch.Tensor] = {}
-        for name in sorted(msg):  # sorted: stochastic draws in a fixed order
+        for name in _keys(msg):
             t = msg[name]
-            if "#" in name:
-                raise ValueError(f"message key {name!r} contains '#', which compressed messages reserve")
             if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
                 out[name] = t
             elif self.fmt in _HALF:
@@ -264,6 +261,15 @@ class Codec:
             else:
                 out[name] = t
         return out
+
+
+def _keys(msg: dict) -> list[str]:
+    """A message's keys in sorted order (stochastic draws and top-k choices in a fixed order), none of
+    them holding `#`, which compressed messages reserve for their parts."""
+    for name in msg:
+        if "#" in name:
+            raise ValueError(f"message key {name!r} contains '#', which compressed messages reserve")
+    return sorted(msg)
 
 
 def _base(reference: dict[str, torch.Tensor], name: str, t) -> torch.Tensor | None:

@@ -5,13 +5,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import config as C
-from bench.loop.backends import SerialBackend
-from bench.loop.engine import run_method
 from bench.loop.flops import Counter
-from fedeq_bench.datasets import DataArgs, get_dataset
 from fedeq_bench.methods.nets import build_model
 from fedeq_bench.methods.nets.deq_mlp import DEQMLPBlock
+from tests.helpers import synthetic_run
 
 
 def step(net, x, y):
@@ -70,11 +67,7 @@ def test_a_deq_training_step_counts_its_solves_and_adjoint():
 
 
 def run(method, **keys):
-    cfg = C.apply(C.default_config(), {"dataset": "synthetic", "clients": 6, "rounds": 2, "backend": "serial",
-                                       "fraction": 0.5, "local_epochs": 2, **keys})
-    ds = get_dataset("synthetic", cfg.datasets["synthetic"],
-                     DataArgs(seed=0, clients=6, partition=None, val_frac=0.1, frac_unseen=0.0, data_dir=None))
-    return ds, run_method(cfg, method, 0, ds, SerialBackend())
+    return synthetic_run(method, local_epochs=2, **keys)
 
 
 def test_the_engine_logs_a_rounds_flops_from_each_clients_update():

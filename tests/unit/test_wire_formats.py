@@ -4,9 +4,8 @@ the receiver trains on the decoded values; a method's own `wire` beats the run's
 import pytest
 
 from bench import config as C
-from bench.loop.backends import SerialBackend
-from bench.loop.engine import run_method
 from fedeq_bench.datasets import DataArgs, get_dataset
+from tests.helpers import synthetic_run
 
 # Recorded with the engine at commit 501c30e, before wire formats existed (the same config and seed):
 # FedAvg and FeDEQ on synthetic, 6 clients, 2 rounds, fraction 0.5, seed 0.
@@ -17,11 +16,7 @@ GOLDEN = {
 
 
 def run(method, **keys):
-    cfg = C.apply(C.default_config(), {"dataset": "synthetic", "clients": 6, "rounds": 2, "backend": "serial",
-                                       "fraction": 0.5, **keys})
-    ds = get_dataset("synthetic", cfg.datasets["synthetic"],
-                     DataArgs(seed=0, clients=6, partition=None, val_frac=0.1, frac_unseen=0.0, data_dir=None))
-    r = run_method(cfg, method, 0, ds, SerialBackend())
+    _, r = synthetic_run(method, **keys)
     return r, (r.final["acc/weighted"], r.final["loss/train"], r.ledger.total("up"), r.ledger.total("down"))
 
 
