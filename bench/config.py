@@ -101,6 +101,15 @@ class RunConfig:
     """topk: the fraction of each tensor's entries a client sends (at least one)."""
     wire_feedback: bool = False
     """topk: error feedback, each client keeping what it did not send and adding it to its next change."""
+    devices: str = "uniform"
+    """Device profile set each client's compute, bandwidth, latency, memory and availability are drawn
+    from (bench/loop/devices.py, docs/devices.md): `uniform` (every client alike, nothing limits),
+    `mobile-mix` (phones of several tiers) or your own FILE.toml. Drives the simulated clock
+    (sim/time_s); a device without the memory a method's local update needs cannot train, an
+    unavailable one does not take part (clients/dropped_*)."""
+    round_deadline: float | None = ranged(None, gt=0)
+    """Simulated seconds a round waits for updates (FedScale's deadline rounds): a later update is
+    dropped (clients/dropped_deadline). None: every round waits for its slowest client."""
     keep_going: bool = False
     """A method x seed that diverges (bench/loop/divergence.py) ends FAILED with a `diverged` tag and
     the comparison goes on with the other runs; the summary and the report name it, outside the

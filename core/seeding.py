@@ -36,6 +36,9 @@ STREAMS = {
     "wire_down": "(rnd, cid): stochastic rounding of a downlink, drawn for the first client that gets "
                  "the message (bench/loop/engine.py)",
     "wire_up": "(rnd, cid): stochastic rounding of a client's uplink (bench/loop/backends.py)",
+    "devices": "(cid): a client's device tier in the run's profile set (bench/loop/devices.py)",
+    "availability": "(rnd, cid): whether a sampled client's device is available in the round, when its "
+                    "availability is below 1 (bench/loop/devices.py)",
     "perf": "(): the generated workload of bench/perf/workloads.py and tests/perf",
 }
 

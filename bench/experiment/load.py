@@ -45,6 +45,9 @@ def validate(cfg):
         raise BenchError(f"--seeds lists a seed twice: {','.join(map(str, run.seeds))}; give distinct seeds")
     if not run.experiment.strip():
         raise BenchError(f"--experiment {run.experiment!r} is empty; give a name (the default is fedeq-bench)")
+    from bench.loop import devices
+
+    devices.load(run.devices)  # the profile set's name, or its file's form and values
     if run.backend == "ray":  # --address and $RAY_ADDRESS: their form, and that a Ray answers there
         from bench.loop.addresses import target
 

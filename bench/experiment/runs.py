@@ -30,7 +30,7 @@ def run_one(cfg, tracker, parent: str | None, backend, method: str, seed: int, d
     time/* and mem/peak_rss_bytes, whose first value stays. So every metric has one value per round.
     """
     from bench import config as C
-    from bench.loop import checkpoint, wire
+    from bench.loop import checkpoint, devices, wire
     from bench.loop.engine import run_method
 
     mcfg = C.resolve_method(cfg, method, dataset.default_models)
@@ -39,7 +39,7 @@ def run_one(cfg, tracker, parent: str | None, backend, method: str, seed: int, d
         "method": method, "seed": str(seed), "model": mcfg.model, "dataset": cfg.run.dataset,
         "dataset_fingerprint": dataset.fingerprint, "partition": dataset.partition,
         "backend": backend.name, "workers": str(backend.workers),
-        "wire": wire.codec_of(mcfg).label,
+        "wire": wire.codec_of(mcfg).label, "devices": devices.load(cfg.run.devices).label,
     })
     opened = (reopened(tracker, resume) if resume else
               tracker.run(f"{method} seed={seed}", params, tags={"method": method, "seed": str(seed)}, parent=parent))

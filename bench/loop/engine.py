@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from bench.config import Config, resolve_method
-from bench.loop import checkpoint, divergence, wire
+from bench.loop import checkpoint, devices, divergence, wire
 from bench.loop.backends import Job, Kind, Result
 from bench.loop.store import ClientStore, budget_bytes
 from fedeq_bench.core import seeding
@@ -57,7 +57,9 @@ from fedeq_bench.methods.base import METHODS
 # Metric names of docs/architecture.md (Metrics), logged every round (acc/* every evaluated round).
 ROUND_METRICS = ("loss/train", "bytes/up", "bytes/down", "bytes/cumulative", "mem/peak_train_bytes",
                  "mem/peak_rss_bytes", "time/round_s", "clients/never_trained", "compute/flops_train",
-                 "compute/flops_update")
+                 "compute/flops_update", "sim/time_s", "sim/time_cumulative_s", "clients/participated",
+                 "clients/dropped_deadline", "clients/dropped_memory", "clients/dropped_unavailable",
+                 "clients/excluded_memory")
 EVAL_METRICS = ("acc/mean", "acc/weighted", "acc/bottom10", "acc/val")
 EVAL_COMPUTE_METRICS = ("compute/flops_eval",)
 """Logged in evaluated rounds beside EVAL_METRICS: the FLOPs of scoring every client scored."""
@@ -270,6 +272,9 @@ def run_method(
     # FLOPs likewise (bench/loop/flops.py), by ("train" | "eval" | "unseen", client).
     flops_of: dict[tuple[str, int], int] = {}
     trained: set[int] = set()  # training clients in some cohort so far
+    # Each client's simulated device (bench/loop/devices.py): the clock and the limits on who trains.
+    fleet = devices.Fleet(devices.load(run.devices), seed)
+    sim_total = 0.0
     start, wall_before = 1, 0.0
     ident = checkpoint.identity(method, seed, run.rounds, dataset.fingerprint)
     if resume is not None:  # everything the loop carries between rounds (bench/loop/checkpoint.py)
@@ -277,57 +282,85 @@ def run_method(
         server, cumulative, peak_of, trained = loop.server, loop.cumulative, loop.peak_of, loop.trained
         flops_of = loop.flops_of
         start, wall_before = loop.round + 1, loop.wall_s
+        sim_total = result.history[-1].get("sim/time_cumulative_s", 0.0) if result.history else 0.0
     t_start = time.perf_counter()
 
     for rnd in range(start, run.rounds + 1):
         t0 = time.perf_counter()
-        # The round's sample, drawn now (cohort_at), unless the method trains more.
-        cohort = algo.cohort(cohort_at(seed, train_ids, rnd, run.fraction), train_ids)
-        trained.update(cohort)
-        never_trained = [c for c in train_ids if c not in trained]
-        jobs, down_bytes, cache, sent = [], 0, EncodeCache(codec.down(), seed, rnd), {}
+        # The round's sample, drawn now (cohort_at), unless the method trains more; a device that
+        # is unavailable this round is sent nothing.
+        sampled = algo.cohort(cohort_at(seed, train_ids, rnd, run.fraction), train_ids)
+        cohort = [c for c in sampled if fleet.available(rnd, c)]
+        jobs, cache, sent, down = [], EncodeCache(codec.down(), seed, rnd), {}, {}
         with blame(method, rnd):
             for cid in cohort:
                 msg = sent[cid] = algo.broadcast(server, cid, rnd)
-                payload = cache.encode(msg, cid)
-                down_bytes += result.ledger.record(rnd, cid, "down", payload, msg.keys())
-                jobs.append(Job(cid, payload, store[cid]))
-        replies, up_bytes, client_metrics, peak_rss = [], 0, [], 0
+                down[cid] = cache.encode(msg, cid)
+                jobs.append(Job(cid, down[cid], store[cid]))
         # (A checkpoint from before FLOPs were counted has peak_of but no flops_of: meter those again.)
         measure = frozenset(c for c in cohort if run.memory_every_round or c not in peak_of
                             or ("train", c) not in flops_of)
+        replies, client_metrics, peak_rss, ups, late, times = [], [], 0, [], [], []
+        too_big: set[int] = set()
         for res in client_results(backend, Kind.TRAIN, spec, jobs, seed, rnd, measure):
             assert res.up is not None and res.state is not None  # a TRAIN result carries both
-            msg = codec.decode_up(res.up, sent[res.cid])
-            up_bytes += result.ledger.record(rnd, res.cid, "up", res.up, msg.keys())
-            store[res.cid] = res.state
-            replies.append((res.cid, msg))
-            client_metrics.append(res.metrics)
             if res.cid in measure:
                 peak_of[res.cid] = res.peak_train_bytes
                 flops_of[("train", res.cid)] = res.flops
             peak_rss = max(peak_rss, res.peak_rss_bytes)
-        # Aggregate in client-id order so Serial and Ray runs are bit-identical.
+            dev = fleet[res.cid]
+            if not dev.fits(peak_of[res.cid]):  # this device could not have trained: nothing happened
+                too_big.add(res.cid)
+                continue
+            t = dev.round_time(len(down[res.cid]), flops_of[("train", res.cid)], len(res.up))
+            if run.round_deadline is not None and t > run.round_deadline:  # sent, trained, too late
+                late.append(res.cid)
+                continue
+            times.append(t)
+            msg = codec.decode_up(res.up, sent[res.cid])
+            ups.append((res.cid, res.up, msg.keys()))
+            store[res.cid] = res.state
+            replies.append((res.cid, msg))
+            client_metrics.append(res.metrics)
+        # Ledger: the downlinks of every device that could train, then the uplinks that arrived.
+        down_bytes = sum(result.ledger.record(rnd, c, "down", down[c], sent[c].keys()) for c in cohort
+                         if c not in too_big)
+        up_bytes = sum(result.ledger.record(rnd, c, "up", payload, keys) for c, payload, keys in ups)
+        trained.update(c for c, _ in replies)
+        never_trained = [c for c in train_ids if c not in trained]
+        # Aggregate in client-id order so Serial and Ray runs are bit-identical; a round without a
+        # reply leaves the server as it was.
         replies.sort(key=lambda r: r[0])
-        with blame(method, rnd):
-            server, agg_metrics = algo.aggregate(server, replies, rnd)  # AggregateResult(server, metrics)
+        agg_metrics: dict = {}
+        if replies:
+            with blame(method, rnd):
+                server, agg_metrics = algo.aggregate(server, replies, rnd)  # AggregateResult(server, metrics)
         bad = divergence.first_nonfinite(server)
         if bad is not None:
             raise failure(method, rnd, divergence.describe(f"server state {bad}", "aggregate"), diverged=True)
         cumulative += up_bytes + down_bytes
-        peak_train = max(peak_of[c] for c in cohort)
-        flops_train = sum(flops_of[("train", c)] for c in cohort)
+        ran = [c for c in cohort if c not in too_big]  # the updates computed, late ones included
+        flops_train = sum(flops_of[("train", c)] for c in ran)
+        sim_round = run.round_deadline if late else max(times, default=0.0)
+        sim_total += sim_round
         losses = [m["loss"] for m in client_metrics if "loss" in m]
         metrics = {
             "loss/train": float(np.mean(losses)) if losses else float("nan"),
             "bytes/up": float(up_bytes),
             "bytes/down": float(down_bytes),
             "bytes/cumulative": float(cumulative),
-            "mem/peak_train_bytes": float(peak_train),
+            "mem/peak_train_bytes": float(max((peak_of[c] for c in cohort), default=float("nan"))),
             "mem/peak_rss_bytes": float(peak_rss),
             "clients/never_trained": float(len(never_trained)),
             "compute/flops_train": float(flops_train),
-            "compute/flops_update": flops_train / len(cohort),
+            "compute/flops_update": flops_train / len(ran) if ran else float("nan"),
+            "sim/time_s": float(sim_round),
+            "sim/time_cumulative_s": float(sim_total),
+            "clients/participated": float(len(replies)),
+            "clients/dropped_deadline": float(len(late)),
+            "clients/dropped_memory": float(len(too_big)),
+            "clients/dropped_unavailable": float(len(sampled) - len(cohort)),
+            "clients/excluded_memory": float(sum(not fleet[c].fits(p) for c, p in peak_of.items())),
         }
         metrics.update(reduce_client_metrics(client_metrics))
         metrics.update({k: float(v) for k, v in agg_metrics.items()})

@@ -111,7 +111,11 @@ def test_a_boundary_value_finishes_a_round_or_is_refused_before_anything_runs(ti
         # naming method and round (the runs end FAILED), which says what to lower. Nothing else may.
         assert what == "huge" and str(e).startswith(f"{method}: round 1"), str(e)
         return
-    assert len(result.history) == cfg.run.rounds and math.isfinite(result.history[-1]["loss/train"])
+    last = result.history[-1]
+    # A deadline shorter than any update takes none of them (clients/dropped_deadline): the round's
+    # loss is a mean over no update, NaN, and the server stays as it was.
+    nothing_arrived = key == "round_deadline" and last["clients/participated"] == 0 == last["bytes/up"]
+    assert len(result.history) == cfg.run.rounds and (math.isfinite(last["loss/train"]) or nothing_arrived)
 
 
 def test_a_float_that_float32_cannot_hold_is_one_line_naming_the_limit():

@@ -94,8 +94,10 @@ def test_no_two_call_sites_draw_the_same_stream_and_ids(monkeypatch):
     # synthetic: the one shipped dataset that draws `data` (npz files bring their own split).
     # 5 clients, 2 held out (round(0.3 * 5)), so held-out clients are personalized and evaluated;
     # round 1's evaluation scores a sample of 2 of the 3 training clients (`eval_sample`); FedAvg's
-    # messages travel as stochastically rounded int8 (`wire_down`, `wire_up`).
+    # messages travel as stochastically rounded int8 (`wire_down`, `wire_up`); clients get devices of
+    # mobile-mix's tiers (`devices`), each available with probability 0.92 (`availability`).
     cfg = C.apply(C.default_config(), {"dataset": "synthetic", "clients": 5, "rounds": 2, "backend": "serial",
+                                       "devices": "mobile-mix",
                                        "fraction": 0.67, "frac_unseen": 0.3, "val_frac": 0.1, "eval_clients": 2,
                                        "fedavg.wire": "int8", "fedavg.wire_rounding": "stochastic"})
     ds = get_dataset("synthetic", cfg.datasets["synthetic"],
