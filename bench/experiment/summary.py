@@ -24,7 +24,9 @@ SUMMARY = {
     "mb_down": lambda r: r.ledger.total("down") / 1e6,
     "peak_train_mb": lambda r: r.peak("mem/peak_train_bytes") / 1e6,
     "wall_s": wall_s,
+    "sim_s": lambda r: r.final.get("sim/time_cumulative_s", float("nan")),
 }
+"""`sim_s`: the simulated seconds of the whole run on its devices (bench/loop/devices.py)."""
 
 
 def summarize(results) -> list[dict]:
@@ -42,7 +44,8 @@ def summarize(results) -> list[dict]:
 # (header, summary column, format) of the terminal table, in order.
 TABLE = [("acc/mean", "acc/mean", ".4f"), ("acc/weighted", "acc/weighted", ".4f"),
          ("acc/bottom10", "acc/bottom10", ".4f"), ("MB up", "mb_up", ".2f"), ("MB down", "mb_down", ".2f"),
-         ("peak train MB", "peak_train_mb", ".3f"), ("wall s", "wall_s", ".1f")]
+         ("peak train MB", "peak_train_mb", ".3f"), ("wall s", "wall_s", ".1f"),
+         ("sim s", "sim_s", ".1f")]
 
 
 def format_table(rows, diverged: dict[str, str] | None = None) -> str:

@@ -161,3 +161,23 @@ def test_never_sampled_clients_are_personalized_with_the_same_bits(method, ray_b
         s = {k: v for k, v in s.items() if k not in NONDETERMINISTIC}
         r = {k: v for k, v in r.items() if k not in NONDETERMINISTIC}
         assert s == r  # exact float equality, not approx
+
+
+def test_device_drops_by_memory_deadline_and_availability_are_the_same_bits(ray_backend, tiny, tmp_path):
+    """A hand-made fleet where every limit bites: a tier whose memory fits no update, a tier whose
+    1 kB/s downlink makes every update late for a 30 s deadline, a fast tier available 60% of rounds."""
+    from tests.unit.test_devices import profile
+
+    path = profile(tmp_path / "fleet.toml", {"memory_bytes": 1.0}, {"down_bytes_per_s": 1e3},
+                   {"flops_per_s": 1e12, "availability": 0.6})
+    cfg = tiny_config(tiny, methods="fedeq", rounds=3, fraction=1.0, devices=path, round_deadline=30.0)
+    ds = load_dataset(cfg, 0)
+    serial = engine.run_method(cfg, "fedeq", 0, ds, SerialBackend())
+    ray = engine.run_method(cfg, "fedeq", 0, ds, ray_backend)
+    for kind in ("memory", "deadline", "unavailable"):
+        assert sum(m[f"clients/dropped_{kind}"] for m in serial.history) > 0, kind
+    assert sum(m["clients/participated"] for m in serial.history) > 0
+    for s, r in zip(serial.history, ray.history, strict=True):
+        assert {k: v for k, v in s.items() if k not in NONDETERMINISTIC} == \
+               {k: v for k, v in r.items() if k not in NONDETERMINISTIC}
+    assert serial.ledger.entries == ray.ledger.entries
