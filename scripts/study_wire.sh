@@ -8,16 +8,9 @@
 set -euo pipefail
 NAME=${1:?usage: bash scripts/study_wire.sh NAME METHOD}
 METHOD=${2:?usage: bash scripts/study_wire.sh NAME METHOD}
-PY=${PY:-python}
-CFG=configs/study/$NAME.toml
-TUNED=configs/tuned/study-$NAME.toml
-OUT=reports/$NAME
-STORE=sqlite:///$OUT/mlflow.db
-[ -f "$TUNED" ] || { echo "error: no $TUNED; run bash scripts/study.sh $NAME first" >&2; exit 2; }
-run() { $PY -m bench.run --config "$CFG" --config "$TUNED" --tracking-uri "$STORE" --workers 2 --quiet --no-report --keep-going "$@"; }
+source scripts/study_env.sh
 run --methods "$METHOD" --wire fp16
 run --methods "$METHOD" --wire int8
 run --methods "$METHOD" --wire topk --wire-topk 0.01 --wire-feedback
 run --methods fedeq --wire int8
-$PY -m bench.report --tracking-uri "$STORE" --experiment "study-$NAME" --out "$OUT" --shared-plotly
-$PY scripts/export_runs.py "$STORE" "study-$NAME" > "$OUT/runs.json"
+report

@@ -44,8 +44,8 @@ def summarize(results) -> list[dict]:
 # (header, summary column, format) of the terminal table, in order.
 TABLE = [("acc/mean", "acc/mean", ".4f"), ("acc/weighted", "acc/weighted", ".4f"),
          ("acc/bottom10", "acc/bottom10", ".4f"), ("MB up", "mb_up", ".2f"), ("MB down", "mb_down", ".2f"),
-         ("peak train MB", "peak_train_mb", ".3f"), ("wall s", "wall_s", ".1f"),
-         ("sim s", "sim_s", ".1f")]
+         ("peak train MB", "peak_train_mb", ".3f"), ("sim s", "sim_s", ".1f"),
+         ("wall s", "wall_s", ".1f")]
 
 
 def format_table(rows, diverged: dict[str, str] | None = None) -> str:

@@ -85,6 +85,9 @@ def test_every_method_runs_two_rounds_on_ray_and_mlflow_has_every_metric(tmp_pat
     (["--config", "/nonexistent.toml"], "not found"),
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     (["--fraction", "0"], "fraction must be in (0, 1]"),
+    (["--devices", "phones"], "--devices 'phones': give a built-in profile set (uniform, mobile-mix) or a .toml file"),
+    (["--devices", "/nonexistent/fleet.toml"], "device profile set '/nonexistent/fleet.toml' not found"),
+    (["--round-deadline", "-1"], "round_deadline must be > 0, got -1"),
     # Passed the build-only model check, then died in round 1 with an IndexError.
     (["--methods", "fedavg", "--model", "transformer8"],
      "model 'transformer8' cannot take this dataset's samples (shape (60,), dtype torch.float32): IndexError"),

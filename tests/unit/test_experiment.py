@@ -39,7 +39,7 @@ def result(method, seed, acc, up_bytes, wall_s=1.0, model="mlp"):
     """A MethodResult with one round: `acc` as every accuracy, `up_bytes` sent up, 2x that sent down."""
     r = MethodResult(method, seed, model, wall_s=wall_s + 10.0)  # the whole method: setup counted too
     r.history.append({"acc/mean": acc, "acc/weighted": acc, "acc/bottom10": acc,
-                      "mem/peak_train_bytes": 2e6, "time/round_s": wall_s})
+                      "mem/peak_train_bytes": 2e6, "time/round_s": wall_s, "sim/time_cumulative_s": 12.5})
     r.ledger.record(1, 0, "up", b"x" * up_bytes, ["w"])
     r.ledger.record(1, 0, "down", b"x" * (2 * up_bytes), ["w"])
     return r
@@ -61,7 +61,8 @@ def test_summarize_groups_by_method_over_seeds():
 
 # -- the table ------------------------------------------------------------------------------------
 
-HEAD = "| method | model | acc/mean | acc/weighted | acc/bottom10 | MB up | MB down | peak train MB | wall s |"
+HEAD = ("| method | model | acc/mean | acc/weighted | acc/bottom10 | MB up | MB down | peak train MB | sim s "
+        "| wall s |")
 
 
 def test_table_with_one_seed_has_means_only():
@@ -69,9 +70,9 @@ def test_table_with_one_seed_has_means_only():
     lines = table.splitlines()
     assert [c.strip() for c in lines[0].split("|")] == [c.strip() for c in HEAD.split("|")]
     assert set(lines[1]) == {"|", "-"}
-    # 1.5e6 bytes up = 1.50 MB, 3.0e6 down = 3.00 MB, peak 2e6 bytes = 2.000 MB.
+    # 1.5e6 bytes up = 1.50 MB, 3.0e6 down = 3.00 MB, peak 2e6 bytes = 2.000 MB, 12.5 simulated s.
     assert [c.strip() for c in lines[2].split("|")[1:-1]] == \
-        ["fedavg", "mlp", "0.8000", "0.8000", "0.8000", "1.50", "3.00", "2.000", "2.0"]
+        ["fedavg", "mlp", "0.8000", "0.8000", "0.8000", "1.50", "3.00", "2.000", "12.5", "2.0"]
     assert "±" not in table and len(lines) == 3
 
 
