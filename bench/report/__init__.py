@@ -97,7 +97,7 @@ def build(tracking_uri: str, experiment: str, runs=None, out: str | None = None,
         sections = []
         for g in data.groups:
             k, _ = tables.last_k(g, last_k)
-            g.verdict = verdict.verdict(g, k)
+            g.verdict = verdict.verdict(g, k, target)
             sections.append((g, tables.group_tables(g, data.parents, target, k),
                              figures.pareto_figures(g, k) + figures.group_figures(g)))
     if not data.groups:

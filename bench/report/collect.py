@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import os
 import re
@@ -177,13 +178,25 @@ VARIANT = frozenset({"wire", "wire_rounding", "wire_topk", "wire_feedback"})
 is its own row (`fedrep@int8`, `record`), so comparisons that differ only there are one group."""
 
 
+@functools.cache
+def run_defaults() -> dict[str, str]:
+    """`{"run.rounds": "30", "run.clients": "None", ...}`: every run key at RunConfig's default, written as
+    bench.run records a parent's params (config.flatten: `None`, a tuple as `a,b`, a float as str gives it)."""
+    from bench import config as C
+
+    return C.flatten(C.Config())  # no method or dataset sections: the run keys alone
+
+
 def comparable_config(r: RunRecord, parent_config: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """(task keys, method keys) of run `r`: what changes its results, seed aside. Task keys are the
     parent's `run.*` params but NEUTRAL and VARIANT ones and its dataset's table (`synthetic.*`); method
     keys are the child's own `<method>.*` params but VARIANT ones (a method key left unset reads `None`:
-    the run's value)."""
+    the run's value). A run key the parent did not record (an option added since it ran) reads as its
+    default (`run_defaults`): a new option's default keeps the numbers runs made before it had, so those
+    runs pool with runs made since at the default. Dataset keys are compared as recorded (their defaults
+    live with the datasets, which import torch)."""
     dataset = r.dataset.split(":")[0]
-    task = {k: v for k, v in parent_config.items()
+    task = {k: v for k, v in {**run_defaults(), **parent_config}.items()
             if (k.startswith("run.") and k[len("run."):] not in NEUTRAL | VARIANT) or k.startswith(f"{dataset}.")}
     method = {k: v for k, v in r.params.items()
               if k.startswith(f"{r.registered}.") and k.removeprefix(f"{r.registered}.") not in VARIANT}

@@ -24,6 +24,8 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
            "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 BAND = "mean over seeds, band: min..max"
 ACC = "acc/weighted"
+SIM_TIME = "sim/time_cumulative_s"
+"""Simulated seconds so far (the engine's simulated edge devices); runs without them do not log it."""
 # DEQ solver statistics (methods/fedeq.py logs deq/... for the forward solve, deq/b_... for the
 # adjoint solve of the implicit backward): (figure name, y label, log scale, forward, adjoint).
 DEQ = (("deq_steps", "solver steps (mean over examples)", False, "deq/nstep_mean", "deq/b_nstep_mean"),
@@ -56,7 +58,7 @@ class Series:
 class Figure:
     name: str
     """File-name stem and HTML id part: acc_vs_total_mb, acc_vs_memory (the answer at a glance),
-    acc_vs_round, acc_vs_mb, peak_memory, client_acc, deq_steps, deq_residual."""
+    acc_vs_round, acc_vs_mb, acc_vs_sim_time, peak_memory, client_acc, deq_steps, deq_residual."""
     title: str
     xlabel: str
     ylabel: str
@@ -84,6 +86,10 @@ def group_figures(group: Group, accuracy: str = ACC) -> list[Figure]:
         _line("acc_vs_mb", f"{prefix}accuracy vs MB sent ({BAND})", "cumulative MB sent (up + down)", accuracy,
               [_curve(m, rs, accuracy, color[m], x_metric="bytes/cumulative", x_scale=1e-6)
                for m, rs in by_method.items()]),
+        # Simulated edge devices only (runs without device simulation log no simulated time: no figure).
+        _line("acc_vs_sim_time", f"{prefix}accuracy vs simulated time ({BAND})", "cumulative simulated seconds",
+              accuracy, [_curve(m, rs, accuracy, color[m], x_metric=SIM_TIME, x_unit="simulated s")
+                         for m, rs in by_method.items()]),
         _peak_memory(prefix, by_method, color),
         _client_acc(prefix, by_method, color),
     ]
@@ -153,9 +159,10 @@ def _line(name, title, xlabel, ylabel, series, ylog=False) -> Figure | None:
 
 
 def _curve(label: str, runs: list[RunRecord], metric: str, color: str, variant: str = "",
-           x_metric: str | None = None, x_scale: float = 1.0) -> Series | None:
+           x_metric: str | None = None, x_scale: float = 1.0, x_unit: str = "MB") -> Series | None:
     """Mean, min and max over `runs` (a method's seeds) of `metric` at every round all of them logged
-    it (and `x_metric`, when x is that metric's mean instead of the round). None when no run logged it."""
+    it (and `x_metric`, when x is that metric's mean, in `x_unit`, instead of the round). None when no
+    run logged it."""
     runs = [r for r in runs if r.history.get(metric)]
     if not runs:
         return None
@@ -174,7 +181,7 @@ def _curve(label: str, runs: list[RunRecord], metric: str, color: str, variant: 
         s.y.append(mean)
         lo.append(min(vals))
         hi.append(max(vals))
-        where = f"round {rnd}" + (f", {x:.4g} MB" if xs else "")
+        where = f"round {rnd}" + (f", {x:.4g} {x_unit}" if xs else "")
         seeds = "<br>".join(f"seed {r.seed}: {v:.4g}" for r, v in zip(runs, vals, strict=True))
         hover.append(f"{label}, {where}<br>{metric} mean {mean:.4g}<br>{seeds}")
     return s if s.x else None

@@ -59,17 +59,19 @@ def last_k_mean(r: RunRecord, metric: str, k: int) -> float:
     return math.fsum(v[-k:]) / len(v[-k:]) if v else math.nan
 
 
-def mb_to_target(r: RunRecord, target: float, k: int = 1) -> float | None:
+def mb_to_target(r: RunRecord, target: float, k: int = 1, metric: str = "bytes/cumulative",
+                 scale: float = 1e-6) -> float | None:
     """MB sent (bytes/cumulative, up + down) up to and including the first evaluated round at which the
     mean HEADLINE of that round and the k - 1 evaluated rounds before it reaches `target` (k = 1: the
     round's own accuracy); None when no such window does. A window needs k evaluated rounds, so with
-    k > 1 one lucky early round does not reach the target."""
-    sent = dict(r.history.get("bytes/cumulative", []))
+    k > 1 one lucky early round does not reach the target. `metric` x `scale`: another cumulative
+    measure at that round instead (SIM_TIME_CUMULATIVE, 1.0: the simulated seconds to the target)."""
+    sent = dict(r.history.get(metric, []))
     acc = r.history.get(HEADLINE, [])
     for i in range(k - 1, len(acc)):
         rnd = acc[i][0]
         if math.fsum(a for _, a in acc[i - k + 1:i + 1]) / k >= target and rnd in sent:
-            return sent[rnd] / 1e6
+            return sent[rnd] * scale
     return None
 
 
@@ -104,6 +106,33 @@ COST: list[Column] = [
 TARGET_COLUMN, RATIO_COLUMN, MEMORY_RATIO_COLUMN = "MB to target", "bytes vs FeDEQ", "memory vs FeDEQ"
 FLOPS_RATIO_COLUMN = "FLOPs vs FeDEQ"
 
+# Simulated edge devices (the engine's device profiles, `--devices`, `--round-deadline`): per round, the
+# simulated seconds and what became of each sampled client. Runs made without them have none of these.
+SIM_TIME, SIM_TIME_CUMULATIVE = "sim/time_s", "sim/time_cumulative_s"
+PARTICIPATED = "clients/participated"
+DROPS = {"deadline": "clients/dropped_deadline", "memory": "clients/dropped_memory",
+         "unavailable": "clients/dropped_unavailable"}
+"""Why a sampled client's update was not aggregated -> its per-round count."""
+EXCLUDED_MEMORY = "clients/excluded_memory"
+"""Distinct clients so far that cannot train the method (device memory below its peak), cumulative."""
+SIM_TARGET_COLUMN = "sim s to target"
+
+
+def participation(r: RunRecord) -> float:
+    """Updates aggregated over updates sampled, over the run: the sum of clients/participated over the sum
+    of it and every drop (deadline, memory, unavailable); nan without those metrics or with none sampled."""
+    agg = total(r, PARTICIPATED)
+    sampled = agg + math.fsum(total(r, m) for m in DROPS.values())
+    return agg / sampled if sampled > 0 else math.nan
+
+
+DEVICE_TIME: list[Column] = [("sim s", lambda r: total(r, SIM_TIME), "s", min)]
+DEVICE_PARTICIPATION: list[Column] = [
+    ("participation", participation, "acc", max),
+    *((f"dropped: {why}", (lambda name: lambda r: total(r, name))(m), "count", None) for why, m in DROPS.items()),
+    ("excluded by memory", lambda r: r.final(EXCLUDED_MEMORY), "count", None),
+]
+
 
 def accuracy_columns(k: int) -> list[Column]:
     return [(LAST_K, lambda r: last_k_mean(r, HEADLINE, k), "acc", max),
@@ -116,10 +145,11 @@ def accuracy_columns(k: int) -> list[Column]:
 
 
 def decimals(kind: str, x: float) -> int:
-    """acc: 4; MB: at least 3 and at least 4 significant digits (0.06120, 12.300); s: 2; int: 0."""
+    """acc: 4; MB: at least 3 and at least 4 significant digits (0.06120, 12.300); s: 2; int: 0; count
+    (clients summed over a run): 2, the mean of unequal seeds (every seed's count equal: 0, as int)."""
     if kind == "mb":
         return max(3, 3 - math.floor(math.log10(abs(x)))) if x and math.isfinite(x) else 3
-    return {"acc": 4, "s": 2, "int": 0}[kind]
+    return {"acc": 4, "s": 2, "int": 0, "count": 2}[kind]
 
 
 def fmt(x: float, kind: str) -> str:
@@ -132,7 +162,7 @@ def stat_cell(values: list[float], kind: str) -> Cell:
         return Cell(DASH)
     s: Stat = seed_stat(values)
     d = decimals(kind, s.mean)
-    if kind == "int" and s.std == 0:
+    if kind in ("int", "count") and not s.std:  # one seed, or equal seeds: the count itself
         return Cell(f"{s.mean:.0f}", s.mean)
     text = f"{s.mean:.{d}f}" + (f" ± {s.std:.{d}f}" if len(values) > 1 else "")
     return Cell(text, s.mean)
@@ -219,16 +249,19 @@ def target_of(group: Group, fraction: float, k: int = 1) -> tuple[float, str, fl
     return fraction * means[best], best, means[best]
 
 
-def target_cell(runs: list[RunRecord], target: float | None, k: int = 1) -> Cell:
-    if target is None or not runs:
+def target_cell(runs: list[RunRecord], target: float | None, k: int = 1, metric: str = "bytes/cumulative",
+                scale: float = 1e-6, kind: str = "mb") -> Cell:
+    """mean ± std over seeds of `mb_to_target` (of `metric` x `scale`); `never` when no seed reaches the
+    target, `never in N of M seeds` when some do not; a dash when a seed did not log `metric`."""
+    if target is None or not runs or any(not r.history.get(metric) for r in runs):
         return Cell(DASH)
-    mbs = [mb_to_target(r, target, k) for r in runs]
+    mbs = [mb_to_target(r, target, k, metric, scale) for r in runs]
     reached = [x for x in mbs if x is not None]
     if not reached:
         return Cell("never")
     if len(reached) < len(mbs):
         return Cell(f"never in {len(mbs) - len(reached)} of {len(mbs)} seeds")
-    return stat_cell(reached, "mb")
+    return stat_cell(reached, kind)
 
 
 def model_of(group: Group, m: str) -> str:
@@ -303,20 +336,25 @@ def accuracy_table(group: Group, k: int, n: int) -> Table:
                       notes + seed_notes(group) + repeat_notes(group))
 
 
+def target_note(column: str, what: str, tgt: tuple[float, str, float] | None, target_fraction: float,
+                k: int) -> str:
+    """How `column` (MB or simulated seconds to the target) is measured, with the target's value."""
+    if tgt is None:
+        return f"{column}: no FINISHED run logged {HEADLINE}, so there is no target"
+    window = (f"the mean {HEADLINE} of {k} consecutive evaluated rounds first reaches" if k > 1
+              else f"{HEADLINE} first reaches")
+    return (f"{column}: {what} until {window} {tgt[0]:.4f} = {target_fraction:.0%} of the best mean last-{k} "
+            f"{HEADLINE} ({tgt[1]}, {tgt[2]:.4f}); mean over seeds; never: no window reaches it")
+
+
 def communication_table(group: Group, target_fraction: float, k: int) -> Table:
     """Bytes per round and in total, MB to the target accuracy, bytes as a multiple of FeDEQ's."""
     tgt = target_of(group, target_fraction, k)
     target = tgt[0] if tgt else None
     notes = [seeds_note(group), "MB up/round, MB down/round: mean over rounds; MB up, MB down, MB total "
-             "(bytes/cumulative): over the run"]
-    if tgt is None:
-        notes.append(f"{TARGET_COLUMN}: no FINISHED run logged {HEADLINE}, so there is no target")
-    else:
-        window = (f"the mean {HEADLINE} of {k} consecutive evaluated rounds first reaches" if k > 1
-                  else f"{HEADLINE} first reaches")
-        notes.append(f"{TARGET_COLUMN}: MB sent (up + down, bytes/cumulative, at the window's last round) until "
-                     f"{window} {tgt[0]:.4f} = {target_fraction:.0%} of the best mean last-{k} {HEADLINE} "
-                     f"({tgt[1]}, {tgt[2]:.4f}); mean over seeds; never: no window reaches it")
+             "(bytes/cumulative): over the run",
+             target_note(TARGET_COLUMN, "MB sent (up + down, bytes/cumulative, at the window's last round)", tgt,
+                         target_fraction, k)]
     cells = {TARGET_COLUMN: {m: target_cell(finished(group, m), target, k) for m in group.methods}}
     ratio = ratio_cells(group, lambda r: r.final("bytes/cumulative"), "{method} sends {ratio} the bytes of {ref} "
                         "(MB total, mean over seeds)", notes)
@@ -344,16 +382,56 @@ def cost_table(group: Group) -> Table:
                       after={MEMORY_RATIO_COLUMN: "peak train MB", FLOPS_RATIO_COLUMN: "GFLOP/update"})
 
 
+def logged(group: Group, metric: str) -> bool:
+    """Whether a FINISHED run of the group logged `metric` (runs made before it existed did not)."""
+    return any(r.history.get(metric) for r in group.runs if r.status == "FINISHED")
+
+
+def devices_table(group: Group, target_fraction: float, k: int) -> Table | None:
+    """Simulated edge devices: simulated time in total and to the target accuracy (where runs logged
+    SIM_TIME), and participation with the drops by cause (where they logged PARTICIPATED); None when
+    no FINISHED run logged either (runs made without device simulation)."""
+    time, part = logged(group, SIM_TIME), logged(group, PARTICIPATED)
+    if not (time or part):
+        return None
+    notes = [seeds_note(group)]
+    if "run.devices" in group.config:  # each profile set is a group of its own (a run key)
+        deadline = group.config.get("run.round_deadline", "None")
+        notes.append(f"device profile set: {group.config['run.devices']}; round deadline: "
+                     + ("none" if deadline == "None" else f"{deadline} simulated s"))
+    extra: dict[str, dict[str, Cell]] = {}
+    if time:
+        tgt = target_of(group, target_fraction, k)
+        notes.append(f"sim s: simulated seconds of the run, the sum of {SIM_TIME} (a round: its slowest aggregated "
+                     "update, or the deadline when an update came later)")
+        notes.append(target_note(SIM_TARGET_COLUMN, f"simulated seconds ({SIM_TIME_CUMULATIVE} at the window's "
+                                 "last round)", tgt, target_fraction, k))
+        extra[SIM_TARGET_COLUMN] = {m: target_cell(finished(group, m), tgt[0] if tgt else None, k,
+                                                   SIM_TIME_CUMULATIVE, 1.0, "s") for m in group.methods}
+    if part:
+        notes.append(f"participation: updates aggregated over clients sampled, over the run ({PARTICIPATED} "
+                     "summed, over it plus every drop summed); dropped: sampled clients whose update was dropped "
+                     "(late for the deadline), that could not train (device memory below the method's peak "
+                     "training memory) or whose device was unavailable, summed over the run; excluded by "
+                     f"memory: distinct clients unable to train the method by the run's end ({EXCLUDED_MEMORY})")
+    columns = (DEVICE_TIME if time else []) + (DEVICE_PARTICIPATION if part else [])
+    return stat_table(group, "devices", columns, ["method"], notes, extra, after={SIM_TARGET_COLUMN: "sim s"},
+                      best_extra=tuple(extra))
+
+
 def group_tables(group: Group, parents: Sequence[Provenance] = (), target: float = 0.95,
                  k: int | None = None) -> list[Table]:
-    """The accuracy, communication and cost tables and the runs table of one comparable group. `k`: the
-    last-k window (default a tenth of the evaluated rounds, at least 1); `target`: the fraction of the
-    best mean last-k accuracy that MB to target measures up to."""
+    """The accuracy, communication and cost tables (and the devices table, where runs simulated edge
+    devices) and the runs table of one comparable group. `k`: the last-k window (default a tenth of the
+    evaluated rounds, at least 1); `target`: the fraction of the best mean last-k accuracy that MB to
+    target (and sim s to target) measures up to."""
     k, n = last_k(group, k)
     by_id = {p.run_id: p for p in parents}
     runs = runs_table(group, f"{group.title}: every run", lambda r: rerun_command(by_id, r),
                       "command: the comparison's recorded command plus --methods and --seeds, rerunning that run")
-    return [accuracy_table(group, k, n), communication_table(group, target, k), cost_table(group), runs]
+    devices = devices_table(group, target, k)
+    return [accuracy_table(group, k, n), communication_table(group, target, k), cost_table(group),
+            *([devices] if devices else []), runs]
 
 
 def rerun_command(parents: dict[str, Provenance], r: RunRecord) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from bench.report import tables as T
 from bench.report.model import Group
 from bench.report.tables import HEADLINE, REFERENCE, fmt, last_k, last_k_mean, method_means, peak, per_round
 
@@ -38,11 +39,45 @@ def _front_sentence(points: dict[str, tuple[float, float]], cost: str, unit: str
             + (f"; off it: {'; '.join(off)}." if off else "; no method is off it."))
 
 
-def verdict(group: Group, k: int | None = None) -> str:
+def _devices_sentences(group: Group, k: int, target: float) -> list[str]:
+    """Where runs simulated edge devices: the method first to the target accuracy in simulated time (the
+    devices table's `sim s to target`, with FeDEQ's multiple), and, when a method leaves clients out for
+    want of memory, how many each method excludes. Nothing for runs without device simulation."""
+    out = []
+    tgt = T.target_of(group, target, k) if T.logged(group, T.SIM_TIME_CUMULATIVE) else None
+    if tgt is not None:
+        def seconds(r):
+            s = T.mb_to_target(r, tgt[0], k, T.SIM_TIME_CUMULATIVE, 1.0)
+            return math.nan if s is None else s
+
+        reach = method_means(group, seconds)  # the methods whose every seed reaches the target
+        if reach:
+            first = min(reach, key=reach.__getitem__)
+            text = (f"First to the target accuracy ({tgt[0]:.4f}) in simulated time: {first} "
+                    f"({reach[first]:.2f} s")
+            ref = reach.get(REFERENCE)
+            if ref and first != REFERENCE:
+                text += f", {reach[first] / ref:.2f}x {REFERENCE}'s time"
+            elif ref is None and REFERENCE in group.methods:
+                text += f"; {REFERENCE} does not reach it in every seed"
+            out.append(text + ").")
+        else:
+            out.append(f"No method reaches the target accuracy ({tgt[0]:.4f}) in every seed, so none is first "
+                       "in simulated time.")
+    excluded = method_means(group, lambda r: r.final(T.EXCLUDED_MEMORY))
+    if any(v > 0 for v in excluded.values()):
+        out.append("Clients excluded by memory (device memory below the method's peak training memory; mean over "
+                   f"seeds): {', '.join(f'{m} {round(v, 2):g}' for m, v in excluded.items())}.")
+    return out
+
+
+def verdict(group: Group, k: int | None = None, target: float = 0.95) -> str:
     """One paragraph, generated from the numbers: the best method on accuracy (mean last-k HEADLINE),
     bytes (MB total), memory (peak train MB) and compute (GFLOP/update, where runs counted FLOPs),
-    with FeDEQ's multiples, and the Pareto sets on accuracy vs each cost, with how far each method off
-    them is. Empty without FINISHED runs."""
+    with FeDEQ's multiples, where runs simulated edge devices the first method to the target accuracy
+    (`target` x the best mean last-k HEADLINE, as MB to target) in simulated time and the clients each
+    method excludes by memory, and the Pareto sets on accuracy vs each cost, with how far each method
+    off them is. Empty without FINISHED runs."""
     k, _ = last_k(group, k)
     acc = method_means(group, lambda r: last_k_mean(r, HEADLINE, k))
     mb = method_means(group, lambda r: r.final("bytes/cumulative") / 1e6)
@@ -64,6 +99,7 @@ def verdict(group: Group, k: int | None = None) -> str:
         if ref and low != REFERENCE:
             text += f", {means[low] / ref:.2f}x {REFERENCE}'s {unit}"
         parts.append(text + ").")
+    parts += _devices_sentences(group, k, target)
     for means, cost, unit in ((mb, "MB total", "MB"), (mem, "peak train MB", "memory"),
                               (flops, "GFLOP/update", "FLOPs")):
         points = {m: (acc[m], means[m]) for m in acc if m in means}
