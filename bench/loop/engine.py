@@ -341,7 +341,7 @@ def run_method(
         cumulative += up_bytes + down_bytes
         ran = [c for c in cohort if c not in too_big]  # the updates computed, late ones included
         flops_train = sum(flops_of[("train", c)] for c in ran)
-        sim_round = run.round_deadline if late else max(times, default=0.0)
+        sim_round = run.round_deadline if late and run.round_deadline is not None else max(times, default=0.0)
         sim_total += sim_round
         losses = [m["loss"] for m in client_metrics if "loss" in m]
         metrics = {

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
-FIGURES = ("acc_vs_total_mb", "acc_vs_memory", "acc_vs_flops", "acc_vs_round", "acc_vs_mb", "peak_memory", "client_acc",
-           "deq_steps", "deq_residual")
+FIGURES = ("acc_vs_total_mb", "acc_vs_memory", "acc_vs_flops", "acc_vs_round", "acc_vs_mb", "acc_vs_sim_time",
+           "peak_memory", "client_acc", "deq_steps", "deq_residual")
 METHODS = ("fedeq", "fedavg", "fedrep")
 
 

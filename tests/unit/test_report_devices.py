@@ -81,16 +81,6 @@ def comparison(uri: str, runs: list[tuple[str, int]], keys: dict[str, str] | Non
     return parent
 
 
-@pytest.fixture
-def devices_default(monkeypatch):
-    """`run.devices` is RunConfig's `uniform` and `run.round_deadline` its `None`: the engine's options.
-    Where this checkout's RunConfig has not got them yet, the defaults read as they will."""
-    defaults = collect.run_defaults()
-    if "run.devices" not in defaults:
-        monkeypatch.setattr(collect, "run_defaults",
-                            lambda: {**defaults, "run.devices": "uniform", "run.round_deadline": "None"})
-
-
 # -- the default rule ---------------------------------------------------------------------------------
 
 
@@ -112,7 +102,7 @@ def test_a_run_key_the_parent_did_not_record_reads_as_its_default(tmp_path):
     assert [g.label for g in groups] == ["cpu_memory=live", "cpu_memory=parts"]
 
 
-def test_runs_from_before_devices_pool_with_uniform_and_another_profile_set_is_a_group(tmp_path, devices_default):
+def test_runs_from_before_devices_pool_with_uniform_and_another_profile_set_is_a_group(tmp_path):
     uri = new_store(tmp_path / "mlflow.db")
     old = comparison(uri, [OLD], drop=("run.devices", "run.round_deadline"), sim=False)
     uniform = comparison(uri, ALL, {"run.devices": "uniform", "run.round_deadline": "None"})
@@ -132,7 +122,7 @@ def test_runs_from_before_devices_pool_with_uniform_and_another_profile_set_is_a
 
 
 @pytest.fixture
-def sim_group(tmp_path, devices_default):
+def sim_group(tmp_path):
     """fedeq and fedavg, seeds 0 and 1, with device metrics (ALL), as collect reads them back."""
     uri = new_store(tmp_path / "mlflow.db")
     comparison(uri, ALL, {"run.devices": "mobile-mix"})
@@ -173,7 +163,7 @@ def test_the_devices_table_by_hand(sim_group):
     assert fedeq["excluded by memory"].text == "2.00 ± 1.41" and fedavg["excluded by memory"].text == "0"
 
 
-def test_a_run_without_device_metrics_in_a_group_with_them_is_a_dash(tmp_path, devices_default):
+def test_a_run_without_device_metrics_in_a_group_with_them_is_a_dash(tmp_path):
     """fedavg seed 2 comes from before device simulation (pooled by the default rule): fedavg's device
     cells over seeds 0..2 have no value for it, so they are a dash; fedeq's stay."""
     uri = new_store(tmp_path / "mlflow.db")
