@@ -33,7 +33,8 @@ def build_parser() -> tuple[cli.Parser, list[str]]:
     p.add_argument("--params", default=None, help="sweep only these keys of the space, e.g. rho,tol")
     p.add_argument("--space", default=None, help="search-space TOML (default: configs/sweeps/<method>.toml)")
     p.add_argument("--objective", default="acc",
-                   help="acc (TPE), or acc,bytes / acc,bytes,memory: NSGA-II and a Pareto front (default: acc)")
+                   help="acc (TPE), or acc with any of bytes, memory, time (simulated seconds on --devices), e.g. "
+                        "acc,bytes: NSGA-II and a Pareto front (default: acc)")
     p.add_argument("--pruner", default=None,
                    help=f"{'|'.join(PRUNERS)} (default: median; none for several objectives)")
     p.add_argument("--n-jobs", type=int, default=1,

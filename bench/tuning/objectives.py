@@ -11,11 +11,12 @@ OBJECTIVES: dict[str, tuple[str, Literal["maximize", "minimize"]]] = {
     "acc": ("acc/val", "maximize"),
     "bytes": ("bytes/cumulative", "minimize"),
     "memory": ("mem/peak_train_bytes", "minimize"),
+    "time": ("sim/time_cumulative_s", "minimize"),
 }
 """`--objective` names: (metric, direction). acc: final validation accuracy; bytes: every byte sent up
-and down over the run; memory: the run's peak training memory of a local update. Each is the mean over
-seeds."""
-COLUMN = {"acc": "acc/val", "bytes": "MB sent", "memory": "peak train MB"}
+and down over the run; memory: the run's peak training memory of a local update; time: the run's
+simulated seconds on its devices (`--devices`, bench/loop/devices.py). Each is the mean over seeds."""
+COLUMN = {"acc": "acc/val", "bytes": "MB sent", "memory": "peak train MB", "time": "sim s"}
 """How each objective is shown (Pareto table, figure): bytes and memory in MB (`shown`)."""
 
 

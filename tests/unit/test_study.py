@@ -394,3 +394,20 @@ def test_two_trials_at_once_on_ray_give_the_values_of_one_at_a_time(env, tmp_pat
         curves[(n, key)] = [m.value for m in client.get_metric_history(r.info.run_id, "acc/val")]
     for key in got[1]:
         assert curves[("n2", key)] == curves[("n1", key)] and len(curves[("n1", key)]) == 2
+
+
+def test_acc_time_scores_each_trial_by_its_simulated_seconds_on_the_fleet(env, tmp_path):
+    """`--objective acc,time --devices mobile-mix`: a trial's second value is its run's simulated seconds
+    (sim/time_cumulative_s), which the layers it sends change (fewer bytes, a shorter round)."""
+    space = tmp_path / "lg.toml"
+    space.write_text(LG_SPACE)
+    cfg = experiment.validate(C.apply(make_cfg(env, methods="lg_fedavg"), {"devices": "mobile-mix"}))
+    (out,), _ = study.sweep(cfg, opts(env, trials=3, space=str(space), pruner=None, objectives=("acc", "time")))
+    st = optuna.load_study(study_name="lg_fedavg-synthetic-acc-time", storage=env["storage"])
+    assert [d.name for d in st.directions] == ["MAXIMIZE", "MINIMIZE"]
+    by_number = {t.number: t for t in st.trials}
+    for r in runs(env, "trial"):
+        t = by_number[int(r.data.params["trial_number"])]
+        assert t.values == [pytest.approx(r.data.metrics["acc/val"]), r.data.metrics["sim/time_cumulative_s"]]
+        assert t.values[1] > 0
+    assert all(row["sim s"] == by_number[row["trial"]].values[1] for row in out.pareto)
