@@ -23,9 +23,16 @@ Per round the engine touches the cohort and the clients it evaluates, never the 
 the same ones for every method, so acc/* of those rounds are sample estimates; the last round
 scores every client.
 
+Simulated devices (bench/loop/devices.py, `--devices`): each client has a device; a sampled client
+whose device is away this round is sent nothing, one whose device has less memory than its measured
+peak training memory cannot train (its update is discarded, nothing of it counted), and with
+`--round-deadline` an update that would arrive late is dropped (its downlink counts). Only accepted
+updates are stored and aggregated; `sim/time_s` is the slowest accepted update's simulated time, or
+the deadline when one was late. The default set drops nothing.
+
 Clients never sampled (fraction < 1): `clients/never_trained`, logged every round, counts the
-training clients in no cohort up to and including that round. At the final evaluation those clients
-take the held-out path (`Kind.EVALUATE_UNSEEN`: init_client from the final server, `personalize`,
+training clients whose update no round up to and including that one aggregated. At the final
+evaluation those clients take the held-out path (`Kind.EVALUATE_UNSEEN`: init_client from the final server, `personalize`,
 then `evaluate`), one protocol for every method, instead of being scored with whatever a method's
 untrained personal parts give (an initial head, a 0.5 mixture, the global model), which biased
 acc/mean and acc/bottom10 between methods. They still count as training clients in acc/*, not in
@@ -349,11 +356,9 @@ def run_method(
             "bytes/up": float(up_bytes),
             "bytes/down": float(down_bytes),
             "bytes/cumulative": float(cumulative),
-            "mem/peak_train_bytes": float(max((peak_of[c] for c in cohort), default=float("nan"))),
             "mem/peak_rss_bytes": float(peak_rss),
             "clients/never_trained": float(len(never_trained)),
             "compute/flops_train": float(flops_train),
-            "compute/flops_update": flops_train / len(ran) if ran else float("nan"),
             "sim/time_s": float(sim_round),
             "sim/time_cumulative_s": float(sim_total),
             "clients/participated": float(len(replies)),
@@ -362,6 +367,10 @@ def run_method(
             "clients/dropped_unavailable": float(len(sampled) - len(cohort)),
             "clients/excluded_memory": float(sum(not fleet[c].fits(p) for c, p in peak_of.items())),
         }
+        if cohort:  # a round whose every sampled device was away metered no update: nothing to log
+            metrics["mem/peak_train_bytes"] = float(max(peak_of[c] for c in cohort))
+        if ran:
+            metrics["compute/flops_update"] = flops_train / len(ran)
         metrics.update(reduce_client_metrics(client_metrics))
         metrics.update({k: float(v) for k, v in agg_metrics.items()})
         if rnd % run.eval_every == 0 or rnd == run.rounds:

@@ -171,3 +171,19 @@ def test_a_files_label_carries_its_digest_so_an_edited_file_is_told_apart(tmp_pa
     b = devices.load(profile(tmp_path / "my.toml", {"latency_s": 1.0}))
     assert a.label.startswith("my.toml@") and a.label != b.label
     assert devices.load("mobile-mix").label == "mobile-mix"
+
+
+def test_a_round_whose_every_device_is_away_sends_nothing_and_keeps_the_server(tmp_path):
+    # Availability 1e-9: no draw from ("availability", rnd, cid) falls below it (a uniform draw is
+    # below 1e-9 with probability 1e-9), so no sampled client takes part in any round.
+    r = run(rounds=2, devices=profile(tmp_path / "gone.toml", {"availability": 1e-9}))
+    for m in r.history:
+        assert (m["clients/participated"], m["clients/dropped_unavailable"], m["bytes/up"], m["bytes/down"],
+                m["sim/time_s"], m["compute/flops_train"]) == (0, 3, 0, 0, 0, 0)
+        assert math.isnan(m["loss/train"])
+        # No update was metered: a peak or a per-update count of none is not logged (not a NaN or a 0
+        # that a run's maximum or mean would take in).
+        assert "mem/peak_train_bytes" not in m and "compute/flops_update" not in m
+    assert r.ledger.entries == [] and r.final["clients/never_trained"] == 6
+    # Every client is scored as one that never trained: from the (initial) server, personalized.
+    assert {row["group"] for row in r.clients} == {"never_trained"} and math.isfinite(r.final["acc/weighted"])
