@@ -74,7 +74,7 @@ def build(tracking_uri: str, experiment: str, runs=None, out: str | None = None,
     index.html loads plotly.js from `../plotly.min.js`, written there once for every report folder
     beside this one (a published set of reports stores the 4.8 MB bundle once).
     Raises BenchError on bad input (unknown experiment, run or study; no runs; a bad option)."""
-    from bench.report import collect, figures, html, markdown, tables, verdict
+    from bench.report import collect, figures, html, markdown, provenance, tables, verdict
     from bench.report import sweep as sweep_page
 
     if not 0 < target <= 1:
@@ -102,9 +102,9 @@ def build(tracking_uri: str, experiment: str, runs=None, out: str | None = None,
                              figures.pareto_figures(g, k) + figures.group_figures(g)))
     if not data.groups:
         raise BenchError(f"{data.name!r}: its parent run(s) have no child runs, so there is nothing to report")
-    md_text, figs = markdown.render(data, sections, tables.provenance_tables(data))
+    md_text, figs = markdown.render(data, sections, provenance.provenance_tables(data))
     # index.html shows each parent's resolved config itself (folded), so its provenance tables leave it out.
-    page = html.render(data, sections, tables.provenance_tables(data, config=False),
+    page = html.render(data, sections, provenance.provenance_tables(data, config=False),
                        plotly_src=f"../{html.SHARED_PLOTLY}" if shared_plotly else None)
     md, index = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "index.html")
     content = {os.path.join(out_dir, "figures", n): b for n, b in figs.items()}

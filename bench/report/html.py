@@ -87,7 +87,7 @@ def render(data: ReportData, sections: list[tuple[Group, list[Table], list[Figur
     shared by several pages, which `shared_plotly` names).
 
     `sections`: per dataset and partition, its tables and figures, in page order; `provenance`: the
-    tables of the provenance section (tables.provenance_tables: command, commit, versions...), which
+    tables of the provenance section (provenance.provenance_tables: command, commit, versions...), which
     is followed by each parent run's resolved config, folded."""
     esc = html.escape
     figures: dict[str, dict] = {}

@@ -2,9 +2,8 @@
 
     group_tables(group, parents, target=0.95)  # per group: accuracy, communication, cost, every run
     verdict(group)                             # per group: the answer at a glance, one paragraph
-    provenance_tables(data)                    # per parent run: command, commit, versions, config
 
-(A study's tables are bench/report/sweep.py's.)
+(A parent run's provenance is bench/report/provenance.py's; a study's tables are bench/report/sweep.py's.)
 
 Only FINISHED runs enter the numbers; every run, whatever its status, is a row of the runs table.
 The headline, in every report, is HEADLINE (acc/weighted) as the mean of its last k evaluated rounds
@@ -18,10 +17,9 @@ from __future__ import annotations
 import math
 import shlex
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 
 from bench import commands
-from bench.report.model import Cell, Group, Provenance, ReportData, RunRecord, Table
+from bench.report.model import Cell, Group, Provenance, RunRecord, Table
 from bench.report.stats import Stat, seed_stat
 
 REFERENCE = "fedeq"
@@ -106,34 +104,6 @@ COST: list[Column] = [
 TARGET_COLUMN, RATIO_COLUMN, MEMORY_RATIO_COLUMN = "MB to target", "bytes vs FeDEQ", "memory vs FeDEQ"
 FLOPS_RATIO_COLUMN = "FLOPs vs FeDEQ"
 
-# Simulated edge devices (the engine's device profiles, `--devices`, `--round-deadline`): per round, the
-# simulated seconds and what became of each sampled client. Runs made without them have none of these.
-SIM_TIME, SIM_TIME_CUMULATIVE = "sim/time_s", "sim/time_cumulative_s"
-PARTICIPATED = "clients/participated"
-DROPS = {"deadline": "clients/dropped_deadline", "memory": "clients/dropped_memory",
-         "unavailable": "clients/dropped_unavailable"}
-"""Why a sampled client's update was not aggregated -> its per-round count."""
-EXCLUDED_MEMORY = "clients/excluded_memory"
-"""Distinct clients so far that cannot train the method (device memory below its peak), cumulative."""
-SIM_TARGET_COLUMN = "sim s to target"
-
-
-def participation(r: RunRecord) -> float:
-    """Updates aggregated over updates sampled, over the run: the sum of clients/participated over the sum
-    of it and every drop (deadline, memory, unavailable); nan without those metrics or with none sampled."""
-    agg = total(r, PARTICIPATED)
-    sampled = agg + math.fsum(total(r, m) for m in DROPS.values())
-    return agg / sampled if sampled > 0 else math.nan
-
-
-DEVICE_TIME: list[Column] = [("sim s", lambda r: total(r, SIM_TIME), "s", min)]
-DEVICE_PARTICIPATION: list[Column] = [
-    ("participation", participation, "acc", max),
-    *((f"dropped: {why}", (lambda name: lambda r: total(r, name))(m), "count", None) for why, m in DROPS.items()),
-    ("excluded by memory", lambda r: r.final(EXCLUDED_MEMORY), "count", None),
-]
-
-
 def accuracy_columns(k: int) -> list[Column]:
     return [(LAST_K, lambda r: last_k_mean(r, HEADLINE, k), "acc", max),
             (FINAL, lambda r: r.final(HEADLINE), "acc", max),
@@ -177,10 +147,6 @@ def mark_best(rows: list[list[Cell]], col: int, better) -> None:
     for row in rows:
         if row[col].value is not None and row[col].value == best:
             row[col].best = True
-
-
-def when(ms: int | None) -> str:
-    return datetime.fromtimestamp(ms / 1e3, UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if ms else DASH
 
 
 # -- a comparison ---------------------------------------------------------------------------------
@@ -382,43 +348,6 @@ def cost_table(group: Group) -> Table:
                       after={MEMORY_RATIO_COLUMN: "peak train MB", FLOPS_RATIO_COLUMN: "GFLOP/update"})
 
 
-def logged(group: Group, metric: str) -> bool:
-    """Whether a FINISHED run of the group logged `metric` (runs made before it existed did not)."""
-    return any(r.history.get(metric) for r in group.runs if r.status == "FINISHED")
-
-
-def devices_table(group: Group, target_fraction: float, k: int) -> Table | None:
-    """Simulated edge devices: simulated time in total and to the target accuracy (where runs logged
-    SIM_TIME), and participation with the drops by cause (where they logged PARTICIPATED); None when
-    no FINISHED run logged either (runs made without device simulation)."""
-    time, part = logged(group, SIM_TIME), logged(group, PARTICIPATED)
-    if not (time or part):
-        return None
-    notes = [seeds_note(group)]
-    if "run.devices" in group.config:  # each profile set is a group of its own (a run key)
-        deadline = group.config.get("run.round_deadline", "None")
-        notes.append(f"device profile set: {group.config['run.devices']}; round deadline: "
-                     + ("none" if deadline == "None" else f"{deadline} simulated s"))
-    extra: dict[str, dict[str, Cell]] = {}
-    if time:
-        tgt = target_of(group, target_fraction, k)
-        notes.append(f"sim s: simulated seconds of the run, the sum of {SIM_TIME} (a round: its slowest aggregated "
-                     "update, or the deadline when an update came later)")
-        notes.append(target_note(SIM_TARGET_COLUMN, f"simulated seconds ({SIM_TIME_CUMULATIVE} at the window's "
-                                 "last round)", tgt, target_fraction, k))
-        extra[SIM_TARGET_COLUMN] = {m: target_cell(finished(group, m), tgt[0] if tgt else None, k,
-                                                   SIM_TIME_CUMULATIVE, 1.0, "s") for m in group.methods}
-    if part:
-        notes.append(f"participation: updates aggregated over clients sampled, over the run ({PARTICIPATED} "
-                     "summed, over it plus every drop summed); dropped: sampled clients whose update was dropped "
-                     "(late for the deadline), that could not train (device memory below the method's peak "
-                     "training memory) or whose device was unavailable, summed over the run; excluded by "
-                     f"memory: distinct clients unable to train the method by the run's end ({EXCLUDED_MEMORY})")
-    columns = (DEVICE_TIME if time else []) + (DEVICE_PARTICIPATION if part else [])
-    return stat_table(group, "devices", columns, ["method"], notes, extra, after={SIM_TARGET_COLUMN: "sim s"},
-                      best_extra=tuple(extra))
-
-
 def group_tables(group: Group, parents: Sequence[Provenance] = (), target: float = 0.95,
                  k: int | None = None) -> list[Table]:
     """The accuracy, communication and cost tables (and the devices table, where runs simulated edge
@@ -429,6 +358,8 @@ def group_tables(group: Group, parents: Sequence[Provenance] = (), target: float
     by_id = {p.run_id: p for p in parents}
     runs = runs_table(group, f"{group.title}: every run", lambda r: rerun_command(by_id, r),
                       "command: the comparison's recorded command plus --methods and --seeds, rerunning that run")
+    from bench.report.devices import devices_table  # (it builds on this module's cells and notes)
+
     devices = devices_table(group, target, k)
     return [accuracy_table(group, k, n), communication_table(group, target, k), cost_table(group),
             *([devices] if devices else []), runs]
@@ -462,38 +393,3 @@ def runs_table(group: Group, title: str, command: Callable[[RunRecord], str], no
 
 
 # -- provenance -----------------------------------------------------------------------------------
-
-
-def fingerprints(data: ReportData, parent_id: str) -> list[tuple[str, str]]:
-    """(dataset / partition, `seed S: fingerprint; ...`) for each group with runs under this parent."""
-    out = []
-    for g in data.groups:
-        fp = {r.seed: r.fingerprint for r in sorted(g.runs, key=lambda r: r.seed) if r.parent_id == parent_id}
-        if fp:
-            out.append((g.title, "; ".join(f"seed {s}: {f}" for s, f in fp.items())))
-    return out
-
-
-SHOWN = ("command", "git_commit")
-
-
-def provenance_tables(data: ReportData, config: bool = True) -> list[Table]:
-    """Per parent run: what produced its numbers (command, commit, versions, data), then (`config`) its
-    resolved config: every param of the parent run."""
-    tables = []
-    for p in data.parents:
-        rows = [("run id", p.run_id), ("run name", p.name), ("status", p.status), ("started", when(p.start_ms)),
-                ("command", p.command or f"{DASH} (not recorded: a library call)"), ("git commit", p.git_commit),
-                *((f"version: {k}", v) for k, v in p.versions.items()),
-                *((f"dataset fingerprint: {g}", f) for g, f in fingerprints(data, p.run_id)),
-                *((f"metric: {k}", f"{v:.6g}") for k, v in sorted(p.metrics.items()))]
-        tables.append(Table(f"provenance: {p.name} ({p.run_id})", ["what", "value"],
-                            [[Cell(k), Cell(v)] for k, v in rows],
-                            ["equal dataset fingerprints: identical client data"]))
-        if not config:
-            continue
-        params = [(k, v) for k, v in sorted(p.config.items()) if k not in SHOWN and not k.startswith("version.")]
-        tables.append(Table(f"resolved config: {p.name} ({p.run_id})", ["key", "value"],
-                            [[Cell(k), Cell(v)] for k, v in params],
-                            ["every param of the parent run (a child run adds its method's resolved fields)"]))
-    return tables

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from bench.report import devices as D
 from bench.report import tables as T
 from bench.report.model import Group
 from bench.report.tables import HEADLINE, REFERENCE, fmt, last_k, last_k_mean, method_means, peak, per_round
@@ -44,10 +45,10 @@ def _devices_sentences(group: Group, k: int, target: float) -> list[str]:
     devices table's `sim s to target`, with FeDEQ's multiple), and, when a method leaves clients out for
     want of memory, how many each method excludes. Nothing for runs without device simulation."""
     out = []
-    tgt = T.target_of(group, target, k) if T.logged(group, T.SIM_TIME_CUMULATIVE) else None
+    tgt = T.target_of(group, target, k) if D.logged(group, D.SIM_TIME_CUMULATIVE) else None
     if tgt is not None:
         def seconds(r):
-            s = T.mb_to_target(r, tgt[0], k, T.SIM_TIME_CUMULATIVE, 1.0)
+            s = T.mb_to_target(r, tgt[0], k, D.SIM_TIME_CUMULATIVE, 1.0)
             return math.nan if s is None else s
 
         reach = method_means(group, seconds)  # the methods whose every seed reaches the target
@@ -64,7 +65,7 @@ def _devices_sentences(group: Group, k: int, target: float) -> list[str]:
         else:
             out.append(f"No method reaches the target accuracy ({tgt[0]:.4f}) in every seed, so none is first "
                        "in simulated time.")
-    excluded = method_means(group, lambda r: r.final(T.EXCLUDED_MEMORY))
+    excluded = method_means(group, lambda r: r.final(D.EXCLUDED_MEMORY))
     if any(v > 0 for v in excluded.values()):
         out.append("Clients excluded by memory (device memory below the method's peak training memory; mean over "
                    f"seeds): {', '.join(f'{m} {round(v, 2):g}' for m, v in excluded.items())}.")

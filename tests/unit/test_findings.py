@@ -40,6 +40,11 @@ def mean_std(cell: str) -> tuple[float, float]:
 FINDINGS = (REPORTS / "README.md").read_text() if (REPORTS / "README.md").exists() else ""
 HEADLINE = table_with(FINDINGS, "s/round") if FINDINGS else []
 COMPARISONS = sorted({row["comparison"] for row in HEADLINE})
+FLEET = table_with(FINDINGS, "sim s to target (mobile)") if FINDINGS else []
+"""The page's mobile-fleet table: a column `NAME (LABEL)` is the report reports/fmnist-dir0.3-LABEL/'s
+column NAME (the mean, without the std), one row per method."""
+FLEET_REPORTS = sorted({f"fmnist-dir0.3-{m.group(1)}" for c in (FLEET[0] if FLEET else ())
+                        if (m := re.fullmatch(r".+ \((.+)\)", c))})
 
 
 def test_the_findings_page_has_its_headline_table():
@@ -70,7 +75,7 @@ def test_every_headline_number_is_its_reports_cell(name):
         assert float(r["s/round"]) == pytest.approx(mean_std(mem[m]["wall s"])[0] / rounds, abs=0.006)
 
 
-@pytest.mark.parametrize("name", COMPARISONS)
+@pytest.mark.parametrize("name", COMPARISONS + FLEET_REPORTS)
 def test_each_report_holds_its_mlflow_exports_numbers(name):
     """report.md's per-seed rows are the export's runs (run id, status, final acc/weighted), and its
     headline accuracy is the mean and sample std over seeds of each FINISHED run's last-k mean, k = a
@@ -125,12 +130,26 @@ def model_of(text: str, method: str) -> str:
     return next(r["model"] for r in table_with(text, "acc/weighted last-k") if r["method"] == method)
 
 
+def test_the_mobile_fleet_table_is_its_reports_cells():
+    assert FLEET and FLEET_REPORTS, "the findings page has no mobile-fleet table"
+    for column in FLEET[0]:
+        m = re.fullmatch(r"(.+) \((.+)\)", column)
+        if m is None:
+            continue
+        name, label = m.groups()
+        cells = {r["method"]: r[name] for r in table_with((REPORTS / f"fmnist-dir0.3-{label}" / "report.md").read_text(),
+                                                         name)}
+        assert sorted(cells) == sorted(r["method"] for r in FLEET), column  # every method, no other
+        for row in FLEET:
+            assert row[column] == cells[row["method"]].split("±")[0].strip(), (column, row["method"])
+
+
 def test_every_ratio_quoted_is_in_the_tables_it_comes_from():
     """The claims' numbers (`3.026x`, `1.63x`...) on the findings page: each one appears in a table of
     reports/paper-scale/ (bytes.md, memory.md, memory-gmres.md: the commands' own output) or of a
     comparison's report.md (its `bytes vs FeDEQ` and `memory vs FeDEQ` columns)."""
     scale = "".join(p.read_text() for p in sorted((REPORTS / "paper-scale").glob("*.md")))
-    scale += "".join((REPORTS / name / "report.md").read_text() for name in COMPARISONS)
+    scale += "".join((REPORTS / name / "report.md").read_text() for name in COMPARISONS + FLEET_REPORTS)
     quoted = set(re.findall(r"\b\d+\.\d+x\b", FINDINGS))
     assert quoted, "the findings page quotes no paper-scale ratio"
     assert {q for q in quoted if q not in scale} == set()

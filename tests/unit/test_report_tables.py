@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from bench import commands
-from bench.report import collect, tables, verdict
+from bench.report import collect, provenance, tables, verdict
 from bench.report.model import Group
 from bench.tracking import Tracker
 from fedeq_bench.core.errors import BenchError
@@ -207,7 +207,7 @@ def test_collect_reads_histories_and_the_clients_csv(data, mlflow_runs, report_s
 
 
 def test_provenance_holds_the_command_commit_versions_and_fingerprints(data, mlflow_runs, report_store):
-    prov, config = tables.provenance_tables(data)
+    prov, config = provenance.provenance_tables(data)
     what = {row[0].text: row[1].text for row in prov.rows}
     assert what["command"] == report_store["command"] and what["run id"] == report_store["parent"]
     assert what["git commit"] and what["version: mlflow"] and what["version: torch"]
@@ -215,7 +215,7 @@ def test_provenance_holds_the_command_commit_versions_and_fingerprints(data, mlf
     assert what[f"dataset fingerprint: synthetic / {data.groups[0].partition}"] == fps
     keys = [row[0].text for row in config.rows]
     assert "run.rounds" in keys or "rounds" in keys
-    assert tables.provenance_tables(data, config=False) == [prov]
+    assert provenance.provenance_tables(data, config=False) == [prov]
 
 
 @pytest.fixture
