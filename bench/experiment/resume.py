@@ -150,9 +150,10 @@ def resume_plan(client, parent_id: str, cfg) -> dict:
     """What an interrupted invocation left, per (method, seed) of `cfg`: the MethodResult of a child
     run that FINISHED (from its final checkpoint), or the id of a child run to continue. A pair with
     no child run is absent (it starts afresh). Checked whole before anything is reopened."""
-    from bench.loop import checkpoint
+    from bench.loop import checkpoint, devices
 
     parent = client.get_run(parent_id)
+    fleet = devices.load(cfg.run.devices).label  # a file's label carries its digest
     wanted = {(m, s) for m in cfg.run.methods for s in cfg.run.seeds}
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'",
                                   max_results=50000)
@@ -164,6 +165,11 @@ def resume_plan(client, parent_id: str, cfg) -> dict:
             found[key] = c
     plan: dict = {}
     for (method, seed), c in found.items():
+        then = c.data.params.get("devices", fleet)  # (runs from before devices existed: the default set)
+        if then != fleet:
+            raise BenchError(f"child run {c.info.run_id} ({method} seed={seed}) ran on the device profile set "
+                             f"{then}, and --devices {cfg.run.devices} is now {fleet}: the file changed since; "
+                             "put it back as it was to resume, or start a new comparison")
         ck = checkpoint.RunCheckpoints(client, c.info.run_id).load()  # a damaged one fails here, before any change
         if c.info.status != "FINISHED":
             plan[method, seed] = c.info.run_id

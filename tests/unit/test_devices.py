@@ -187,3 +187,29 @@ def test_a_round_whose_every_device_is_away_sends_nothing_and_keeps_the_server(t
     assert r.ledger.entries == [] and r.final["clients/never_trained"] == 6
     # Every client is scored as one that never trained: from the (initial) server, personalized.
     assert {row["group"] for row in r.clients} == {"never_trained"} and math.isfinite(r.final["acc/weighted"])
+
+
+def test_resuming_a_comparison_whose_profile_file_changed_is_refused(tmp_path):
+    """A comparison records its set's label (a file's name and digest) on each child run; resuming it
+    after the file changed would run the rest on other devices, so the plan refuses, naming both."""
+    from bench import experiment
+    from bench.experiment.resume import resume_plan
+    from bench.tracking import open_client
+    from tests.helpers import new_store
+
+    uri = new_store(tmp_path / "mlflow.db")
+    path = profile(tmp_path / "fleet.toml", {})
+    cfg = experiment.validate(C.apply(C.default_config(), {
+        "methods": "fedavg", "dataset": "synthetic", "clients": 6, "rounds": 1, "backend": "serial",
+        "devices": path, "tracking_uri": uri, "checkpoint_every": 1}))
+    _, parent = experiment.compare(cfg, quiet=True)
+    client = open_client(uri)
+    (child,) = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    client.set_terminated(child.info.run_id, "KILLED")  # as an interrupted invocation leaves it
+    assert resume_plan(client, parent, cfg) == {("fedavg", 0): child.info.run_id}  # the same file: it continues
+    before = devices.load(path).label
+    profile(tmp_path / "fleet.toml", {"latency_s": 2.0})
+    with pytest.raises(BenchError) as e:
+        resume_plan(client, parent, cfg)
+    assert f"ran on the device profile set {before}, and --devices {path} is now {devices.load(path).label}" \
+        in str(e.value)

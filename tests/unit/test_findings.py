@@ -1,8 +1,9 @@
 """The study's findings page (reports/README.md) cannot drift from the reports it summarises: every
 number in its headline table is the report.md cell it comes from (or the one derivation the page
 states: MB/round = up + down, s/round = wall s / rounds), each report's per-seed table and headline
-accuracy are what its MLflow export (runs.json, beside it) holds, and every paper-scale ratio the page
-quotes is in the paper-scale tables."""
+accuracy are what its MLflow export (runs.json, beside it) holds, the mobile-fleet table's cells are
+its device reports' (each checked against its own export too), and every ratio the page quotes is in
+the paper-scale tables or a report."""
 import json
 import math
 import re
