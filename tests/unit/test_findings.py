@@ -41,7 +41,7 @@ def mean_std(cell: str) -> tuple[float, float]:
 FINDINGS = (REPORTS / "README.md").read_text() if (REPORTS / "README.md").exists() else ""
 HEADLINE = table_with(FINDINGS, "s/round") if FINDINGS else []
 COMPARISONS = sorted({row["comparison"] for row in HEADLINE})
-FLEET = table_with(FINDINGS, "sim s to target (mobile)") if FINDINGS else []
+FLEET = next((t for t in md_tables(FINDINGS) if t and "sim s to target (mobile)" in t[0]), [])
 """The page's mobile-fleet table: a column `NAME (LABEL)` is the report reports/fmnist-dir0.3-LABEL/'s
 column NAME (the mean, without the std), one row per method."""
 FLEET_REPORTS = sorted({f"fmnist-dir0.3-{m.group(1)}" for c in (FLEET[0] if FLEET else ())
