@@ -118,7 +118,7 @@ def dashboard_study(stdout, cwd, study_id):
 def test_objective_and_n_jobs_mistakes_are_one_line_exit_2(tmp_path):
     common = ["--method", "fedavg", "--trials", "2", "--backend", "serial", "--tracking-uri", "sqlite:///mlflow.db"]
     for extra, line in [
-        (["--objective", "acc,speed"], "error: unknown objective 'speed'; give a comma list of acc, bytes, memory "
+        (["--objective", "acc,speed"], "error: unknown objective 'speed'; give a comma list of acc, bytes, memory, time "
                                        "(e.g. acc,bytes)"),
         (["--objective", "acc,bytes", "--pruner", "median"],
          "error: --pruner median: Optuna cannot prune a multi-objective study; leave --pruner out or give "

@@ -54,7 +54,7 @@ def folder(made, tmp_path, monkeypatch):
     return tmp_path
 
 
-OTHER_STRINGS = {"model": "mlp", "partition": "dirichlet:0.3", "data_dir": "elsewhere"}
+OTHER_STRINGS = {"model": "mlp", "partition": "dirichlet:0.3", "data_dir": "elsewhere", "devices": "mobile-mix"}
 """A different value for the string keys whose type allows any string."""
 
 
