@@ -1,7 +1,8 @@
 """The report's devices table: simulated edge devices (the engine's device profiles, `--devices`,
 `--round-deadline`, docs/devices.md): simulated time in total and to the target accuracy, and each
-method's participation with the drops by cause. Runs made without device simulation have none of
-these metrics, and their reports no such table (bench/report/tables.py `group_tables` adds it)."""
+method's participation with the drops by cause. Every run logs these metrics (the default `uniform`
+set too); runs recorded before devices existed have none, and a report of only those has no such
+table (bench/report/tables.py `group_tables` adds it)."""
 from __future__ import annotations
 
 import math
@@ -44,7 +45,7 @@ def logged(group: Group, metric: str) -> bool:
 def devices_table(group: Group, target_fraction: float, k: int) -> Table | None:
     """Simulated edge devices: simulated time in total and to the target accuracy (where runs logged
     SIM_TIME), and participation with the drops by cause (where they logged PARTICIPATED); None when
-    no FINISHED run logged either (runs made without device simulation)."""
+    no FINISHED run logged either (runs recorded before devices existed)."""
     time, part = logged(group, SIM_TIME), logged(group, PARTICIPATED)
     if not (time or part):
         return None

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from bench.report.devices import SIM_TIME_CUMULATIVE
 from bench.report.model import Group, RunRecord
 
 # matplotlib's tab10, so a method has the same colour in the SVG and in the HTML.
@@ -24,8 +25,6 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
            "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 BAND = "mean over seeds, band: min..max"
 ACC = "acc/weighted"
-SIM_TIME = "sim/time_cumulative_s"
-"""Simulated seconds so far (the engine's simulated edge devices); runs without them do not log it."""
 # DEQ solver statistics (methods/fedeq.py logs deq/... for the forward solve, deq/b_... for the
 # adjoint solve of the implicit backward): (figure name, y label, log scale, forward, adjoint).
 DEQ = (("deq_steps", "solver steps (mean over examples)", False, "deq/nstep_mean", "deq/b_nstep_mean"),
@@ -86,9 +85,9 @@ def group_figures(group: Group, accuracy: str = ACC) -> list[Figure]:
         _line("acc_vs_mb", f"{prefix}accuracy vs MB sent ({BAND})", "cumulative MB sent (up + down)", accuracy,
               [_curve(m, rs, accuracy, color[m], x_metric="bytes/cumulative", x_scale=1e-6)
                for m, rs in by_method.items()]),
-        # Simulated edge devices only (runs without device simulation log no simulated time: no figure).
+        # Simulated time on the clients' devices (runs recorded before devices existed have none: no figure).
         _line("acc_vs_sim_time", f"{prefix}accuracy vs simulated time ({BAND})", "cumulative simulated seconds",
-              accuracy, [_curve(m, rs, accuracy, color[m], x_metric=SIM_TIME, x_unit="simulated s")
+              accuracy, [_curve(m, rs, accuracy, color[m], x_metric=SIM_TIME_CUMULATIVE, x_unit="simulated s")
                          for m, rs in by_method.items()]),
         _peak_memory(prefix, by_method, color),
         _client_acc(prefix, by_method, color),
